@@ -1,0 +1,172 @@
+"""The ``medxfer`` command line: thin commands over the library.
+
+Library errors (``MedxferError``) print one line to stderr and exit 2; tracebacks only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from medxfer.errors import MedxferError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="medxfer: transfer learning for medical image segmentation "
+                       "(pretrain, score transferability, fine-tune, evaluate, sweep, report).")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate datasets.")
+app.add_typer(data_app, name="data")
+
+console = Console()
+_state = {"debug": False}
+
+
+class NotImplementedYet(MedxferError):
+    """A command whose stage is not built yet: it says so and exits non-zero, never fakes a result."""
+
+
+def _not_implemented(command: str) -> None:
+    raise NotImplementedYet(f"medxfer {command}: not implemented yet")
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+          verbose: bool = typer.Option(False, "--verbose", "-v", help="Show info logs.")) -> None:
+    _state["debug"] = debug
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if not debug else logging.INFO)
+
+
+def _print_table(title: str, columns: list[str], rows: list[list]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row])
+    console.print(table)
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder."),
+         quick: bool = typer.Option(False, "--quick", help="A few steps only (what the tests run).")) -> None:
+    """Run the demo on the embedded data (no download): source training, fine-tuning, evaluation."""
+    from medxfer.demo import run_demo
+
+    summary = run_demo(out, quick=quick, progress=sys.stderr.isatty())
+    _print_table("medxfer demo", summary["columns"], summary["rows"])
+    console.print(f"records: {summary['runs_dir']}\nresults: {summary['results_csv']}")
+
+
+@app.command()
+def finetune(config: Path = typer.Argument(..., help="Run config (YAML)."),
+             out: Path = typer.Option(Path("runs_out"), "--out", help="Output folder.")) -> None:
+    """Fine-tune (or train from scratch) one model and evaluate it; writes runs/<id>/result.json."""
+    from medxfer.config import RunConfig, load_config
+    from medxfer.finetune import run_finetune, summary_dice
+    from medxfer.sweep.store import collect
+
+    run = run_finetune(load_config(config, RunConfig), out, progress=sys.stderr.isatty())
+    collect(out)
+    rows = [[name, summary_dice(run.record, name)] for name in run.record["metrics"]]
+    _print_table(f"run {run.run_id}", ["test set", "dice"], rows)
+    console.print(f"record: {run.run_dir / 'result.json'}")
+
+
+@app.command()
+def collect(directory: Path = typer.Argument(..., help="A results folder (with runs/).")) -> None:
+    """Aggregate the run records of a folder into results.csv."""
+    from medxfer.sweep.store import collect as collect_records
+
+    console.print(f"wrote {collect_records(directory)}")
+
+
+@app.command()
+def models() -> None:
+    """List the model presets with their parameter counts."""
+    from medxfer.models import preset_table
+
+    rows = preset_table()
+    _print_table("model presets", list(rows[0].keys()), [list(r.values()) for r in rows])
+
+
+@data_app.command("check")
+def data_check(name: str = typer.Argument(..., help="Dataset layout: acdc, covidqu, idrid, folders, msd, demo."),
+               root: Optional[Path] = typer.Argument(None, help="Dataset folder as distributed.")) -> None:
+    """Validate a dataset layout; print counts, shapes, classes and intensity ranges."""
+    _not_implemented("data check")
+
+
+@app.command()
+def pretrain(config: Path = typer.Argument(..., help="Pretraining config (YAML).")) -> None:
+    """Pretrain an encoder, saving checkpoints at the scheduled pretraining lengths."""
+    _not_implemented("pretrain")
+
+
+@app.command()
+def score(config: Path = typer.Argument(..., help="Score config (YAML).")) -> None:
+    """Score the transferability of every checkpoint on the target data; writes robustness.csv."""
+    _not_implemented("score")
+
+
+@app.command()
+def analyze(downstream: Path = typer.Option(..., "--downstream", help="results.csv"),
+            robustness: Path = typer.Option(..., "--robustness", help="robustness.csv")) -> None:
+    """Relate transferability scores to downstream Dice; evaluate stop rules."""
+    _not_implemented("analyze")
+
+
+@app.command()
+def sweep(grid: Path = typer.Argument(..., help="Grid file (YAML).")) -> None:
+    """Run a grid of fine-tuning runs, resumably."""
+    _not_implemented("sweep")
+
+
+@app.command()
+def report(results_dir: Path = typer.Argument(..., help="A results folder.")) -> None:
+    """Write the HTML report and figures of a results folder."""
+    _not_implemented("report")
+
+
+@app.command()
+def predict(run: Path = typer.Argument(..., help="A run folder or model checkpoint."),
+            inputs: Path = typer.Argument(..., help="An image, a folder, or a dataset layout."),
+            out: Path = typer.Option(..., "--out", help="Output folder.")) -> None:
+    """Apply a trained model to new images or volumes."""
+    _not_implemented("predict")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point: run the app; turn library errors into one line on stderr and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except MedxferError as exc:
+        if _state["debug"]:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exc:  # typer/click exits (e.g. --help)
+        return int(exc.code or 0)
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Abort):
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

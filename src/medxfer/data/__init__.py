@@ -1,0 +1,30 @@
+"""Dataset loaders. Every loader returns a :class:`SegmentationData` of :class:`Case` objects."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from medxfer.data.base import IGNORE_INDEX, Case, SegmentationData, select_subset, split_train_val
+
+# name -> "module:function"; imported lazily so that reading one layout never imports the others.
+LOADERS: dict[str, str] = {
+    "demo": "medxfer.data.demo:load_demo_config",
+}
+
+
+def get_loader(name: str) -> Callable:
+    from medxfer.errors import DataError
+
+    if name not in LOADERS:
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(sorted(LOADERS))}")
+    module, func = LOADERS[name].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def load_data(config) -> SegmentationData:
+    """Load the dataset a :class:`medxfer.config.DataConfig` names (all splits, no subsetting)."""
+    return get_loader(config.name)(config)
+
+
+__all__ = ["Case", "SegmentationData", "IGNORE_INDEX", "select_subset", "split_train_val", "load_data", "LOADERS"]

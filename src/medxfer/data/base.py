@@ -1,0 +1,134 @@
+"""The types every dataset loader yields, and the deterministic splits and subsets built on them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from medxfer.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = 255  # label value of unannotated pixels/voxels
+
+
+@dataclass
+class Case:
+    """One image (2D slice or 3D volume) with its label map.
+
+    image: float32 ``(C, H, W)`` or ``(C, D, H, W)``; label: int64 ``(H, W)`` / ``(D, H, W)`` with
+    0 = background and ``IGNORE_INDEX`` for unannotated pixels, or ``None`` for unlabelled cases.
+    spacing: physical size of a pixel/voxel along each spatial axis (mm), ``None`` if unknown.
+    annotated: the foreground classes annotated in this case (sparse labels); ``None`` = all of them.
+    """
+
+    image: np.ndarray
+    label: Optional[np.ndarray]
+    case_id: str
+    spacing: Optional[tuple[float, ...]] = None
+    annotated: Optional[tuple[int, ...]] = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(self.image.shape[1:])
+
+
+@dataclass
+class SegmentationData:
+    """A dataset as medxfer sees it: train/val/test cases plus what the model needs to know."""
+
+    name: str
+    train: list[Case]
+    val: list[Case]
+    test: list[Case]
+    n_classes: int  # including background
+    class_names: list[str]
+    in_channels: int
+    spatial_dims: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "n_train": len(self.train),
+            "n_val": len(self.val),
+            "n_test": len(self.test),
+            "n_classes": self.n_classes,
+            "class_names": self.class_names,
+            "in_channels": self.in_channels,
+            "spatial_dims": self.spatial_dims,
+        }
+
+
+def seeded_order(n: int, seed: int) -> np.ndarray:
+    """A permutation of ``range(n)`` that depends only on ``(n, seed)``."""
+    return np.random.default_rng(np.random.SeedSequence([seed, n])).permutation(n)
+
+
+def select_subset(
+    cases: Sequence[Case], n: int | float | None, seed: int, mode: str = "random"
+) -> list[Case]:
+    """The training subset: ``n`` images (int) or a fraction (float in (0, 1]); ``None`` = all.
+
+    For one seed the subsets are nested (the 5 images are among the 10, ...), so a data-scarcity
+    curve compares like with like. ``mode="first"`` takes the first ``n`` in dataset order.
+    """
+    cases = list(cases)
+    if n is None:
+        return cases
+    if isinstance(n, float):
+        if not 0.0 < n <= 1.0:
+            raise DataError(f"train_images: fraction must be in (0, 1], got {n}")
+        count = max(1, int(round(n * len(cases))))
+    else:
+        count = int(n)
+    if count < 1:
+        raise DataError(f"train_images: need at least 1 image, got {n}")
+    if count > len(cases):
+        raise DataError(f"train_images: asked for {count} images but the training split has {len(cases)}")
+    if mode == "first":
+        return cases[:count]
+    order = seeded_order(len(cases), seed)
+    return [cases[i] for i in order[:count]]
+
+
+def split_train_val(
+    cases: Sequence[Case], val_fraction: float, seed: int = 0
+) -> tuple[list[Case], list[Case]]:
+    """Split a labelled pool into train/val deterministically. The split seed is fixed per dataset
+    (not per run), so that every run of a study validates on the same images."""
+    cases = list(cases)
+    if val_fraction <= 0 or len(cases) < 2:
+        return cases, []
+    n_val = max(1, int(round(val_fraction * len(cases))))
+    order = seeded_order(len(cases), seed)
+    val_idx = set(order[:n_val].tolist())
+    train = [c for i, c in enumerate(cases) if i not in val_idx]
+    val = [c for i, c in enumerate(cases) if i in val_idx]
+    return train, val
+
+
+def check_case(case: Case, source: str, n_classes: Optional[int] = None) -> None:
+    """Raise a one-line ``DataError`` naming ``source`` for any defect a loader must not pass on."""
+    image, label = case.image, case.label
+    if image.ndim not in (3, 4):
+        raise DataError(f"{source}: image must be (C, H, W) or (C, D, H, W), got shape {image.shape}")
+    if not np.isfinite(image).all():
+        raise DataError(f"{source}: image contains NaN or inf values")
+    if label is None:
+        return
+    if tuple(label.shape) != tuple(image.shape[1:]):
+        raise DataError(
+            f"{source}: image/mask shape mismatch: image {tuple(image.shape[1:])} vs mask {tuple(label.shape)}"
+        )
+    if n_classes is not None:
+        values = np.unique(label)
+        bad = [int(v) for v in values if (v < 0 or v >= n_classes) and v != IGNORE_INDEX]
+        if bad:
+            raise DataError(
+                f"{source}: label values {bad[:5]} outside the declared classes 0..{n_classes - 1}"
+            )

@@ -1,0 +1,50 @@
+"""Whole-image inference: sliding windows (MONAI) for patch-trained models, padding otherwise."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, list[slice]]:
+    """Pad the spatial dims of ``(N, C, *S)`` at the end to a multiple; return the crop back."""
+    spatial = x.shape[2:]
+    target = [int(math.ceil(s / multiple) * multiple) for s in spatial]
+    pad: list[int] = []
+    for s, t in reversed(list(zip(spatial, target))):
+        pad += [0, t - s]
+    crop = [slice(None), slice(None)] + [slice(0, s) for s in spatial]
+    if any(pad):
+        x = F.pad(x, pad, mode="replicate" if x.dim() <= 5 else "constant")
+    return x, crop
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    patch_size: Optional[Sequence[int]] = None,
+    size_multiple: int = 1,
+    overlap: float = 0.25,
+    sw_batch_size: int = 4,
+) -> torch.Tensor:
+    """Logits ``(N, n_classes, *S)`` for a batch of whole images/volumes ``(N, C, *S)``.
+
+    With ``patch_size`` the image is tiled with Gaussian-weighted overlapping windows and stitched
+    (``monai.inferers.sliding_window_inference``); windows are padded to ``size_multiple`` as needed.
+    Without it the image is padded to ``size_multiple`` and run whole.
+    """
+    if patch_size is not None and any(s > p for s, p in zip(image.shape[2:], patch_size)):
+        from monai.inferers import sliding_window_inference
+
+        roi = [int(math.ceil(p / size_multiple) * size_multiple) for p in patch_size]
+        logits = sliding_window_inference(
+            image, roi_size=roi, sw_batch_size=sw_batch_size, predictor=model,
+            overlap=overlap, mode="gaussian", padding_mode="replicate",
+        )
+        return logits.as_tensor() if hasattr(logits, "as_tensor") else logits  # MetaTensor -> Tensor
+    padded, crop = pad_to_multiple(image, size_multiple)
+    return model(padded)[tuple(crop)]

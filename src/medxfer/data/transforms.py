@@ -1,0 +1,122 @@
+"""Intensity normalisation, augmentation (MONAI) and the torch Dataset that feeds training."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from medxfer.data.base import IGNORE_INDEX, Case
+
+
+def normalize_image(
+    image: np.ndarray, method: str = "zscore", percentiles: tuple[float, float] = (0.5, 99.5)
+) -> np.ndarray:
+    """Per-image, per-channel intensity normalisation of a ``(C, *spatial)`` array -> float32.
+
+    zscore: (x - mean) / std; minmax: to [0, 1]; percentile: clip to the given percentiles, then
+    z-score (the usual CT/MR recipe); none: unchanged. Constant channels map to 0, never NaN.
+    """
+    x = image.astype(np.float32, copy=True)
+    if method == "none":
+        return x
+    for c in range(x.shape[0]):
+        ch = x[c]
+        if method == "percentile":
+            lo, hi = np.percentile(ch, percentiles)
+            ch = np.clip(ch, lo, hi)
+            method_c = "zscore"
+        else:
+            method_c = method
+        if method_c == "zscore":
+            std = float(ch.std())
+            x[c] = (ch - ch.mean()) / std if std > 1e-8 else 0.0
+        elif method_c == "minmax":
+            lo, hi = float(ch.min()), float(ch.max())
+            x[c] = (ch - lo) / (hi - lo) if hi - lo > 1e-8 else 0.0
+        else:
+            raise ValueError(f"unknown normalisation {method!r}")
+    return x
+
+
+def match_channels(image: np.ndarray, in_channels: Optional[int]) -> np.ndarray:
+    """Repeat a grayscale image to ``in_channels`` (e.g. 3 for an ImageNet-pretrained encoder)."""
+    if in_channels is None or image.shape[0] == in_channels:
+        return image
+    if image.shape[0] == 1:
+        return np.repeat(image, in_channels, axis=0)
+    raise ValueError(f"cannot map {image.shape[0]} image channels to a model with {in_channels}")
+
+
+def training_augmentation(spatial_dims: int, patch_size: Optional[Sequence[int]], foreground_ratio: float,
+                          augment: bool):
+    """MONAI dictionary transforms on ``{"image": (C, *S), "label": (1, *S)}``.
+
+    Patches are sampled with ``RandCropByPosNegLabeld``: a share ``foreground_ratio`` of patches is
+    centred on a foreground pixel, the rest on background.
+    """
+    from monai import transforms as mt
+
+    steps: list = []
+    if patch_size is not None:
+        steps.append(mt.SpatialPadd(keys=["image", "label"], spatial_size=list(patch_size), mode="constant"))
+        pos = foreground_ratio
+        steps.append(
+            mt.RandCropByPosNegLabeld(
+                keys=["image", "label"], label_key="label", spatial_size=list(patch_size),
+                pos=pos, neg=1.0 - pos, num_samples=1, allow_smaller=False,
+            )
+        )
+    if augment:
+        for axis in range(spatial_dims):
+            steps.append(mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=axis))
+        if patch_size is None or len(set(patch_size)) == 1:
+            axes = (spatial_dims - 2, spatial_dims - 1)
+            steps.append(mt.RandRotate90d(keys=["image", "label"], prob=0.5, max_k=3, spatial_axes=axes))
+        steps.append(mt.RandScaleIntensityd(keys=["image"], factors=0.1, prob=0.5))
+        steps.append(mt.RandShiftIntensityd(keys=["image"], offsets=0.1, prob=0.5))
+    return mt.Compose(steps)
+
+
+class CaseDataset(Dataset):
+    """Cases -> ``{"image": float32 (C, *S), "label": int64 (*S), "annotated": bool (n_classes,)}``.
+
+    Normalisation is done once up front; augmentation/patching per item (seeded through torch's RNG,
+    which Lightning seeds in every worker).
+    """
+
+    def __init__(self, cases: Sequence[Case], n_classes: int, normalization: str = "zscore",
+                 percentiles: tuple[float, float] = (0.5, 99.5), in_channels: Optional[int] = None,
+                 transform=None):
+        self.cases = list(cases)
+        self.n_classes = n_classes
+        self.images = [match_channels(normalize_image(c.image, normalization, percentiles), in_channels)
+                       for c in self.cases]
+        self.transform = transform
+        if transform is not None and hasattr(transform, "set_random_state"):
+            transform.set_random_state(seed=int(torch.initial_seed() % (2**31)))
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def annotated_mask(self, case: Case) -> torch.Tensor:
+        mask = torch.ones(self.n_classes, dtype=torch.bool)
+        if case.annotated is not None:
+            mask[1:] = False
+            mask[list(case.annotated)] = True
+        return mask
+
+    def __getitem__(self, index: int) -> dict:
+        case = self.cases[index]
+        image = self.images[index]
+        label = case.label if case.label is not None else np.full(case.spatial_shape, IGNORE_INDEX)
+        item = {"image": image, "label": label[None].astype(np.float32)}
+        if self.transform is not None:
+            item = self.transform(item)
+            if isinstance(item, list):  # RandCrop* returns a list of num_samples dicts
+                item = item[0]
+        image_t = torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32)
+        label_t = torch.as_tensor(np.asarray(item["label"]))[0].round().long()
+        return {"image": image_t, "label": label_t, "annotated": self.annotated_mask(case), "index": index}

@@ -1,0 +1,1 @@
+"""Evaluation: the metric suite (``metrics``) and inference over a test set (``evaluate``)."""

@@ -1,0 +1,68 @@
+"""Inference over a test set -> the metric suite per image, averaged and pooled; predictions kept on request."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from medxfer.data.base import Case
+from medxfer.data.patches import predict_logits
+from medxfer.data.transforms import match_channels, normalize_image
+from medxfer.evaluation.metrics import MetricAccumulator, segmentation_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    summary: dict  # {"per_image_mean", "pooled", "nan_counts", "n_images"}
+    per_image: list[dict] = field(default_factory=list)
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)  # case_id -> label map
+
+
+def predict_probabilities(model: torch.nn.Module, case: Case, *, normalization: str = "zscore",
+                          percentiles: tuple[float, float] = (0.5, 99.5), in_channels: Optional[int] = None,
+                          patch_size: Optional[Sequence[int]] = None, size_multiple: int = 1,
+                          overlap: float = 0.25, sw_batch_size: int = 4) -> np.ndarray:
+    """Softmax probabilities ``(n_classes, *S)`` for one case, preprocessed as in training."""
+    image = match_channels(normalize_image(case.image, normalization, percentiles), in_channels)
+    x = torch.from_numpy(image)[None].to(next(model.parameters()).device)
+    logits = predict_logits(model, x, patch_size, size_multiple, overlap, sw_batch_size)
+    return torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+
+
+def evaluate_cases(model: torch.nn.Module, cases: Sequence[Case], n_classes: int, *,
+                   threshold: float = 0.5, keep_predictions: int = 0, **predict_kwargs) -> Evaluation:
+    """Run the model on each case and compute the metric suite (distances in mm when spacing is known)."""
+    was_training = model.training
+    model.eval()
+    accumulator = MetricAccumulator()
+    per_image, predictions = [], {}
+    try:
+        for i, case in enumerate(cases):
+            if case.label is None:
+                raise ValueError(f"case {case.case_id} has no label; cannot evaluate")
+            probs = predict_probabilities(model, case, **predict_kwargs)
+            result = segmentation_metrics(probs, case.label, n_classes=n_classes, spacing=case.spacing,
+                                          threshold=threshold)
+            accumulator.add(result)
+            per_image.append({"case_id": case.case_id, **_flat(result)})
+            if i < keep_predictions:
+                predictions[case.case_id] = _label_map(probs, threshold)
+    finally:
+        model.train(was_training)
+    return Evaluation(summary=accumulator.summary(), per_image=per_image, predictions=predictions)
+
+
+def _label_map(probs: np.ndarray, threshold: float) -> np.ndarray:
+    if probs.shape[0] == 2:
+        return (probs[1] >= threshold).astype(np.int64)
+    return probs.argmax(0).astype(np.int64)
+
+
+def _flat(result: dict) -> dict:
+    return {k: v for k, v in result.items() if isinstance(v, (int, float))}

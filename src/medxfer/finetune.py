@@ -1,0 +1,240 @@
+"""One downstream run: build the model, load the starting weights, train, evaluate -> a run record."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from medxfer.config import DataConfig, RunConfig, config_to_dict
+from medxfer.data import load_data, select_subset
+from medxfer.data.base import SegmentationData
+from medxfer.errors import ConfigError
+from medxfer.io import environment_info, seed_everything, stable_hash
+from medxfer.sweep.store import RESULT_FILE, read_record, run_dir as store_run_dir, write_record
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_dir: Path
+    record: dict[str, Any]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.record["metrics"]
+
+
+def run_id_for(config: RunConfig) -> str:
+    """Stable id: the hash of the canonical resolved config (key order and defaults irrelevant)."""
+    return stable_hash(config_to_dict(config))
+
+
+def _total_stride(model: torch.nn.Module) -> int:
+    return int(max(model.encoder.strides))
+
+
+def _load_starting_weights(model: torch.nn.Module, config: RunConfig) -> dict[str, Any]:
+    """Load what ``pretrained`` names into ``model``; return what the record says about it."""
+    from medxfer.models.weights import list_checkpoints, load_encoder_weights, load_model_weights
+
+    pre = config.pretrained
+    info: dict[str, Any] = {"length": pre.length, "scheme": pre.scheme, "accuracy": None,
+                            "checkpoint": None, "load": pre.load}
+    if config.train.strategy == "scratch" or pre.checkpoint is None:
+        info["load"] = None
+        return info
+    path = Path(pre.checkpoint)
+    if path.is_dir():
+        matches = [c for c in list_checkpoints(path) if pre.length is None or c[0] == pre.length]
+        if not matches:
+            raise ConfigError(f"pretrained.checkpoint: no checkpoint of length {pre.length} in {path}")
+        length, path, manifest = matches[-1]
+        info["length"] = length
+    if pre.load == "encoder":
+        manifest = load_encoder_weights(model, path)
+    else:
+        manifest = load_model_weights(model, path, head=pre.load == "full")
+    manifest = manifest or {}
+    info["checkpoint"] = str(path)
+    info["length"] = info["length"] if info["length"] is not None else manifest.get("pretraining_length")
+    info["accuracy"] = manifest.get("val_accuracy")
+    info["scheme"] = info["scheme"] or manifest.get("scheme")
+    return info
+
+
+def build_model(config: RunConfig, data: SegmentationData) -> torch.nn.Module:
+    from medxfer.models import build_segmenter
+
+    spec = config.model.model_copy(update={
+        "in_channels": config.model.in_channels or data.in_channels,
+        "n_classes": config.model.n_classes or data.n_classes,
+    })
+    if spec.n_classes != data.n_classes:
+        raise ConfigError(f"model.n_classes={spec.n_classes} but dataset {data.name} has {data.n_classes} classes")
+    return build_segmenter(spec)
+
+
+def _resolve_loss(config: RunConfig, train_cases, n_classes: int):
+    from medxfer.training.losses import build_loss, label_statistics, select_loss
+
+    annotated = [c.annotated for c in train_cases]
+    if config.train.loss == "auto":
+        stats = label_statistics([c.label for c in train_cases], n_classes, annotated=annotated)
+        name, options, reason = select_loss(stats)
+    else:
+        name, options, reason = config.train.loss, {}, "set in config"
+    return build_loss(name, **options), {"name": name, "options": options, "reason": reason}
+
+
+def _loaders(config: RunConfig, train_cases, val_cases, n_classes: int, in_channels: int):
+    from monai.data import DataLoader
+
+    from medxfer.data.transforms import CaseDataset, training_augmentation
+
+    d = config.data
+    augmentation = training_augmentation(d.spatial_dims, d.patch_size, d.foreground_ratio, d.augment)
+    common = dict(n_classes=n_classes, normalization=d.normalization, percentiles=d.percentile_clip,
+                  in_channels=in_channels)
+    train_ds = CaseDataset(train_cases, transform=augmentation, **common)
+    if d.patch_size is None and len({c.spatial_shape for c in train_cases}) > 1:
+        raise ConfigError("data: training images differ in size; set data.patch_size or data.resize")
+    generator = torch.Generator().manual_seed(config.seed)
+    train_loader = DataLoader(train_ds, batch_size=min(config.train.batch_size, len(train_ds)), shuffle=True,
+                              num_workers=config.train.num_workers, generator=generator, drop_last=False)
+    val_loader = None
+    if val_cases:
+        val_loader = DataLoader(CaseDataset(val_cases, **common), batch_size=1, shuffle=False,
+                                num_workers=config.train.num_workers)
+    return train_loader, val_loader
+
+
+def _evaluate_on(model, data_config: DataConfig, config: RunConfig, in_channels: int, size_multiple: int,
+                 cases=None, n_classes: Optional[int] = None) -> dict[str, Any]:
+    from medxfer.evaluation.evaluate import evaluate_cases
+
+    if cases is None:
+        data = load_data(data_config)
+        cases, n_classes = data.test, data.n_classes
+    evaluation = evaluate_cases(
+        model, cases, n_classes, threshold=config.evaluation.threshold,
+        normalization=data_config.normalization, percentiles=data_config.percentile_clip,
+        in_channels=in_channels, patch_size=data_config.patch_size, size_multiple=size_multiple,
+        overlap=config.evaluation.sw_overlap, sw_batch_size=config.evaluation.sw_batch_size,
+    )
+    return {**evaluation.summary, "per_image": evaluation.per_image}
+
+
+def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = False,
+                 extra_record: Optional[dict[str, Any]] = None) -> RunResult:
+    """Train and evaluate one run under ``out_dir/runs/<run_id>``; a finished run is returned as is,
+    an interrupted one resumes from its last Lightning checkpoint."""
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    from medxfer.models.weights import save_model_weights
+    from medxfer.training.tasks import SegmentationTask
+
+    run_id = run_id_for(config)
+    directory = store_run_dir(out_dir, run_id)
+    if (directory / RESULT_FILE).is_file():
+        log.info("run %s already done; reusing its record", run_id)
+        return RunResult(run_id, directory, read_record(directory / RESULT_FILE))
+    directory.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    seed_everything(config.seed)
+
+    data = load_data(config.data)
+    train_cases = select_subset(data.train, config.data.train_images, config.seed, config.data.subset)
+    model = build_model(config, data)
+    pretraining = _load_starting_weights(model, config)
+    in_channels = model.encoder.in_channels
+    size_multiple = _total_stride(model)
+    loss, loss_info = _resolve_loss(config, train_cases, data.n_classes)
+    train_loader, val_loader = _loaders(config, train_cases, data.val, data.n_classes, in_channels)
+
+    t = config.train
+    steps_per_epoch = len(train_loader)
+    total_steps = t.max_steps if t.max_steps > 0 else t.max_epochs * steps_per_epoch
+    task = SegmentationTask(model, loss, t, data.n_classes, patch_size=config.data.patch_size,
+                            size_multiple=size_multiple, sw_overlap=config.evaluation.sw_overlap,
+                            total_steps=total_steps)
+    checkpoints = directory / "checkpoints"
+    callbacks: list = [ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=0)]
+    best = None
+    if val_loader is not None:
+        best = ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val_dice", mode="max",
+                               save_top_k=1)
+        callbacks.append(best)
+        if t.early_stopping_patience:
+            callbacks.append(EarlyStopping(monitor="val_dice", mode="max", patience=t.early_stopping_patience))
+    trainer = L.Trainer(
+        default_root_dir=directory, max_epochs=t.max_epochs if t.max_steps <= 0 else -1, max_steps=t.max_steps,
+        accelerator=t.accelerator, devices=1, precision=t.precision, callbacks=callbacks, logger=False,
+        enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=t.log_every_n_steps,
+        num_sanity_val_steps=0, deterministic=False,
+    )
+    last = checkpoints / "last.ckpt"
+    train_started = time.perf_counter()
+    trainer.fit(task, train_loader, val_loader, ckpt_path=str(last) if last.is_file() else None)
+    train_s = time.perf_counter() - train_started
+    if best is not None and best.best_model_path:
+        state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+        task.load_state_dict(state)
+    model = task.model.cpu().eval()
+
+    eval_started = time.perf_counter()
+    metrics = {"target": _evaluate_on(model, config.data, config, in_channels, size_multiple,
+                                      cases=data.test, n_classes=data.n_classes)}
+    if config.evaluation.source_test is not None:
+        metrics["source"] = _evaluate_on(model, config.evaluation.source_test, config, in_channels, size_multiple)
+    eval_s = time.perf_counter() - eval_started
+
+    save_model_weights(model, directory / "model.pt", manifest={
+        "model": config_to_dict(config.model.model_copy(update={
+            "in_channels": in_channels, "n_classes": data.n_classes})),
+        "run_id": run_id, "source": f"finetune:{data.name}",
+    })
+    record = {
+        "kind": "finetune",
+        "status": "done",
+        "run_id": run_id,
+        "config": config_to_dict(config),
+        "model": config.model.preset,
+        "dataset": data.name,
+        "strategy": t.strategy,
+        "freeze_encoder": t.strategy in ("frozen_encoder", "partial"),
+        "seed": config.seed,
+        "n_train_images": len(train_cases),
+        "train_case_ids": [c.case_id for c in train_cases],
+        "pretraining": pretraining,
+        "loss": loss_info,
+        "epochs_trained": int(trainer.current_epoch),
+        "steps_trained": int(trainer.global_step),
+        "metrics": metrics,
+        "timings": {"train_s": train_s, "eval_s": eval_s, "total_s": time.perf_counter() - started},
+        "environment": environment_info(),
+        "finished": datetime.now(timezone.utc).isoformat(),
+        **(extra_record or {}),
+    }
+    write_record(directory, record)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the record and model.pt are what a finished run keeps
+    return RunResult(run_id, directory, record)
+
+
+def summary_dice(record: dict[str, Any], test_set: str = "target") -> float:
+    """The headline number: per-image mean Dice (binary) or mean Dice over classes (multi-class)."""
+    values = record["metrics"][test_set]["per_image_mean"]
+    value = values.get("dice index")
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        value = values.get("mean dice index")
+    return float(value) if value is not None else float("nan")

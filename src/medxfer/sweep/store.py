@@ -1,0 +1,135 @@
+"""Run records: one ``result.json`` per run, written atomically; tables are derived from them.
+
+A run is done exactly when ``runs/<run_id>/result.json`` exists with ``status == "done"``. A failed run
+writes ``error.json`` instead (so a retry can find it) and never a ``result.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import pandas as pd
+
+from medxfer.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+ERROR_FILE = "error.json"
+
+# The published reference tables' columns, in their order; medxfer's own columns follow.
+REFERENCE_COLUMNS = [
+    "model", "dataset", "pretraining length", "ImageNet accuracy", "freeze encoder", "pretraining scheme",
+    "seed", "accuracy", "balanced accuracy", "sensitivity", "specificity", "precision", "dice index",
+    "jaccard index", "mcc", "modified hausdorff distance", "area under roc", "average precision score",
+    "mean dice index", "mean jaccard index",
+]
+REFERENCE_METRICS = REFERENCE_COLUMNS[7:]
+OWN_COLUMNS = [
+    "hd95", "strategy", "n train images", "test set", "loss", "run id", "train time s", "eval time s",
+    "total time s", "metric averaging", "nan count",
+]
+
+
+def run_dir(root: str | Path, run_id: str) -> Path:
+    return Path(root) / "runs" / run_id
+
+
+def is_done(root: str | Path, run_id: str) -> bool:
+    return (run_dir(root, run_id) / RESULT_FILE).is_file()
+
+
+def write_record(directory: str | Path, record: dict[str, Any]) -> Path:
+    path = Path(directory) / RESULT_FILE
+    atomic_write_json(path, record)
+    error = Path(directory) / ERROR_FILE
+    if error.exists():
+        error.unlink()
+    return path
+
+
+def write_error(directory: str | Path, record: dict[str, Any]) -> Path:
+    path = Path(directory) / ERROR_FILE
+    atomic_write_json(path, record)
+    return path
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def iter_records(root: str | Path, kind: Optional[str] = None) -> Iterable[dict[str, Any]]:
+    """Finished run records under ``root/runs`` in run-id order (``kind`` filters e.g. "finetune")."""
+    runs = Path(root) / "runs"
+    if not runs.is_dir():
+        return
+    for path in sorted(runs.glob(f"*/{RESULT_FILE}")):
+        record = read_record(path)
+        if kind is None or record.get("kind", "finetune") == kind:
+            yield record
+
+
+def _nan_if_none(value: Any) -> Any:
+    return math.nan if value is None else value
+
+
+def record_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """One results.csv row per test set of a fine-tuning record. Metric columns are per-image means
+    (``metric averaging`` says so); dataset-pooled values stay in the JSON record."""
+    rows = []
+    pre = record.get("pretraining") or {}
+    for test_set, result in (record.get("metrics") or {}).items():
+        values = result.get("per_image_mean", {})
+        row: dict[str, Any] = {
+            "model": record.get("model"),
+            "dataset": record.get("dataset"),
+            "pretraining length": _nan_if_none(pre.get("length")),
+            "ImageNet accuracy": _nan_if_none(pre.get("accuracy")),
+            "freeze encoder": bool(record.get("freeze_encoder", False)),
+            "pretraining scheme": pre.get("scheme") or "",
+            "seed": record.get("seed"),
+        }
+        for metric in REFERENCE_METRICS:
+            row[metric] = _nan_if_none(values.get(metric))
+        row.update({
+            "hd95": _nan_if_none(values.get("hd95")),
+            "strategy": record.get("strategy"),
+            "n train images": record.get("n_train_images"),
+            "test set": test_set,
+            "loss": (record.get("loss") or {}).get("name"),
+            "run id": record.get("run_id"),
+            "train time s": (record.get("timings") or {}).get("train_s"),
+            "eval time s": (record.get("timings") or {}).get("eval_s"),
+            "total time s": (record.get("timings") or {}).get("total_s"),
+            "metric averaging": "per-image mean",
+            "nan count": sum((result.get("nan_counts") or {}).values()),
+        })
+        rows.append(row)
+    return rows
+
+
+def results_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    rows = [row for record in records for row in record_rows(record)]
+    columns = REFERENCE_COLUMNS + OWN_COLUMNS
+    table = pd.DataFrame(rows)
+    for column in columns:
+        if column not in table.columns:
+            table[column] = pd.Series(dtype="float64")
+    extra = [c for c in table.columns if c not in columns]
+    return table[columns + extra]
+
+
+def write_csv(table: pd.DataFrame, path: str | Path) -> Path:
+    atomic_write_text(path, table.to_csv(index=False))
+    return Path(path)
+
+
+def collect(root: str | Path) -> Path:
+    """Aggregate every finished fine-tuning record under ``root`` into ``root/results.csv``."""
+    table = results_table(iter_records(root, kind="finetune"))
+    return write_csv(table, Path(root) / "results.csv")

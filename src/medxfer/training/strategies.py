@@ -1,0 +1,60 @@
+"""Fine-tuning strategies: which weights are trained, and at which learning rate.
+
+scratch         random init, everything trained (pretrained weights are never loaded)
+full            pretrained encoder loaded, everything trained at one learning rate
+frozen_encoder  pretrained encoder loaded and frozen (BatchNorm statistics too); decoder + head trained
+partial         the first ``frozen_levels`` encoder levels frozen, the rest trained
+discriminative  everything trained, the encoder at ``lr * encoder_lr_factor``
+"""
+
+from __future__ import annotations
+
+import torch
+
+from medxfer.config import TrainConfig
+from medxfer.models.weights import freeze_encoder
+
+STRATEGIES = ("scratch", "full", "frozen_encoder", "partial", "discriminative")
+
+
+def loads_pretrained(strategy: str) -> bool:
+    return strategy != "scratch"
+
+
+def apply_strategy(model: torch.nn.Module, train: TrainConfig) -> list[dict]:
+    """Freeze what the strategy freezes and return the optimizer's parameter groups."""
+    if train.strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {train.strategy!r}; known: {', '.join(STRATEGIES)}")
+    if train.strategy == "frozen_encoder":
+        freeze_encoder(model, "all")
+    elif train.strategy == "partial":
+        freeze_encoder(model, train.frozen_levels)
+    else:
+        freeze_encoder(model, 0)
+    encoder_params = {id(p) for p in model.encoder.parameters()}
+    encoder = [p for p in model.encoder.parameters() if p.requires_grad]
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_params]
+    encoder_lr = train.lr * (train.encoder_lr_factor if train.strategy == "discriminative" else 1.0)
+    groups = []
+    if encoder:
+        groups.append({"params": encoder, "lr": encoder_lr, "name": "encoder"})
+    if rest:
+        groups.append({"params": rest, "lr": train.lr, "name": "decoder"})
+    return groups
+
+
+def build_optimizer(groups: list[dict], train: TrainConfig) -> torch.optim.Optimizer:
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
+    return torch.optim.Adam(groups, lr=train.lr, weight_decay=train.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int):
+    """A per-step schedule (Lightning ``interval="step"``), or None."""
+    if train.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+    if train.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, total_steps // 3), gamma=0.1)
+    return None
