@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -112,23 +112,80 @@ def split_train_val(
     return train, val
 
 
-def check_case(case: Case, source: str, n_classes: Optional[int] = None) -> None:
-    """Raise a one-line ``DataError`` naming ``source`` for any defect a loader must not pass on."""
+def split_train_val_grouped(
+    cases: Sequence[Case],
+    val_fraction: float,
+    seed: int = 0,
+    group: Optional[Callable[[Case], str]] = None,
+) -> tuple[list[Case], list[Case]]:
+    """Like :func:`split_train_val`, but whole groups go to one side, so that the slices of one
+    patient (or volume) are never in both splits. ``group(case)`` gives the key; default
+    ``case.meta["group"]``, else ``case.case_id``. ``val_fraction`` is a share of the groups."""
+    cases = list(cases)
+    key = group or (lambda c: str(c.meta.get("group", c.case_id)))
+    keys = list(dict.fromkeys(key(c) for c in cases))  # first-appearance order: deterministic
+    if val_fraction <= 0 or len(keys) < 2:
+        return cases, []
+    n_val = min(len(keys) - 1, max(1, int(round(val_fraction * len(keys)))))
+    order = seeded_order(len(keys), seed)
+    val_keys = {keys[i] for i in order[:n_val].tolist()}
+    train = [c for c in cases if key(c) not in val_keys]
+    val = [c for c in cases if key(c) in val_keys]
+    return train, val
+
+
+def check_case(
+    case: Case, source: str, n_classes: Optional[int] = None, label_source: Optional[str] = None
+) -> None:
+    """Raise a one-line ``DataError`` naming ``source`` for any defect a loader must not pass on.
+
+    ``label_source`` (default ``source``) names the mask file in messages about the label map.
+    """
     image, label = case.image, case.label
     if image.ndim not in (3, 4):
         raise DataError(f"{source}: image must be (C, H, W) or (C, D, H, W), got shape {image.shape}")
+    if image.size == 0:
+        raise DataError(f"{source}: image is empty, shape {image.shape}")
     if not np.isfinite(image).all():
         raise DataError(f"{source}: image contains NaN or inf values")
+    if case.spacing is not None:
+        spacing = tuple(case.spacing)
+        if len(spacing) != image.ndim - 1 or not all(np.isfinite(s) and s > 0 for s in spacing):
+            raise DataError(
+                f"{source}: spacing {spacing} must be {image.ndim - 1} positive numbers (one per spatial axis)"
+            )
     if label is None:
         return
     if tuple(label.shape) != tuple(image.shape[1:]):
+        if label_source is None or label_source == source:
+            raise DataError(
+                f"{source}: image/mask shape mismatch: image {tuple(image.shape[1:])} vs mask {tuple(label.shape)}"
+            )
         raise DataError(
-            f"{source}: image/mask shape mismatch: image {tuple(image.shape[1:])} vs mask {tuple(label.shape)}"
+            f"{label_source}: image/mask shape mismatch: mask {tuple(label.shape)} vs image "
+            f"{tuple(image.shape[1:])} ({source})"
         )
+    label_source = label_source or source
+    values = None
     if n_classes is not None:
         values = np.unique(label)
         bad = [int(v) for v in values if (v < 0 or v >= n_classes) and v != IGNORE_INDEX]
         if bad:
             raise DataError(
-                f"{source}: label values {bad[:5]} outside the declared classes 0..{n_classes - 1}"
+                f"{label_source}: label values {bad[:5]} outside the declared classes 0..{n_classes - 1}"
+            )
+    if case.annotated is not None:
+        annotated = {int(c) for c in case.annotated}
+        if n_classes is not None:
+            wrong = sorted(c for c in annotated if not 0 < c < n_classes)
+            if wrong:
+                raise DataError(
+                    f"{label_source}: annotated classes {wrong} are not foreground classes 1..{n_classes - 1}"
+                )
+        values = np.unique(label) if values is None else values
+        extra = sorted(int(v) for v in values if v != 0 and v != IGNORE_INDEX and int(v) not in annotated)
+        if extra:
+            raise DataError(
+                f"{label_source}: mask contains classes {extra} that are not in its annotated classes "
+                f"{sorted(annotated)}"
             )

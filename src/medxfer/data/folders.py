@@ -1,0 +1,318 @@
+"""Generic 2D image/mask folders, and the 2D file readers the other loaders share.
+
+Layout (``data.name: folders``)::
+
+    ROOT/images/<stem>.<ext>        training pool (train + val)
+    ROOT/masks/<stem>.<ext>         one mask per image, same stem (any of the accepted extensions)
+    ROOT/test/images/<stem>.<ext>   optional test set
+    ROOT/test/masks/<stem>.<ext>    optional; without it the test images are unlabelled
+
+Accepted extensions: ``.png .jpg .jpeg .tif .tiff .npy``; hidden files and other extensions are
+ignored. Images: grayscale -> 1 channel, RGB -> 3 channels (an alpha channel of a png/jpg/tif read by
+Pillow is dropped); ``.npy`` images are ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` with ``C <= 4``. All
+images must have the same number of channels. Masks are label maps (palette pngs give their indices);
+an RGB mask is accepted only if its channels are equal. If every mask holds only the values 0 and
+255, 255 means foreground and becomes 1 (a binary mask saved as 0/255); otherwise 255 stays the
+ignore index. ``options``: ``n_classes`` (default: largest label + 1), ``class_names``,
+``test_fraction`` (share of the pool held out as test when there is no ``test/`` folder; default 0.2).
+Validation: ``data.val_fraction`` of the remaining pool (default 0.2), fixed seed.
+Spacing is unknown (``None``). ``data.resize: [H, W]`` resizes images bilinearly, masks nearest.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from medxfer.data.base import IGNORE_INDEX, Case, SegmentationData, check_case, split_train_val
+from medxfer.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy")
+DEFAULT_VAL_FRACTION = 0.2
+DEFAULT_TEST_FRACTION = 0.2
+_SPLIT_SEED = 0  # fixes the dataset's val/test split; not a run seed
+_TEST_SEED = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers (also used by the COVID-QU, IDRiD, ACDC and MSD loaders)
+# ----------------------------------------------------------------------------------------------
+
+
+def require_root(config, dataset: str) -> Path:
+    """The dataset folder of ``config``, which must exist."""
+    if config.root is None:
+        raise DataError(f"dataset {dataset!r}: data.root is required (the folder as distributed)")
+    root = Path(config.root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found")
+    return root
+
+
+def require_dir(path: Path) -> Path:
+    if not path.is_dir():
+        raise DataError(f"{path}: folder not found")
+    return path
+
+
+def take_options(options: dict[str, Any], defaults: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """``defaults`` updated by ``options``; an unknown key is an error naming the known ones."""
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise DataError(
+            f"dataset {dataset!r}: unknown option(s) {unknown}; known: {sorted(defaults)}"
+        )
+    return {**defaults, **options}
+
+
+def require_2d(config, dataset: str) -> None:
+    if config.spatial_dims != 2:
+        raise DataError(f"dataset {dataset!r} is 2D; set data.spatial_dims: 2")
+
+
+def list_files(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> dict[str, Path]:
+    """``stem -> path`` for the files of ``folder`` with one of ``suffixes`` (hidden files skipped);
+    two files with one stem are an error."""
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in suffixes:
+            continue
+        if path.stem in found:
+            raise DataError(f"{path}: two files with the stem {path.stem!r} (also {found[path.stem].name})")
+        found[path.stem] = path
+    return found
+
+
+def read_raster(path: Path) -> tuple[np.ndarray, str]:
+    """The array stored in a 2D image file, as stored: ``(H, W)`` or ``(H, W, C)`` (``.npy``: any
+    shape). Returns the array and the Pillow mode ("" when Pillow did not read it)."""
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        try:
+            return np.load(path, allow_pickle=False), ""
+        except Exception as exc:  # truncated, pickled, not an npy file: all "unreadable"
+            raise DataError(f"{path}: cannot read npy file: {exc}") from None
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated file fails here, not later
+            mode = img.mode
+            if mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                img = img.convert("RGB")
+                mode = "RGB"
+            return np.asarray(img), mode
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as pil_exc:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            try:  # float / many-channel tifs Pillow cannot open
+                import tifffile
+
+                return np.asarray(tifffile.imread(path)), ""
+            except Exception:
+                pass
+        raise DataError(f"{path}: cannot read image: {pil_exc}") from None
+
+
+def read_image_2d(path: Path) -> np.ndarray:
+    """A 2D image file as float32 ``(C, H, W)``."""
+    array, mode = read_raster(path)
+    if mode == "P":
+        from PIL import Image
+
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB"))
+        mode = "RGB"
+    if array.ndim == 2:
+        image = array[None]
+    elif array.ndim == 3:
+        if mode in ("RGBA", "LA"):  # alpha is transparency, not signal
+            array = array[..., :-1]
+        if mode or array.shape[-1] <= 4:  # Pillow arrays are always channels-last
+            image = np.moveaxis(array, -1, 0)
+        elif array.shape[0] <= 4:
+            image = array
+        else:
+            raise DataError(f"{path}: cannot tell the channel axis of an image of shape {array.shape}")
+    else:
+        raise DataError(f"{path}: expected a 2D image (H, W) or (H, W, C), got shape {array.shape}")
+    if array.dtype == bool:
+        image = image.astype(np.uint8)
+    return np.ascontiguousarray(image, dtype=np.float32)
+
+
+def as_label_array(array: np.ndarray, path: Path) -> np.ndarray:
+    """Integer label values as int64; non-integer values are an error naming ``path``."""
+    array = np.asarray(array)
+    if array.dtype == bool:
+        return array.astype(np.int64)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise DataError(f"{path}: mask contains NaN or inf values")
+        if not np.array_equal(array, np.round(array)):
+            raise DataError(f"{path}: mask contains non-integer values")
+    elif not np.issubdtype(array.dtype, np.integer):
+        raise DataError(f"{path}: mask has unsupported dtype {array.dtype}")
+    return array.astype(np.int64)
+
+
+def read_mask_2d(path: Path) -> np.ndarray:
+    """A label-map file as int64 ``(H, W)``: one channel, or several identical channels."""
+    array, mode = read_raster(path)
+    if array.ndim == 3:
+        if mode in ("RGBA", "LA"):
+            array = array[..., :-1]
+        axis = -1 if (mode or array.shape[-1] <= 4) else 0
+        first = np.take(array, 0, axis=axis)
+        if not all(np.array_equal(first, np.take(array, i, axis=axis)) for i in range(1, array.shape[axis])):
+            raise DataError(f"{path}: mask has differing colour channels; store class indices (0, 1, ...)")
+        array = first
+    if array.ndim != 2:
+        raise DataError(f"{path}: expected a 2D mask, got shape {array.shape}")
+    return as_label_array(array, path)
+
+
+def resize_case_arrays(
+    image: np.ndarray,
+    label: Optional[np.ndarray],
+    size: Sequence[int],
+    spacing: Optional[tuple[float, ...]],
+) -> tuple[np.ndarray, Optional[np.ndarray], Optional[tuple[float, ...]]]:
+    """Resize ``image`` (C, *S) linearly (anti-aliased when shrinking) and ``label`` (*S) nearest to
+    ``size``; the spacing scales with the pixel size."""
+    from skimage.transform import resize
+
+    spatial = tuple(image.shape[1:])
+    size = tuple(int(s) for s in size)
+    if len(size) != len(spatial) or min(size) < 1:
+        raise ConfigError(
+            f"data.resize: expected {len(spatial)} positive sizes for {len(spatial)}D images, got {list(size)}"
+        )
+    if size == spatial:
+        return image, label, spacing
+    image = np.stack([resize(ch, size, order=1, preserve_range=True) for ch in image]).astype(np.float32)
+    if label is not None:
+        label = resize(label, size, order=0, preserve_range=True, anti_aliasing=False).astype(np.int64)
+    if spacing is not None:
+        spacing = tuple(float(s) * old / new for s, old, new in zip(spacing, spatial, size))
+    return image, label, spacing
+
+
+# ----------------------------------------------------------------------------------------------
+# The folders loader
+# ----------------------------------------------------------------------------------------------
+
+
+def _pairs(images_dir: Path, masks_dir: Optional[Path]) -> list[tuple[str, Path, Optional[Path]]]:
+    images = list_files(images_dir)
+    if masks_dir is None:
+        return [(stem, path, None) for stem, path in images.items()]
+    masks = list_files(masks_dir)
+    for stem, path in images.items():
+        if stem not in masks:
+            raise DataError(f"{path}: no mask with the stem {stem!r} in {masks_dir}")
+    for stem, path in masks.items():
+        if stem not in images:
+            raise DataError(f"{path}: no image with the stem {stem!r} in {images_dir}")
+    return [(stem, path, masks[stem]) for stem, path in images.items()]
+
+
+def load_folders(config) -> SegmentationData:
+    """Loader entry point for ``data.name: folders`` (a :class:`medxfer.config.DataConfig`)."""
+    require_2d(config, "folders")
+    root = require_root(config, "folders")
+    opts = take_options(
+        config.options, {"n_classes": None, "class_names": None, "test_fraction": None}, "folders"
+    )
+    pool_pairs = _pairs(require_dir(root / "images"), require_dir(root / "masks"))
+    if not pool_pairs:
+        raise DataError(f"{root / 'images'}: empty dataset: no images ({', '.join(IMAGE_SUFFIXES)})")
+    test_dir = root / "test" / "images"
+    test_pairs: list[tuple[str, Path, Optional[Path]]] = []
+    has_test = test_dir.is_dir()
+    if has_test:
+        if opts["test_fraction"] is not None:
+            raise DataError(f"{root / 'test'}: options.test_fraction conflicts with the dataset's own test folder")
+        masks_dir = root / "test" / "masks"
+        test_pairs = _pairs(test_dir, masks_dir if masks_dir.is_dir() else None)
+        if not masks_dir.is_dir():
+            log.warning("%s: no test/masks folder; the test images are unlabelled", root)
+
+    raw_masks = {path: read_mask_2d(path) for _, _, path in pool_pairs + test_pairs if path is not None}
+    values = set()
+    for mask in raw_masks.values():
+        values.update(int(v) for v in np.unique(mask))
+    n_classes_opt = opts["n_classes"]
+    binary_255 = 255 in values and values <= {0, 255} and n_classes_opt in (None, 2)
+    if binary_255:
+        log.info("%s: masks hold only 0/255; reading 255 as class 1", root)
+    if n_classes_opt is None:
+        n_classes = max([v for v in values if v != IGNORE_INDEX] + [0]) + 1
+        n_classes = 2 if binary_255 else max(n_classes, 2)
+    else:
+        n_classes = int(n_classes_opt)
+        if n_classes < 2:
+            raise DataError(f"dataset 'folders': options.n_classes must be >= 2, got {n_classes}")
+    class_names = opts["class_names"]
+    if class_names is None:
+        class_names = ["background"] + [f"class{k}" for k in range(1, n_classes)]
+    elif len(class_names) != n_classes:
+        raise DataError(
+            f"dataset 'folders': options.class_names has {len(class_names)} names for {n_classes} classes"
+        )
+
+    def build(pairs, split: str) -> list[Case]:
+        cases = []
+        for stem, image_path, mask_path in pairs:
+            image = read_image_2d(image_path)
+            label = None
+            if mask_path is not None:
+                label = raw_masks[mask_path]
+                if binary_255:
+                    label = (label == 255).astype(np.int64)
+            spacing = None
+            if config.resize is not None:
+                image, label, spacing = resize_case_arrays(image, label, config.resize, spacing)
+            case = Case(
+                image=image,
+                label=label,
+                case_id=stem if split == "pool" else f"test_{stem}",
+                spacing=spacing,
+                meta={"image_path": str(image_path), "label_path": str(mask_path) if mask_path else None,
+                      "group": stem},
+            )
+            check_case(case, str(image_path), n_classes, label_source=str(mask_path) if mask_path else None)
+            cases.append(case)
+        return cases
+
+    pool = build(pool_pairs, "pool")
+    test = build(test_pairs, "test")
+    channels = {c.image.shape[0] for c in pool + test}
+    if len(channels) > 1:
+        first = pool[0].image.shape[0]
+        odd = next(c for c in pool + test if c.image.shape[0] != first)
+        raise DataError(
+            f"{odd.meta['image_path']}: {odd.image.shape[0]} channel(s), but {pool[0].meta['image_path']} has {first}"
+        )
+    if not has_test:
+        fraction = DEFAULT_TEST_FRACTION if opts["test_fraction"] is None else float(opts["test_fraction"])
+        if not 0.0 <= fraction < 1.0:
+            raise DataError(f"dataset 'folders': options.test_fraction must be in [0, 1), got {fraction}")
+        pool, test = split_train_val(pool, fraction, seed=_TEST_SEED)
+    val_fraction = DEFAULT_VAL_FRACTION if config.val_fraction is None else config.val_fraction
+    train, val = split_train_val(pool, val_fraction, seed=_SPLIT_SEED)
+    return SegmentationData(
+        name="folders",
+        train=train,
+        val=val,
+        test=test,
+        n_classes=n_classes,
+        class_names=list(class_names),
+        in_channels=channels.pop(),
+        spatial_dims=2,
+        meta={"root": str(root), "masks_0_255": binary_255, "test_from": "test/" if has_test else "held out"},
+    )

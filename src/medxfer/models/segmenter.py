@@ -1,0 +1,198 @@
+"""Segmentation models = encoder + decoder + 1x1 head, built from named presets.
+
+``build_segmenter(ModelConfig(preset="resnet34_attention_unet", in_channels=1, n_classes=3))`` or
+``build_segmenter(preset="unet3d", in_channels=1, n_classes=2, width=8, depth=4)``.
+
+``width`` sets the decoder widths of every preset (level i: ``width * 2**i``) and the classic U-Net
+encoder's widths; ``depth`` is the number of encoder levels (timm encoders: at most what the model
+has, 5 for ResNets, 4 for Swin; a larger value means all). Preset options (``ModelConfig.options``):
+
+- every preset: ``decoder_channels`` (list, one per level but the deepest), ``final_channels``;
+- timm presets: ``pretrained`` (download timm's ImageNet weights; default False), ``drop_path_rate``;
+- ``swin_*``: ``img_size`` (default 224), ``window_size`` (default 7), ``embed_dim``, ``depths``,
+  ``num_heads``, ``model_name`` (default ``swin_tiny_patch4_window7_224``). See ``encoders`` for the
+  input-size constraints.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from medxfer.config import ModelConfig, parse_config
+from medxfer.errors import ConfigError
+from medxfer.models.decoders import UNetDecoder
+from medxfer.models.encoders import Encoder, create_encoder, conv_nd
+
+logger = logging.getLogger(__name__)
+
+_DECODER_OPTIONS = ("decoder_channels", "final_channels")
+_TIMM_OPTIONS = ("pretrained", "drop_path_rate")
+_SWIN_OPTIONS = ("img_size", "window_size", "embed_dim", "depths", "num_heads", "model_name")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    encoder: str  # "unet" or a timm model name
+    attention: bool
+    spatial_dims: int
+    options: tuple[str, ...] = _DECODER_OPTIONS
+    default_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _resnet_presets() -> list[Preset]:
+    presets = []
+    for size in (18, 34, 50):
+        for attention in (False, True):
+            kind = "attention_unet" if attention else "unet"
+            decoder = "attention-gated U-Net decoder" if attention else "U-Net decoder"
+            presets.append(
+                Preset(
+                    f"resnet{size}_{kind}",
+                    f"timm ResNet-{size} encoder (strides 2-32) + {decoder}, 2D",
+                    f"resnet{size}",
+                    attention,
+                    2,
+                    _DECODER_OPTIONS + _TIMM_OPTIONS,
+                )
+            )
+    return presets
+
+
+_SWIN_DEFAULTS = {"model_name": "swin_tiny_patch4_window7_224", "img_size": 224, "window_size": 7}
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("unet", "classic U-Net: double-conv encoder (width doubling per level) + U-Net decoder, 2D",
+               "unet", False, 2),
+        Preset("attention_unet", "classic U-Net encoder + attention-gated decoder (Oktay et al. 2018), 2D",
+               "unet", True, 2),
+        Preset("unet3d", "classic U-Net encoder and decoder in 3D (depth 5 = strides up to 16)", "unet", False, 3),
+        Preset("attention_unet3d", "classic 3D U-Net encoder + attention-gated 3D decoder", "unet", True, 3),
+        *_resnet_presets(),
+        Preset("swin_unet", "timm Swin Transformer encoder (Swin-T by default, strides 4-32; fixed img_size) "
+               "+ convolutional U-Net decoder, 2D", "swin", False, 2,
+               _DECODER_OPTIONS + _TIMM_OPTIONS + _SWIN_OPTIONS, _SWIN_DEFAULTS),
+        Preset("swin_attention_unet", "timm Swin Transformer encoder + attention-gated U-Net decoder, 2D",
+               "swin", True, 2, _DECODER_OPTIONS + _TIMM_OPTIONS + _SWIN_OPTIONS, _SWIN_DEFAULTS),
+    ]
+}
+
+
+class Segmenter(nn.Module):
+    """``forward(x) -> logits (N, n_classes, *spatial)`` at input resolution.
+
+    Input sizes must be multiples of ``required_multiple`` (the encoder's total stride); anything else
+    raises ``InputShapeError`` (a ``MedxferError`` and ``ValueError``) naming the size.
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        decoder: UNetDecoder,
+        head: nn.Module,
+        n_classes: int,
+        preset: str | None = None,
+        spec: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.head = head
+        self.n_classes = int(n_classes)
+        self.preset = preset
+        self.spec = dict(spec or {})
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.encoder.spatial_dims
+
+    @property
+    def in_channels(self) -> int:
+        return self.encoder.in_channels
+
+    @property
+    def required_multiple(self) -> int:
+        return self.encoder.total_stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.encoder.check_input(x)
+        self.encoder.check_multiple_of_stride(x)
+        return self.head(self.decoder(self.encoder(x)))
+
+
+def _resolve_spec(spec: ModelConfig | Mapping[str, Any] | None, overrides: dict[str, Any]) -> ModelConfig:
+    if spec is None:
+        data: dict[str, Any] = {}
+    elif isinstance(spec, ModelConfig):
+        data = spec.model_dump()
+    elif isinstance(spec, Mapping):
+        data = dict(spec)
+    else:
+        raise ConfigError(f"model spec must be a ModelConfig or a mapping, got {type(spec).__name__}")
+    data.update(overrides)
+    return parse_config(data, ModelConfig, source="model")
+
+
+def build_segmenter(spec: ModelConfig | Mapping[str, Any] | None = None, **overrides: Any) -> Segmenter:
+    """Build a preset (see ``PRESETS``) from a ``ModelConfig``, a mapping, and/or keyword overrides."""
+    config = _resolve_spec(spec, overrides)
+    preset = PRESETS.get(config.preset)
+    if preset is None:
+        raise ConfigError(f"model.preset: unknown preset {config.preset!r} (known: {', '.join(PRESETS)})")
+    for key in ("in_channels", "n_classes"):
+        if getattr(config, key) is None:
+            raise ConfigError(f"model.{key} is not set (it normally comes from the data)")
+    unknown = sorted(set(config.options) - set(preset.options))
+    if unknown:
+        raise ConfigError(
+            f"model.options: unknown option(s) {', '.join(unknown)} for preset {preset.name!r} "
+            f"(known: {', '.join(preset.options) or 'none'})"
+        )
+    options = {**preset.default_options, **config.options}
+    decoder_channels = options.pop("decoder_channels", None)
+    final_channels = options.pop("final_channels", None)
+    encoder_name = options.pop("model_name", None) if preset.encoder == "swin" else preset.encoder
+
+    encoder = create_encoder(
+        encoder_name,
+        in_channels=config.in_channels,
+        spatial_dims=preset.spatial_dims,
+        width=config.width,
+        depth=config.depth,
+        **options,
+    )
+    if decoder_channels is None:
+        decoder_channels = [config.width * 2**i for i in range(encoder.n_levels - 1)]
+    decoder = UNetDecoder(
+        encoder.channels,
+        encoder.strides,
+        spatial_dims=preset.spatial_dims,
+        decoder_channels=decoder_channels,
+        final_channels=final_channels,
+        attention=preset.attention,
+    )
+    head = conv_nd(preset.spatial_dims)(decoder.out_channels, config.n_classes, kernel_size=1)
+    return Segmenter(encoder, decoder, head, config.n_classes, preset=preset.name, spec=config.model_dump(mode="json"))
+
+
+def preset_table(in_channels: int = 1, n_classes: int = 2) -> list[tuple[str, str, int, int]]:
+    """Rows ``(name, description, parameters at default width/depth, spatial_dims)`` for ``medxfer models``.
+
+    Models are built on the meta device: no memory and no initialisation, only the parameter count.
+    """
+    from medxfer.models.weights import count_parameters
+
+    rows = []
+    for name, preset in PRESETS.items():
+        with torch.device("meta"):
+            model = build_segmenter(preset=name, in_channels=in_channels, n_classes=n_classes)
+        rows.append((name, preset.description, count_parameters(model), preset.spatial_dims))
+    return rows

@@ -1,0 +1,1 @@
+"""Training: segmentation losses and loss selection, Lightning tasks, fine-tuning strategies."""
