@@ -55,3 +55,20 @@ def test_console_script_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "medxfer.cli", "finetune", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "bad.yaml" in proc.stderr
+
+
+def test_data_check_prints_counts_and_fails_cleanly(tmp_path, capsys):
+    assert main(["data", "check", "demo", "-o", "domain=A"]) == 0
+    out = capsys.readouterr().out
+    assert "train: 20 cases" in out and "test: 8 cases" in out
+    assert main(["data", "check", "acdc", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "missing" in err and err.count("\n") == 1
+
+
+def test_models_lists_presets_with_parameter_counts(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for preset in ("unet", "attention_unet", "resnet50_attention_unet", "swin_unet", "unet3d"):
+        assert preset in out
+    assert " M " in out

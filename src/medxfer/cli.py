@@ -40,8 +40,20 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and
     _state["debug"] = debug
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
-        logging.getLogger(noisy).setLevel(logging.ERROR if not debug else logging.INFO)
+
+
+def _quiet_training_libraries() -> None:
+    """Lightning sets up its own INFO handlers on import (GPU/TPU lines, tips); keep the CLI's output ours."""
+    import warnings
+
+    import lightning  # noqa: F401  (import first: it resets its loggers' levels on import)
+
+    level = logging.INFO if _state["debug"] else logging.ERROR
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(level)
+    if not _state["debug"]:
+        warnings.filterwarnings("ignore", module=r"lightning(\..*)?")
+        warnings.filterwarnings("ignore", message=r".*(does not have many workers|in eval mode at the start).*")
 
 
 def _print_table(title: str, columns: list[str], rows: list[list]) -> None:
@@ -59,6 +71,8 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder
     """Run the demo on the embedded data (no download): source training, fine-tuning, evaluation."""
     from medxfer.demo import run_demo
 
+    _quiet_training_libraries()
+
     summary = run_demo(out, quick=quick, progress=sys.stderr.isatty())
     _print_table("medxfer demo", summary["columns"], summary["rows"])
     console.print(f"records: {summary['runs_dir']}\nresults: {summary['results_csv']}")
@@ -70,6 +84,8 @@ def finetune(config: Path = typer.Argument(..., help="Run config (YAML)."),
     """Fine-tune (or train from scratch) one model and evaluate it; writes runs/<id>/result.json."""
     from medxfer.config import RunConfig, load_config
     from medxfer.finetune import run_finetune, summary_dice
+
+    _quiet_training_libraries()
     from medxfer.sweep.store import collect
 
     run = run_finetune(load_config(config, RunConfig), out, progress=sys.stderr.isatty())
@@ -92,15 +108,38 @@ def models() -> None:
     """List the model presets with their parameter counts."""
     from medxfer.models import preset_table
 
-    rows = preset_table()
-    _print_table("model presets", list(rows[0].keys()), [list(r.values()) for r in rows])
+    rows = [[name, description, f"{n_params / 1e6:.2f} M", f"{dims}D"]
+            for name, description, n_params, dims in preset_table()]
+    _print_table("model presets (1 input channel, 2 classes)", ["preset", "description", "parameters", "dims"], rows)
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    import yaml
+
+    from medxfer.errors import ConfigError
+
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--option {pair!r}: expected KEY=VALUE")
+        key, value = pair.split("=", 1)
+        options[key.strip()] = yaml.safe_load(value)
+    return options
 
 
 @data_app.command("check")
 def data_check(name: str = typer.Argument(..., help="Dataset layout: acdc, covidqu, idrid, folders, msd, demo."),
-               root: Optional[Path] = typer.Argument(None, help="Dataset folder as distributed.")) -> None:
+               root: Optional[Path] = typer.Argument(None, help="Dataset folder as distributed."),
+               dims: int = typer.Option(2, "--dims", help="2 (slices/images) or 3 (volumes)."),
+               option: list[str] = typer.Option([], "--option", "-o",
+                                                help="Dataset option KEY=VALUE (YAML value), repeatable.")) -> None:
     """Validate a dataset layout; print counts, shapes, classes and intensity ranges."""
-    _not_implemented("data check")
+    from medxfer.config import DataConfig
+    from medxfer.data.check import check_dataset, check_report_lines
+
+    report = check_dataset(DataConfig(name=name, root=root, spatial_dims=dims, options=_parse_options(option)))
+    for line in check_report_lines(report):
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 @app.command()

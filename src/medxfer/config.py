@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medxfer.errors import ConfigError
 
@@ -83,6 +83,8 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(8, ge=1)
     early_stopping_patience: Optional[int] = None  # epochs without validation Dice improvement
     loss: str = "auto"  # "auto" | "dice" | "ce" | "dice_ce" | "focal" | "tversky" | "dice_focal"
+    # (each also as "partial_<name>" for sparse annotations; see medxfer.training.losses)
+    loss_options: dict[str, Any] = Field(default_factory=dict)  # build_loss options; unused with loss "auto"
     precision: str = "32-true"
     num_workers: int = 0
     accelerator: str = "auto"
@@ -116,6 +118,160 @@ class RunConfig(StrictModel):
                 raise ValueError(
                     f"train.strategy={self.train.strategy!r} needs pretrained.checkpoint"
                 )
+        return self
+
+
+# --- transferability scoring (``medxfer score``) and its validation (``medxfer analyze``) ------------
+
+ScoreMetric = Literal["cosine", "l2", "pearson"]
+
+
+class AugmentConfig(StrictModel):
+    """Photometric jitter of the robustness score, applied in each normalised image's display range [0, 1].
+
+    Factors are drawn uniformly: brightness/contrast/saturation in [1 - v, 1 + v], hue shift in [-v, v].
+    Saturation and hue act on RGB (3-channel 2D) images only; ``noise`` (Gaussian std) on the others.
+    """
+
+    brightness: float = Field(0.1, ge=0.0, lt=1.0)
+    contrast: float = Field(0.05, ge=0.0, lt=1.0)
+    saturation: float = Field(0.1, ge=0.0, lt=1.0)
+    hue: float = Field(0.05, ge=0.0, le=0.5)
+    noise: float = Field(0.02, ge=0.0)
+
+
+class StopConfig(StrictModel):
+    """Which score variant decides when pretraining could stop, and the rule applied to it."""
+
+    rule: Literal["argmin", "patience"] = "argmin"
+    patience: int = Field(2, ge=1)  # "patience": checkpoints without improvement before stopping
+    min_delta: float = Field(0.0, ge=0.0)  # an improvement must lower the score by more than this
+    metric: ScoreMetric = "cosine"
+    margin: float = Field(0.5, ge=0.0)
+    level: int = -1  # encoder level; negative counts from the deepest
+    pooled: bool = True
+
+
+class ScoreConfig(StrictModel):
+    """Transferability of every checkpoint of a pretraining run on the target's training images."""
+
+    name: str = "score"
+    seed: int = 0  # seeds the image subset, the augmentations, the negative pairing and the bootstrap
+    data: DataConfig = Field(default_factory=DataConfig)
+    checkpoints: Path  # a folder of encoder checkpoints (one per pretraining length) or one checkpoint file
+    out: Path = Path("score_out")  # robustness.csv (+ baselines.csv, recommendation.json) land here
+    n_images: Optional[int] = Field(None, ge=2)  # training images scored; None = all
+    crop_size: Optional[list[int]] = None  # centre crop / zero-pad every image to this size; None = keep
+    metrics: list[ScoreMetric] = Field(default_factory=lambda: ["cosine", "l2", "pearson"])
+    margins: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    levels: Optional[list[int]] = None  # encoder levels scored; None = all
+    pooled: list[bool] = Field(default_factory=lambda: [True, False])  # spatial mean and/or flattened maps
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    batch_size: int = Field(16, ge=1)
+    bootstrap: int = Field(1000, ge=0)  # bootstrap resamples over images for the interval; 0 = none
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    device: str = "auto"  # "auto" = CUDA when available, else CPU
+    encoder_name: Optional[str] = None  # the `encoder` column; None = the checkpoint's architecture name
+    pretraining_scheme: Optional[str] = None  # None = the checkpoint manifest's scheme
+    baselines: list[Literal["logme", "hscore", "linear_probe"]] = Field(default_factory=list)
+    baseline_pixels: int = Field(20000, ge=10)  # pixels sampled (seeded) for LogME / H-score
+    probe_steps: int = Field(300, ge=1)  # linear-probe training steps
+    probe_level: Optional[int] = None  # None = the level whose stride is closest to 4
+    stop: StopConfig = Field(default_factory=StopConfig)
+
+    @model_validator(mode="after")
+    def _check_lists(self) -> "ScoreConfig":
+        if not self.metrics or not self.margins or not self.pooled:
+            raise ValueError("metrics, margins and pooled need at least one value each")
+        if any(m < 0 for m in self.margins):
+            raise ValueError("margins must be >= 0")
+        return self
+
+
+class NameMapConfig(StrictModel):
+    """Raw name -> canonical key, per kind, for joining downstream results with scores (``analyze``)."""
+
+    encoder: dict[str, str] = Field(default_factory=dict)  # model or encoder name -> encoder key
+    dataset: dict[str, str] = Field(default_factory=dict)
+    scheme: dict[str, str] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pretraining (``medxfer pretrain``); the schemes and their defaults are documented in medxfer.pretrain.
+
+
+class ScheduleConfig(StrictModel):
+    """Pretraining lengths at which checkpoints are saved; 0 = the random initialisation."""
+
+    unit: Literal["epoch", "step"] = "epoch"
+    lengths: list[int] = Field(default_factory=lambda: [0, 1, 2, 5], min_length=1)
+
+    @field_validator("lengths")
+    @classmethod
+    def _non_negative_unique(cls, lengths: list[int]) -> list[int]:
+        if any(n < 0 for n in lengths):
+            raise ValueError("pretraining lengths must be >= 0")
+        if len(set(lengths)) != len(lengths):
+            raise ValueError("pretraining lengths must not repeat")
+        return sorted(lengths)
+
+
+class ClassificationDataConfig(StrictModel):
+    """Images for classification pretraining: the embedded stand-in or an ImageNet ``.npy`` copy."""
+
+    source: Literal["natural", "imagenet"] = "natural"
+    root: Optional[Path] = None  # imagenet: folder with labels.json and data/<name>.npy
+    labels_file: str = "labels.json"  # imagenet: relative to root
+    n_classes: int = Field(1000, ge=2)  # imagenet: labels.json holds 1..n_classes
+    train_images: Optional[Union[int, float]] = None  # imagenet: seeded subset (n or fraction); None = all
+    val_images: Optional[int] = Field(None, ge=1)  # imagenet: first n validation files by name; None = all
+    n_per_class: int = Field(100, ge=1)  # natural: training crops per class
+    val_per_class: int = Field(20, ge=1)  # natural: validation crops per class
+    image_size: int = Field(32, ge=8)  # natural: side of the generated crops
+    data_seed: int = 0  # natural: which crops (fixed per dataset, not per run)
+    input_size: int = Field(32, ge=8)  # network input side: training crops and validation centre crops
+
+
+class PretrainTrainConfig(StrictModel):
+    """Optimisation and augmentation of pretraining; ``None`` = the scheme's default."""
+
+    optimizer: Optional[Literal["sgd", "adam", "adamw"]] = None
+    lr: Optional[float] = Field(None, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd only
+    weight_decay: Optional[float] = Field(None, ge=0.0)
+    scheduler: Optional[Literal["none", "step", "cosine"]] = None  # per optimizer step, after any warm-up
+    warmup_fraction: Optional[float] = Field(None, ge=0.0, lt=1.0)  # share of all steps with linear warm-up
+    label_smoothing: Optional[float] = Field(None, ge=0.0, lt=1.0)  # classification only
+    crop_scale: Optional[tuple[float, float]] = None  # advanced: RandomResizedCrop area range
+    color_jitter: Optional[float] = Field(None, ge=0.0)  # advanced: brightness/contrast/saturation
+    auto_augment: Optional[Literal["none", "trivial", "randaugment"]] = None  # advanced
+    batch_size: int = Field(64, ge=1)
+    loss: str = "partial_dice_ce"  # segmentation only; partial_* never counts missing classes as background
+    num_workers: int = Field(0, ge=0)
+    precision: str = "32-true"
+    accelerator: str = "auto"
+    log_every_n_steps: int = Field(10, ge=1)
+    resume_every_n_steps: int = Field(100, ge=1)  # step schedules: Lightning resume checkpoint interval
+
+
+class PretrainConfig(StrictModel):
+    """One pretraining run: encoder (model preset), data, scheme, checkpoint schedule."""
+
+    name: str = "pretrain"
+    seed: int = 0
+    task: Literal["classification", "segmentation"] = "classification"
+    scheme: Literal["simple", "advanced"] = "simple"
+    # classification: the preset's encoder (+ pooled linear head); segmentation: the whole preset
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    classification: ClassificationDataConfig = Field(default_factory=ClassificationDataConfig)
+    data: Optional[DataConfig] = None  # segmentation: any medxfer dataset (sparse labels via Case.annotated)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: PretrainTrainConfig = Field(default_factory=PretrainTrainConfig)
+
+    @model_validator(mode="after")
+    def _segmentation_needs_data(self) -> "PretrainConfig":
+        if self.task == "segmentation" and self.data is None:
+            raise ValueError("task 'segmentation' needs a data section (the sparsely annotated dataset)")
         return self
 
 

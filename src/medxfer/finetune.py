@@ -40,12 +40,12 @@ def run_id_for(config: RunConfig) -> str:
 
 
 def _total_stride(model: torch.nn.Module) -> int:
-    return int(max(model.encoder.strides))
+    return int(model.required_multiple)
 
 
 def _load_starting_weights(model: torch.nn.Module, config: RunConfig) -> dict[str, Any]:
     """Load what ``pretrained`` names into ``model``; return what the record says about it."""
-    from medxfer.models.weights import list_checkpoints, load_encoder_weights, load_model_weights
+    from medxfer.models.weights import load_encoder_weights, load_model_weights, resolve_checkpoint
 
     pre = config.pretrained
     info: dict[str, Any] = {"length": pre.length, "scheme": pre.scheme, "accuracy": None,
@@ -53,20 +53,14 @@ def _load_starting_weights(model: torch.nn.Module, config: RunConfig) -> dict[st
     if config.train.strategy == "scratch" or pre.checkpoint is None:
         info["load"] = None
         return info
-    path = Path(pre.checkpoint)
-    if path.is_dir():
-        matches = [c for c in list_checkpoints(path) if pre.length is None or c[0] == pre.length]
-        if not matches:
-            raise ConfigError(f"pretrained.checkpoint: no checkpoint of length {pre.length} in {path}")
-        length, path, manifest = matches[-1]
-        info["length"] = length
+    path = resolve_checkpoint(pre.checkpoint, pre.length)
     if pre.load == "encoder":
         manifest = load_encoder_weights(model, path)
     else:
         manifest = load_model_weights(model, path, head=pre.load == "full")
-    manifest = manifest or {}
     info["checkpoint"] = str(path)
-    info["length"] = info["length"] if info["length"] is not None else manifest.get("pretraining_length")
+    if info["length"] is None:
+        info["length"] = manifest.get("length")
     info["accuracy"] = manifest.get("val_accuracy")
     info["scheme"] = info["scheme"] or manifest.get("scheme")
     return info
@@ -88,12 +82,13 @@ def _resolve_loss(config: RunConfig, train_cases, n_classes: int):
     from medxfer.training.losses import build_loss, label_statistics, select_loss
 
     annotated = [c.annotated for c in train_cases]
+    stats = label_statistics([c.label for c in train_cases], n_classes, annotated)
     if config.train.loss == "auto":
-        stats = label_statistics([c.label for c in train_cases], n_classes, annotated=annotated)
         name, options, reason = select_loss(stats)
     else:
-        name, options, reason = config.train.loss, {}, "set in config"
-    return build_loss(name, **options), {"name": name, "options": options, "reason": reason}
+        name, options, reason = config.train.loss, dict(config.train.loss_options), "set in config"
+    info = {"name": name, "options": options, "reason": reason, "label_statistics": stats}
+    return build_loss(name, **options), info
 
 
 def _loaders(config: RunConfig, train_cases, val_cases, n_classes: int, in_channels: int):
@@ -202,7 +197,8 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
     save_model_weights(model, directory / "model.pt", manifest={
         "model": config_to_dict(config.model.model_copy(update={
             "in_channels": in_channels, "n_classes": data.n_classes})),
-        "run_id": run_id, "source": f"finetune:{data.name}",
+        "run_id": run_id, "source": f"finetune:{data.name}", "length": pretraining["length"],
+        "data": config_to_dict(config.data),
     })
     record = {
         "kind": "finetune",

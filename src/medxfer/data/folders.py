@@ -8,8 +8,9 @@ Layout (``data.name: folders``)::
     ROOT/test/masks/<stem>.<ext>    optional; without it the test images are unlabelled
 
 Accepted extensions: ``.png .jpg .jpeg .tif .tiff .npy``; hidden files and other extensions are
-ignored. Images: grayscale -> 1 channel, RGB -> 3 channels (an alpha channel of a png/jpg/tif read by
-Pillow is dropped); ``.npy`` images are ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` with ``C <= 4``. All
+ignored. Masks must be lossless (png/tif/npy, not jpg). Images: grayscale -> 1 channel, RGB -> 3
+channels (an alpha channel of a png/jpg/tif read by Pillow is dropped); ``.npy`` images are
+``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` with ``C <= 4``. All
 images must have the same number of channels. Masks are label maps (palette pngs give their indices);
 an RGB mask is accepted only if its channels are equal. If every mask holds only the values 0 and
 255, 255 means foreground and becomes 1 (a binary mask saved as 0/255); otherwise 255 stays the
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy")
 DEFAULT_VAL_FRACTION = 0.2
 DEFAULT_TEST_FRACTION = 0.2
+MAX_INFERRED_CLASSES = 64  # more inferred classes than this is almost surely a broken mask
 _SPLIT_SEED = 0  # fixes the dataset's val/test split; not a run seed
 _TEST_SEED = 1
 
@@ -234,6 +236,8 @@ def load_folders(config) -> SegmentationData:
     test_dir = root / "test" / "images"
     test_pairs: list[tuple[str, Path, Optional[Path]]] = []
     has_test = test_dir.is_dir()
+    if (root / "test").is_dir() and not has_test:
+        raise DataError(f"{root / 'test'}: a test folder needs test/images (and test/masks)")
     if has_test:
         if opts["test_fraction"] is not None:
             raise DataError(f"{root / 'test'}: options.test_fraction conflicts with the dataset's own test folder")
@@ -253,6 +257,12 @@ def load_folders(config) -> SegmentationData:
     if n_classes_opt is None:
         n_classes = max([v for v in values if v != IGNORE_INDEX] + [0]) + 1
         n_classes = 2 if binary_255 else max(n_classes, 2)
+        if n_classes > MAX_INFERRED_CLASSES:  # a lossy (jpg) or intensity image among the masks
+            worst = max(raw_masks, key=lambda p: int(np.where(raw_masks[p] == IGNORE_INDEX, 0, raw_masks[p]).max()))
+            raise DataError(
+                f"{worst}: label value {n_classes - 1} would make {n_classes} classes; masks must be lossless "
+                f"class indices (png/tif/npy), or set options.n_classes"
+            )
     else:
         n_classes = int(n_classes_opt)
         if n_classes < 2:

@@ -41,11 +41,11 @@ then the confusion metrics (distances and AUC/AP are per image only).
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Optional, Sequence
 
 import numpy as np
-from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from medxfer.errors import DataError
@@ -59,10 +59,15 @@ RANKING_METRICS = ("area under roc", "average precision score")
 METRIC_NAMES = CONFUSION_METRICS + DISTANCE_METRICS + RANKING_METRICS
 CONFUSION_KEY = "confusion"  # per-class {"tp","fp","fn","tn"} counts inside a segmentation_metrics result
 
-# Surface distances: a KD-tree over boundary points costs ~1 us per point (build + query), one exact
-# EDT ~60 ns per voxel of the cropped box (measured, 2 CPU cores, 128^3 spheres: KD 32 ms vs EDT 92 ms).
-# Use the KD-tree while it is the cheaper of the two; both give the same exact Euclidean distances.
-_KDTREE_POINTS_PER_VOXEL = 1.0 / 16.0
+# Surface distances. Most boundary voxels have their partner within a few voxels, so each one first
+# looks at the other boundary at every offset up to _SHELL_RADIUS voxels (physical radius
+# _SHELL_RADIUS * min(spacing)), nearest offsets first, so the first hit is exactly the nearest; the
+# rest go to a KD-tree (scipy cKDTree, exact). Lookups per point are capped so that far-apart masks
+# reach the KD-tree without scanning every offset. Measured (2 shared CPU cores, a pair of noisy
+# 128^3 blob masks, both directions): 50 ms, against 120 ms for a KD-tree alone and 750 ms for two
+# scipy distance_transform_edt calls over the volume (medpy's method); identical distances.
+_SHELL_RADIUS = 3.0
+_MAX_LOOKUPS_PER_POINT = 48
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -199,54 +204,104 @@ def _bounding_box(mask: np.ndarray) -> Optional[tuple[slice, ...]]:
 
 
 def _boundary(padded: np.ndarray) -> np.ndarray:
-    """Boundary of a zero-padded mask: mask XOR erosion by the face-connected cross (interior only)."""
-    core = tuple(slice(1, -1) for _ in range(padded.ndim))
-    mask = padded[core]
+    """Boundary of a mask zero-padded by at least one voxel: mask AND NOT its erosion by the
+    face-connected cross, same padded shape (zeros in the padding)."""
+    inner = tuple(slice(1, n - 1) for n in padded.shape)
+    mask = padded[inner]
     eroded = mask.copy()
     for axis in range(padded.ndim):  # shifted views: ~10x faster than ndimage.binary_erosion
         for shift in (slice(0, -2), slice(2, None)):
-            neighbour = list(core)
+            neighbour = list(inner)
             neighbour[axis] = shift
             eroded &= padded[tuple(neighbour)]
-    return mask & ~eroded
+    border = np.zeros_like(padded)
+    border[inner] = mask & ~eroded
+    return border
 
 
 def boundary(mask: np.ndarray) -> np.ndarray:
     """Boundary voxels of a mask (mask XOR eroded mask; outside the image counts as background)."""
-    return _boundary(np.pad(_as_binary_mask(mask, "mask"), 1))
+    mask = _as_binary_mask(mask, "mask")
+    core = tuple(slice(1, -1) for _ in range(mask.ndim))
+    return _boundary(np.pad(mask, 1))[core]
+
+
+@functools.lru_cache(maxsize=32)
+def _search_offsets(scale: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Integer offsets within the search radius sorted by physical length, their lengths, the start
+    of each group of equal length, and the per-axis reach in voxels (cached per spacing)."""
+    scale = np.asarray(scale, dtype=np.float64)
+    radius = _SHELL_RADIUS * float(scale.min())
+    reach = np.floor(radius / scale + 1e-9).astype(np.int64)
+    grids = np.meshgrid(*[np.arange(-k, k + 1) for k in reach], indexing="ij")
+    offsets = np.stack([g.ravel() for g in grids], axis=1)
+    lengths = np.sqrt(((offsets * scale) ** 2).sum(axis=1))
+    keep = lengths <= radius * (1 + 1e-9)
+    order = np.argsort(lengths[keep], kind="stable")
+    offsets, lengths = offsets[keep][order], lengths[keep][order]
+    rounded = np.round(lengths, 9)
+    starts = np.flatnonzero(np.r_[True, rounded[1:] != rounded[:-1]])
+    return offsets, lengths, starts, reach
+
+
+def _directed_distances(source: np.ndarray, target: np.ndarray, scale: np.ndarray,
+                        offsets: np.ndarray, lengths: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Distance from each ``source`` voxel to the nearest ``target`` voxel (both boolean, padded
+    by at least the offsets' reach so that flat indices never wrap)."""
+    # Source and target share one shape, so a voxel's flat index is the same in both.
+    strides = np.asarray(target.strides, dtype=np.int64) // target.itemsize
+    flat_target = target.ravel()
+    flat_index = np.flatnonzero(source)
+    distances = np.full(flat_index.size, np.inf)
+    remaining = np.arange(flat_index.size)
+    flat_offsets = offsets @ strides
+    ends = np.r_[starts[1:], len(lengths)]
+    budget = _MAX_LOOKUPS_PER_POINT * flat_index.size
+    for start, end in zip(starts, ends):
+        if remaining.size == 0 or budget <= 0:
+            break
+        if end - start == 1:
+            hit = flat_target[flat_index + flat_offsets[start]]
+        else:
+            hit = flat_target[flat_offsets[start:end, None] + flat_index[None, :]].any(axis=0)
+        budget -= remaining.size * (end - start)
+        if hit.any():
+            distances[remaining[hit]] = lengths[start]
+            remaining, flat_index = remaining[~hit], flat_index[~hit]
+    if remaining.size:
+        tree = cKDTree(np.argwhere(target) * scale, balanced_tree=False, compact_nodes=False)
+        points = np.stack(np.unravel_index(flat_index, target.shape), axis=1)
+        distances[remaining] = tree.query(points * scale, workers=1)[0]
+    return distances
 
 
 def surface_distances(pred_mask: np.ndarray, gt_mask: np.ndarray,
                       spacing: Optional[Sequence[float]] = None) -> tuple[np.ndarray, np.ndarray]:
     """Directed surface distances ``(pred boundary -> gt boundary, gt boundary -> pred boundary)``.
 
-    One value per boundary voxel, in units of ``spacing`` (pixels when None). An empty mask gives an
-    empty array; a boundary with no partner (the other mask empty) gets ``inf``. Work is confined to
-    the bounding box of both masks, padded by one background voxel.
+    One value per boundary voxel (in C order), in units of ``spacing`` (pixels when None). An empty
+    mask gives an empty array; a boundary with no partner (the other mask empty) gets ``inf``. Work
+    is confined to the bounding box of both masks, padded with background.
     """
     pred_mask = _as_binary_mask(pred_mask, "prediction mask")
     gt_mask = _as_binary_mask(gt_mask, "ground-truth mask")
     if pred_mask.shape != gt_mask.shape:
         raise DataError(f"prediction shape {pred_mask.shape} differs from ground truth {gt_mask.shape}")
     spacing = _as_spacing(spacing, pred_mask.ndim)
+    scale = np.asarray(spacing if spacing is not None else (1.0,) * pred_mask.ndim, dtype=np.float64)
     box = _bounding_box(pred_mask | gt_mask)
     if box is None:
         return np.zeros(0), np.zeros(0)
-    pred_border = _boundary(np.pad(pred_mask[box], 1))
-    gt_border = _boundary(np.pad(gt_mask[box], 1))
+    offsets, lengths, starts, reach = _search_offsets(tuple(scale.tolist()))
+    pad = [(int(max(1, k)),) * 2 for k in reach]
+    pred_border = _boundary(np.pad(pred_mask[box], pad))
+    gt_border = _boundary(np.pad(gt_mask[box], pad))
     n_pred, n_gt = int(np.count_nonzero(pred_border)), int(np.count_nonzero(gt_border))
     if n_pred == 0 or n_gt == 0:
         return np.full(n_pred, np.inf), np.full(n_gt, np.inf)
-    if n_pred + n_gt <= _KDTREE_POINTS_PER_VOXEL * pred_border.size:
-        scale = np.asarray(spacing if spacing is not None else (1.0,) * pred_mask.ndim)
-        pred_points = np.argwhere(pred_border) * scale
-        gt_points = np.argwhere(gt_border) * scale
-        pred_to_gt = cKDTree(gt_points).query(pred_points, workers=1)[0]
-        gt_to_pred = cKDTree(pred_points).query(gt_points, workers=1)[0]
-    else:
-        pred_to_gt = ndimage.distance_transform_edt(~gt_border, sampling=spacing)[pred_border]
-        gt_to_pred = ndimage.distance_transform_edt(~pred_border, sampling=spacing)[gt_border]
-    return np.asarray(pred_to_gt, dtype=np.float64), np.asarray(gt_to_pred, dtype=np.float64)
+    pred_to_gt = _directed_distances(pred_border, gt_border, scale, offsets, lengths, starts)
+    gt_to_pred = _directed_distances(gt_border, pred_border, scale, offsets, lengths, starts)
+    return pred_to_gt, gt_to_pred
 
 
 def _distance_metrics(pred_to_gt: np.ndarray, gt_to_pred: np.ndarray) -> tuple[float, float]:

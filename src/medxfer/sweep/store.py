@@ -133,3 +133,66 @@ def collect(root: str | Path) -> Path:
     """Aggregate every finished fine-tuning record under ``root`` into ``root/results.csv``."""
     table = results_table(iter_records(root, kind="finetune"))
     return write_csv(table, Path(root) / "results.csv")
+
+
+# --- sweep helpers (added for medxfer.sweep; the functions above keep their behaviour) ---
+
+ROBUSTNESS_FILE = "robustness.csv"
+SCORES_DIR = "scores"
+
+
+def run_status(root: str | Path, run_id: str) -> str:
+    """``"done"`` (result.json), ``"failed"`` (error.json only) or ``"pending"`` (neither: new or interrupted)."""
+    directory = run_dir(root, run_id)
+    if (directory / RESULT_FILE).is_file():
+        return "done"
+    if (directory / ERROR_FILE).is_file():
+        return "failed"
+    return "pending"
+
+
+def read_error(root: str | Path, run_id: str) -> Optional[dict[str, Any]]:
+    path = run_dir(root, run_id) / ERROR_FILE
+    try:
+        return read_record(path)
+    except (OSError, ValueError):
+        return None
+
+
+def remove_partial_files(directory: str | Path) -> int:
+    """Delete the temporary files a killed atomic write leaves (``.NAME.*.tmp``) directly in ``directory``.
+
+    Only call this for a folder no live process writes to (a run about to be redone, the sweep root at start).
+    """
+    removed = 0
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    for path in directory.glob(".*.tmp"):
+        try:
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def collect_robustness(root: str | Path) -> Optional[Path]:
+    """Concatenate the score tables ``root/scores/*/robustness.csv`` (one per checkpoint folder and dataset, in
+    folder-name order) into ``root/robustness.csv``. Returns None (and leaves any existing file) when there
+    are none."""
+    paths = sorted((Path(root) / SCORES_DIR).glob(f"*/{ROBUSTNESS_FILE}"))
+    tables = []
+    for path in paths:
+        try:
+            tables.append(pd.read_csv(path))
+        except pd.errors.EmptyDataError:
+            continue
+    if not tables:
+        return None
+    return write_csv(pd.concat(tables, ignore_index=True, sort=False), Path(root) / ROBUSTNESS_FILE)
+
+
+def collect_all(root: str | Path) -> dict[str, Optional[Path]]:
+    """``collect`` + ``collect_robustness``: the tables ``medxfer collect DIR`` and a sweep's end write."""
+    return {"results": collect(root), "robustness": collect_robustness(root)}

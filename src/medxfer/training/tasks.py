@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import lightning as L
@@ -73,3 +74,113 @@ class SegmentationTask(L.LightningModule):
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def scheduled_lr_factor(step: int, total_steps: int, scheduler: str = "cosine", warmup_steps: int = 0) -> float:
+    """Learning-rate multiplier at optimizer step ``step`` (0-based) of ``total_steps``.
+
+    A linear warm-up from ``1 / warmup_steps`` to 1 over the first ``warmup_steps`` steps, then
+    ``cosine`` (half a cosine from 1 to 0 over the remaining steps), ``step`` (x0.1 at 50% and again at
+    75% of the remaining steps) or ``none`` (constant).
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if scheduler == "none":
+        return 1.0
+    progress = min(1.0, max(0.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+    if scheduler == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if scheduler == "step":
+        return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
+    raise ValueError(f"unknown scheduler {scheduler!r} (none, step, cosine)")
+
+
+class ClassificationTask(L.LightningModule):
+    """Classification pretraining of an encoder + pooled linear head (``medxfer.models.Classifier``).
+
+    Cross-entropy with optional label smoothing; SGD (momentum, Nesterov off), Adam or AdamW; the
+    per-step schedule of :func:`scheduled_lr_factor`. Weight decay applies to conv/linear weights only
+    (never to biases or normalisation parameters, as usual for ImageNet recipes). Batches are
+    ``(images float (N, C, H, W), labels int64 (N,))``. ``evaluate(loader)`` gives the accuracy of the
+    current weights on a loader without touching the training state (what checkpoint callbacks record).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, optimizer: str = "sgd", lr: float = 0.05, momentum: float = 0.9,
+                 weight_decay: float = 0.0, scheduler: str = "cosine", warmup_steps: int = 0, total_steps: int = 1,
+                 label_smoothing: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.optimizer_name = optimizer
+        self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.scheduler_name = scheduler
+        self.warmup_steps = int(warmup_steps)
+        self.total_steps = max(1, int(total_steps))
+        self.label_smoothing = label_smoothing
+        self._val_correct = 0
+        self._val_count = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        logits = self.model(images)
+        loss = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        accuracy = (logits.argmax(1) == labels).float().mean()
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
+        self.log("train_accuracy", accuracy, on_step=False, on_epoch=True, batch_size=len(labels))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        images, labels = batch
+        predictions = self.model(images).argmax(1)
+        self._val_correct += int((predictions == labels).sum())
+        self._val_count += len(labels)
+
+    def on_validation_epoch_end(self):
+        if self._val_count:
+            self.log("val_accuracy", self._val_correct / self._val_count, prog_bar=True)
+        self._val_correct, self._val_count = 0, 0
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> dict[str, float]:
+        """``{"accuracy", "loss"}`` (loss without label smoothing) of the current weights over ``loader``;
+        the model is put in eval mode for it and returned to its previous mode."""
+        was_training = self.model.training
+        self.model.eval()
+        correct, count, loss_sum = 0, 0, 0.0
+        try:
+            for images, labels in loader:
+                images, labels = images.to(self.device), labels.to(self.device)
+                logits = self.model(images)
+                loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+                correct += int((logits.argmax(1) == labels).sum())
+                count += len(labels)
+        finally:
+            self.model.train(was_training)
+        if count == 0:
+            return {"accuracy": float("nan"), "loss": float("nan")}
+        return {"accuracy": correct / count, "loss": loss_sum / count}
+
+    def configure_optimizers(self):
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        decay = [p for _, p in trainable if p.ndim >= 2]
+        no_decay = [p for _, p in trainable if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": self.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        if self.optimizer_name == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum)
+        elif self.optimizer_name == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=self.lr)
+        elif self.optimizer_name == "adam":
+            optimizer = torch.optim.Adam(groups, lr=self.lr)
+        else:
+            raise ValueError(f"unknown optimizer {self.optimizer_name!r} (sgd, adam, adamw)")
+        total, scheduler, warmup = self.total_steps, self.scheduler_name, self.warmup_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: scheduled_lr_factor(step, total, scheduler, warmup)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,70 @@
+"""The model zoo: encoders, decoders, segmentation presets, classifiers and encoder weights.
+
+Every segmentation model is ``Encoder + Decoder + 1x1 head``; the same encoder object serves
+classification pretraining, transferability scoring and fine-tuning. See ``PRESETS`` / ``preset_table``.
+"""
+
+from medxfer.models.classifier import Classifier, build_classifier
+from medxfer.models.decoders import AttentionGate, AttentionUNetDecoder, UNetDecoder
+from medxfer.models.encoders import (
+    Encoder,
+    InputShapeError,
+    TimmEncoder,
+    UNetEncoder,
+    create_encoder,
+    encoder_from_arch,
+)
+from medxfer.models.segmenter import PRESETS, Preset, Segmenter, build_segmenter, preset_table
+from medxfer.models.weights import (
+    checkpoint_filename,
+    count_parameters,
+    encoder_from_checkpoint,
+    freeze_encoder,
+    get_encoder,
+    import_state_dict,
+    list_checkpoints,
+    load_encoder_weights,
+    load_model_weights,
+    model_from_checkpoint,
+    read_manifest,
+    read_model_manifest,
+    read_state_dict,
+    resolve_checkpoint,
+    save_encoder,
+    save_model_weights,
+)
+
+__all__ = [
+    "AttentionGate",
+    "AttentionUNetDecoder",
+    "Classifier",
+    "Encoder",
+    "InputShapeError",
+    "PRESETS",
+    "Preset",
+    "Segmenter",
+    "TimmEncoder",
+    "UNetDecoder",
+    "UNetEncoder",
+    "build_classifier",
+    "build_segmenter",
+    "checkpoint_filename",
+    "count_parameters",
+    "create_encoder",
+    "encoder_from_arch",
+    "encoder_from_checkpoint",
+    "freeze_encoder",
+    "get_encoder",
+    "import_state_dict",
+    "list_checkpoints",
+    "load_encoder_weights",
+    "load_model_weights",
+    "model_from_checkpoint",
+    "read_model_manifest",
+    "preset_table",
+    "read_manifest",
+    "read_state_dict",
+    "resolve_checkpoint",
+    "save_encoder",
+    "save_model_weights",
+]

@@ -1,0 +1,325 @@
+"""Apply a trained model to new images or volumes: ``predict(run_or_model, inputs, out_dir)``.
+
+Inputs: one file or a folder of files (not recursive): ``.png .jpg .jpeg .tif .tiff .npy`` are 2D images
+(read as the ``folders`` loader reads them), ``.nii`` / ``.nii.gz`` are 3D volumes (``.tif``/``.npy``
+holding a ``(D, H, W)`` array are volumes too when the model is 3D). Preprocessing is the run's own:
+normalisation, percentile clip, resize, patch size (sliding-window inference) and threshold come from
+the run's ``result.json`` (its resolved config), else from a ``preprocessing`` entry of the model
+manifest, else from the defaults (with a warning).
+
+Outputs, per input ``<stem>``: ``<stem>_mask.<ext>`` holding class indices (0 = background, uint8) in the
+input's format (PNG for png/jpg, TIFF for tif, npy for npy, NIfTI with the input's affine and header
+for NIfTI, voxel axes as in the input file; a 2D model segments a volume slice by slice) and ``<stem>_overlay.png`` (contours per class; the slice with most foreground of a volume),
+plus ``predict_summary.json``. A file that cannot be read or predicted is logged, listed under
+``failed`` in the summary and skipped; the other files are still written.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from medxfer.errors import CheckpointError, DataError, MedxferError
+from medxfer.io import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+IMAGE_SUFFIXES_2D = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "normalization": "zscore", "percentiles": (0.5, 99.5), "patch_size": None, "resize": None,
+    "threshold": 0.5, "overlap": 0.25, "sw_batch_size": 4, "spatial_dims": None,
+}
+
+
+# ----------------------------------------------------------------------------------------- the model
+def _model_file(path: Path) -> Path:
+    if path.is_dir():
+        path = path / MODEL_FILE
+    elif path.suffix == ".json":
+        path = path.with_suffix(".pt")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: model file not found (give a run folder or its model.pt)")
+    return path
+
+
+def _read_json(path: Path) -> Optional[dict[str, Any]]:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable JSON ({exc})") from None
+    return data if isinstance(data, dict) else None
+
+
+def _first_conv_in_channels(state: dict[str, torch.Tensor]) -> Optional[int]:
+    for key, tensor in state.items():  # state-dict order follows module order: the encoder's stem comes first
+        if key.startswith("encoder.") and tensor.ndim in (4, 5):
+            return int(tensor.shape[1])
+    return None
+
+
+def load_trained_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a fine-tuned segmenter from ``model.pt`` (a run folder or the file) and load its weights.
+
+    The architecture comes from the manifest beside it (``model.json``, written by
+    ``medxfer.models.weights.save_model_weights``), else from the run's ``result.json`` config with the
+    channel / class counts read off the weights. Returns ``(model in eval mode, info)``, info holding
+    ``manifest`` ({} if none), ``record`` (result.json or None) and ``model_path``.
+    """
+    from medxfer.models import build_segmenter
+    from medxfer.models.weights import load_model_weights, manifest_path, read_model_manifest, read_state_dict
+
+    model_path = _model_file(Path(path))
+    manifest = read_model_manifest(model_path) if manifest_path(model_path).is_file() else {}
+    record = _read_json(model_path.parent / "result.json")
+    spec = manifest.get("model") if isinstance(manifest.get("model"), dict) else None
+    if spec is None and record is not None:
+        spec = dict((record.get("config") or {}).get("model") or {}) or None
+        if spec is not None and (spec.get("n_classes") is None or spec.get("in_channels") is None):
+            state = read_state_dict(model_path)
+            if spec.get("n_classes") is None and isinstance(state.get("head.weight"), torch.Tensor):
+                spec["n_classes"] = int(state["head.weight"].shape[0])
+            if spec.get("in_channels") is None:
+                spec["in_channels"] = _first_conv_in_channels(state)
+    if spec is None:
+        raise CheckpointError(f"{model_path}: no model.json manifest or result.json beside it says which "
+                              "architecture the weights belong to")
+    try:
+        model = build_segmenter(spec)
+    except MedxferError as exc:
+        raise CheckpointError(f"{model_path}: cannot rebuild the model: {exc}") from None
+    load_model_weights(model, model_path)
+    model.eval()
+    return model, {"manifest": manifest, "record": record, "model_path": str(model_path)}
+
+
+def preprocessing_from_record(record: Optional[dict[str, Any]], manifest: Optional[dict[str, Any]] = None
+                              ) -> dict[str, Any]:
+    """The inference settings of a run: its config's data/evaluation sections (result.json), else the
+    manifest's ``data`` entry (threshold and sliding-window settings then keep their defaults), else the
+    defaults."""
+    settings = dict(DEFAULT_SETTINGS)
+    config = (record or {}).get("config") or {}
+    if config:
+        data, evaluation = config.get("data") or {}, config.get("evaluation") or {}
+        settings.update({
+            "normalization": data.get("normalization", settings["normalization"]),
+            "percentiles": tuple(data.get("percentile_clip", settings["percentiles"])),
+            "patch_size": data.get("patch_size"), "resize": data.get("resize"),
+            "spatial_dims": data.get("spatial_dims"),
+            "threshold": evaluation.get("threshold", settings["threshold"]),
+            "overlap": evaluation.get("sw_overlap", settings["overlap"]),
+            "sw_batch_size": evaluation.get("sw_batch_size", settings["sw_batch_size"]),
+        })
+        settings["source"] = "result.json"
+    elif isinstance((manifest or {}).get("data"), dict):  # finetune stores the resolved DataConfig
+        data = manifest["data"]
+        settings.update({
+            "normalization": data.get("normalization", settings["normalization"]),
+            "percentiles": tuple(data.get("percentile_clip", settings["percentiles"])),
+            "patch_size": data.get("patch_size"), "resize": data.get("resize"),
+            "spatial_dims": data.get("spatial_dims"),
+        })
+        settings["source"] = "model manifest"
+    else:
+        settings["source"] = "defaults"
+    return settings
+
+
+def probabilities(model: torch.nn.Module, image: np.ndarray, settings: dict[str, Any]) -> np.ndarray:
+    """Softmax ``(n_classes, *S)`` of one ``(C, *S)`` image at its own size, preprocessed per ``settings``
+    (resized to the training size and back when the run resized its images)."""
+    from medxfer.data.base import Case
+    from medxfer.evaluation.evaluate import predict_probabilities
+
+    spatial = tuple(image.shape[1:])
+    resize = settings.get("resize")
+    if resize is not None and tuple(resize) != spatial:
+        from medxfer.data.folders import resize_case_arrays
+
+        image, _, _ = resize_case_arrays(image, None, resize, None)
+    encoder = model.encoder
+    probs = predict_probabilities(
+        model, Case(image=image, label=None, case_id="input"), normalization=settings["normalization"],
+        percentiles=tuple(settings["percentiles"]), in_channels=encoder.in_channels,
+        patch_size=settings.get("patch_size"), size_multiple=int(max(encoder.strides)),
+        overlap=settings["overlap"], sw_batch_size=settings["sw_batch_size"],
+    )
+    if probs.shape[1:] != spatial:
+        from skimage.transform import resize as sk_resize
+
+        probs = np.stack([sk_resize(p, spatial, order=1, preserve_range=True) for p in probs]).astype(np.float32)
+    return probs
+
+
+def label_map(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Class indices: binary foreground where ``p > threshold`` (strict, as the metrics), else argmax."""
+    if probs.shape[0] == 2:
+        return (probs[1] > threshold).astype(np.int64)
+    return probs.argmax(0).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------- the inputs
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def _stem(path: Path) -> str:
+    return path.name[: -len(".nii.gz")] if _suffix(path) == ".nii.gz" else path.stem
+
+
+def list_inputs(inputs: str | Path) -> list[Path]:
+    """The input file, or the supported files of a folder (sorted, hidden files skipped)."""
+    inputs = Path(inputs)
+    if inputs.is_file():
+        return [inputs]
+    if not inputs.is_dir():
+        raise DataError(f"{inputs}: input file or folder not found")
+    files = [p for p in sorted(inputs.iterdir()) if p.is_file() and not p.name.startswith(".")
+             and _suffix(p) in IMAGE_SUFFIXES_2D + NIFTI_SUFFIXES]
+    if not files:
+        raise DataError(f"{inputs}: no image file (.png .jpg .tif .npy .nii .nii.gz) in the folder")
+    return files
+
+
+def read_input(path: Path, spatial_dims: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """One input file as float32 ``(C, *S)`` plus what writing its mask needs (format, NIfTI header).
+
+    NIfTI volumes follow the dataset loaders' axes (``medxfer.data.msd``: ``[i, j, k]`` -> ``(D, H, W) =
+    (k, j, i)``); a 2D model segments them slice by slice along D, as it was trained on ACDC-style slices.
+    """
+    suffix = _suffix(path)
+    if suffix in NIFTI_SUFFIXES:
+        import nibabel as nib
+
+        from medxfer.data.msd import read_nifti
+
+        image, _ = read_nifti(path)
+        meta = {"format": "nifti", "nifti": nib.load(str(path)), "slicewise": spatial_dims == 2}
+        return image, meta
+    if spatial_dims == 3:
+        from medxfer.data.folders import read_raster
+
+        array, _ = read_raster(path)
+        array = np.asarray(array, dtype=np.float32)
+        if array.ndim == 3:
+            image = array[None]
+        elif array.ndim == 4 and array.shape[0] <= 4:
+            image = array
+        else:
+            raise DataError(f"{path}: a 3D model takes a (D, H, W) or (C, D, H, W) volume, got shape {array.shape}")
+        meta = {"format": "tiff" if suffix in (".tif", ".tiff") else "npy" if suffix == ".npy" else "png"}
+    else:
+        from medxfer.data.folders import read_image_2d
+
+        image = read_image_2d(path)
+        meta = {"format": {".tif": "tiff", ".tiff": "tiff", ".npy": "npy"}.get(suffix, "png")}
+    if not np.isfinite(image).all():
+        raise DataError(f"{path}: image contains NaN or inf values")
+    return np.ascontiguousarray(image, dtype=np.float32), meta
+
+
+def _fit_channels(image: np.ndarray, in_channels: int, path: Path) -> np.ndarray:
+    if image.shape[0] == in_channels or image.shape[0] == 1:
+        return image  # equal, or grey repeated to the model's channels by match_channels
+    if in_channels == 1:
+        log.info("%s: %d channels averaged to grey for a 1-channel model", path, image.shape[0])
+        return image.mean(axis=0, keepdims=True)
+    raise DataError(f"{path}: image has {image.shape[0]} channels, the model takes {in_channels}")
+
+
+def _mask_bytes(mask: np.ndarray, meta: dict[str, Any], path: Path) -> tuple[bytes, str]:
+    """The encoded mask file and its suffix, in the input's format."""
+    buffer = io.BytesIO()
+    kind = meta["format"]
+    if kind == "nifti":
+        import nibabel as nib
+
+        source = meta["nifti"]
+        voxels = mask.transpose(2, 1, 0)  # (D, H, W) -> the file's [i, j, k]
+        if len(source.shape) == 2:
+            voxels = voxels[..., 0]
+        header = source.header.copy()
+        header.set_data_dtype(mask.dtype)
+        image = nib.Nifti1Image(voxels, source.affine, header)
+        image.header.set_slope_inter(1, 0)
+        data = image.to_bytes()
+        gz = _suffix(path) == ".nii.gz"
+        return (gzip.compress(data) if gz else data), (".nii.gz" if gz else ".nii")
+    if kind == "tiff":
+        import tifffile
+
+        tifffile.imwrite(buffer, mask)
+        return buffer.getvalue(), ".tif"
+    if kind == "npy":
+        np.save(buffer, mask, allow_pickle=False)
+        return buffer.getvalue(), ".npy"
+    from PIL import Image
+
+    Image.fromarray(mask).save(buffer, format="PNG")  # png also for jpg inputs: masks must be lossless
+    return buffer.getvalue(), ".png"
+
+
+# -------------------------------------------------------------------------------------------- predict
+def predict(model_path_or_run_dir: str | Path, inputs: str | Path, out_dir: str | Path, *,
+            overlays: bool = True) -> dict[str, Any]:
+    """Segment every input with a trained model; write masks, overlays and ``predict_summary.json``.
+
+    Returns the summary: ``model``, ``settings`` (the preprocessing used and where it came from),
+    ``written`` (input, mask, overlay, shape per file), ``failed`` (input, error per file), ``out_dir``.
+    """
+    from medxfer.report.overlays import overlay_figure
+    from medxfer.report.plots import png_bytes
+
+    model, info = load_trained_model(model_path_or_run_dir)
+    settings = preprocessing_from_record(info["record"], info["manifest"])
+    if settings["source"] == "defaults":
+        log.warning("%s: no result.json or preprocessing manifest beside the model; using default "
+                    "preprocessing (%s normalisation, no resize)", info["model_path"], settings["normalization"])
+    spatial_dims = int(model.spatial_dims)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = list_inputs(inputs)
+    mask_dtype = np.uint8 if model.n_classes <= 256 else np.uint16
+    written, failed = [], []
+    for path in files:
+        try:
+            image, meta = read_input(path, spatial_dims)
+            image = _fit_channels(image, model.encoder.in_channels, path)
+            if meta.get("slicewise"):
+                mask = np.stack([label_map(probabilities(model, image[:, d], settings), settings["threshold"])
+                                 for d in range(image.shape[1])]).astype(mask_dtype)
+            elif image.ndim != spatial_dims + 1:
+                raise DataError(f"{path}: a {spatial_dims}D model cannot take an image of shape {image.shape}")
+            else:
+                mask = label_map(probabilities(model, image, settings), settings["threshold"]).astype(mask_dtype)
+            data, suffix = _mask_bytes(mask, meta, path)
+            mask_path = out_dir / f"{_stem(path)}_mask{suffix}"
+            atomic_write_bytes(mask_path, data)
+            entry = {"input": str(path), "mask": str(mask_path), "shape": list(mask.shape),
+                     "foreground_fraction": float((mask > 0).mean())}
+            if overlays:
+                overlay_path = out_dir / f"{_stem(path)}_overlay.png"
+                atomic_write_bytes(overlay_path, png_bytes(overlay_figure(image, mask, model.n_classes, path.name)))
+                entry["overlay"] = str(overlay_path)
+            written.append(entry)
+        except (MedxferError, ValueError, OSError) as exc:
+            log.error("%s: skipped: %s", path, exc)
+            failed.append({"input": str(path), "error": " ".join(str(exc).split())})
+    summary = {"model": info["model_path"], "settings": {k: (list(v) if isinstance(v, tuple) else v)
+                                                           for k, v in settings.items()},
+               "out_dir": str(out_dir), "written": written, "failed": failed}
+    atomic_write_json(out_dir / "predict_summary.json", summary)
+    log.info("predict: %d mask(s) written to %s, %d input(s) failed", len(written), out_dir, len(failed))
+    return summary

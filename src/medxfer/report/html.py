@@ -1,0 +1,304 @@
+"""``write_report(results_dir)``: one self-contained HTML file (figures embedded as base64 PNG) plus the
+PNGs and CSV tables, all in ``RESULTS_DIR/report/`` and all written atomically.
+
+It opens with the main finding in one sentence derived from the data, shows every figure whose data
+exist and lists the others with the reason they were skipped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from medxfer.errors import DataError
+from medxfer.io import atomic_write_bytes, atomic_write_text
+from medxfer.report import plots
+from medxfer.report.overlays import plot_overlay_grid
+from medxfer.report.plots import SkipFigure, png_bytes, score_dice_correlations, score_dice_pairs
+from medxfer.report.tables import (
+    VALUE,
+    WILCOXON_MIN_PAIRS,
+    arm_label,
+    deepest_level,
+    default_variant,
+    downstream_table,
+    load_robustness,
+    paired_comparison,
+    summary_table,
+)
+from medxfer.sweep.store import iter_records, write_csv
+
+log = logging.getLogger(__name__)
+
+REPORT_DIR = "report"
+REPORT_FILE = "report.html"
+ROBUSTNESS_FILE = "robustness.csv"
+SUMMARY_CSV = "summary_mean_sd.csv"
+PAIRED_CSV = "paired_comparison.csv"
+CORRELATION_CSV = "score_dice_correlation.csv"
+
+STRATEGY_PHRASES = {
+    "full": "Fine-tuning from the pretrained encoder",
+    "frozen_encoder": "Training a decoder on the frozen pretrained encoder",
+    "partial": "Fine-tuning with the first pretrained encoder levels frozen",
+    "discriminative": "Fine-tuning the pretrained encoder at a lower learning rate",
+}
+
+
+# ------------------------------------------------------------------------------------------ findings
+def _length_text(length: Any) -> str:
+    if length is None or (isinstance(length, float) and math.isnan(length)):
+        return ""
+    return f" (pretraining length {float(length):g})"
+
+
+def scratch_finding(table: pd.DataFrame) -> Optional[str]:
+    """Best pretrained starting point vs scratch, paired over seeds, at the fewest target images where
+    both were run."""
+    target = table[(table["test set"] == "target") & table[VALUE].notna()]
+    best: Optional[tuple] = None
+    for (dataset, model, n_images), group in target.groupby(["dataset", "model", "n train images"], sort=True):
+        scratch = group[group["strategy"] == "scratch"].groupby("seed")[VALUE].mean()
+        if scratch.empty:
+            continue
+        keys = ["strategy", "pretraining length", "pretraining scheme"]
+        for (strategy, length, scheme), arm in group[group["strategy"] != "scratch"].groupby(keys, dropna=False):
+            arm_seeds = arm.groupby("seed")[VALUE].mean()
+            common = arm_seeds.index.intersection(scratch.index)
+            if common.empty:
+                continue
+            candidate = (n_images, -float(arm_seeds[common].mean()), str(dataset), str(model), strategy, length,
+                         float(arm_seeds[common].mean()), float(scratch[common].mean()), len(common))
+            if best is None or candidate[:2] < best[:2]:
+                best = candidate
+    if best is None:
+        return None
+    n_images, _, dataset, model, strategy, length, arm_mean, scratch_mean, n_seeds = best
+    difference = arm_mean - scratch_mean
+    verb = "beats" if difference > 0.005 else "falls short of" if difference < -0.005 else "matches"
+    subject = STRATEGY_PHRASES.get(strategy, f"Strategy {strategy}")
+    return (f"{subject}{_length_text(length)} {verb} training from scratch by {difference:+.2f} Dice with "
+            f"{n_images:g} target images ({dataset}, {model}, {n_seeds} seed{'s' if n_seeds != 1 else ''}; "
+            f"mean Dice {arm_mean:.3f} vs {scratch_mean:.3f}).")
+
+
+def transferability_finding(table: pd.DataFrame, robustness: Optional[pd.DataFrame]) -> Optional[str]:
+    """Best pretraining length downstream and how well the score ranks lengths (Spearman)."""
+    pairs = score_dice_pairs(table, robustness)
+    if not pairs.empty:
+        correlations = score_dice_correlations(pairs)
+        correlations["is_full"] = correlations["strategy"] == "full"
+        chosen = correlations.sort_values(["n lengths", "is_full", "n train images"],
+                                          ascending=[False, False, True]).iloc[0]
+        group = pairs[(pairs["dataset"] == chosen["dataset"]) & (pairs["model"] == chosen["model"])
+                      & (pairs["strategy"] == chosen["strategy"])
+                      & (pairs["n train images"] == chosen["n train images"])]
+        top = group.sort_values("dice mean", ascending=False).iloc[0]
+        rho = chosen["spearman rho"]
+        rho_text = (f"the robustness score ranks the {int(chosen['n lengths'])} lengths with Spearman "
+                    f"rho = {rho:+.2f} against downstream Dice" if not math.isnan(rho)
+                    else "too few pretraining lengths for a rank correlation")
+        return (f"The best pretraining length is {top['pretraining length']:g} (mean Dice {top['dice mean']:.3f}, "
+                f"{chosen['strategy']}, {chosen['n train images']:g} images, {chosen['dataset']}); {rho_text}.")
+    if robustness is not None and not robustness.empty:
+        variant = deepest_level(default_variant(robustness)[0]).dropna(subset=["robustness"])
+        if not variant.empty:
+            top = variant.sort_values("robustness", ascending=False).iloc[0]
+            return (f"The robustness score (deepest level) peaks at pretraining length "
+                    f"{top['pretraining_length']:g} ({top['dataset']}, {top['encoder'] or 'encoder'}); "
+                    "no matching downstream runs to compare it with.")
+    return None
+
+
+def best_configuration_finding(table: pd.DataFrame) -> Optional[str]:
+    summary = summary_table(table[table["test set"] == "target"])
+    if summary.empty:
+        return None
+    top = summary.sort_values(f"{VALUE} mean", ascending=False).iloc[0]
+    return (f"The best configuration is {arm_label(top['strategy'], top['pretraining length'], top['pretraining scheme'])}"
+            f" with {top['n train images']:g} target images on {top['dataset']} ({top['model']}): Dice "
+            f"{top[f'{VALUE} mean ± sd']} over {top['n seeds']} seed(s).")
+
+
+def findings(table: pd.DataFrame, robustness: Optional[pd.DataFrame]) -> list[str]:
+    """The report's opening sentences, the main finding first."""
+    found = [scratch_finding(table) if not table.empty else None, transferability_finding(table, robustness)]
+    found = [f for f in found if f]
+    if not found and not table.empty:
+        found = [best_configuration_finding(table)]
+    return [f for f in found if f] or ["No downstream result or robustness score to summarise."]
+
+
+# --------------------------------------------------------------------------------------------- HTML
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;line-height:1.4}
+h1{font-size:1.5em} h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
+.finding{font-size:1.15em;background:#f3f7fb;border-left:4px solid #1f77b4;padding:.6em 1em}
+figure{margin:1em 0} figure img{max-width:100%;border:1px solid #ddd}
+figcaption{font-size:.9em;color:#555}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0} th,td{border:1px solid #ccc;padding:.2em .5em}
+th{background:#f0f0f0} td{text-align:right} .note{font-size:.9em;color:#555}
+"""
+
+FIGURE_CAPTIONS = {
+    "dice_vs_pretraining_length": "Downstream Dice vs pretraining length (mean ± sd over seeds; scratch = length 0).",
+    "transferability_vs_pretraining_length": "Robustness score vs pretraining length.",
+    "score_vs_dice": ("Robustness score (deepest level) vs mean downstream Dice (scratch runs count as full "
+                      "fine-tuning at length 0); legend: Spearman rank correlation."),
+    "dice_vs_n_images": "Data-scarcity curve: Dice vs number of target training images (mean ± sd over seeds).",
+    "source_vs_target": "What is kept of the source task: source-test vs target-test Dice after fine-tuning.",
+    "overlays": "Image, ground truth and the predictions of chosen runs (contours coloured per class).",
+}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, (float, np.floating)):
+        if math.isnan(value):
+            return "n/a"
+        if float(value).is_integer() and abs(value) >= 1:
+            return str(int(value))  # pretraining lengths, counts
+        return f"{value:.3g}" if abs(value) < 0.01 and value != 0 else f"{value:.3f}"
+    return html.escape(str(value))
+
+
+def table_html(table: pd.DataFrame, columns: Optional[Sequence[str]] = None) -> str:
+    if table.empty:
+        return "<p class='note'>no rows</p>"
+    columns = [c for c in (columns or table.columns) if c in table.columns]
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(row[c])}</td>" for c in columns) + "</tr>"
+                   for _, row in table.iterrows())
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _figure_jobs(results_dir: Path, records: list[dict], table: pd.DataFrame,
+                 robustness: Optional[pd.DataFrame], overlay_runs: Optional[Sequence[str]],
+                 overlay_cases: int) -> list[tuple[str, Callable[[], Any]]]:
+    return [
+        ("dice_vs_pretraining_length", lambda: plots.plot_dice_vs_pretraining_length(table)),
+        ("transferability_vs_pretraining_length", lambda: plots.plot_transferability_vs_length(robustness)),
+        ("score_vs_dice", lambda: plots.plot_score_vs_dice(table, robustness)),
+        ("dice_vs_n_images", lambda: plots.plot_dice_vs_n_images(table)),
+        ("source_vs_target", lambda: plots.plot_source_vs_target(table)),
+        ("overlays", lambda: plot_overlay_grid(results_dir, records, n_cases=overlay_cases, run_ids=overlay_runs)),
+    ]
+
+
+def write_report(results_dir: str | Path, *, overlay_runs: Optional[Sequence[str]] = None,
+                 overlay_cases: int = 3) -> Path:
+    """Write ``RESULTS_DIR/report/report.html`` (+ one PNG per figure and the CSV tables); return its path.
+
+    ``overlay_runs``: run ids for the overlay grid (default: chosen by ``select_overlay_runs``).
+    Raises DataError when the folder has neither run records nor a robustness.csv.
+    """
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise DataError(f"{results_dir}: results folder not found")
+    records = list(iter_records(results_dir, kind="finetune"))
+    robustness = load_robustness(results_dir / ROBUSTNESS_FILE)
+    if not records and robustness is None:
+        raise DataError(f"{results_dir}: no run records (runs/*/result.json) and no {ROBUSTNESS_FILE}; "
+                        "nothing to report")
+    out = results_dir / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    table = downstream_table(records)
+
+    summary = summary_table(table)
+    paired = paired_comparison(table)
+    correlations = score_dice_correlations(score_dice_pairs(table, robustness))
+    write_csv(summary, out / SUMMARY_CSV)
+    write_csv(paired, out / PAIRED_CSV)
+    if not correlations.empty:
+        write_csv(correlations, out / CORRELATION_CSV)
+
+    figures, skipped = [], []
+    for name, make in _figure_jobs(results_dir, records, table, robustness, overlay_runs, overlay_cases):
+        png_path = out / f"{name}.png"
+        try:
+            result = make()
+        except SkipFigure as reason:
+            skipped.append((name, str(reason)))
+            if png_path.exists():  # a figure of an earlier report whose data are gone
+                png_path.unlink()
+            log.info("report: %s skipped: %s", name, reason)
+            continue
+        figure, detail = result if isinstance(result, tuple) else (result, "")
+        data = png_bytes(figure)
+        atomic_write_bytes(png_path, data)
+        figures.append((name, png_path, data, detail))
+
+    html_path = out / REPORT_FILE
+    atomic_write_text(html_path, _render(results_dir, records, table, robustness, summary, paired, correlations,
+                                         figures, skipped))
+    log.info("report: %s (%d figures, %d skipped)", html_path, len(figures), len(skipped))
+    return html_path
+
+
+def _render(results_dir: Path, records: list[dict], table: pd.DataFrame, robustness: Optional[pd.DataFrame],
+            summary: pd.DataFrame, paired: pd.DataFrame, correlations: pd.DataFrame,
+            figures: list, skipped: list) -> str:
+    sentences = findings(table, robustness)
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>medxfer report: {html.escape(results_dir.name)}</title><style>{CSS}</style></head><body>",
+        f"<h1>medxfer report: {html.escape(str(results_dir.resolve()))}</h1>",
+        f"<p class='finding'>{html.escape(sentences[0])}</p>",
+        *(f"<p>{html.escape(s)}</p>" for s in sentences[1:]),
+        "<p class='note'>" + html.escape(_inventory(records, table, robustness)) + "</p>",
+        "<h2>Figures</h2>",
+    ]
+    if not figures:
+        parts.append("<p class='note'>No figure: see below for what is missing.</p>")
+    for name, path, data, detail in figures:
+        encoded = base64.b64encode(data).decode("ascii")
+        caption = FIGURE_CAPTIONS.get(name, name) + (f" {detail}." if detail else "")
+        parts.append(f"<figure id='{name}'><img alt='{name}' src='data:image/png;base64,{encoded}'>"
+                     f"<figcaption>{html.escape(caption)} File: <a href='{html.escape(path.name)}'>"
+                     f"{html.escape(path.name)}</a></figcaption></figure>")
+    if skipped:
+        parts.append("<h2>Skipped figures</h2><ul>")
+        parts += [f"<li><b>{html.escape(name)}</b>: {html.escape(reason)}</li>" for name, reason in skipped]
+        parts.append("</ul>")
+    value_columns = [c for c in summary.columns if c not in (f"{VALUE} mean", f"{VALUE} sd")]
+    parts += [
+        "<h2>Dice per configuration (mean ± sd over seeds)</h2>",
+        "<p class='note'>Dice = per-image mean dice index (binary) or mean dice index over classes "
+        "(multi-class); sd is the sample sd (ddof 1). "
+        f"CSV: <a href='{SUMMARY_CSV}'>{SUMMARY_CSV}</a></p>",
+        table_html(summary, value_columns),
+        "<h2>Paired comparison of starting points</h2>",
+        f"<p class='note'>Same dataset, model, number of images and test set, paired by seed; a - b. "
+        f"Wilcoxon signed-rank test (effect size: rank-biserial r) with {WILCOXON_MIN_PAIRS} or more pairs, "
+        f"paired t-test (effect size: Cohen's d_z) with fewer, since an exact Wilcoxon test on 5 or fewer "
+        f"pairs cannot reach p &lt; 0.05. Two-sided, no correction for multiple comparisons. "
+        f"CSV: <a href='{PAIRED_CSV}'>{PAIRED_CSV}</a></p>",
+        table_html(paired),
+    ]
+    if not correlations.empty:
+        parts += ["<h2>Transferability score vs downstream Dice</h2>",
+                  f"<p class='note'>Spearman rank correlation over pretraining lengths. "
+                  f"CSV: <a href='{CORRELATION_CSV}'>{CORRELATION_CSV}</a></p>", table_html(correlations)]
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    parts.append(f"<p class='note'>Written by medxfer at {stamp} from the run records; do not edit, "
+                 "re-run <code>medxfer report</code>.</p></body></html>")
+    return "\n".join(parts)
+
+
+def _inventory(records: list[dict], table: pd.DataFrame, robustness: Optional[pd.DataFrame]) -> str:
+    text = f"{len(records)} finished run(s)"
+    if not table.empty:
+        def values(column: str) -> str:
+            return ", ".join(str(v) for v in sorted(table[column].dropna().unique(), key=str))
+
+        text += (f"; datasets: {values('dataset')}; strategies: {values('strategy')}; seeds: {values('seed')}; "
+                 f"test sets: {values('test set')}")
+    text += "; robustness.csv: " + (f"{len(robustness)} row(s)" if robustness is not None else "absent")
+    return text + "."

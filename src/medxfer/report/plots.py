@@ -1,0 +1,267 @@
+"""The report's figures, drawn from the downstream table (``tables.downstream_table``) and robustness.csv.
+
+Each ``plot_*`` function returns a matplotlib ``Figure`` or raises :class:`SkipFigure` saying which data
+are missing. Figures are built with ``matplotlib.figure.Figure`` on the Agg canvas, never pyplot, so
+no GUI backend or global figure state is involved.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from medxfer.report.tables import VALUE, arm_label, deepest_level, default_variant
+
+log = logging.getLogger(__name__)
+
+PANEL_SIZE = (4.2, 3.3)  # inches per panel
+
+
+class SkipFigure(Exception):
+    """The data this figure needs are not there; the message says what is missing."""
+
+
+def new_figure(rows: int, cols: int) -> tuple[Figure, np.ndarray]:
+    figure = Figure(figsize=(PANEL_SIZE[0] * cols, PANEL_SIZE[1] * rows), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, cols, squeeze=False)
+    return figure, axes
+
+
+def png_bytes(figure: Figure, dpi: int = 110) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def _target_rows(table: pd.DataFrame) -> pd.DataFrame:
+    return table[(table["test set"] == "target") & table[VALUE].notna()]
+
+
+def _mean_sd(group: pd.DataFrame, x: str) -> pd.DataFrame:
+    stats = group.groupby(x)[VALUE].agg(["mean", "std", "count"]).reset_index().sort_values(x)
+    stats["std"] = stats["std"].fillna(0.0)  # one seed: no spread to draw
+    return stats
+
+
+def _draw_line(ax, stats: pd.DataFrame, x: str, label: str, **style: Any) -> None:
+    xs, mean, sd = stats[x].to_numpy(float), stats["mean"].to_numpy(float), stats["std"].to_numpy(float)
+    line = ax.errorbar(xs, mean, yerr=sd, marker="o", capsize=3, label=label, **style)
+    ax.fill_between(xs, mean - sd, mean + sd, alpha=0.12, color=line[0].get_color())
+
+
+def _length_axis(ax, lengths: np.ndarray) -> None:
+    positive = lengths[lengths > 0]
+    if len(positive) and positive.max() / positive.min() > 20:
+        ax.set_xscale("symlog", linthresh=float(positive.min()))
+    ax.set_xlabel("pretraining length")
+
+
+def _finish(ax, ylabel: str, title: str) -> None:
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
+def _several(values) -> bool:
+    return len(set(values)) > 1
+
+
+def scratch_as_full_at_length_zero(data: pd.DataFrame) -> pd.DataFrame:
+    """Add scratch runs as the length-0 point of full fine-tuning (fine-tuning everything from an encoder
+    pretrained for 0 steps is training from scratch) where no full run at length 0 exists. Frozen or
+    partly frozen strategies get no such point: a frozen random encoder is not scratch."""
+    keys = ["dataset", "model", "n train images", "test set"]
+    full_zero = data[(data["strategy"] == "full") & (data["pretraining length"] == 0)]
+    has_full = data[data["strategy"] == "full"][keys].drop_duplicates()
+    scratch = data[data["strategy"] == "scratch"].merge(has_full, on=keys)
+    if not full_zero.empty:
+        scratch = scratch.merge(full_zero[keys].drop_duplicates(), on=keys, how="left", indicator=True)
+        scratch = scratch[scratch["_merge"] == "left_only"].drop(columns="_merge")
+    scratch = scratch.assign(strategy="full", **{"pretraining length": 0.0})
+    return pd.concat([data, scratch], ignore_index=True)
+
+
+# ------------------------------------------------------------------------------------ the figures
+def plot_dice_vs_pretraining_length(table: pd.DataFrame) -> Figure:
+    """Downstream Dice vs pretraining length: panels per dataset (rows) and frozen vs fine-tuned encoder
+    (columns); a line per model / strategy / n images, mean ± sd over seeds. Scratch runs are the
+    length-0 point of full fine-tuning, and a dashed reference line in the panels of other strategies."""
+    data = _target_rows(table)
+    data = data[data["pretraining length"].notna()]
+    pretrained = data[data["strategy"] != "scratch"]
+    if pretrained.empty or data["pretraining length"].nunique() < 2:
+        raise SkipFigure("needs target-test runs at two or more pretraining lengths (scratch counts as 0)")
+    scratch = data[data["strategy"] == "scratch"]
+    lines = scratch_as_full_at_length_zero(data)
+    lines = lines[lines["strategy"] != "scratch"]
+    datasets = sorted(pretrained["dataset"].unique())
+    frozen_states = sorted(pretrained["freeze encoder"].unique())
+    figure, axes = new_figure(len(datasets), len(frozen_states))
+    for r, dataset in enumerate(datasets):
+        for c, frozen in enumerate(frozen_states):
+            ax = axes[r, c]
+            panel = lines[(lines["dataset"] == dataset) & (lines["freeze encoder"] == frozen)]
+            for (model, strategy, n_images), rows in panel.groupby(["model", "strategy", "n train images"]):
+                label = f"{model}, {strategy}, n={n_images}"
+                _draw_line(ax, _mean_sd(rows, "pretraining length"), "pretraining length", label)
+                if strategy != "full":
+                    reference = scratch[(scratch["dataset"] == dataset) & (scratch["model"] == model)
+                                        & (scratch["n train images"] == n_images)][VALUE]
+                    if not reference.empty:
+                        ax.axhline(reference.mean(), linestyle="--", linewidth=1, color="grey")
+                        ax.text(0.01, reference.mean(), f" scratch, n={n_images}", fontsize=6, color="grey",
+                                va="bottom", transform=ax.get_yaxis_transform())
+            _length_axis(ax, data["pretraining length"].to_numpy(float))
+            _finish(ax, "Dice (target test)", f"{dataset}: {'frozen' if frozen else 'fine-tuned'} encoder")
+    return figure
+
+
+def plot_dice_vs_n_images(table: pd.DataFrame) -> Figure:
+    """Data-scarcity curve: Dice vs number of target training images, a line per starting point."""
+    data = _target_rows(table)
+    if data["n train images"].nunique() < 2:
+        raise SkipFigure("needs target-test runs with two or more numbers of training images")
+    datasets = sorted(data["dataset"].unique())
+    figure, axes = new_figure(1, len(datasets))
+    show_model = _several(data["model"])
+    for c, dataset in enumerate(datasets):
+        ax = axes[0, c]
+        panel = data[data["dataset"] == dataset]
+        keys = ["model", "strategy", "pretraining length", "pretraining scheme"]
+        for (model, strategy, length, scheme), rows in panel.groupby(keys, dropna=False):
+            label = (f"{model}, " if show_model else "") + arm_label(strategy, length, scheme)
+            _draw_line(ax, _mean_sd(rows, "n train images"), "n train images", label)
+        ax.set_xlabel("target training images")
+        _finish(ax, "Dice (target test)", str(dataset))
+    return figure
+
+
+def plot_source_vs_target(table: pd.DataFrame) -> Figure:
+    """What is kept of the source task: source-test vs target-test Dice of each run (points) and the
+    mean ± sd of each starting point (crosses)."""
+    source = table[(table["test set"] == "source") & table[VALUE].notna()]
+    if source.empty:
+        raise SkipFigure("no run was evaluated on a source test set (evaluation.source_test)")
+    target = _target_rows(table)[["run id", VALUE]].rename(columns={VALUE: "target"})
+    pairs = source.rename(columns={VALUE: "source"}).merge(target, on="run id")
+    if pairs.empty:
+        raise SkipFigure("no run has both a source and a target test result")
+    datasets = sorted(pairs["dataset"].unique())
+    figure, axes = new_figure(1, len(datasets))
+    for c, dataset in enumerate(datasets):
+        ax = axes[0, c]
+        panel = pairs[pairs["dataset"] == dataset]
+        keys = ["strategy", "pretraining length", "pretraining scheme", "n train images"]
+        for (strategy, length, scheme, n_images), rows in panel.groupby(keys, dropna=False):
+            label = f"{arm_label(strategy, length, scheme)}, n={n_images}"
+            points = ax.scatter(rows["target"], rows["source"], s=18, alpha=0.6)
+            ax.errorbar(rows["target"].mean(), rows["source"].mean(), xerr=rows["target"].std(ddof=1) or 0.0,
+                        yerr=rows["source"].std(ddof=1) or 0.0, marker="x", capsize=3, label=label,
+                        color=points.get_facecolor()[0])
+        ax.set_xlabel("Dice, target test")
+        _finish(ax, "Dice, source test", f"{dataset}: source kept after fine-tuning")
+    return figure
+
+
+def plot_transferability_vs_length(robustness: Optional[pd.DataFrame]) -> tuple[Figure, str]:
+    """The robustness score vs pretraining length (default variant), a line per encoder and level."""
+    if robustness is None or robustness.empty:
+        raise SkipFigure("no robustness.csv in the results folder")
+    variant, description = default_variant(robustness)
+    variant = variant[variant["robustness"].notna() & variant["pretraining_length"].notna()]
+    if variant["pretraining_length"].nunique() < 2:
+        raise SkipFigure("robustness.csv has fewer than two pretraining lengths for the default variant")
+    datasets = sorted(variant["dataset"].astype(str).unique())
+    figure, axes = new_figure(1, len(datasets))
+    for c, dataset in enumerate(datasets):
+        ax = axes[0, c]
+        panel = variant[variant["dataset"].astype(str) == dataset]
+        for (encoder, scheme, level), rows in panel.groupby(["encoder", "pretraining_scheme", "level"], dropna=False):
+            stats = rows.groupby("pretraining_length")["robustness"].mean().sort_index()
+            label = f"{encoder} {scheme}".strip() + f", level {level}"
+            ax.plot(stats.index.to_numpy(float), stats.to_numpy(float), marker="o", label=label)
+        _length_axis(ax, variant["pretraining_length"].to_numpy(float))
+        _finish(ax, "robustness score", f"{dataset} ({description})")
+    return figure, description
+
+
+def score_dice_pairs(table: pd.DataFrame, robustness: Optional[pd.DataFrame]) -> pd.DataFrame:
+    """(robustness at the deepest level of the default variant, mean downstream Dice) per dataset,
+    strategy, n images and pretraining length. Joined on the model too where encoder names match."""
+    if robustness is None or robustness.empty:
+        return pd.DataFrame()
+    variant, _ = default_variant(robustness)
+    scores = deepest_level(variant)
+    scores = scores[scores["robustness"].notna() & scores["pretraining_length"].notna()]
+    downstream = scratch_as_full_at_length_zero(_target_rows(table))
+    downstream = downstream[(downstream["strategy"] != "scratch") & downstream["pretraining length"].notna()]
+    if scores.empty or downstream.empty:
+        return pd.DataFrame()
+    by_model = bool(set(scores["encoder"]) & set(downstream["model"].astype(str)))
+    score_keys = ["dataset", "pretraining_length"] + (["encoder"] if by_model else [])
+    scores = scores.groupby(score_keys)["robustness"].mean().reset_index()
+    scores = scores.rename(columns={"pretraining_length": "pretraining length", "encoder": "model"})
+    keys = ["dataset", "model", "strategy", "n train images", "pretraining length"]
+    dice = downstream.groupby(keys)[VALUE].agg(["mean", "count"]).reset_index()
+    dice = dice.rename(columns={"mean": "dice mean", "count": "n seeds"})
+    dice["dataset"] = dice["dataset"].astype(str)
+    scores["dataset"] = scores["dataset"].astype(str)
+    return dice.merge(scores, on=["dataset", "pretraining length"] + (["model"] if by_model else []))
+
+
+def score_dice_correlations(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Spearman rank correlation between score and mean Dice per dataset / model / strategy / n images
+    (over pretraining lengths); NaN with fewer than 3 lengths."""
+    from scipy import stats
+
+    rows = []
+    if pairs.empty:
+        return pd.DataFrame(columns=["dataset", "model", "strategy", "n train images", "n lengths", "spearman rho",
+                                     "p value"])
+    for key, group in pairs.groupby(["dataset", "model", "strategy", "n train images"]):
+        rho, p = math.nan, math.nan
+        if len(group) >= 3 and group["robustness"].nunique() > 1 and group["dice mean"].nunique() > 1:
+            result = stats.spearmanr(group["robustness"], group["dice mean"])
+            rho, p = float(result.statistic), float(result.pvalue)
+        rows.append(dict(zip(["dataset", "model", "strategy", "n train images"], key),
+                         **{"n lengths": len(group), "spearman rho": rho, "p value": p}))
+    return pd.DataFrame(rows)
+
+
+def plot_score_vs_dice(table: pd.DataFrame, robustness: Optional[pd.DataFrame]) -> Figure:
+    """Transferability score (deepest level) vs downstream Dice, one colour per strategy / n images,
+    with the Spearman rank correlation of each in the legend."""
+    if robustness is None or robustness.empty:
+        raise SkipFigure("no robustness.csv in the results folder")
+    pairs = score_dice_pairs(table, robustness)
+    if pairs.empty:
+        raise SkipFigure("no pretrained run shares a dataset and pretraining length with robustness.csv")
+    correlations = score_dice_correlations(pairs).set_index(["dataset", "model", "strategy", "n train images"])
+    datasets = sorted(pairs["dataset"].unique())
+    figure, axes = new_figure(1, len(datasets))
+    show_model = _several(pairs["model"])
+    for c, dataset in enumerate(datasets):
+        ax = axes[0, c]
+        panel = pairs[pairs["dataset"] == dataset]
+        for key, rows in panel.groupby(["dataset", "model", "strategy", "n train images"]):
+            rho = correlations.loc[key, "spearman rho"]
+            rho_text = "n/a" if math.isnan(rho) else f"{rho:+.2f}"
+            label = (f"{key[1]}, " if show_model else "") + f"{key[2]}, n={key[3]}: rho {rho_text}"
+            rows = rows.sort_values("robustness")
+            ax.plot(rows["robustness"], rows["dice mean"], marker="o", linestyle=":", label=label)
+            for _, row in rows.iterrows():
+                ax.annotate(f"{row['pretraining length']:g}", (row["robustness"], row["dice mean"]),
+                            fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("robustness score (deepest level)")
+        _finish(ax, "mean Dice (target test)", f"{dataset} (point labels: pretraining length)")
+    return figure

@@ -1,0 +1,242 @@
+"""Statistics tables derived from the run records: mean ± sd over seeds, and paired comparisons.
+
+The downstream number is ``dice``: the per-image mean ``dice index`` (binary tasks) or, where that is
+empty, the ``mean dice index`` over foreground classes (multi-class tasks).
+
+Paired comparison of two arms (strategy + pretraining length + scheme) on the same dataset, model,
+number of training images and test set, paired by seed:
+
+- n pairs >= 6: Wilcoxon signed-rank test (scipy, two-sided), effect size = matched-pairs rank-biserial
+  correlation r = (W+ - W-) / (W+ + W-).
+- 2 <= n pairs < 6: paired t-test (scipy ``ttest_rel``, two-sided), effect size = Cohen's d_z =
+  mean difference / sd of the differences. Why: with n <= 5 pairs the smallest two-sided p-value an
+  exact Wilcoxon test can give is 2 / 2**n >= 0.0625, so it could never reject at 0.05; the t-test
+  can, at the price of assuming roughly normal differences.
+- fewer than 2 pairs: no test (p = NaN).
+Every row also gives the mean paired difference (a - b) in Dice, the plainest effect size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from medxfer.sweep.store import iter_records, results_table
+
+log = logging.getLogger(__name__)
+
+VALUE = "dice"
+# What identifies one configuration; its rows differ only by seed.
+CONFIG_COLUMNS = ["dataset", "model", "strategy", "freeze encoder", "pretraining scheme", "pretraining length",
+                  "n train images", "test set"]
+ARM_COLUMNS = ["strategy", "pretraining length", "pretraining scheme"]
+CONTEXT_COLUMNS = ["dataset", "model", "n train images", "test set"]
+WILCOXON_MIN_PAIRS = 6
+
+
+def downstream_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """results.csv rows of the records plus a ``dice`` column (dice index, else mean dice index).
+
+    A scratch run has, by definition, pretraining length 0 where its record leaves it empty.
+    """
+    table = results_table(records)
+    dice = pd.to_numeric(table["dice index"], errors="coerce")
+    table[VALUE] = dice.where(dice.notna(), pd.to_numeric(table["mean dice index"], errors="coerce"))
+    length = pd.to_numeric(table["pretraining length"], errors="coerce")
+    table["pretraining length"] = length.where(~(length.isna() & (table["strategy"] == "scratch")), 0.0)
+    table["pretraining scheme"] = table["pretraining scheme"].fillna("").astype(str)
+    return table
+
+
+def load_downstream(results_dir: str | Path) -> pd.DataFrame:
+    return downstream_table(iter_records(results_dir, kind="finetune"))
+
+
+def arm_label(strategy: Any, length: Any, scheme: Any = "") -> str:
+    """A readable name of a starting point: ``full, length 5 (simple)``; scratch has no length."""
+    if strategy == "scratch":
+        return "scratch"
+    text = str(strategy)
+    if length is not None and not (isinstance(length, float) and math.isnan(length)):
+        text += f", length {_number(length)}"
+    if scheme:
+        text += f" ({scheme})"
+    return text
+
+
+def _number(value: Any) -> str:
+    value = float(value)
+    return str(int(value)) if value.is_integer() else f"{value:g}"
+
+
+def _group_keys(table: pd.DataFrame, columns: Sequence[str]) -> list[str]:
+    return [c for c in columns if c in table.columns]
+
+
+def summary_table(table: pd.DataFrame, value: str = VALUE) -> pd.DataFrame:
+    """Mean ± sd (sample sd, ddof=1; NaN for a single seed) of ``value`` over seeds per configuration."""
+    keys = _group_keys(table, CONFIG_COLUMNS)
+    rows = []
+    data = table[table[value].notna()] if value in table.columns else table.iloc[0:0]
+    for key, group in data.groupby(keys, dropna=False, sort=True):
+        values = group[value].to_numpy(dtype=float)
+        mean = float(values.mean())
+        sd = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+        row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        row.update({"n seeds": len(values), "seeds": " ".join(str(s) for s in sorted(group["seed"].tolist())),
+                    f"{value} mean": mean, f"{value} sd": sd, f"{value} mean ± sd": format_mean_sd(mean, sd)})
+        rows.append(row)
+    columns = keys + ["n seeds", "seeds", f"{value} mean", f"{value} sd", f"{value} mean ± sd"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def format_mean_sd(mean: float, sd: float, digits: int = 3) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    if math.isnan(sd):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """Two-sided paired test of ``a`` vs ``b`` (same order = same pairs); see the module docstring."""
+    from scipy import stats
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    diff = a - b
+    n = len(diff)
+    result: dict[str, Any] = {"n pairs": n, "mean difference": float(diff.mean()) if n else math.nan,
+                              "test": "none", "statistic": math.nan, "p value": math.nan,
+                              "effect size": math.nan, "effect size measure": ""}
+    if n < 2:
+        result["test"] = "none (fewer than 2 pairs)"
+        return result
+    if np.allclose(diff, 0.0):
+        result.update(test="none (all differences are 0)", **{"effect size": 0.0})
+        return result
+    if n >= WILCOXON_MIN_PAIRS:
+        test = stats.wilcoxon(a, b, alternative="two-sided")
+        ranks = stats.rankdata(np.abs(diff[diff != 0]))
+        positive = float(ranks[diff[diff != 0] > 0].sum())
+        negative = float(ranks[diff[diff != 0] < 0].sum())
+        result.update({"test": "wilcoxon signed-rank", "statistic": float(test.statistic),
+                       "p value": float(test.pvalue), "effect size": (positive - negative) / (positive + negative),
+                       "effect size measure": "rank-biserial r"})
+    elif np.allclose(diff, diff[0], rtol=0.0, atol=1e-9):
+        # a constant difference has no spread: t is infinite and its p-value meaningless
+        result.update({"test": "none (all differences are equal)", "effect size": math.copysign(math.inf, diff[0]),
+                       "effect size measure": "Cohen's d_z"})
+    else:
+        test = stats.ttest_rel(a, b)
+        sd = float(diff.std(ddof=1))
+        result.update({"test": "paired t-test", "statistic": float(test.statistic), "p value": float(test.pvalue),
+                       "effect size": float(diff.mean()) / sd if sd > 0 else math.copysign(math.inf, diff.mean()),
+                       "effect size measure": "Cohen's d_z"})
+    return result
+
+
+def paired_comparison(table: pd.DataFrame, value: str = VALUE,
+                      reference: Optional[str] = None) -> pd.DataFrame:
+    """Every pair of arms within each (dataset, model, n train images, test set), paired by seed.
+
+    ``reference`` (an arm label such as "scratch") restricts the comparisons to arm vs reference.
+    Rows with fewer than 2 common seeds are left out.
+    """
+    keys = _group_keys(table, CONTEXT_COLUMNS)
+    data = table[table[value].notna()].copy()
+    data["arm"] = [arm_label(*row) for row in data[ARM_COLUMNS].itertuples(index=False, name=None)]
+    rows = []
+    for key, group in data.groupby(keys, dropna=False, sort=True):
+        # one value per (arm, seed); repeated runs of one configuration are averaged
+        by_seed = group.groupby(["arm", "seed"])[value].mean().unstack("seed")
+        arms = list(by_seed.index)
+        pairs = itertools.combinations(arms, 2)
+        if reference is not None:
+            pairs = [(arm, reference) for arm in arms if arm != reference and reference in arms]
+        for arm_a, arm_b in pairs:
+            both = by_seed.loc[[arm_a, arm_b]].dropna(axis=1)
+            if both.shape[1] < 2:
+                continue
+            test = paired_test(both.loc[arm_a].to_numpy(), both.loc[arm_b].to_numpy())
+            row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+            row.update({"a": arm_a, "b": arm_b, "seeds": " ".join(str(s) for s in both.columns),
+                        f"mean {value} a": float(both.loc[arm_a].mean()),
+                        f"mean {value} b": float(both.loc[arm_b].mean()), **test})
+            rows.append(row)
+    columns = keys + ["a", "b", "seeds", f"mean {value} a", f"mean {value} b", "n pairs", "mean difference",
+                      "test", "statistic", "p value", "effect size", "effect size measure"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+# ------------------------------------------------------------------------------------------ robustness
+ROBUSTNESS_COLUMNS = ["dataset", "metric", "margin", "encoder", "pretraining_scheme", "pooled", "level",
+                      "pretraining_length", "robustness"]
+DEFAULT_METRIC = "cosine"
+DEFAULT_MARGIN = 0.5
+
+
+def load_robustness(path: str | Path) -> Optional[pd.DataFrame]:
+    """``robustness.csv`` as a table, or None when the file does not exist."""
+    from medxfer.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise DataError(f"{path}: cannot read robustness table: {exc}") from None
+    missing = [c for c in ("dataset", "pretraining_length", "robustness") if c not in table.columns]
+    if missing:
+        raise DataError(f"{path}: robustness table lacks column(s) {', '.join(missing)}")
+    for column in ROBUSTNESS_COLUMNS:
+        if column not in table.columns:
+            table[column] = np.nan if column in ("margin", "level") else ""
+    table["pooled"] = table["pooled"].map(_as_bool)
+    for column in ("pretraining_length", "robustness", "margin"):
+        table[column] = pd.to_numeric(table[column], errors="coerce")
+    table["encoder"] = table["encoder"].fillna("").astype(str)
+    table["pretraining_scheme"] = table["pretraining_scheme"].fillna("").astype(str)
+    return table
+
+
+def _as_bool(value: Any) -> Any:
+    if isinstance(value, str):
+        return {"true": True, "false": False, "1": True, "0": False}.get(value.strip().lower(), value)
+    return value
+
+
+def default_variant(robustness: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """One score variant, all levels: metric cosine, margin closest to 0.5, pooled features where present
+    (each falls back to what the table has). Returns the rows and a description of the choice."""
+    table = robustness
+    metric = DEFAULT_METRIC if (table["metric"] == DEFAULT_METRIC).any() else sorted(table["metric"].astype(str))[0]
+    table = table[table["metric"].astype(str) == str(metric)]
+    margins = table["margin"].dropna().unique()
+    margin = None
+    if len(margins):
+        margin = float(margins[np.argmin(np.abs(margins - DEFAULT_MARGIN))])
+        table = table[table["margin"] == margin]
+    pooled = True if (table["pooled"] == True).any() else False  # noqa: E712 (column may hold non-bools)
+    if (table["pooled"] == pooled).any():
+        table = table[table["pooled"] == pooled]
+    text = f"metric {metric}" + (f", margin {margin:g}" if margin is not None else "") + f", pooled {pooled}"
+    return table, text
+
+
+def deepest_level(variant: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the deepest feature level (per dataset and encoder)."""
+    parts = []
+    for _, group in variant.groupby(["dataset", "encoder"], dropna=False, sort=True):
+        levels = pd.to_numeric(group["level"], errors="coerce")
+        if levels.notna().any():
+            parts.append(group[levels == levels.max()])
+        else:
+            parts.append(group[group["level"].astype(str) == sorted(group["level"].astype(str))[-1]])
+    return pd.concat(parts) if parts else variant.iloc[0:0]

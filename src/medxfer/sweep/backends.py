@@ -1,0 +1,192 @@
+"""Where the runs of a sweep execute: in this process, in a local process pool, or as Ray tasks.
+
+A job is a picklable object with ``run_id``, ``threads`` and ``execute() -> RunOutcome`` (a fine-tuning
+:class:`RunJob`, or a pretraining / scoring job of the runner). Every backend calls :func:`execute_job`
+once per job and hands each :class:`RunOutcome` to ``on_outcome`` as it arrives. A job never raises for a
+failing run: :func:`execute_run` writes ``error.json`` (with the traceback) and returns a failed outcome,
+so one bad run never stops a sweep. Ray is imported only by its backend.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import dataclasses
+import logging
+import multiprocessing
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from medxfer.config import RunConfig, config_to_dict
+from medxfer.errors import ConfigError
+from medxfer.sweep.store import is_done, run_dir, write_error
+
+log = logging.getLogger(__name__)
+
+RunFn = Callable[[RunConfig, Path], Any]
+OnOutcome = Callable[["RunOutcome"], None]
+
+
+@dataclass
+class RunJob:
+    """What a worker needs for one run (picklable: plain data + a module-level function)."""
+
+    run_id: str
+    config: RunConfig
+    out_dir: str
+    run_fn: Optional[RunFn] = None  # None = medxfer.finetune.run_finetune
+    threads: Optional[int] = None  # torch threads in the worker; None = leave as is
+
+    def execute(self) -> "RunOutcome":
+        return execute_run(self)
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    status: str  # "done" | "failed"
+    seconds: float
+    error: Optional[str] = None  # one line; the traceback is in runs/<id>/error.json
+
+
+def default_run_fn(config: RunConfig, out_dir: Path) -> Any:
+    from medxfer.finetune import run_finetune
+
+    return run_finetune(config, out_dir)
+
+
+def set_threads(threads: Optional[int]) -> None:
+    """Cap the threads of one worker so that N workers do not oversubscribe the cores."""
+    if threads is None:
+        return
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _error_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def execute_job(job: Any) -> RunOutcome:
+    """What a worker (process or Ray task) does with one job."""
+    set_threads(job.threads)
+    return job.execute()
+
+
+def execute_run(job: RunJob) -> RunOutcome:
+    """Run one fine-tuning job; a failure is recorded in ``runs/<id>/error.json`` and returned, never raised."""
+    started = time.perf_counter()
+    run_fn = job.run_fn or default_run_fn
+    try:
+        run_fn(job.config, Path(job.out_dir))
+        if not is_done(job.out_dir, job.run_id):
+            raise RuntimeError(f"the run function returned without writing runs/{job.run_id}/result.json")
+        return RunOutcome(job.run_id, "done", time.perf_counter() - started)
+    except Exception as exc:  # a failing run is data: record it and let the sweep go on
+        message = _error_line(exc)
+        log.warning("run %s failed: %s", job.run_id, message)
+        write_error(run_dir(job.out_dir, job.run_id), {
+            "kind": "finetune", "status": "failed", "run_id": job.run_id,
+            "config": config_to_dict(job.config), "error": message, "traceback": traceback.format_exc(),
+            "finished": datetime.now(timezone.utc).isoformat(),
+        })
+        return RunOutcome(job.run_id, "failed", time.perf_counter() - started, message)
+
+
+def run_sequential(jobs: Sequence[Any], on_outcome: OnOutcome) -> None:
+    for job in jobs:
+        on_outcome(job.execute())  # this process keeps its own thread settings
+
+
+def threads_per_worker(workers: int, cpu_count: Optional[int] = None) -> int:
+    return max(1, (cpu_count or os.cpu_count() or 1) // max(1, workers))
+
+
+def _init_worker(threads: int) -> None:
+    set_threads(threads)
+
+
+def run_process_pool(jobs: Sequence[Any], on_outcome: OnOutcome, workers: int) -> None:
+    """``workers`` spawned processes (never forked: torch and fork do not mix), each with its share of cores.
+
+    If a worker process dies (killed, out of memory), the runs it and the pool still held are reported as
+    failed without an ``error.json``: they were not wrong, so the next sweep simply redoes them.
+    """
+    threads = threads_per_worker(workers)
+    jobs = [dataclasses.replace(job, threads=threads) for job in jobs]
+    context = multiprocessing.get_context("spawn")
+    with futures.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+                                     initargs=(threads,)) as pool:
+        pending = {pool.submit(execute_job, job): job for job in jobs}
+        for future in futures.as_completed(pending):
+            job = pending[future]
+            try:
+                outcome = future.result()
+            except futures.process.BrokenProcessPool as exc:
+                outcome = RunOutcome(job.run_id, "failed", 0.0, f"worker process died ({_error_line(exc)}); "
+                                     "not recorded, the next sweep redoes it")
+            on_outcome(outcome)
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("backend 'ray' needs Ray: pip install 'medxfer[ray]'") from None
+    return ray
+
+
+def run_ray(jobs: Sequence[Any], on_outcome: OnOutcome, address: Optional[str] = None,
+            cpus: float = 1.0, gpus: float = 0.0) -> None:
+    """One Ray task per run with ``cpus``/``gpus`` each, on the cluster at ``address`` (or the Ray instance
+    this process already started, or a new local one). ``out_dir`` must be a path every node can write."""
+    ray = import_ray()
+    started_here = False
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False) if address else ray.init(log_to_driver=False)
+        started_here = True
+    try:
+        threads = max(1, int(cpus))
+        remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(execute_job)
+        refs = {remote.remote(dataclasses.replace(job, threads=threads)): job for job in jobs}
+        waiting = list(refs)
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=1)
+            for ref in ready:
+                job = refs[ref]
+                try:
+                    outcome = ray.get(ref)
+                except Exception as exc:  # the worker died (node lost, OOM): redo next time, as above
+                    outcome = RunOutcome(job.run_id, "failed", 0.0, f"ray task died ({_error_line(exc)}); "
+                                         "not recorded, the next sweep redoes it")
+                on_outcome(outcome)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+BACKENDS = ("local", "ray")
+
+
+def run_jobs(jobs: Sequence[Any], on_outcome: OnOutcome, backend: str = "local", workers: int = 1,
+             address: Optional[str] = None, cpus: float = 1.0, gpus: float = 0.0) -> None:
+    if backend == "local":
+        if address is not None:
+            raise ConfigError("--address is for the ray backend only")
+        if workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {workers}")
+        if workers == 1 or len(jobs) <= 1:
+            run_sequential(jobs, on_outcome)
+        else:
+            run_process_pool(jobs, on_outcome, min(workers, len(jobs)))
+    elif backend == "ray":
+        run_ray(jobs, on_outcome, address=address, cpus=cpus, gpus=gpus)
+    else:
+        raise ConfigError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")

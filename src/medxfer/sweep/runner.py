@@ -1,0 +1,403 @@
+"""``medxfer sweep``: every run of a grid file, resumably, with the work runs share done once.
+
+Stages, each skipped where its output already exists:
+1. ``pretraining``: each entry -> ``DIR/pretrain/<hash of its PretrainConfig>/`` (checkpoints + ``complete.json``);
+2. ``score``: transferability once per (checkpoint folder, dataset) -> ``DIR/scores/<hash>/robustness.csv``;
+3. the runs -> ``DIR/runs/<run id>/result.json`` (or ``error.json``; failed runs are retried only on request);
+4. tables: ``DIR/results.csv`` and ``DIR/robustness.csv`` (:func:`medxfer.sweep.store.collect_all`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+from medxfer.config import PretrainConfig, RunConfig, ScoreConfig, config_to_dict, parse_config
+from medxfer.errors import ConfigError
+from medxfer.io import atomic_write_json, stable_hash
+from medxfer.sweep import store
+from medxfer.sweep.backends import BACKENDS, RunFn, RunJob, RunOutcome, run_jobs
+from medxfer.sweep.grid import (
+    GridPlan,
+    SweepConfig,
+    expand_grid,
+    format_axes,
+    load_sweep,
+    parse_sweep,
+    pretraining_folder,
+    resolve_dataset,
+)
+
+log = logging.getLogger(__name__)
+
+COMPLETE_FILE = "complete.json"  # written by the sweep once a pretraining / scoring job has finished
+PRETRAIN_DIR = "pretrain"
+
+# What each status of a run means in a summary.
+STATUS_HELP = {
+    "done": "finished in this sweep",
+    "reused": "finished before; skipped",
+    "failed": "failed in this sweep (error.json)",
+    "skipped-failed": "failed before; skipped (use --retry-failed)",
+    "blocked": "its pretraining failed; not attempted",
+    "pending": "not run yet (dry run)",
+    "invalid": "its config does not validate",
+}
+
+
+@dataclass
+class SweepRun:
+    run_id: str
+    axes: dict[str, Any]
+    status: str  # a key of STATUS_HELP
+    seconds: Optional[float] = None
+    error: Optional[str] = None
+
+
+@dataclass
+class StageOutcome:
+    """One pretraining or scoring job of the sweep."""
+
+    kind: str  # "pretrain" | "score"
+    name: str
+    folder: Path
+    status: str  # "done" | "reused" | "failed"
+    error: Optional[str] = None
+
+
+@dataclass
+class SweepSummary:
+    name: str
+    out_dir: Path
+    backend: str
+    dry_run: bool
+    runs: list[SweepRun] = field(default_factory=list)
+    stages: list[StageOutcome] = field(default_factory=list)
+    duplicates: int = 0  # combinations equal to an earlier one (run once)
+    results_csv: Optional[Path] = None
+    robustness_csv: Optional[Path] = None
+    elapsed_s: float = 0.0
+
+    def counts(self) -> dict[str, int]:
+        counts = Counter(run.status for run in self.runs)
+        return {status: counts[status] for status in STATUS_HELP if counts[status]}
+
+    @property
+    def failed(self) -> list[SweepRun]:
+        return [run for run in self.runs if run.status in ("failed", "skipped-failed", "blocked")]
+
+    @property
+    def invalid(self) -> list[SweepRun]:
+        return [run for run in self.runs if run.status == "invalid"]
+
+    def status_table(self) -> tuple[list[str], list[list[Any]]]:
+        """The end-of-sweep table: one row per status (count and meaning), then the stages."""
+        rows: list[list[Any]] = [[status, n, STATUS_HELP[status]] for status, n in self.counts().items()]
+        for kind in ("pretrain", "score"):
+            stage = [s for s in self.stages if s.kind == kind]
+            if stage:
+                counts = Counter(s.status for s in stage)
+                rows.append([kind, len(stage), ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))])
+        return ["status", "runs", "meaning"], rows
+
+    def runs_table(self) -> tuple[list[str], list[list[Any]]]:
+        """One row per run: id, axis values, status, seconds and the error line (what --dry-run prints)."""
+        axes = list(dict.fromkeys(name for run in self.runs for name in run.axes))
+        columns = ["run id", *axes, "status", "seconds", "error"]
+        rows = []
+        for run in self.runs:
+            values = [_short(run.axes[a]) if a in run.axes else "" for a in axes]
+            seconds = "" if run.seconds is None else round(run.seconds, 1)
+            rows.append([run.run_id, *values, run.status, seconds, run.error or ""])
+        return columns, rows
+
+
+def _short(value: Any) -> str:
+    from medxfer.sweep.grid import format_value
+
+    return format_value(value)
+
+
+# --- pretraining and scoring: jobs the backends run like any other --------------------------------
+
+
+def _write_stage_error(folder: Path, kind: str, name: str, exc: BaseException) -> str:
+    message = " ".join(f"{type(exc).__name__}: {exc}".split())
+    log.warning("%s %s failed: %s", kind, name, message)
+    store.write_error(folder, {"kind": kind, "status": "failed", "name": name, "error": message,
+                               "traceback": traceback.format_exc(),
+                               "finished": datetime.now(timezone.utc).isoformat()})
+    return message
+
+
+def pretraining_checkpoints(folder: Path) -> Path:
+    """The checkpoint folder a pretraining output folder holds (what runs' ``pretrained.checkpoint`` names)."""
+    return folder
+
+
+@dataclass
+class PretrainJob:
+    run_id: str  # the pretraining entry's name
+    config: PretrainConfig
+    folder: str
+    threads: Optional[int] = None
+
+    def execute(self) -> RunOutcome:
+        from medxfer.pretrain import run_pretraining
+
+        folder = Path(self.folder)
+        started = time.perf_counter()
+        try:
+            store.remove_partial_files(folder)
+            run_pretraining(self.config, folder)
+            atomic_write_json(folder / COMPLETE_FILE, {"kind": "pretrain", "name": self.config.name,
+                                                       "config": config_to_dict(self.config),
+                                                       "finished": datetime.now(timezone.utc).isoformat()})
+            if (folder / store.ERROR_FILE).exists():
+                (folder / store.ERROR_FILE).unlink()
+            return RunOutcome(self.run_id, "done", time.perf_counter() - started)
+        except Exception as exc:  # recorded; the runs that need it are reported as blocked
+            message = _write_stage_error(folder, "pretrain", self.run_id, exc)
+            return RunOutcome(self.run_id, "failed", time.perf_counter() - started, message)
+
+
+@dataclass
+class ScoreJob:
+    run_id: str  # "<checkpoint folder name> x <dataset>"
+    config: ScoreConfig
+    folder: str
+    threads: Optional[int] = None
+
+    def execute(self) -> RunOutcome:
+        from medxfer.transferability.robustness import run_score
+
+        folder = Path(self.folder)
+        started = time.perf_counter()
+        try:
+            store.remove_partial_files(folder)
+            run_score(self.config, folder)
+            atomic_write_json(folder / COMPLETE_FILE, {"kind": "score", "config": config_to_dict(self.config),
+                                                       "finished": datetime.now(timezone.utc).isoformat()})
+            if (folder / store.ERROR_FILE).exists():
+                (folder / store.ERROR_FILE).unlink()
+            return RunOutcome(self.run_id, "done", time.perf_counter() - started)
+        except Exception as exc:  # a score is not needed by any run: record it and go on
+            message = _write_stage_error(folder, "score", self.run_id, exc)
+            return RunOutcome(self.run_id, "failed", time.perf_counter() - started, message)
+
+
+def _score_jobs(sweep: SweepConfig, plan: GridPlan, out_dir: Path, failed_folders: set[str]) -> list[ScoreJob]:
+    section = sweep.score
+    if section is None:
+        return []
+    entries = [e for e in sweep.pretraining if not section.pretraining or e.name in section.pretraining]
+    folders = [(e.name, pretraining_checkpoints(pretraining_folder(out_dir, e))) for e in entries]
+    folders += [(Path(p).name, Path(p).resolve()) for p in section.checkpoints]
+    if section.datasets:
+        datasets = [(v if isinstance(v, str) else format_axes(v), resolve_dataset(sweep, v, "score.datasets"))
+                    for v in section.datasets]
+    elif sweep.datasets:
+        datasets = [(name, dict(data)) for name, data in sweep.datasets.items()]
+    else:  # the runs' own data sections, without the per-run subset size
+        seen: dict[str, dict[str, Any]] = {}
+        for run in plan.runs:
+            data = config_to_dict(run.config.data)
+            data["train_images"] = None
+            seen.setdefault(stable_hash(data), data)
+        datasets = [(data["name"], data) for data in seen.values()]
+    jobs = []
+    for folder_name, folder in folders:
+        if str(folder) in failed_folders:
+            continue
+        for dataset_name, data in datasets:
+            raw = {**section.settings, "data": data, "checkpoints": str(folder)}
+            key = stable_hash({k: v for k, v in raw.items() if k != "out"})
+            out = (out_dir / store.SCORES_DIR / key).resolve()
+            config = parse_config({**raw, "out": str(out)}, ScoreConfig,
+                                  source=f"{sweep.source} (score {folder_name} x {dataset_name})")
+            jobs.append(ScoreJob(f"{folder_name} x {dataset_name}", config, str(out)))
+    return jobs
+
+
+# --- the sweep ------------------------------------------------------------------------------------
+
+
+class _Progress:
+    """A rich progress bar per stage (done / failed / remaining, ETA), or nothing when not asked for."""
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("done {task.fields[done]} / failed {task.fields[failed]} / "
+                           "remaining {task.fields[remaining]}"),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            )
+
+    def __enter__(self) -> "_Progress":
+        if self.bar is not None:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def tracker(self, description: str, total: int) -> Callable[[RunOutcome], None]:
+        """A callback that advances this stage's bar with each outcome."""
+        counts = {"done": 0, "failed": 0}
+        task = None
+        if self.bar is not None and total:
+            task = self.bar.add_task(description, total=total, done=0, failed=0, remaining=total)
+
+        def advance(outcome: RunOutcome) -> None:
+            counts["done" if outcome.status == "done" else "failed"] += 1
+            if task is not None:
+                finished = counts["done"] + counts["failed"]
+                self.bar.update(task, advance=1, done=counts["done"], failed=counts["failed"],
+                                remaining=total - finished)
+        return advance
+
+
+def _as_sweep(grid: Union[str, Path, SweepConfig, dict]) -> SweepConfig:
+    if isinstance(grid, SweepConfig):
+        return grid
+    if isinstance(grid, dict):
+        return parse_sweep(grid)
+    return load_sweep(grid)
+
+
+def _dry_run_summary(sweep: SweepConfig, plan: GridPlan, out_dir: Path, backend: str) -> SweepSummary:
+    summary = SweepSummary(sweep.name, out_dir, backend, dry_run=True, duplicates=plan.duplicates)
+    for run in plan.runs:
+        status = store.run_status(out_dir, run.run_id)
+        error = (store.read_error(out_dir, run.run_id) or {}).get("error") if status == "failed" else None
+        summary.runs.append(SweepRun(run.run_id, run.axes, status, error=error))
+    summary.runs += [SweepRun("-", axes, "invalid", error=message) for axes, message in plan.invalid]
+    return summary
+
+
+def run_sweep(grid: Union[str, Path, SweepConfig, dict], out_dir: str | Path, backend: str = "local",
+              workers: int = 1, address: Optional[str] = None, retry_failed: bool = False,
+              dry_run: bool = False, progress: bool = False, run_fn: Optional[RunFn] = None) -> SweepSummary:
+    """Run every run of ``grid`` (a grid file, a parsed :class:`SweepConfig`, or its mapping) under ``out_dir``.
+
+    Finished runs are skipped, interrupted ones redone (they resume from their last checkpoint), failed ones
+    skipped unless ``retry_failed``. ``backend``: "local" (``workers`` spawned processes; 1 = this process)
+    or "ray" (``address`` of a cluster, else the running / a new local Ray instance). ``run_fn(config,
+    out_dir)`` replaces :func:`medxfer.finetune.run_finetune` (it must write the run's record; it must be a
+    module-level function for workers > 1 or Ray). ``dry_run`` only plans: each run's id, axis values and
+    current state. Returns the summary; the caller prints it.
+    """
+    started = time.perf_counter()
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    sweep = _as_sweep(grid)
+    out_dir = Path(out_dir).resolve()
+    plan = expand_grid(sweep, out_dir)
+    if dry_run:
+        summary = _dry_run_summary(sweep, plan, out_dir, backend)
+        summary.elapsed_s = time.perf_counter() - started
+        return summary
+    if plan.invalid:
+        axes, message = plan.invalid[0]
+        more = f" (and {len(plan.invalid) - 1} more invalid combination(s); see --dry-run)" \
+            if len(plan.invalid) > 1 else ""
+        raise ConfigError(f"{message}{more}")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store.remove_partial_files(out_dir)
+    atomic_write_json(out_dir / "sweeps" / f"{_safe(sweep.name)}.json", {
+        "name": sweep.name, "source": sweep.source, "config": sweep.model_dump(mode="json"),
+        "runs": [{"run_id": run.run_id, "axes": run.axes} for run in plan.runs],
+    })
+    summary = SweepSummary(sweep.name, out_dir, backend, dry_run=False, duplicates=plan.duplicates)
+    options = dict(backend=backend, workers=workers, address=address,
+                   cpus=sweep.resources.cpus, gpus=sweep.resources.gpus)
+
+    with _Progress(progress) as bars:
+        # 1. pretraining, once per entry
+        pretrain_jobs, failed_folders = [], set()
+        for entry in sweep.pretraining:
+            folder = pretraining_folder(out_dir, entry)
+            if (folder / COMPLETE_FILE).is_file():
+                summary.stages.append(StageOutcome("pretrain", entry.name, folder, "reused"))
+            else:
+                pretrain_jobs.append(PretrainJob(entry.name, entry, str(folder)))
+        folder_of = {job.run_id: Path(job.folder) for job in pretrain_jobs}
+        advance_pretraining = bars.tracker("pretraining", len(pretrain_jobs))
+
+        def on_pretrain(outcome: RunOutcome) -> None:
+            advance_pretraining(outcome)
+            folder = folder_of[outcome.run_id]
+            if outcome.status != "done":
+                failed_folders.add(str(pretraining_checkpoints(folder)))
+            summary.stages.append(StageOutcome("pretrain", outcome.run_id, folder, outcome.status, outcome.error))
+
+        run_jobs(pretrain_jobs, on_pretrain, **options)
+
+        # 2. transferability scores, once per (checkpoint folder, dataset)
+        score_jobs = []
+        for job in _score_jobs(sweep, plan, out_dir, failed_folders):
+            if (Path(job.folder) / COMPLETE_FILE).is_file():
+                summary.stages.append(StageOutcome("score", job.run_id, Path(job.folder), "reused"))
+            else:
+                score_jobs.append(job)
+        score_folder = {job.run_id: Path(job.folder) for job in score_jobs}
+        advance_scoring = bars.tracker("scoring", len(score_jobs))
+
+        def on_score(outcome: RunOutcome) -> None:
+            advance_scoring(outcome)
+            summary.stages.append(StageOutcome("score", outcome.run_id, score_folder[outcome.run_id],
+                                               outcome.status, outcome.error))
+
+        run_jobs(score_jobs, on_score, **options)
+
+        # 3. the runs
+        jobs, by_id = [], {}
+        for run in plan.runs:
+            entry = SweepRun(run.run_id, run.axes, "pending")
+            by_id[run.run_id] = entry
+            summary.runs.append(entry)
+            status = store.run_status(out_dir, run.run_id)
+            checkpoint = run.config.pretrained.checkpoint
+            if status == "done":
+                entry.status = "reused"
+            elif status == "failed" and not retry_failed:
+                entry.status = "skipped-failed"
+                entry.error = (store.read_error(out_dir, run.run_id) or {}).get("error")
+            elif checkpoint is not None and str(checkpoint) in failed_folders:
+                entry.status = "blocked"
+                entry.error = "its pretraining failed (see DIR/pretrain/*/error.json)"
+            else:
+                store.remove_partial_files(store.run_dir(out_dir, run.run_id))
+                jobs.append(RunJob(run.run_id, run.config, str(out_dir), run_fn))
+        log.info("sweep %s: %d runs, %d to run", sweep.name, len(plan.runs), len(jobs))
+
+        advance_runs = bars.tracker("runs", len(jobs))
+
+        def on_run(outcome: RunOutcome) -> None:
+            advance_runs(outcome)
+            entry = by_id[outcome.run_id]
+            entry.status, entry.seconds, entry.error = outcome.status, outcome.seconds, outcome.error
+
+        run_jobs(jobs, on_run, **options)
+
+    tables = store.collect_all(out_dir)
+    summary.results_csv, summary.robustness_csv = tables["results"], tables["robustness"]
+    summary.elapsed_s = time.perf_counter() - started
+    return summary
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60] or "sweep"

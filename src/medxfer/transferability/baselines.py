@@ -1,0 +1,317 @@
+"""Established transferability estimators, adapted to segmentation, to compare the robustness score with.
+
+- **LogME** (You, Liu, Wang, Long: "LogME: Practical Assessment of Pre-trained Models for Transfer
+  Learning", ICML 2021): the log marginal evidence of a Bayesian linear model from features to labels,
+  maximised over its prior precision alpha and noise precision beta by the paper's fixed-point iteration,
+  per class (one-hot target), divided by the number of samples and averaged over classes. Higher = better.
+- **H-score** (Bao, Li, Huang, Ma, Wang, Zheng: "An Information-Theoretic Approach to Transferability
+  in Task Transfer Learning", ICIP 2019): ``tr(cov(f)^-1 cov(E[f | y]))``; by default with a Ledoit-Wolf
+  shrunk feature covariance, as recommended for high-dimensional features by Ibrahim, Ponomareva,
+  Mazumder: "Newer is not always better: Rethinking transferability metrics, their peculiarities,
+  stability and performance" (ECML-PKDD 2022). Higher = better.
+- **Linear-probe Dice**: a 1x1 convolution trained on frozen features of one level, upsampled to the
+  mask, evaluated by Dice on held-out images. Higher = better.
+
+Segmentation adaptation: every pixel of a level's feature map is a sample, its label the mask
+downsampled (nearest) to that map; unannotated pixels (``IGNORE_INDEX``) are dropped; a seeded, capped
+number of pixels is drawn per image.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medxfer.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = 255
+BASELINE_COLUMNS = ["dataset", "metric", "encoder", "pretraining_scheme", "level", "pretraining_length",
+                    "score", "higher_is_better", "n_samples", "checkpoint", "seed"]
+
+
+# --------------------------------------------------------------------------------------------------
+# LogME
+
+
+def _logme_one_target(sigma: np.ndarray, z: np.ndarray, y_norm2: float, n: int, dim: int,
+                      max_iter: int, tol: float) -> float:
+    """Maximum log evidence / n for one target column, from the feature spectrum.
+
+    ``sigma``: the nonzero eigenvalues of ``F^T F`` (squared singular values s^2); ``z = U^T y`` (the
+    target in the left singular basis); ``y_norm2 = |y|^2``. Residual of the part of y outside span(F)
+    is ``y_norm2 - |z|^2``. Fixed point (You et al. 2021, Algorithm 2): with
+    gamma = sum(beta s^2 / (alpha + beta s^2)), alpha <- gamma / |m|^2, beta <- (n - gamma) / |F m - y|^2.
+    """
+    alpha, beta = 1.0, 1.0
+    outside = max(y_norm2 - float(z @ z), 0.0)
+    z2 = z * z
+    for _ in range(max_iter):
+        denom = alpha + beta * sigma
+        gamma = float((beta * sigma / denom).sum())
+        m2 = float((beta**2 * sigma * z2 / denom**2).sum())  # |m|^2, m = beta A^-1 F^T y
+        residual = float((alpha**2 * z2 / denom**2).sum()) + outside  # |F m - y|^2
+        new_alpha = gamma / max(m2, 1e-300)
+        new_beta = (n - gamma) / max(residual, 1e-300)
+        converged = abs(new_alpha / new_beta - alpha / beta) <= tol * abs(alpha / beta)
+        alpha, beta = new_alpha, new_beta
+        if converged:
+            break
+    denom = alpha + beta * sigma
+    m2 = float((beta**2 * sigma * z2 / denom**2).sum())
+    residual = float((alpha**2 * z2 / denom**2).sum()) + outside
+    # log|A| over all D dimensions: the zero-eigenvalue directions contribute log(alpha) each.
+    log_det = float(np.log(denom).sum()) + (dim - len(sigma)) * math.log(alpha)
+    evidence = (n / 2.0 * math.log(beta) + dim / 2.0 * math.log(alpha) - n / 2.0 * math.log(2.0 * math.pi)
+                - beta / 2.0 * residual - alpha / 2.0 * m2 - 0.5 * log_det)
+    return evidence / n
+
+
+def logme(features: np.ndarray, labels: np.ndarray, max_iter: int = 100, tol: float = 1e-4) -> float:
+    """LogME of ``features`` ``(n, D)`` for integer ``labels`` ``(n,)`` (one-hot per class, averaged).
+
+    You et al., ICML 2021. Higher means the features explain the labels better with a linear model.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels).reshape(-1)
+    if f.ndim != 2 or len(f) != len(y):
+        raise DataError(f"logme: features must be (n, D) with one label per row, got {f.shape} and {y.shape}")
+    n, dim = f.shape
+    classes = np.unique(y)
+    if len(classes) < 2:
+        raise DataError("logme: the sampled pixels have only one class; need at least two")
+    # Eigen-decomposition of the smaller Gram matrix: D x D when n > D (the usual case for pixels).
+    if n > dim:
+        sigma, v = np.linalg.eigh(f.T @ f)
+        keep = sigma > sigma.max() * 1e-12
+        sigma, v = sigma[keep], v[:, keep]
+        project = (f @ v) / np.sqrt(sigma)  # U restricted to the kept directions
+    else:
+        u, s, _ = np.linalg.svd(f, full_matrices=False)
+        keep = s > s.max() * 1e-6
+        sigma, project = s[keep] ** 2, u[:, keep]
+    values = []
+    for cls in classes:
+        target = (y == cls).astype(np.float64)
+        values.append(_logme_one_target(sigma, project.T @ target, float(target @ target), n, dim, max_iter, tol))
+    return float(np.mean(values))
+
+
+# --------------------------------------------------------------------------------------------------
+# H-score
+
+
+def h_score(features: np.ndarray, labels: np.ndarray, shrinkage: bool = True) -> float:
+    """H-score ``tr(cov(f)^-1 cov(E[f|y]))`` (Bao et al., ICIP 2019).
+
+    ``shrinkage=True`` inverts a Ledoit-Wolf shrunk covariance (sklearn; stable when D is large or
+    features are collinear), ``False`` the pseudo-inverse of the sample covariance as in the paper.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels).reshape(-1)
+    if f.ndim != 2 or len(f) != len(y):
+        raise DataError(f"h_score: features must be (n, D) with one label per row, got {f.shape} and {y.shape}")
+    f = f - f.mean(axis=0, keepdims=True)
+    if shrinkage:
+        from sklearn.covariance import LedoitWolf
+
+        cov = LedoitWolf(assume_centered=True).fit(f).covariance_
+    else:
+        cov = f.T @ f / len(f)
+    class_means = np.zeros_like(f)
+    for cls in np.unique(y):
+        rows = y == cls
+        class_means[rows] = f[rows].mean(axis=0)
+    cov_between = class_means.T @ class_means / len(f)
+    return float(np.trace(np.linalg.pinv(cov, rcond=1e-10, hermitian=True) @ cov_between))
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-pixel features
+
+
+def _device(name) -> torch.device:
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _batch_features(encoder: torch.nn.Module, images: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    in_channels = int(getattr(encoder, "in_channels", images.shape[1]))
+    x = images.to(device)
+    if x.shape[1] != in_channels:
+        if x.shape[1] != 1:
+            raise DataError(f"cannot feed {x.shape[1]}-channel images to an encoder with {in_channels} input channels")
+        x = x.expand(-1, in_channels, *x.shape[2:])
+    return encoder(x)
+
+
+def _labels_at(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Nearest-neighbour downsampling of ``(B, *S)`` label maps to ``size``."""
+    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
+
+
+@torch.inference_mode()
+def pixel_features(encoder: torch.nn.Module, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
+                   levels: Sequence[int], max_pixels: int = 20000, seed: int = 0, batch_size: int = 16,
+                   device="auto") -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """``level -> (features (n, C), labels (n,))`` of a seeded sample of annotated pixels.
+
+    Each image contributes at most ``ceil(max_pixels / N)`` pixels per level, drawn uniformly among its
+    annotated pixels at that level's resolution.
+    """
+    images = torch.as_tensor(images, dtype=torch.float32)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    n = images.shape[0]
+    per_image = max(1, math.ceil(max_pixels / n))
+    dev = _device(device)
+    was_training = encoder.training
+    encoder.eval()
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), n, 17]))
+    collected: dict[int, tuple[list, list]] = {level: ([], []) for level in levels}
+    try:
+        for start in range(0, n, batch_size):
+            features = _batch_features(encoder, images[start:start + batch_size], dev)
+            for level in levels:
+                fmap = features[level]
+                small = _labels_at(labels[start:start + batch_size], fmap.shape[2:]).to(fmap.device)
+                for j in range(fmap.shape[0]):
+                    flat_labels = small[j].reshape(-1)
+                    valid = torch.nonzero(flat_labels != IGNORE_INDEX).reshape(-1).cpu().numpy()
+                    if len(valid) == 0:
+                        continue
+                    chosen = rng.choice(valid, size=min(per_image, len(valid)), replace=False)
+                    chosen_t = torch.as_tensor(chosen, device=fmap.device)
+                    rows = fmap[j].reshape(fmap.shape[1], -1)[:, chosen_t].T
+                    collected[level][0].append(rows.double().cpu().numpy())
+                    collected[level][1].append(flat_labels[chosen_t].cpu().numpy())
+    finally:
+        encoder.train(was_training)
+    out = {}
+    for level, (feats, labs) in collected.items():
+        if not feats:
+            raise DataError("no annotated pixels to score: every sampled label is unannotated (255)")
+        out[level] = (np.concatenate(feats), np.concatenate(labs))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Linear probe
+
+
+def default_probe_level(strides: Sequence[int]) -> int:
+    """The level whose stride is closest to 4 (fine enough for masks, coarse enough to be semantic)."""
+    return int(np.argmin([abs(math.log2(max(s, 1)) - 2.0) for s in strides]))
+
+
+def _foreground_dice(prediction: torch.Tensor, target: torch.Tensor, n_classes: int) -> float:
+    """Mean over foreground classes of the Dice pooled over all held-out pixels (annotated ones);
+    a class absent from both prediction and target counts as 1."""
+    valid = target != IGNORE_INDEX
+    scores = []
+    for cls in range(1, n_classes):
+        p = (prediction == cls) & valid
+        t = (target == cls) & valid
+        total = int(p.sum() + t.sum())
+        scores.append(1.0 if total == 0 else 2.0 * int((p & t).sum()) / total)
+    return float(np.mean(scores)) if scores else math.nan
+
+
+def linear_probe_dice(encoder: torch.nn.Module, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
+                      n_classes: int, level: Optional[int] = None, steps: int = 300, lr: float = 0.01,
+                      held_out: float = 0.25, seed: int = 0, batch_size: int = 16, device="auto") -> float:
+    """Dice of a 1x1 convolution trained on the frozen features of ``level`` (bilinearly upsampled to the
+    mask), for ``steps`` full-batch Adam steps on cross-entropy; evaluated on a seeded ``held_out`` share
+    of the images (at least one)."""
+    images = torch.as_tensor(images, dtype=torch.float32)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    n = images.shape[0]
+    if n < 2:
+        raise DataError(f"linear probe: needs at least 2 images (train + held out), got {n}")
+    if level is None:
+        level = default_probe_level(encoder.strides)
+    dev = _device(device)
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.inference_mode():
+            feats = torch.cat([_batch_features(encoder, images[s:s + batch_size], dev)[level].float()
+                               for s in range(0, n, batch_size)])
+    finally:
+        encoder.train(was_training)
+    feats = feats.clone()  # a normal tensor (inference tensors cannot enter autograd)
+    # Standardise channels on the training images so that one learning rate suits every encoder.
+    order = np.random.default_rng(np.random.SeedSequence([int(seed), n, 19])).permutation(n)
+    n_test = min(n - 1, max(1, int(round(held_out * n))))
+    test_idx, train_idx = torch.as_tensor(order[:n_test]), torch.as_tensor(order[n_test:])
+    dims = [0] + list(range(2, feats.ndim))
+    mean = feats[train_idx].mean(dim=dims, keepdim=True)
+    std = feats[train_idx].std(dim=dims, keepdim=True).clamp_min(1e-6)
+    feats = (feats - mean) / std
+    conv = (torch.nn.Conv2d if feats.ndim == 4 else torch.nn.Conv3d)(feats.shape[1], n_classes, kernel_size=1)
+    gen = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        conv.weight.normal_(0.0, 0.01, generator=gen)
+        conv.bias.zero_()
+    conv = conv.to(dev)
+    mode = "bilinear" if feats.ndim == 4 else "trilinear"
+    size = tuple(labels.shape[1:])
+    x_train, y_train = feats[train_idx].to(dev), labels[train_idx].to(dev)
+    optimizer = torch.optim.Adam(conv.parameters(), lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            logits = F.interpolate(conv(x_train), size=size, mode=mode, align_corners=False)
+            loss = F.cross_entropy(logits, y_train, ignore_index=IGNORE_INDEX)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        logits = F.interpolate(conv(feats[test_idx].to(dev)), size=size, mode=mode, align_corners=False)
+        prediction = logits.argmax(dim=1)
+    return _foreground_dice(prediction.cpu(), labels[test_idx], n_classes)
+
+
+# --------------------------------------------------------------------------------------------------
+# All baselines for one checkpoint
+
+
+def baseline_scores(encoder: torch.nn.Module, images: np.ndarray, labels: np.ndarray, n_classes: int, *,
+                    methods: Sequence[str] = ("logme", "hscore", "linear_probe"),
+                    levels: Optional[Sequence[int]] = None, max_pixels: int = 20000, probe_steps: int = 300,
+                    probe_level: Optional[int] = None, seed: int = 0, batch_size: int = 16,
+                    device="auto") -> list[dict]:
+    """Rows ``{metric, level, score, higher_is_better, n_samples}``: LogME and H-score at every level in
+    ``levels`` (None = all), the linear probe at ``probe_level``."""
+    unknown = set(methods) - {"logme", "hscore", "linear_probe"}
+    if unknown:
+        raise ConfigError(f"baselines: unknown method(s) {sorted(unknown)}; use logme, hscore, linear_probe")
+    n_levels = len(encoder.channels)
+    chosen = list(range(n_levels)) if levels is None else [lv + n_levels if lv < 0 else lv for lv in levels]
+    rows = []
+    pixel_methods = [m for m in methods if m in ("logme", "hscore")]
+    if pixel_methods:
+        samples = pixel_features(encoder, images, labels, chosen, max_pixels=max_pixels, seed=seed,
+                                 batch_size=batch_size, device=device)
+        for level, (feats, labs) in samples.items():
+            for method in pixel_methods:
+                try:
+                    value = logme(feats, labs) if method == "logme" else h_score(feats, labs)
+                except DataError as exc:
+                    log.warning("%s at level %d: %s", method, level, exc)
+                    value = math.nan
+                rows.append({"metric": method, "level": level, "score": value, "higher_is_better": True,
+                             "n_samples": len(labs)})
+    if "linear_probe" in methods:
+        level = default_probe_level(encoder.strides) if probe_level is None else probe_level
+        level = level + n_levels if level < 0 else level
+        value = linear_probe_dice(encoder, images, labels, n_classes, level=level, steps=probe_steps, seed=seed,
+                                  batch_size=batch_size, device=device)
+        rows.append({"metric": "linear_probe_dice", "level": level, "score": value, "higher_is_better": True,
+                     "n_samples": len(images)})
+    return rows

@@ -1,0 +1,152 @@
+"""predict: a tiny saved model applied to 2D files and 3D NIfTI volumes; bad inputs are reported and skipped."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from medxfer.config import RunConfig, config_to_dict, parse_config
+from medxfer.errors import CheckpointError, DataError
+from medxfer.models.weights import save_model_weights
+from medxfer.predict import load_trained_model, predict
+from medxfer.sweep.store import write_record
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def save_run(run_dir, preset: str, spatial_dims: int, normalization: str = "minmax",
+             calibrate: np.ndarray | None = None) -> torch.nn.Module:
+    """A run folder as finetune leaves it: model.pt + model.json + result.json (untrained tiny model).
+    ``calibrate``: a normalised input on which the head bias is set so that half the pixels are foreground."""
+    from medxfer.models import build_segmenter
+
+    torch.manual_seed(0)
+    spec = {"preset": preset, "width": 4, "depth": 3, "in_channels": 1, "n_classes": 2, "options": {}}
+    model = build_segmenter(spec).eval()
+    if calibrate is not None:
+        with torch.no_grad():
+            logits = model(torch.from_numpy(calibrate)[None, None])[0]
+            model.head.bias[1] -= (logits[1] - logits[0]).median()
+    save_model_weights(model, run_dir / "model.pt", manifest={"model": spec})
+    config = parse_config({"data": {"spatial_dims": spatial_dims, "normalization": normalization},
+                           "model": {"preset": preset, "width": 4, "depth": 3}}, RunConfig)
+    write_record(run_dir, {"kind": "finetune", "status": "done", "run_id": "tiny", "config": config_to_dict(config)})
+    return model.eval()
+
+
+def test_predict_2d_folder_writes_masks_in_the_input_format(tmp_path):
+    rng = np.random.default_rng(0)
+    npy = rng.normal(0, 1, (32, 48)).astype(np.float32)
+    x = (npy - npy.min()) / (npy.max() - npy.min())  # min-max normalisation, as the run's config says
+    model = save_run(tmp_path / "run", "unet", 2, calibrate=x)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    png = (rng.random((37, 45)) * 255).astype(np.uint8)  # not a multiple of the stride: padded and cropped
+    Image.fromarray(png).save(inputs / "a.png")
+    rgb = (rng.random((20, 24, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(inputs / "b.jpg")
+    tif = rng.normal(100, 20, (40, 40)).astype(np.float32)
+    tifffile.imwrite(inputs / "c.tif", tif)
+    np.save(inputs / "d.npy", npy)
+    (inputs / "broken.png").write_bytes(PNG_SIGNATURE + b"not really a png")
+    (inputs / "notes.txt").write_text("not an image")
+
+    out = tmp_path / "out"
+    summary = predict(tmp_path / "run", inputs, out)
+
+    assert [f["input"] for f in summary["failed"]] == [str(inputs / "broken.png")]
+    assert "broken.png" in summary["failed"][0]["error"]
+    assert len(summary["written"]) == 4 and summary["settings"]["source"] == "result.json"
+    masks = {
+        "a": np.asarray(Image.open(out / "a_mask.png")),
+        "b": np.asarray(Image.open(out / "b_mask.png")),  # jpg input: a lossless png mask
+        "c": tifffile.imread(out / "c_mask.tif"),
+        "d": np.load(out / "d_mask.npy"),
+    }
+    assert masks["a"].shape == png.shape and masks["b"].shape == rgb.shape[:2]
+    assert masks["c"].shape == tif.shape and masks["d"].shape == npy.shape
+    for stem, mask in masks.items():
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+        overlay = (out / f"{stem}_overlay.png").read_bytes()
+        assert overlay[:8] == PNG_SIGNATURE
+        Image.open(out / f"{stem}_overlay.png").load()
+    # Same preprocessing as in training: min-max normalisation (the run's config), then softmax > 0.5.
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.from_numpy(x)[None, None]), dim=1)[0, 1].numpy()
+    np.testing.assert_array_equal(masks["d"], (probs > 0.5).astype(np.uint8))
+    assert 0 < masks["d"].mean() < 1
+    written = json.loads((out / "predict_summary.json").read_text())
+    assert written["failed"] == summary["failed"] and len(written["written"]) == 4
+
+
+def test_predict_nifti_keeps_shape_and_affine(tmp_path):
+    save_run(tmp_path / "run", "unet3d", 3)
+    affine = np.array([[0.8, 0, 0, -10.0], [0, 0.8, 0, 5.0], [0, 0, 2.5, 30.0], [0, 0, 0, 1]])
+    volume = np.random.default_rng(1).normal(50, 10, (14, 16, 10)).astype(np.float32)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    nib.save(nib.Nifti1Image(volume, affine), inputs / "ct.nii.gz")
+    nib.save(nib.Nifti1Image(volume[:12, :12, :8], affine), inputs / "small.nii")
+    (inputs / "corrupt.nii.gz").write_bytes(b"\x1f\x8b garbage")
+
+    summary = predict(tmp_path / "run" / "model.pt", inputs, tmp_path / "out")
+
+    assert [f["input"].rsplit("/", 1)[-1] for f in summary["failed"]] == ["corrupt.nii.gz"]
+    mask = nib.load(tmp_path / "out" / "ct_mask.nii.gz")
+    assert mask.shape == volume.shape and np.allclose(mask.affine, affine)
+    assert np.asarray(mask.dataobj).dtype == np.uint8
+    small = nib.load(tmp_path / "out" / "small_mask.nii")
+    assert small.shape == (12, 12, 8) and np.allclose(small.affine, affine)
+    assert (tmp_path / "out" / "ct_overlay.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_2d_model_segments_a_volume_slice_by_slice_in_the_loader_axes(tmp_path):
+    rng = np.random.default_rng(2)
+    volume = rng.normal(0, 1, (24, 16, 3)).astype(np.float32)  # NIfTI [i, j, k]: 3 slices of (H, W) = (16, 24)
+    first = volume[:, :, 0].T
+    model = save_run(tmp_path / "run", "unet", 2, calibrate=(first - first.min()) / (first.max() - first.min()))
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    affine = np.diag([1.5, 1.5, 8.0, 1.0])
+    nib.save(nib.Nifti1Image(volume, affine), inputs / "cine.nii.gz")
+    summary = predict(tmp_path / "run", inputs, tmp_path / "out")
+    assert not summary["failed"]
+    mask = nib.load(tmp_path / "out" / "cine_mask.nii.gz")
+    assert mask.shape == volume.shape and np.allclose(mask.affine, affine)
+    voxels = np.asarray(mask.dataobj)
+    for k in range(volume.shape[2]):
+        plane = volume[:, :, k].T  # (H, W) as the ACDC/MSD loaders give it
+        x = (plane - plane.min()) / (plane.max() - plane.min())
+        with torch.no_grad():
+            probs = torch.softmax(model(torch.from_numpy(x)[None, None]), dim=1)[0, 1].numpy()
+        np.testing.assert_array_equal(voxels[:, :, k].T, (probs > 0.5).astype(np.uint8))
+    assert 0 < voxels[:, :, 0].mean() < 1
+
+
+def test_predict_reports_wrong_dimensionality_per_file(tmp_path):
+    save_run(tmp_path / "run", "unet3d", 3)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(inputs / "flat.png")
+    np.save(inputs / "ok.npy", np.random.default_rng(2).random((8, 16, 16)).astype(np.float32))
+    summary = predict(tmp_path / "run", inputs, tmp_path / "out")
+    assert len(summary["written"]) == 1 and np.load(tmp_path / "out" / "ok_mask.npy").shape == (8, 16, 16)
+    assert summary["failed"][0]["input"].endswith("flat.png") and "3D model" in summary["failed"][0]["error"]
+
+
+def test_bad_model_and_missing_inputs_are_one_line_errors(tmp_path):
+    run = tmp_path / "run"
+    save_run(run, "unet", 2)
+    with pytest.raises(DataError, match="not found"):
+        predict(run, tmp_path / "nowhere", tmp_path / "out")
+    (run / "model.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="model.pt"):
+        load_trained_model(run)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_trained_model(tmp_path / "empty")
