@@ -73,6 +73,10 @@ def test_threshold_is_strict():
     assert m["dice index"] == 0.0
     m = binary_metrics(np.array([[0.5, 0.0]]), target, threshold=0.4)
     assert m["dice index"] == 1.0
+    # a two-channel softmax tie is background, as argmax would say
+    probs = np.array([[[0.5, 1.0]], [[0.5, 0.0]]])
+    assert probs.argmax(0)[0, 0] == 0
+    assert segmentation_metrics(probs, target, n_classes=2)["confusion"]["class_1"]["fn"] == 1
 
 
 def test_auc_and_ap_by_hand():

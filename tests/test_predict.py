@@ -101,6 +101,7 @@ def test_predict_nifti_keeps_shape_and_affine(tmp_path):
     mask = nib.load(tmp_path / "out" / "ct_mask.nii.gz")
     assert mask.shape == volume.shape and np.allclose(mask.affine, affine)
     assert np.asarray(mask.dataobj).dtype == np.uint8
+    assert [f["shape"] for f in summary["written"] if f["input"].endswith("ct.nii.gz")] == [list(volume.shape)]
     small = nib.load(tmp_path / "out" / "small_mask.nii")
     assert small.shape == (12, 12, 8) and np.allclose(small.affine, affine)
     assert (tmp_path / "out" / "ct_overlay.png").read_bytes()[:8] == PNG_SIGNATURE
@@ -150,3 +151,46 @@ def test_bad_model_and_missing_inputs_are_one_line_errors(tmp_path):
         load_trained_model(run)
     with pytest.raises(CheckpointError, match="not found"):
         load_trained_model(tmp_path / "empty")
+
+
+def test_predict_reproduces_the_evaluation_of_a_real_finetune_run(tmp_path):
+    """Same preprocessing as in training: predicting the saved test images of a (2-step) demo run gives
+    back the per-image Dice its record holds."""
+    from medxfer.data import load_data
+    from medxfer.evaluation.metrics import segmentation_metrics
+    from medxfer.finetune import run_finetune
+
+    config = parse_config({"data": {"name": "demo", "options": {"domain": "B"}, "train_images": 4},
+                           "model": {"preset": "unet", "width": 4, "depth": 3},
+                           "train": {"strategy": "scratch", "max_steps": 2, "batch_size": 2, "accelerator": "cpu"}},
+                          RunConfig)
+    run = run_finetune(config, tmp_path / "results")
+    recorded = {row["case_id"]: row["dice index"] for row in run.record["metrics"]["target"]["per_image"]}
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    cases = load_data(config.data).test[:3]
+    for case in cases:
+        np.save(inputs / f"{case.case_id}.npy", case.image[0])
+    summary = predict(run.run_dir, inputs, tmp_path / "out")
+    assert len(summary["written"]) == 3
+    for case in cases:
+        mask = np.load(tmp_path / "out" / f"{case.case_id}_mask.npy").astype(np.int64)
+        probs = np.stack([1.0 - mask, mask]).astype(np.float32)
+        dice = segmentation_metrics(probs, case.label, n_classes=2)["dice index"]
+        assert dice == pytest.approx(recorded[case.case_id], abs=1e-9)
+
+
+def test_a_lone_model_file_uses_the_preprocessing_in_its_manifest(tmp_path):
+    from medxfer.models import build_segmenter
+
+    spec = {"preset": "unet", "width": 4, "depth": 3, "in_channels": 1, "n_classes": 2, "options": {}}
+    save_model_weights(build_segmenter(spec), tmp_path / "model.pt",
+                       manifest={"model": spec, "data": {"normalization": "minmax", "percentile_clip": [1, 99],
+                                                         "patch_size": [16, 16], "resize": None,
+                                                         "spatial_dims": 2}})
+    np.save(tmp_path / "big.npy", np.random.default_rng(4).random((40, 56)).astype(np.float32))
+    summary = predict(tmp_path / "model.pt", tmp_path / "big.npy", tmp_path / "out")
+    settings = summary["settings"]
+    assert settings["source"] == "model manifest" and settings["normalization"] == "minmax"
+    assert settings["patch_size"] == [16, 16]  # sliding windows over the larger input
+    assert np.load(tmp_path / "out" / "big_mask.npy").shape == (40, 56)

@@ -130,7 +130,7 @@ def _evaluate_on(model, data_config: DataConfig, config: RunConfig, in_channels:
 
 
 def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = False,
-                 extra_record: Optional[dict[str, Any]] = None) -> RunResult:
+                 extra_record: Optional[dict[str, Any]] = None, callbacks: Optional[list] = None) -> RunResult:
     """Train and evaluate one run under ``out_dir/runs/<run_id>``; a finished run is returned as is,
     an interrupted one resumes from its last Lightning checkpoint."""
     import lightning as L
@@ -164,14 +164,14 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
                             size_multiple=size_multiple, sw_overlap=config.evaluation.sw_overlap,
                             total_steps=total_steps)
     checkpoints = directory / "checkpoints"
-    callbacks: list = [ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=0)]
-    best = None
-    if val_loader is not None:
-        best = ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val_dice", mode="max",
-                               save_top_k=1)
-        callbacks.append(best)
-        if t.early_stopping_patience:
-            callbacks.append(EarlyStopping(monitor="val_dice", mode="max", patience=t.early_stopping_patience))
+    # One checkpoint callback: last.ckpt (for resuming) plus best.ckpt by validation Dice when there is
+    # a validation set (the weights that are evaluated).
+    monitor = "val_dice" if val_loader is not None else None
+    checkpointing = ModelCheckpoint(dirpath=checkpoints, filename="best", monitor=monitor, mode="max",
+                                    save_top_k=1, save_last=True)
+    callbacks = [checkpointing, *(callbacks or [])]
+    if val_loader is not None and t.early_stopping_patience:
+        callbacks.append(EarlyStopping(monitor="val_dice", mode="max", patience=t.early_stopping_patience))
     trainer = L.Trainer(
         default_root_dir=directory, max_epochs=t.max_epochs if t.max_steps <= 0 else -1, max_steps=t.max_steps,
         accelerator=t.accelerator, devices=1, precision=t.precision, callbacks=callbacks, logger=False,
@@ -182,8 +182,8 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
     train_started = time.perf_counter()
     trainer.fit(task, train_loader, val_loader, ckpt_path=str(last) if last.is_file() else None)
     train_s = time.perf_counter() - train_started
-    if best is not None and best.best_model_path:
-        state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+    if monitor is not None and checkpointing.best_model_path:
+        state = torch.load(checkpointing.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         task.load_state_dict(state)
     model = task.model.cpu().eval()
 

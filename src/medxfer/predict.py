@@ -1,17 +1,18 @@
 """Apply a trained model to new images or volumes: ``predict(run_or_model, inputs, out_dir)``.
 
 Inputs: one file or a folder of files (not recursive): ``.png .jpg .jpeg .tif .tiff .npy`` are 2D images
-(read as the ``folders`` loader reads them), ``.nii`` / ``.nii.gz`` are 3D volumes (``.tif``/``.npy``
-holding a ``(D, H, W)`` array are volumes too when the model is 3D). Preprocessing is the run's own:
-normalisation, percentile clip, resize, patch size (sliding-window inference) and threshold come from
-the run's ``result.json`` (its resolved config), else from a ``preprocessing`` entry of the model
-manifest, else from the defaults (with a warning).
+(read as the ``folders`` loader reads them), ``.nii`` / ``.nii.gz`` are volumes (read as the ``msd``
+loader reads them; a 2D model segments them slice by slice), and ``.tif``/``.npy`` holding a
+``(D, H, W)`` array are volumes when the model is 3D. Preprocessing is the run's own: normalisation,
+percentile clip, resize, patch size (sliding-window inference) and threshold come from the run's
+``result.json`` (its resolved config), else from the ``data`` entry of the model manifest, else from the
+defaults (with a warning).
 
 Outputs, per input ``<stem>``: ``<stem>_mask.<ext>`` holding class indices (0 = background, uint8) in the
-input's format (PNG for png/jpg, TIFF for tif, npy for npy, NIfTI with the input's affine and header
-for NIfTI, voxel axes as in the input file; a 2D model segments a volume slice by slice) and ``<stem>_overlay.png`` (contours per class; the slice with most foreground of a volume),
-plus ``predict_summary.json``. A file that cannot be read or predicted is logged, listed under
-``failed`` in the summary and skipped; the other files are still written.
+input's format (PNG for png/jpg, TIFF for tif, npy for npy, NIfTI with the input's affine, header and
+voxel axes for NIfTI) and ``<stem>_overlay.png`` (contours per class; for a volume the slice with most
+foreground), plus ``predict_summary.json``. A file that cannot be read or predicted is logged, listed
+under ``failed`` in the summary and skipped; the other files are still written.
 """
 
 from __future__ import annotations
@@ -239,8 +240,8 @@ def _fit_channels(image: np.ndarray, in_channels: int, path: Path) -> np.ndarray
     raise DataError(f"{path}: image has {image.shape[0]} channels, the model takes {in_channels}")
 
 
-def _mask_bytes(mask: np.ndarray, meta: dict[str, Any], path: Path) -> tuple[bytes, str]:
-    """The encoded mask file and its suffix, in the input's format."""
+def _mask_bytes(mask: np.ndarray, meta: dict[str, Any], path: Path) -> tuple[bytes, str, tuple[int, ...]]:
+    """The encoded mask file, its suffix and the shape stored in it, in the input's format."""
     buffer = io.BytesIO()
     kind = meta["format"]
     if kind == "nifti":
@@ -256,19 +257,19 @@ def _mask_bytes(mask: np.ndarray, meta: dict[str, Any], path: Path) -> tuple[byt
         image.header.set_slope_inter(1, 0)
         data = image.to_bytes()
         gz = _suffix(path) == ".nii.gz"
-        return (gzip.compress(data) if gz else data), (".nii.gz" if gz else ".nii")
+        return (gzip.compress(data) if gz else data), (".nii.gz" if gz else ".nii"), voxels.shape
     if kind == "tiff":
         import tifffile
 
         tifffile.imwrite(buffer, mask)
-        return buffer.getvalue(), ".tif"
+        return buffer.getvalue(), ".tif", mask.shape
     if kind == "npy":
         np.save(buffer, mask, allow_pickle=False)
-        return buffer.getvalue(), ".npy"
+        return buffer.getvalue(), ".npy", mask.shape
     from PIL import Image
 
     Image.fromarray(mask).save(buffer, format="PNG")  # png also for jpg inputs: masks must be lossless
-    return buffer.getvalue(), ".png"
+    return buffer.getvalue(), ".png", mask.shape
 
 
 # -------------------------------------------------------------------------------------------- predict
@@ -293,7 +294,10 @@ def predict(model_path_or_run_dir: str | Path, inputs: str | Path, out_dir: str 
     files = list_inputs(inputs)
     mask_dtype = np.uint8 if model.n_classes <= 256 else np.uint16
     written, failed = [], []
-    for path in files:
+    stems = [_stem(p) for p in files]
+    for path, stem in zip(files, stems):
+        if stems.count(stem) > 1:  # a.png and a.jpg: keep the outputs apart
+            stem = path.name.replace(".", "_")
         try:
             image, meta = read_input(path, spatial_dims)
             image = _fit_channels(image, model.encoder.in_channels, path)
@@ -304,13 +308,13 @@ def predict(model_path_or_run_dir: str | Path, inputs: str | Path, out_dir: str 
                 raise DataError(f"{path}: a {spatial_dims}D model cannot take an image of shape {image.shape}")
             else:
                 mask = label_map(probabilities(model, image, settings), settings["threshold"]).astype(mask_dtype)
-            data, suffix = _mask_bytes(mask, meta, path)
-            mask_path = out_dir / f"{_stem(path)}_mask{suffix}"
+            data, suffix, stored_shape = _mask_bytes(mask, meta, path)
+            mask_path = out_dir / f"{stem}_mask{suffix}"
             atomic_write_bytes(mask_path, data)
-            entry = {"input": str(path), "mask": str(mask_path), "shape": list(mask.shape),
+            entry = {"input": str(path), "mask": str(mask_path), "shape": list(stored_shape),
                      "foreground_fraction": float((mask > 0).mean())}
             if overlays:
-                overlay_path = out_dir / f"{_stem(path)}_overlay.png"
+                overlay_path = out_dir / f"{stem}_overlay.png"
                 atomic_write_bytes(overlay_path, png_bytes(overlay_figure(image, mask, model.n_classes, path.name)))
                 entry["overlay"] = str(overlay_path)
             written.append(entry)

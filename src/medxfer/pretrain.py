@@ -305,7 +305,9 @@ def collect_hooks(callbacks: Sequence[Any], hooks: Sequence[CheckpointHook]) -> 
 
 
 @dataclass
-class _Setup:
+class PretrainSetup:
+    """What a run trains: the Lightning module, its loaders, the checkpoint scorer, and what to record."""
+
     module: Any
     train_loader: Any
     val_loader: Any
@@ -326,7 +328,7 @@ def _total_steps(config: PretrainConfig, steps_per_epoch: int) -> int:
     return longest * steps_per_epoch if config.schedule.unit == "epoch" else longest
 
 
-def _classification_setup(config: PretrainConfig, recipe: dict[str, Any], data=None) -> _Setup:
+def _classification_setup(config: PretrainConfig, recipe: dict[str, Any], data=None) -> PretrainSetup:
     from torch.utils.data import DataLoader
 
     from medxfer.data.imagenet import AugmentationRecipe, load_imagenet, load_natural
@@ -376,7 +378,7 @@ def _classification_setup(config: PretrainConfig, recipe: dict[str, Any], data=N
         result = pl_module.evaluate(val_loader)
         return {"val_accuracy": result["accuracy"], "val_loss": result["loss"]}
 
-    return _Setup(module, train_loader, val_loader, score, data.name, len(data.train), len(data.val), False,
+    return PretrainSetup(module, train_loader, val_loader, score, data.name, len(data.train), len(data.val), False,
                   {"n_classes": data.n_classes, "class_names": data.class_names})
 
 
@@ -432,7 +434,7 @@ def check_sparse_cases(data, train_cases) -> dict[str, Any]:
             "partially_annotated_cases": partial}
 
 
-def _segmentation_setup(config: PretrainConfig, recipe: dict[str, Any], data=None) -> _Setup:
+def _segmentation_setup(config: PretrainConfig, recipe: dict[str, Any], data=None) -> PretrainSetup:
     from monai.data import DataLoader
 
     from medxfer.data import load_data, select_subset
@@ -502,7 +504,7 @@ def _segmentation_setup(config: PretrainConfig, recipe: dict[str, Any], data=Non
         dice = sparse_dice(pl_module.model, val_loader, data.n_classes, d.patch_size, size_multiple)
         return {"val_accuracy": None, "val_dice": None if math.isnan(dice) else dice}
 
-    return _Setup(module, train_loader, val_loader, score, data.name, len(train_cases), len(data.val), True,
+    return PretrainSetup(module, train_loader, val_loader, score, data.name, len(train_cases), len(data.val), True,
                   {"n_classes": data.n_classes, "class_names": list(data.class_names), "annotation": annotation,
                    "loss": t.loss, "train_case_ids": [c.case_id for c in train_cases]})
 
@@ -584,6 +586,14 @@ def _guard_folder(out: Path, config: PretrainConfig, identity: str) -> None:
 # The run
 
 
+def prepare_pretraining(config: PretrainConfig, data: Any = None) -> PretrainSetup:
+    """Seed, load the data and build the Lightning module of ``config`` (``data`` as in run_pretraining)."""
+    seed_everything(config.seed)
+    recipe = resolve_recipe(config)
+    setup = _classification_setup if config.task == "classification" else _segmentation_setup
+    return setup(config, recipe, data)
+
+
 def run_pretraining(config: PretrainConfig, out_dir: str | Path, callbacks: Optional[Sequence[Any]] = None,
                     progress: bool = False, *, hooks: Optional[Sequence[CheckpointHook]] = None,
                     data: Any = None) -> PretrainResult:
@@ -607,9 +617,8 @@ def run_pretraining(config: PretrainConfig, out_dir: str | Path, callbacks: Opti
         return PretrainResult(out, out / CHECKPOINT_DIR, read_checkpoints(out), record)
 
     started = time.perf_counter()
-    seed_everything(config.seed)
     recipe = resolve_recipe(config)
-    setup = (_classification_setup if config.task == "classification" else _segmentation_setup)(config, recipe, data)
+    setup = prepare_pretraining(config, data)
     callbacks = list(callbacks or [])
     base_manifest = {
         "task": config.task, "scheme": config.scheme, "architecture": config.model.preset,

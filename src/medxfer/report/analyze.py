@@ -371,6 +371,7 @@ class AnalysisResult:
     groups: pd.DataFrame  # one row per (group, rule)
     lodo: pd.DataFrame  # leave-one-dataset-out selection, one row per held-out dataset
     best_rule: Optional[str]
+    curves: pd.DataFrame = field(default_factory=pd.DataFrame)  # Dice and the selected variant per length
     paths: dict[str, Path] = field(default_factory=dict)
 
 
@@ -413,7 +414,12 @@ def analyze(downstream: pd.DataFrame | str | Path, robustness: pd.DataFrame | st
     summary = pd.concat([pd.DataFrame(selection_rows), summary], ignore_index=True)
     summary = summary.assign(_order=summary["family"].map(family_order).fillna(9)).sort_values(
         ["_order", "regret_mean", "rule"], kind="stable").drop(columns="_order").reset_index(drop=True)
-    result = AnalysisResult(summary, groups, lodo, best)
+    curves = pd.DataFrame()
+    if best is not None:
+        variant = groups.loc[groups["rule"] == best, "variant"].iloc[0]
+        selected = scores.loc[scores["variant"] == variant, ["encoder_key", "dataset_key", "scheme_key", "length", "score"]]
+        curves = down.merge(selected, on=["encoder_key", "dataset_key", "scheme_key", "length"]).sort_values("length")
+    result = AnalysisResult(summary, groups, lodo, best, curves)
     if out_dir is not None:
         result.paths = write_outputs(result, Path(out_dir), figures=figures)
     return result
@@ -472,7 +478,6 @@ def write_figures(result: AnalysisResult, folder: Path, max_panels: int = 12) ->
         cols = min(3, len(panels))
         rows = math.ceil(len(panels) / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-        series = getattr(result, "_series", None)
         for ax, (_, row) in zip(axes.flat, panels.iterrows()):
             ax.set_title(f"{row['model']} | {row['dataset']} | {row['scheme_key'] or '-'}"
                          f"{' | frozen' if row['frozen'] else ''}", fontsize=8)
@@ -480,14 +485,14 @@ def write_figures(result: AnalysisResult, folder: Path, max_panels: int = 12) ->
             ax.axvline(row["best_length"], color="tab:green", ls=":", lw=1, label="best Dice")
             ax.set_xlabel("pretraining length")
             ax.set_ylabel("Dice")
-            if series is not None:
-                key = (row["model"], row["dataset_key"], row["scheme_key"], row["frozen"])
-                if key in series:
-                    lengths, dice, score = series[key]
-                    ax.plot(lengths, dice, "o-", color="tab:green", ms=3)
-                    twin = ax.twinx()
-                    twin.plot(lengths, score, "s-", color="tab:blue", ms=3)
-                    twin.set_ylabel("score", color="tab:blue")
+            c = result.curves
+            curve = c[(c["model"] == row["model"]) & (c["dataset_key"] == row["dataset_key"])
+                      & (c["scheme_key"] == row["scheme_key"]) & (c["frozen"] == row["frozen"])]
+            if len(curve):
+                ax.plot(curve["length"], curve["dice"], "o-", color="tab:green", ms=3)
+                twin = ax.twinx()
+                twin.plot(curve["length"], curve["score"], "s-", color="tab:blue", ms=3)
+                twin.set_ylabel("score", color="tab:blue")
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
         fig.suptitle(f"selected: {result.best_rule}", fontsize=9)

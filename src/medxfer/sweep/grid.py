@@ -14,13 +14,14 @@ import itertools
 import json
 import logging
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from pydantic import Field, PrivateAttr, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, field_validator
 
-from medxfer.config import (PretrainConfig, RunConfig, StrictModel, config_to_dict, parse_config, read_yaml,
+from medxfer.config import (PretrainConfig, PretrainedConfig, RunConfig, StrictModel, config_to_dict, parse_config, read_yaml,
                             resolve_paths)
 from medxfer.errors import ConfigError
 from medxfer.io import stable_hash
@@ -125,12 +126,26 @@ def format_axes(axes: dict[str, Any]) -> str:
     return ", ".join(f"{k}={format_value(v)}" for k, v in axes.items()) or "(base)"
 
 
+def _submodel(annotation: Any) -> Optional[type]:
+    """The pydantic model a field holds (``Optional[DataConfig]`` -> DataConfig), or None."""
+    candidates = (annotation, *typing.get_args(annotation))
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+
+
 def _check_path(path: str, source: str, where: str) -> None:
-    """An unknown first component is a typo: say so now instead of for every combination."""
-    head = path.split(".")[0]
-    if head not in RunConfig.model_fields:
-        known = ", ".join(sorted(set(AXIS_ALIASES) | set(RunConfig.model_fields)))
-        raise ConfigError(f"{source}: {where}: unknown axis or key {path!r} (aliases and sections: {known})")
+    """A typo in an axis name is reported once, naming the axis, instead of once per combination."""
+    model: Optional[type] = RunConfig
+    for depth, key in enumerate(path.split(".")):
+        if model is None:  # inside a free-form mapping (``options``): any key is allowed
+            return
+        if model is PretrainedConfig and key == FROM_KEY:
+            return
+        if key not in model.model_fields:
+            if depth == 0:
+                known = ", ".join(sorted(set(AXIS_ALIASES) | set(RunConfig.model_fields)))
+                raise ConfigError(f"{source}: {where}: unknown axis or key {path!r} (aliases and sections: {known})")
+            raise ConfigError(f"{source}: {where}: unknown key {key!r} in {path!r}")
+        model = _submodel(model.model_fields[key].annotation)
 
 
 def _resolve_value_paths(path: str, value: Any, base_dir: Path) -> Any:

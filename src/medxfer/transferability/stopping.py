@@ -20,7 +20,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -148,23 +148,20 @@ def recommend_for_folder(config: ScoreConfig, folder: str | Path | None = None,
 class RobustnessEarlyStopping(_Callback):
     """Score the pretraining encoder on target images at each scheduled checkpoint; stop when the rule fires.
 
-    Two ways to drive it:
-
-    - the pretraining loop calls :meth:`on_encoder_checkpoint` (trainer, module, length, path) right after
-      it saves the checkpoint of ``length``: the score is that checkpoint's;
-    - or, with ``schedule`` (lengths in epochs), the callback scores by itself at the end of every epoch
-      whose count is in the schedule (and before training when 0 is in it).
-
-    Every variant of ``score_config`` is computed from the same two passes and kept in :attr:`table`
-    (robustness.csv columns); the variant of ``score_config.stop`` is logged (``robustness`` metric) and
-    drives the stop. The online stop uses the patience rule (argmin needs the whole run); the final
-    recommendation (:attr:`recommendation`) uses ``stop.rule``. ``csv_path`` (optional) is rewritten
-    atomically after every checkpoint.
+    It follows :mod:`medxfer.pretrain`'s checkpoint-hook protocol: pass it in ``callbacks=`` of
+    :func:`medxfer.pretrain.run_pretraining`, which calls :meth:`on_checkpoint` (length, encoder,
+    manifest) at every scheduled length with the encoder in eval mode. Every variant of ``score_config``
+    comes from the same two encoder passes and is kept in :attr:`table` (robustness.csv columns; rewritten
+    atomically to ``csv_path`` after every checkpoint when given); the variant of ``score_config.stop``
+    goes into the checkpoint manifest (``robustness``), the Lightning logger (when the trainer has one)
+    and the log, and drives the stop: once the patience rule fires, the hook returns ``"stop": True``
+    and pretraining ends after this checkpoint. (``argmin`` needs the whole run, so the online stop
+    always uses the patience rule; :attr:`recommendation` applies ``stop.rule`` to the scores so far.)
     """
 
     def __init__(self, images: np.ndarray, score_config: ScoreConfig, *, dataset: str = "target",
                  encoder_name: Optional[str] = None, pretraining_scheme: Optional[str] = None,
-                 schedule: Optional[Sequence[int]] = None, csv_path: str | Path | None = None):
+                 csv_path: str | Path | None = None):
         super().__init__()
         if len(images) < 2:
             raise DataError(f"online robustness score: needs at least 2 target images, got {len(images)}")
@@ -173,11 +170,11 @@ class RobustnessEarlyStopping(_Callback):
         self.dataset = dataset
         self.encoder_name = encoder_name
         self.pretraining_scheme = pretraining_scheme
-        self.schedule = None if schedule is None else sorted({int(s) for s in schedule})
         self.csv_path = Path(csv_path) if csv_path is not None else None
         self.history: dict[float, float] = {}
         self.tables: list[pd.DataFrame] = []
         self.stopped_at: Optional[float] = None
+        self._trainer = None
 
     @classmethod
     def from_config(cls, score_config: ScoreConfig, **kwargs: Any) -> "RobustnessEarlyStopping":
@@ -209,20 +206,20 @@ class RobustnessEarlyStopping(_Callback):
         """True once the patience rule fires on the scores so far."""
         if len(self.history) <= self.config.stop.patience:
             return False
-        rec = recommend_checkpoint(self.history, "patience", self.config.stop.patience,
-                                   min_delta=self.config.stop.min_delta)
-        return rec.fired
+        return recommend_checkpoint(self.history, "patience", self.config.stop.patience,
+                                    min_delta=self.config.stop.min_delta).fired
 
     # -- scoring -------------------------------------------------------------------------------------
-    def score_encoder(self, encoder, length: float, checkpoint: str | Path | None = None) -> float:
+    def score_encoder(self, encoder, length: float, manifest: Optional[dict] = None) -> float:
         """Score ``encoder`` as the checkpoint of ``length``; record and return the stop variant's score."""
         from medxfer.transferability.robustness import augmentation_id, score_checkpoint
 
+        manifest = manifest or {}
         table = score_checkpoint(encoder, self.images, self.config)
-        table = table.assign(dataset=self.dataset, encoder=self.encoder_name or getattr(encoder, "name", "encoder"),
-                             pretraining_scheme=self.pretraining_scheme or "", pretraining_length=length,
-                             checkpoint=str(checkpoint) if checkpoint is not None else "", seed=self.config.seed,
-                             augmentation=augmentation_id(self.config.augment))
+        table = table.assign(
+            dataset=self.dataset, encoder=self.encoder_name or getattr(encoder, "name", "encoder"),
+            pretraining_scheme=self.pretraining_scheme or manifest.get("scheme") or "", pretraining_length=length,
+            checkpoint="", seed=self.config.seed, augmentation=augmentation_id(self.config.augment))
         self.tables = [t for t in self.tables if float(t["pretraining_length"].iloc[0]) != float(length)] + [table]
         value = float(select_variant(table, self.config.stop)["robustness"].iloc[0])
         self.history[float(length)] = value
@@ -233,48 +230,42 @@ class RobustnessEarlyStopping(_Callback):
         log.info("robustness at pretraining length %s: %.4f", length, value)
         return value
 
-    def on_encoder_checkpoint(self, trainer, pl_module, length: float, path: str | Path | None = None) -> bool:
-        """The pretraining loop's hook: score the module's encoder, log, and stop when the rule fires.
-        Returns True when it asked the trainer to stop."""
-        from medxfer.models.weights import get_encoder
-
-        value = self.score_encoder(get_encoder(pl_module), length, path)
-        self._log(trainer, value, length)
+    def on_checkpoint(self, length: int, encoder, manifest: dict) -> dict[str, Any]:
+        """The pretraining loop's checkpoint hook (see :mod:`medxfer.pretrain`)."""
+        value = self.score_encoder(encoder, length, manifest)
+        self._log(value, length)
+        stop = self.config.stop
+        returned: dict[str, Any] = {
+            "robustness": value,
+            "robustness_variant": {"metric": stop.metric, "margin": stop.margin, "level": stop.level,
+                                   "pooled": stop.pooled},
+        }
         if self.should_stop:
             self.stopped_at = float(length)
-            rec = recommend_checkpoint(self.history, "patience", self.config.stop.patience,
-                                       min_delta=self.config.stop.min_delta)
+            best = recommend_checkpoint(self.history, "patience", stop.patience, min_delta=stop.min_delta)
             log.info("robustness has not improved for %d checkpoints: stopping pretraining at length %s "
-                     "(best: length %s)", self.config.stop.patience, length, rec.length)
-            if trainer is not None:
-                trainer.should_stop = True
-            return True
-        return False
+                     "(best: length %s)", stop.patience, length, best.length)
+            returned["stop"] = True
+            returned["robustness_best_length"] = best.length
+        return returned
 
-    def _log(self, trainer, value: float, length: float) -> None:
-        logger = getattr(trainer, "logger", None) if trainer is not None else None
+    def _log(self, value: float, length: float) -> None:
+        logger = getattr(self._trainer, "logger", None)
         if logger is not None:
             try:
                 logger.log_metrics({"robustness": value, "robustness_length": float(length)},
-                                   step=int(getattr(trainer, "global_step", 0)))
+                                   step=int(getattr(self._trainer, "global_step", 0)))
             except Exception as exc:  # a logger failing must not end the pretraining
                 log.warning("could not log the robustness score: %s", exc)
 
-    # -- Lightning hooks (only with ``schedule``) ------------------------------------------------------
-    def on_train_start(self, trainer, pl_module) -> None:
-        if self.schedule and 0 in self.schedule and 0.0 not in self.history:
-            self.on_encoder_checkpoint(trainer, pl_module, 0)
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self.schedule is None:
-            return
-        epochs = int(trainer.current_epoch) + 1
-        if epochs in self.schedule:
-            self.on_encoder_checkpoint(trainer, pl_module, epochs)
+    # -- Lightning -------------------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": {str(k): v for k, v in self.history.items()}, "stopped_at": self.stopped_at}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # A resumed pretraining run keeps the scores of the checkpoints scored before the interruption.
         self.history = {float(k): float(v) for k, v in state_dict.get("history", {}).items()}
         self.stopped_at = state_dict.get("stopped_at")

@@ -1,0 +1,163 @@
+import json
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from medxfer.config import DataConfig, ModelConfig, PretrainedConfig, RunConfig, TrainConfig
+from medxfer.data import load_data
+from medxfer.data.patches import predict_logits
+from medxfer.evaluation.evaluate import evaluate_cases
+from medxfer.finetune import build_model, run_finetune, run_id_for, summary_dice
+from medxfer.io import seed_everything
+from medxfer.models import build_segmenter, save_encoder
+from medxfer.sweep.store import REFERENCE_COLUMNS, collect
+from medxfer.training.strategies import apply_strategy
+
+TINY = ModelConfig(preset="unet", width=4, depth=3)
+
+
+def tiny_config(pretrained=None, **train) -> RunConfig:
+    return RunConfig(
+        pretrained=pretrained or PretrainedConfig(),
+        data=DataConfig(name="demo", options={"domain": "A"}, train_images=8),
+        model=TINY,
+        train=TrainConfig(**{"strategy": "scratch", "max_epochs": 1, "batch_size": 4, "lr": 3e-3, **train}),
+    )
+
+
+def test_run_beats_an_untrained_model_and_writes_its_record(tmp_path):
+    config = tiny_config(max_epochs=12, batch_size=4, lr=1e-2)
+    run = run_finetune(config, tmp_path)
+    record = json.loads((run.run_dir / "result.json").read_text())
+    assert record["run_id"] == run_id_for(config) == run.run_dir.name
+    assert record["n_train_images"] == 8 and record["loss"]["reason"]
+    dice = summary_dice(record)
+    assert 0.0 <= dice <= 1.0
+    data = load_data(config.data)
+    seed_everything(config.seed)
+    untrained = evaluate_cases(build_model(config, data), data.test, data.n_classes, size_multiple=4)
+    assert dice > untrained.summary["per_image_mean"]["dice index"] + 0.1
+    assert (run.run_dir / "model.pt").is_file() and not (run.run_dir / "checkpoints").exists()
+    table = collect(tmp_path)
+    header = table.read_text().splitlines()[0].split(",")
+    assert header[: len(REFERENCE_COLUMNS)] == REFERENCE_COLUMNS
+    # Same config again: the finished record is reused, not retrained.
+    again = run_finetune(config, tmp_path)
+    assert again.record["finished"] == record["finished"]
+
+
+class Interrupt(L.Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            raise RuntimeError("simulated kill")
+
+
+def test_interrupted_run_resumes_and_writes_one_record(tmp_path):
+    config = tiny_config(max_epochs=3)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run_finetune(config, tmp_path, callbacks=[Interrupt()])
+    run_dir = tmp_path / "runs" / run_id_for(config)
+    assert not (run_dir / "result.json").exists()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert state["global_step"] >= 2  # at least one epoch (2 steps of 4 images) was done before the kill
+    run = run_finetune(config, tmp_path)
+    assert run.record["steps_trained"] == 3 * 2  # exactly the uninterrupted schedule
+    assert len(list((tmp_path / "runs").glob("*/result.json"))) == 1
+
+
+def _parameter_snapshot(module):
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def _changed(before, module):
+    return {name for name, p in module.named_parameters() if not torch.equal(before[name], p.detach())}
+
+
+@pytest.mark.parametrize("strategy,frozen_levels", [("frozen_encoder", 0), ("partial", 2), ("full", 0),
+                                                    ("discriminative", 0)])
+def test_each_strategy_trains_only_what_it_should(strategy, frozen_levels):
+    torch.manual_seed(0)
+    model = build_segmenter(TINY.model_copy(update={"in_channels": 1, "n_classes": 2}))
+    train = TrainConfig(strategy=strategy, frozen_levels=frozen_levels, lr=1e-2, encoder_lr_factor=0.1)
+    groups = apply_strategy(model, train)
+    optimizer = torch.optim.SGD(groups, lr=train.lr)
+    before = _parameter_snapshot(model)
+    model.train()
+    x, y = torch.randn(2, 1, 16, 16), torch.randint(0, 2, (2, 16, 16))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    changed = _changed(before, model)
+    encoder_names = {f"encoder.{n}" for n, _ in model.encoder.named_parameters()}
+    decoder_changed = changed - encoder_names
+    assert decoder_changed, "the decoder must train in every strategy"
+    if strategy == "frozen_encoder":
+        assert not (changed & encoder_names)
+    elif strategy == "partial":
+        frozen = {name for name in encoder_names if not dict(model.named_parameters())[name].requires_grad}
+        assert frozen and not (changed & frozen)
+        assert (changed & encoder_names) - frozen
+    else:
+        assert changed & encoder_names
+    if strategy == "discriminative":
+        lrs = {g["name"]: g["lr"] for g in groups}
+        assert lrs["encoder"] == pytest.approx(lrs["decoder"] * 0.1)
+
+
+def test_patch_inference_reproduces_full_size_outputs():
+    torch.manual_seed(0)
+    model = build_segmenter(TINY.model_copy(update={"in_channels": 1, "n_classes": 2})).eval()
+    x = torch.randn(1, 1, 40, 56)
+    whole = predict_logits(model, x, None, size_multiple=4)
+    assert whole.shape == (1, 2, 40, 56)
+    patched = predict_logits(model, x, patch_size=[16, 16], size_multiple=4, overlap=0.5)
+    assert patched.shape == whole.shape
+    # Far from window borders a fully convolutional model gives the same answer patch-wise and whole.
+    assert torch.corrcoef(torch.stack([patched.flatten(), whole.flatten()]))[0, 1] > 0.9
+
+
+def test_patch_training_runs_with_sliding_window_evaluation(tmp_path):
+    config = tiny_config(max_steps=3).model_copy(update={"data": DataConfig(
+        name="demo", options={"domain": "B"}, train_images=5, patch_size=[32, 32], foreground_ratio=0.9)})
+    run = run_finetune(config, tmp_path)
+    assert run.record["metrics"]["target"]["n_images"] == 8
+    assert run.record["steps_trained"] == 3
+
+
+def test_full_model_and_encoder_starting_points_load(tmp_path):
+    source = run_finetune(tiny_config(max_steps=2), tmp_path)
+    for load in ("full", "encoder_decoder", "encoder"):
+        config = tiny_config(strategy="full", max_steps=1).model_copy(update={
+            "pretrained": PretrainedConfig(checkpoint=source.run_dir / "model.pt", load=load)})
+        seed_everything(0)
+        data = load_data(config.data)
+        from medxfer.finetune import _load_starting_weights
+
+        model = build_model(config, data)
+        info = _load_starting_weights(model, config)
+        assert info["checkpoint"] == str(source.run_dir / "model.pt")
+        reference = build_model(config, data)
+        from medxfer.models import load_model_weights
+
+        load_model_weights(reference, source.run_dir / "model.pt")
+        for (name, p), (_, q) in zip(model.encoder.state_dict().items(), reference.encoder.state_dict().items()):
+            assert torch.equal(p, q), name
+        head, reference_head = model.head.state_dict(), reference.head.state_dict()
+        heads_equal = all(torch.equal(head[k], reference_head[k]) for k in head)
+        assert heads_equal == (load == "full")
+
+
+def test_encoder_checkpoint_folder_with_length(tmp_path):
+    encoder_model = build_segmenter(TINY.model_copy(update={"in_channels": 1, "n_classes": 2}))
+    for length in (0, 3):
+        save_encoder(encoder_model, tmp_path / "ckpt" / f"encoder_len{length:04d}.pt", length=length,
+                     source="test", val_accuracy=0.5 + length / 10, scheme="simple")
+    config = tiny_config(PretrainedConfig(checkpoint=tmp_path / "ckpt", length=3), strategy="frozen_encoder",
+                         max_steps=1)
+    run = run_finetune(config, tmp_path / "out")
+    assert run.record["pretraining"]["length"] == 3
+    assert run.record["pretraining"]["accuracy"] == pytest.approx(0.8)
+    assert run.record["pretraining"]["scheme"] == "simple"
+    assert run.record["freeze_encoder"] is True
