@@ -168,17 +168,29 @@ def sweep(grid: Path = typer.Argument(..., help="Grid file (YAML).")) -> None:
 
 
 @app.command()
-def report(results_dir: Path = typer.Argument(..., help="A results folder.")) -> None:
-    """Write the HTML report and figures of a results folder."""
-    _not_implemented("report")
+def report(results_dir: Path = typer.Argument(..., help="A results folder (runs/ and/or robustness.csv)."),
+           run: Optional[list[str]] = typer.Option(None, "--run", help="Run id for the overlay grid (repeatable).")
+           ) -> None:
+    """Write the HTML report (figures embedded), the PNGs and the summary tables of a results folder."""
+    from medxfer.report import write_report
+
+    console.print(f"wrote {write_report(results_dir, overlay_runs=run or None)}")
 
 
 @app.command()
-def predict(run: Path = typer.Argument(..., help="A run folder or model checkpoint."),
-            inputs: Path = typer.Argument(..., help="An image, a folder, or a dataset layout."),
-            out: Path = typer.Option(..., "--out", help="Output folder.")) -> None:
-    """Apply a trained model to new images or volumes."""
-    _not_implemented("predict")
+def predict(run: Path = typer.Argument(..., help="A run folder or its model.pt."),
+            inputs: Path = typer.Argument(..., help="An image/volume file or a folder of them."),
+            out: Path = typer.Option(..., "--out", help="Output folder."),
+            overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Also write overlay PNGs.")) -> None:
+    """Apply a trained model to new images or volumes; masks in the input's format plus overlays."""
+    from medxfer.predict import predict as run_predict
+
+    summary = run_predict(run, inputs, out, overlays=overlays)
+    console.print(f"{len(summary['written'])} mask(s) written to {out}")
+    for failed in summary["failed"]:
+        typer.echo(f"skipped {failed['input']}: {failed['error']}", err=True)
+    if summary["failed"]:
+        raise typer.Exit(1)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -75,6 +75,7 @@ import logging
 import math
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -110,13 +111,15 @@ SCHEMES: dict[str, dict[str, Any]] = {
 _RECIPE_FIELDS = ("optimizer", "lr", "weight_decay", "scheduler", "warmup_fraction", "label_smoothing",
                   "crop_scale", "color_jitter", "auto_augment")
 # Settings that do not change the result: a resumed run may differ in them.
-_RUNTIME_FIELDS = ("num_workers", "accelerator", "log_every_n_steps")
+_RUNTIME_FIELDS = ("num_workers", "accelerator", "log_every_n_steps", "resume_every_n_steps")
 
 CheckpointHook = Callable[[int, Any, dict], Optional[dict]]
 
 
 @dataclass
 class CheckpointInfo:
+    """One saved checkpoint: its pretraining length, the encoder ``.pt`` file and its manifest."""
+
     length: int
     path: Path
     manifest: dict[str, Any]
@@ -579,7 +582,7 @@ def _guard_folder(out: Path, config: PretrainConfig, identity: str) -> None:
     elif (out / CHECKPOINT_DIR).is_dir() and any((out / CHECKPOINT_DIR).glob("*.pt")):
         raise ConfigError(f"{out / CHECKPOINT_DIR}: holds checkpoints of an unknown run; use another output folder")
     else:
-        atomic_write_json(path, {"config_hash": config_identity(config), "config": config_to_dict(config)})
+        atomic_write_json(path, {"config_hash": identity, "config": config_to_dict(config)})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -653,7 +656,12 @@ def run_pretraining(config: PretrainConfig, out_dir: str | Path, callbacks: Opti
         )
         if last.is_file():
             log.info("resuming pretraining from %s", last)
-        trainer.fit(setup.module, setup.train_loader, ckpt_path=str(last) if last.is_file() else None)
+        with warnings.catch_warnings():
+            # Expected here, not a problem: validation is done by the checkpoint callback, and the resume
+            # folder is meant to be reused.
+            warnings.filterwarnings("ignore", message=".*validation_step.* but have no `val_dataloader`")
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+            trainer.fit(setup.module, setup.train_loader, ckpt_path=str(last) if last.is_file() else None)
         epochs_trained, steps_trained = int(trainer.current_epoch), int(trainer.global_step)
         if scheduled.stop_requested_at is None and not _schedule_done(out, config):
             # A callback set trainer.should_stop itself (allowed by the hook protocol): a stop, like "stop".

@@ -60,7 +60,7 @@ def evaluate_cases(model: torch.nn.Module, cases: Sequence[Case], n_classes: int
 
 def _label_map(probs: np.ndarray, threshold: float) -> np.ndarray:
     if probs.shape[0] == 2:
-        return (probs[1] >= threshold).astype(np.int64)
+        return (probs[1] > threshold).astype(np.int64)  # strict, as in the metric suite
     return probs.argmax(0).astype(np.int64)
 
 
