@@ -10,7 +10,7 @@ import torch
 from medxfer.config import PretrainConfig, RunConfig, parse_config
 from medxfer.errors import ConfigError
 from medxfer.models.weights import encoder_from_checkpoint, list_checkpoints, read_state_dict
-from medxfer.pretrain import prepare_pretraining, resolve_recipe, run_pretraining
+from medxfer.pretrain import prepare_pretraining, resolve_model_checkpoint, resolve_recipe, run_pretraining
 from medxfer.training.tasks import scheduled_lr_factor
 
 MANIFEST_FIELDS = ("pretraining_length", "length_unit", "val_accuracy", "scheme", "architecture", "dataset", "seed")
@@ -133,6 +133,23 @@ def test_hooks_can_stop_and_must_not_clash(tmp_path):
 
     with pytest.raises(ConfigError, match="val_accuracy"):
         run_pretraining(classification_config(), tmp_path / "clash", hooks=[lambda n, e, m: {"val_accuracy": 1.0}])
+
+
+def test_classification_checkpoint_starts_a_downstream_run(tmp_path):
+    from medxfer.finetune import run_finetune
+
+    pretrained = run_pretraining(classification_config(schedule={"lengths": [0, 1]}), tmp_path / "pretrain")
+    config = parse_config({
+        "data": {"name": "demo", "options": {"domain": "B"}, "train_images": 2},  # grayscale: RGB conv adapted
+        "model": {"preset": "unet", "width": 4, "depth": 3},
+        "pretrained": {"checkpoint": str(tmp_path / "pretrain" / "checkpoints"), "length": 1, "load": "encoder"},
+        "train": {"max_steps": 2, "batch_size": 2},
+    }, RunConfig)
+    info = run_finetune(config, tmp_path / "runs").record["pretraining"]
+    assert info["length"] == 1 and info["scheme"] == "simple" and info["load"] == "encoder"
+    assert info["accuracy"] == pretrained.checkpoints[1].val_accuracy
+    with pytest.raises(Exception, match="whole-model"):
+        resolve_model_checkpoint(tmp_path / "pretrain", 1)  # classification saves encoders only
 
 
 def test_one_folder_holds_one_config(tmp_path):
@@ -263,7 +280,9 @@ def test_downstream_run_starts_from_each_kind_of_base_model(sparse_pretrained, t
     from medxfer.finetune import run_finetune
 
     data_root, out, result, _ = sparse_pretrained
-    checkpoint = out / "checkpoints" if load == "encoder" else out / "models" / "model_len0003.pt"
+    # Encoders: the checkpoint folder + length; whole models: the model file of that length.
+    checkpoint = out / "checkpoints" if load == "encoder" else resolve_model_checkpoint(out / "checkpoints", 3)
+    assert load == "encoder" or checkpoint == out / "models" / "model_len0003.pt"
     config = parse_config({
         "data": {"name": "msd", "root": str(data_root), "spatial_dims": 3, "options": {"test_fraction": 0.25}},
         "model": {"preset": "unet3d", "width": 4, "depth": 3},

@@ -4,10 +4,10 @@ import textwrap
 
 import pytest
 
-from medxfer.config import PretrainConfig, RunConfig, config_to_dict
+from medxfer.config import PretrainConfig, RunConfig
 from medxfer.errors import ConfigError
 from medxfer.finetune import run_id_for
-from medxfer.io import stable_hash
+from medxfer.pretrain import config_identity
 from medxfer.sweep.grid import AXIS_ALIASES, expand_grid, load_sweep, parse_sweep
 from medxfer.sweep.runner import run_sweep
 
@@ -59,8 +59,8 @@ def test_aliases_set_the_documented_config_fields(tmp_path):
     assert (c.model.preset, c.train.strategy, c.data.train_images, c.seed) == ("attention_unet", "frozen_encoder", 4, 3)
     assert (c.pretrained.length, c.data.options, c.train.lr, c.data.augment) == (1, {"domain": "B"}, 0.05, False)
     assert c.model.width == 4  # the base is kept where no axis sets a value
-    # `from` names a pretraining entry: its output folder DIR/pretrain/<hash of its resolved config>
-    expected = tmp_path.resolve() / "pretrain" / stable_hash(config_to_dict(PretrainConfig(**pretraining[0])))
+    # `from` names a pretraining entry: the checkpoints of its output folder DIR/pretrain/<config hash>
+    expected = tmp_path.resolve() / "pretrain" / config_identity(PretrainConfig(**pretraining[0])) / "checkpoints"
     assert c.pretrained.checkpoint == expected
 
 

@@ -233,7 +233,9 @@ class ScheduledCheckpoints(L.Callback):
             "length_unit": self.unit,
             "epoch": int(trainer.current_epoch + (1 if self.unit == "epoch" and length > 0 else 0)) if trainer else 0,
             "step": int(trainer.global_step) if trainer else 0,
-            "train_loss": _metric(trainer, "train_loss_epoch") if trainer and length > 0 else None,
+            # epoch unit: mean training loss of the epoch; step unit: loss of the last batch
+            "train_loss": (_metric(trainer, "train_loss_epoch" if self.unit == "epoch" else "train_loss_step")
+                           if trainer and length > 0 else None),
         }
         manifest.update(self.score_fn(pl_module))
         encoder = get_encoder(pl_module)
@@ -566,6 +568,28 @@ def read_checkpoints(out_dir: str | Path) -> list[CheckpointInfo]:
     if not folder.is_dir():
         return []
     return [CheckpointInfo(length, path, manifest) for length, path, manifest in list_checkpoints(folder)]
+
+
+def resolve_model_checkpoint(path: str | Path, length: Optional[int]) -> Path:
+    """The whole-segmenter checkpoint of ``length`` of a segmentation pretraining run, for a downstream
+    ``pretrained.load`` of ``full`` or ``encoder_decoder``. ``path``: a model file (returned as is), the
+    run folder, or its ``checkpoints/`` or ``models/`` folder."""
+    from medxfer.errors import CheckpointError
+
+    path = Path(path)
+    if path.is_file():
+        return path
+    run = path.parent if path.name in (CHECKPOINT_DIR, MODEL_DIR) else path
+    folder = run / MODEL_DIR
+    available = sorted(int(p.stem[len("model_len"):]) for p in folder.glob("model_len*.pt")
+                       if p.stem[len("model_len"):].isdigit()) if folder.is_dir() else []
+    if not available:
+        raise CheckpointError(f"{path}: no whole-model checkpoints (segmentation pretraining saves them in "
+                              f"{MODEL_DIR}/; classification pretraining saves encoders only)")
+    if length is None or length not in available:
+        raise CheckpointError(f"{folder}: no whole-model checkpoint of length {length} "
+                              f"(available: {', '.join(map(str, available))})")
+    return _model_path(run, length)
 
 
 def _guard_folder(out: Path, config: PretrainConfig, identity: str) -> None:

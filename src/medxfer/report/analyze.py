@@ -500,3 +500,12 @@ def write_figures(result: AnalysisResult, folder: Path, max_panels: int = 12) ->
         paths["score_vs_dice"] = _save_figure(fig, folder / "score_vs_dice.png")
         plt.close(fig)
     return paths
+
+
+def summary_for_print(result: AnalysisResult, top: int = 15) -> pd.DataFrame:
+    """The selections, the fixed baselines and the ``top`` best other rules, in a few columns."""
+    summary = result.summary
+    keep = summary["family"].isin(["selected (in-sample)", "selected (out-of-sample)", "fixed"])
+    rest = summary[~keep].head(top)
+    columns = ["rule", "family", "n_groups", "spearman_mean", "kendall_mean", "regret_mean", "saved_mean"]
+    return pd.concat([summary[keep], rest])[columns].reset_index(drop=True)

@@ -39,8 +39,9 @@ AXIS_ALIASES: dict[str, str] = {
     "pretraining.length": "pretrained.length",
 }
 # ``pretrained.from`` names an entry of the grid's ``pretraining`` section; it is replaced by that
-# entry's checkpoint folder (``DIR/pretrain/<hash>``) before the run config is validated and hashed.
+# entry's checkpoint folder (``DIR/pretrain/<hash>/checkpoints``) before the run config is validated and hashed.
 FROM_KEY = "from"
+PRETRAIN_DIR = "pretrain"
 PATH_KEYS = ("root", "checkpoint")
 
 
@@ -267,8 +268,18 @@ def pretraining_names(sweep: SweepConfig) -> list[str]:
 
 
 def pretraining_folder(out_dir: str | Path, entry: PretrainConfig) -> Path:
-    """``DIR/pretrain/<hash of the resolved PretrainConfig>``: one pretraining entry's output (absolute)."""
-    return (Path(out_dir) / "pretrain" / stable_hash(config_to_dict(entry))).resolve()
+    """``DIR/pretrain/<hash>``: one pretraining entry's output folder (absolute). The hash is
+    :func:`medxfer.pretrain.config_identity` (everything that changes the checkpoints; not the name)."""
+    from medxfer.pretrain import config_identity  # imported only by grids with a pretraining section
+
+    return (Path(out_dir) / PRETRAIN_DIR / config_identity(entry)).resolve()
+
+
+def pretraining_checkpoints(out_dir: str | Path, entry: PretrainConfig) -> Path:
+    """The checkpoint folder inside a pretraining output folder: what ``pretrained.from`` resolves to."""
+    from medxfer.pretrain import CHECKPOINT_DIR
+
+    return pretraining_folder(out_dir, entry) / CHECKPOINT_DIR
 
 
 def resolve_dataset(sweep: SweepConfig, value: Any, where: str) -> dict[str, Any]:
@@ -301,7 +312,7 @@ def resolve_run_dict(sweep: SweepConfig, assignments: dict[str, Any], out_dir: s
         name = pretrained.pop(FROM_KEY)
         if name is not None:
             if folders is None:
-                folders = {e.name: pretraining_folder(out_dir, e) for e in sweep.pretraining}
+                folders = {e.name: pretraining_checkpoints(out_dir, e) for e in sweep.pretraining}
             if name not in folders:
                 known = ", ".join(folders) or "none defined"
                 raise ConfigError(f"{sweep.source}: pretrained.from: unknown pretraining {name!r} "
@@ -318,7 +329,7 @@ def expand_grid(sweep: SweepConfig, out_dir: str | Path) -> GridPlan:
     equal are kept once; combinations that do not validate are returned in ``invalid``."""
     from medxfer.finetune import run_id_for  # the one definition of a run id
 
-    folders = {e.name: pretraining_folder(out_dir, e) for e in sweep.pretraining}
+    folders = {e.name: pretraining_checkpoints(out_dir, e) for e in sweep.pretraining}
     names = list(sweep.axes)
     combinations: list[dict[str, Any]] = []
     for values in itertools.product(*(sweep.axes[n] for n in names)):

@@ -30,14 +30,14 @@ from medxfer.sweep.grid import (
     format_axes,
     load_sweep,
     parse_sweep,
+    pretraining_checkpoints,
     pretraining_folder,
     resolve_dataset,
 )
 
 log = logging.getLogger(__name__)
 
-COMPLETE_FILE = "complete.json"  # written by the sweep once a pretraining / scoring job has finished
-PRETRAIN_DIR = "pretrain"
+COMPLETE_FILE = "complete.json"  # written by the sweep once a scoring job has finished
 
 # What each status of a run means in a summary.
 STATUS_HELP = {
@@ -136,11 +136,6 @@ def _write_stage_error(folder: Path, kind: str, name: str, exc: BaseException) -
     return message
 
 
-def pretraining_checkpoints(folder: Path) -> Path:
-    """The checkpoint folder a pretraining output folder holds (what runs' ``pretrained.checkpoint`` names)."""
-    return folder
-
-
 @dataclass
 class PretrainJob:
     run_id: str  # the pretraining entry's name
@@ -155,16 +150,19 @@ class PretrainJob:
         started = time.perf_counter()
         try:
             store.remove_partial_files(folder)
-            run_pretraining(self.config, folder)
-            atomic_write_json(folder / COMPLETE_FILE, {"kind": "pretrain", "name": self.config.name,
-                                                       "config": config_to_dict(self.config),
-                                                       "finished": datetime.now(timezone.utc).isoformat()})
+            run_pretraining(self.config, folder)  # resumes an interrupted run; writes pretrain.json last
             if (folder / store.ERROR_FILE).exists():
                 (folder / store.ERROR_FILE).unlink()
             return RunOutcome(self.run_id, "done", time.perf_counter() - started)
         except Exception as exc:  # recorded; the runs that need it are reported as blocked
             message = _write_stage_error(folder, "pretrain", self.run_id, exc)
             return RunOutcome(self.run_id, "failed", time.perf_counter() - started, message)
+
+
+def pretraining_done(folder: Path) -> bool:
+    from medxfer.pretrain import RECORD_FILE
+
+    return (folder / RECORD_FILE).is_file()
 
 
 @dataclass
@@ -197,7 +195,7 @@ def _score_jobs(sweep: SweepConfig, plan: GridPlan, out_dir: Path, failed_folder
     if section is None:
         return []
     entries = [e for e in sweep.pretraining if not section.pretraining or e.name in section.pretraining]
-    folders = [(e.name, pretraining_checkpoints(pretraining_folder(out_dir, e))) for e in entries]
+    folders = [(e.name, pretraining_checkpoints(out_dir, e)) for e in entries]
     folders += [(Path(p).name, Path(p).resolve()) for p in section.checkpoints]
     if section.datasets:
         datasets = [(v if isinstance(v, str) else format_axes(v), resolve_dataset(sweep, v, "score.datasets"))
@@ -211,14 +209,17 @@ def _score_jobs(sweep: SweepConfig, plan: GridPlan, out_dir: Path, failed_folder
             data["train_images"] = None
             seen.setdefault(stable_hash(data), data)
         datasets = [(data["name"], data) for data in seen.values()]
-    jobs = []
+    jobs, seen = [], set()
     for folder_name, folder in folders:
-        if str(folder) in failed_folders:
+        if str(folder.parent) in failed_folders:
             continue
         for dataset_name, data in datasets:
             raw = {**section.settings, "data": data, "checkpoints": str(folder)}
             key = stable_hash({k: v for k, v in raw.items() if k != "out"})
             out = (out_dir / store.SCORES_DIR / key).resolve()
+            if out in seen:  # two pretraining entries that differ only in name
+                continue
+            seen.add(out)
             config = parse_config({**raw, "out": str(out)}, ScoreConfig,
                                   source=f"{sweep.source} (score {folder_name} x {dataset_name})")
             jobs.append(ScoreJob(f"{folder_name} x {dataset_name}", config, str(out)))
@@ -326,13 +327,17 @@ def run_sweep(grid: Union[str, Path, SweepConfig, dict], out_dir: str | Path, ba
                    cpus=sweep.resources.cpus, gpus=sweep.resources.gpus)
 
     with _Progress(progress) as bars:
-        # 1. pretraining, once per entry
-        pretrain_jobs, failed_folders = [], set()
+        # 1. pretraining, once per entry (entries that differ only in name share one folder)
+        pretrain_jobs, failed_folders, names_of = [], set(), {}
         for entry in sweep.pretraining:
             folder = pretraining_folder(out_dir, entry)
-            if (folder / COMPLETE_FILE).is_file():
+            if str(folder) in names_of:
+                names_of[str(folder)].append(entry.name)
+            elif pretraining_done(folder):
+                names_of[str(folder)] = [entry.name]
                 summary.stages.append(StageOutcome("pretrain", entry.name, folder, "reused"))
             else:
+                names_of[str(folder)] = [entry.name]
                 pretrain_jobs.append(PretrainJob(entry.name, entry, str(folder)))
         folder_of = {job.run_id: Path(job.folder) for job in pretrain_jobs}
         advance_pretraining = bars.tracker("pretraining", len(pretrain_jobs))
@@ -341,8 +346,9 @@ def run_sweep(grid: Union[str, Path, SweepConfig, dict], out_dir: str | Path, ba
             advance_pretraining(outcome)
             folder = folder_of[outcome.run_id]
             if outcome.status != "done":
-                failed_folders.add(str(pretraining_checkpoints(folder)))
-            summary.stages.append(StageOutcome("pretrain", outcome.run_id, folder, outcome.status, outcome.error))
+                failed_folders.add(str(folder))
+            name = " = ".join(names_of[str(folder)])
+            summary.stages.append(StageOutcome("pretrain", name, folder, outcome.status, outcome.error))
 
         run_jobs(pretrain_jobs, on_pretrain, **options)
 
@@ -376,7 +382,7 @@ def run_sweep(grid: Union[str, Path, SweepConfig, dict], out_dir: str | Path, ba
             elif status == "failed" and not retry_failed:
                 entry.status = "skipped-failed"
                 entry.error = (store.read_error(out_dir, run.run_id) or {}).get("error")
-            elif checkpoint is not None and str(checkpoint) in failed_folders:
+            elif checkpoint is not None and str(Path(checkpoint).parent) in failed_folders:
                 entry.status = "blocked"
                 entry.error = "its pretraining failed (see DIR/pretrain/*/error.json)"
             else:

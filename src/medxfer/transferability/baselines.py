@@ -59,6 +59,8 @@ def _logme_one_target(sigma: np.ndarray, z: np.ndarray, y_norm2: float, n: int, 
         residual = float((alpha**2 * z2 / denom**2).sum()) + outside  # |F m - y|^2
         new_alpha = gamma / max(m2, 1e-300)
         new_beta = (n - gamma) / max(residual, 1e-300)
+        if not (math.isfinite(new_alpha) and math.isfinite(new_beta) and new_alpha > 0 and new_beta > 0):
+            break  # degenerate (e.g. n <= D and an exact fit): keep the last proper estimate
         converged = abs(new_alpha / new_beta - alpha / beta) <= tol * abs(alpha / beta)
         alpha, beta = new_alpha, new_beta
         if converged:

@@ -521,6 +521,14 @@ class ScoreResult:
     recommendation: Optional[Any] = None  # stopping.Recommendation
     paths: dict[str, Path] = field(default_factory=dict)
 
+    def summary(self, stop=None) -> pd.DataFrame:
+        """Per checkpoint: the stop variant's score and interval (what the CLI prints)."""
+        from medxfer.transferability.stopping import select_variant
+
+        rows = select_variant(self.table, stop) if stop is not None else self.table
+        columns = ["pretraining_length", "metric", "margin", "level", "pooled", "robustness", "ci_low", "ci_high"]
+        return rows[columns].sort_values("pretraining_length").reset_index(drop=True)
+
 
 def load_score_config(path: str | Path) -> ScoreConfig:
     """Read a score YAML; ``checkpoints`` and ``data.root`` are relative to the config file's folder."""

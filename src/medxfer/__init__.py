@@ -1,0 +1,8 @@
+"""medxfer: transfer learning for medical image segmentation.
+
+Pretrain encoders with checkpoints along the way, score the transferability of each checkpoint on the
+target data, fine-tune U-Net-family models with few images, evaluate with the full metric suite, sweep
+and report. See README.md and docs/architecture.md.
+"""
+
+__version__ = "0.1.0"

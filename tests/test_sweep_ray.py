@@ -1,0 +1,61 @@
+"""The Ray backend on a local Ray instance: the same tiny sweep, the same records as the local backend."""
+
+from pathlib import Path
+
+import pytest
+
+from medxfer.sweep.grid import parse_sweep
+from medxfer.sweep.runner import run_sweep
+from medxfer.sweep.store import read_record
+
+pytestmark = pytest.mark.ray
+ray = pytest.importorskip("ray")
+
+# The tiny sweep of test_sweep_run.py: 8 runs on the demo data, 2 training steps each.
+TINY_GRID = {
+    "name": "tiny",
+    "base": {"data": {"name": "demo", "options": {"domain": "B"}},
+             "model": {"preset": "unet", "width": 4, "depth": 3},
+             "train": {"strategy": "scratch", "max_steps": 2, "batch_size": 4}},
+    "axes": {"train.lr": [0.001, 0.01], "train_images": [3, 5], "seed": [0, 1]},
+}
+
+
+def records(out):
+    return {r["run_id"]: r for r in map(read_record, Path(out).glob("runs/*/result.json"))}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_backend_gives_the_records_of_the_local_backend(local_ray, tmp_path):
+    on_ray = run_sweep(parse_sweep(TINY_GRID), tmp_path / "ray", backend="ray")
+    assert on_ray.counts() == {"done": 8}
+    assert ray.is_initialized()  # the backend used the running instance and left it to its owner
+    local = run_sweep(parse_sweep(TINY_GRID), tmp_path / "local")
+    assert local.counts() == {"done": 8}
+
+    got, expected = records(tmp_path / "ray"), records(tmp_path / "local")
+    assert sorted(got) == sorted(expected) and len(got) == 8
+    for run_id, record in expected.items():
+        other = got[run_id]
+        assert other["config"] == record["config"] and other["train_case_ids"] == record["train_case_ids"]
+        assert other["steps_trained"] == record["steps_trained"]
+        for name, value in record["metrics"]["target"]["per_image_mean"].items():
+            # same seeds -> same metrics (up to float reduction order if the thread counts differ)
+            assert other["metrics"]["target"]["per_image_mean"][name] == pytest.approx(value, rel=1e-5, nan_ok=True)
+    # a second sweep on Ray finds every run done and runs nothing
+    assert run_sweep(parse_sweep(TINY_GRID), tmp_path / "ray", backend="ray").counts() == {"reused": 8}
+
+
+def test_ray_failures_are_recorded_like_local_ones(local_ray, tmp_path):
+    grid = parse_sweep({**TINY_GRID, "base": {**TINY_GRID["base"], "data": {"name": "demo", "train_images": 999}},
+                        "axes": {"seed": [0]}})
+    summary = run_sweep(grid, tmp_path, backend="ray")
+    assert summary.counts() == {"failed": 1}
+    error = read_record(tmp_path / "runs" / summary.runs[0].run_id / "error.json")
+    assert "999" in error["error"] and "Traceback" in error["traceback"]
