@@ -161,3 +161,14 @@ def test_encoder_checkpoint_folder_with_length(tmp_path):
     assert run.record["pretraining"]["accuracy"] == pytest.approx(0.8)
     assert run.record["pretraining"]["scheme"] == "simple"
     assert run.record["freeze_encoder"] is True
+
+
+def test_precision_auto_is_fp32_on_cpu_and_explicit_values_pass_through(monkeypatch):
+    from medxfer.training.strategies import prefers_channels_last, resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_precision("auto") == "32-true" and not prefers_channels_last(2)
+    assert resolve_precision("16-mixed") == "16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_precision("auto") == "bf16-mixed" and prefers_channels_last(2) and not prefers_channels_last(3)

@@ -85,7 +85,7 @@ class TrainConfig(StrictModel):
     loss: str = "auto"  # "auto" | "dice" | "ce" | "dice_ce" | "focal" | "tversky" | "dice_focal"
     # (each also as "partial_<name>" for sparse annotations; see medxfer.training.losses)
     loss_options: dict[str, Any] = Field(default_factory=dict)  # build_loss options; unused with loss "auto"
-    precision: str = "32-true"
+    precision: str = "auto"  # "auto": bf16/16 mixed precision on a GPU, fp32 on the CPU; or any Lightning value
     num_workers: int = 0
     accelerator: str = "auto"
     log_every_n_steps: int = 10

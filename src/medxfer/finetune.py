@@ -137,6 +137,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     from medxfer.models.weights import save_model_weights
+    from medxfer.training.strategies import prefers_channels_last, resolve_precision
     from medxfer.training.tasks import SegmentationTask
 
     run_id = run_id_for(config)
@@ -163,6 +164,8 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
     task = SegmentationTask(model, loss, t, data.n_classes, patch_size=config.data.patch_size,
                             size_multiple=size_multiple, sw_overlap=config.evaluation.sw_overlap,
                             total_steps=total_steps)
+    if prefers_channels_last(config.data.spatial_dims):
+        model = model.to(memory_format=torch.channels_last)
     checkpoints = directory / "checkpoints"
     # One checkpoint callback: last.ckpt (for resuming) plus best.ckpt by validation Dice when there is
     # a validation set (the weights that are evaluated).
@@ -174,7 +177,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
         callbacks.append(EarlyStopping(monitor="val_dice", mode="max", patience=t.early_stopping_patience))
     trainer = L.Trainer(
         default_root_dir=directory, max_epochs=t.max_epochs if t.max_steps <= 0 else -1, max_steps=t.max_steps,
-        accelerator=t.accelerator, devices=1, precision=t.precision, callbacks=callbacks, logger=False,
+        accelerator=t.accelerator, devices=1, precision=resolve_precision(t.precision), callbacks=callbacks, logger=False,
         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=t.log_every_n_steps,
         num_sanity_val_steps=0, deterministic=False,
     )

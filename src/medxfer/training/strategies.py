@@ -58,3 +58,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_
     if train.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, total_steps // 3), gamma=0.1)
     return None
+
+
+def resolve_precision(precision: str) -> str:
+    """``"auto"`` -> mixed precision where a GPU supports it (bf16, else fp16), fp32 on the CPU
+    (CPU autocast is slower than fp32 for these convolutions)."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def prefers_channels_last(spatial_dims: int) -> bool:
+    """cuDNN's fastest 2D convolution kernels are NHWC; on the CPU the default layout is as fast."""
+    return spatial_dims == 2 and torch.cuda.is_available()
