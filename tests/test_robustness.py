@@ -2,7 +2,6 @@
 the naive per-variant path, degenerate encoders, and `medxfer score` end to end on saved checkpoints."""
 
 import json
-import math
 
 import numpy as np
 import pandas as pd
@@ -10,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from medxfer.config import AugmentConfig, DataConfig, ScoreConfig, StopConfig
+from medxfer.config import AugmentConfig
 from medxfer.models.encoders import UNetEncoder
 from medxfer.models.weights import save_encoder
 from medxfer.transferability.robustness import (

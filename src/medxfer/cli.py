@@ -143,22 +143,63 @@ def data_check(name: str = typer.Argument(..., help="Dataset layout: acdc, covid
 
 
 @app.command()
-def pretrain(config: Path = typer.Argument(..., help="Pretraining config (YAML).")) -> None:
+def pretrain(config: Path = typer.Argument(..., help="Pretraining config (YAML)."),
+             out: Path = typer.Option(Path("pretrain_out"), "--out", help="Output folder.")) -> None:
     """Pretrain an encoder, saving checkpoints at the scheduled pretraining lengths."""
-    _not_implemented("pretrain")
+    from medxfer.config import PretrainConfig, load_config
+    from medxfer.pretrain import run_pretraining
+
+    _quiet_training_libraries()
+    result = run_pretraining(load_config(config, PretrainConfig), out, progress=sys.stderr.isatty())
+    rows = []
+    for entry in result.checkpoints:
+        accuracy, dice = entry.manifest.get("val_accuracy"), entry.manifest.get("val_dice")
+        rows.append([entry.length, "n/a" if accuracy is None else accuracy, "n/a" if dice is None else dice,
+                     entry.path])
+    _print_table(f"pretraining checkpoints ({result.record.get('status', 'done')})",
+                 ["length", "val accuracy", "val dice", "path"], rows)
+
+
+def _print_frame(title: str, frame) -> None:
+    _print_table(title, [str(c) for c in frame.columns], frame.values.tolist())
 
 
 @app.command()
-def score(config: Path = typer.Argument(..., help="Score config (YAML).")) -> None:
+def score(config: Path = typer.Argument(..., help="Score config (YAML)."),
+          out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the config's `out`).")
+          ) -> None:
     """Score the transferability of every checkpoint on the target data; writes robustness.csv."""
-    _not_implemented("score")
+    from medxfer.transferability.robustness import load_score_config, run_score
+
+    score_config = load_score_config(config)
+    result = run_score(score_config, out, progress=sys.stderr.isatty())
+    _print_frame("robustness of each checkpoint (stop variant; lower = more robust)",
+                 result.summary(score_config.stop))
+    if result.recommendation is not None:
+        rec = result.recommendation
+        fired = "the rule fired" if rec.fired else "the rule did not fire; best so far"
+        console.print(f"recommended pretraining length: {rec.length:g} (score {rec.score:.4f}; rule {rec.rule}"
+                      f"{f' patience {rec.patience}' if rec.rule == 'patience' else ''}: {fired}; variant {rec.variant})")
+    for name, path in result.paths.items():
+        console.print(f"{name}: {path}")
 
 
 @app.command()
-def analyze(downstream: Path = typer.Option(..., "--downstream", help="results.csv"),
-            robustness: Path = typer.Option(..., "--robustness", help="robustness.csv")) -> None:
-    """Relate transferability scores to downstream Dice; evaluate stop rules."""
-    _not_implemented("analyze")
+def analyze(downstream: Path = typer.Option(..., "--downstream", help="results.csv (downstream Dice)."),
+            robustness: Path = typer.Option(..., "--robustness", help="robustness.csv (scores)."),
+            baselines: Optional[Path] = typer.Option(None, "--baselines", help="baselines.csv (optional)."),
+            names: Optional[Path] = typer.Option(None, "--names", help="YAML name mapping (optional)."),
+            patience: list[int] = typer.Option([], "--patience", help="Also evaluate patience rules (repeatable)."),
+            out: Path = typer.Option(Path("analysis_out"), "--out", help="Output folder.")) -> None:
+    """Relate transferability scores to downstream Dice; evaluate stop rules (in-sample and leave-one-dataset-out)."""
+    from medxfer.report.analyze import analyze as run_analysis, summary_for_print
+
+    result = run_analysis(downstream, robustness, baselines=baselines, names=names, patience=patience, out_dir=out)
+    _print_frame("stop rules: correlation with Dice, regret, pretraining saved", summary_for_print(result))
+    if result.best_rule:
+        console.print(f"best rule (in-sample): {result.best_rule}")
+    for name, path in result.paths.items():
+        console.print(f"{name}: {path}")
 
 
 @app.command()

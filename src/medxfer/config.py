@@ -248,7 +248,7 @@ class PretrainTrainConfig(StrictModel):
     batch_size: int = Field(64, ge=1)
     loss: str = "partial_dice_ce"  # segmentation only; partial_* never counts missing classes as background
     num_workers: int = Field(0, ge=0)
-    precision: str = "32-true"
+    precision: str = "auto"  # "auto": bf16/16 mixed precision on a GPU, fp32 on the CPU; or any Lightning value
     accelerator: str = "auto"
     log_every_n_steps: int = Field(10, ge=1)
     resume_every_n_steps: int = Field(100, ge=1)  # step schedules: Lightning resume checkpoint interval

@@ -53,7 +53,12 @@ def _load_starting_weights(model: torch.nn.Module, config: RunConfig) -> dict[st
     if config.train.strategy == "scratch" or pre.checkpoint is None:
         info["load"] = None
         return info
-    path = resolve_checkpoint(pre.checkpoint, pre.length)
+    if pre.load == "encoder":
+        path = resolve_checkpoint(pre.checkpoint, pre.length)
+    else:
+        from medxfer.pretrain import resolve_model_checkpoint
+
+        path = resolve_model_checkpoint(pre.checkpoint, pre.length)
     if pre.load == "encoder":
         manifest = load_encoder_weights(model, path)
     else:

@@ -633,6 +633,8 @@ def run_pretraining(config: PretrainConfig, out_dir: str | Path, callbacks: Opti
     """
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from medxfer.training.strategies import prefers_channels_last, resolve_precision
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     identity = config_identity(config)
@@ -646,6 +648,8 @@ def run_pretraining(config: PretrainConfig, out_dir: str | Path, callbacks: Opti
     started = time.perf_counter()
     recipe = resolve_recipe(config)
     setup = prepare_pretraining(config, data)
+    if prefers_channels_last(setup.module.model.encoder.spatial_dims):
+        setup.module.model.to(memory_format=torch.channels_last)  # cuDNN's fastest 2D kernels
     callbacks = list(callbacks or [])
     base_manifest = {
         "task": config.task, "scheme": config.scheme, "architecture": config.model.preset,
@@ -673,7 +677,8 @@ def run_pretraining(config: PretrainConfig, out_dir: str | Path, callbacks: Opti
                                  enable_version_counter=False, save_on_train_epoch_end=True)
         trainer = L.Trainer(
             default_root_dir=out, max_epochs=longest if by_epoch else -1, max_steps=-1 if by_epoch else longest,
-            accelerator=t.accelerator, devices=1, precision=t.precision, callbacks=[scheduled, *callbacks, resume],
+            accelerator=t.accelerator, devices=1, precision=resolve_precision(t.precision),
+            callbacks=[scheduled, *callbacks, resume],
             logger=False, enable_progress_bar=progress, enable_model_summary=False,
             log_every_n_steps=t.log_every_n_steps, num_sanity_val_steps=0, limit_val_batches=0,
             deterministic=False,

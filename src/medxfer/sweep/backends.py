@@ -91,7 +91,7 @@ def execute_run(job: RunJob) -> RunOutcome:
         return RunOutcome(job.run_id, "done", time.perf_counter() - started)
     except Exception as exc:  # a failing run is data: record it and let the sweep go on
         message = _error_line(exc)
-        log.warning("run %s failed: %s", job.run_id, message)
+        log.info("run %s failed: %s", job.run_id, message)  # the summary reports it
         write_error(run_dir(job.out_dir, job.run_id), {
             "kind": "finetune", "status": "failed", "run_id": job.run_id,
             "config": config_to_dict(job.config), "error": message, "traceback": traceback.format_exc(),

@@ -434,12 +434,13 @@ def variant_table(distances: PairDistances, margins: Sequence[float] = DEFAULT_M
 # Target images and the `medxfer score` pipeline
 
 
-def centre_crop_or_pad(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Centre-crop (or zero-pad, i.e. pad with the normalised mean) a ``(C, *S)`` image to ``size``."""
+def centre_crop_or_pad(image: np.ndarray, size: Sequence[int], fill: float = 0.0) -> np.ndarray:
+    """Centre-crop a ``(C, *S)`` array to ``size``, padding with ``fill`` where it is smaller
+    (0 is the mean of a z-scored image; label maps are padded with ``IGNORE_INDEX``)."""
     spatial = image.shape[1:]
     if len(size) != len(spatial):
         raise ConfigError(f"crop_size: expected {len(spatial)} sizes for {len(spatial)}D images, got {list(size)}")
-    out = np.zeros((image.shape[0], *size), dtype=image.dtype)
+    out = np.full((image.shape[0], *size), fill, dtype=image.dtype)
     src, dst = [slice(None)], [slice(None)]
     for have, want in zip(spatial, size):
         if have >= want:
@@ -474,7 +475,7 @@ def target_images(config: ScoreConfig, with_labels: bool = False):
         label = case.label if case.label is not None else np.full(case.spatial_shape, IGNORE_INDEX, np.int64)
         if config.crop_size is not None:
             image = centre_crop_or_pad(image, config.crop_size)
-            label = centre_crop_or_pad(label[None], config.crop_size)[0]
+            label = centre_crop_or_pad(label[None], config.crop_size, fill=IGNORE_INDEX)[0]
         images.append(image)
         labels.append(label)
     shapes = sorted({tuple(im.shape) for im in images})
