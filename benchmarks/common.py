@@ -1,47 +1,57 @@
-"""Shared helpers of the benchmarks: timing, peak memory, result files, the summary table.
+"""Shared helpers of the benchmarks: timing, peak memory, result rows and files, the summary table.
 
-Every benchmark compares two sides measured in the same run on the same machine, checks that both
+Every benchmark compares two sides measured in the same run on the same machine (interleaved A B A B,
+best of a few repeats, so that load from other processes hits both sides alike), checks that both
 computed the same result, and reports the ratio against the named baseline.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import resource
-import statistics
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from medxfer.io import atomic_write_json, atomic_write_text  # noqa: E402
 
+# Per-benchmark notes that go under the summary table (what was measured and how).
+NOTES_KEY = "notes"
 
-def best_time(fn: Callable[[], Any], repeat: int = 3, warmup: int = 1) -> float:
-    """Minimum wall time over ``repeat`` calls after ``warmup`` calls (the least noisy estimate)."""
-    for _ in range(warmup):
-        fn()
-    times = []
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """``(seconds, result)`` of one call."""
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def interleaved_best(fn_a: Callable[[], Any], fn_b: Callable[[], Any], repeat: int = 3,
+                     warmup: bool = True) -> tuple[float, float, Any, Any]:
+    """Best wall time of each side over ``repeat`` rounds A B A B ..., after one untimed call of each.
+
+    Returns ``(best_a, best_b, last_result_a, last_result_b)``. The minimum is the least noisy estimate
+    of a deterministic workload on a shared machine (noise only ever adds time).
+    """
+    if warmup:
+        fn_a()
+        fn_b()
+    best_a = best_b = math.inf
+    result_a = result_b = None
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def median_time(fn: Callable[[], Any], repeat: int = 5) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        t, result_a = timed(fn_a)
+        best_a = min(best_a, t)
+        t, result_b = timed(fn_b)
+        best_b = min(best_b, t)
+    return best_a, best_b, result_a, result_b
 
 
 def peak_rss_mb() -> float:
@@ -49,37 +59,122 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _status_kib(field: str) -> Optional[float]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process to its current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def current_rss_mb() -> float:
+    kib = _status_kib("VmRSS")
+    return kib / 1024.0 if kib is not None else float("nan")
+
+
+def peak_rss_since_reset_mb() -> float:
+    """VmHWM (peak RSS since the last :func:`reset_peak_rss`, or since start), else ru_maxrss."""
+    kib = _status_kib("VmHWM")
+    return kib / 1024.0 if kib is not None else peak_rss_mb()
+
+
 def machine() -> dict[str, Any]:
     import torch
 
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+    info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.is_available()}
+    if info["cuda"]:
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
 
 
-def write_result(name: str, rows: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> Path:
-    """``rows``: one dict per comparison with keys what, baseline, medxfer_s, baseline_s, ratio, target, met."""
+def row(what: str, baseline: str, medxfer: float, baseline_value: Optional[float], unit: str,
+        ratio: Optional[float], target: Optional[str] = None, met: Optional[bool] = None) -> dict[str, Any]:
+    """One comparison. ``medxfer`` / ``baseline_value`` are in ``unit``; ``ratio`` is what ``target``
+    constrains (e.g. "speed-up >= 10" or "medxfer / bare >= 0.95"); no target = reported only."""
+    return {"what": what, "baseline": baseline, "medxfer": _clean(medxfer), "baseline_value": _clean(baseline_value),
+            "unit": unit, "ratio": _clean(ratio), "target": target or "-", "met": met}
+
+
+def _clean(value: Optional[float]) -> Optional[float]:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    return float(value)
+
+
+def write_result(name: str, rows: list[dict[str, Any]], extra: Optional[dict[str, Any]] = None) -> Path:
+    """``RESULTS/<name>.json``: the rows (see :func:`row`), the machine, the date and ``extra``
+    (``extra["notes"]``: lines printed under the summary table)."""
     path = RESULTS / f"{name}.json"
     atomic_write_json(path, {"benchmark": name, "date": datetime.now(timezone.utc).isoformat(),
                              "machine": machine(), "rows": rows, **(extra or {})})
     return path
 
 
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) >= 100:
+            return f"{value:.0f}"
+        if abs(value) >= 10:
+            return f"{value:.1f}"
+        if abs(value) >= 0.01:
+            return f"{value:.3g}"
+        return f"{value:.2e}"
+    return str(value)
+
+
 def summary_markdown() -> str:
     lines = ["# medxfer benchmarks", ""]
     files = sorted(RESULTS.glob("*.json"))
-    if files:
-        first = json.loads(files[0].read_text())
-        m = first["machine"]
-        lines += [f"Measured {first['date'][:10]} on {m['cpu_count']} CPU cores, {m['platform']}, "
-                  f"torch {m['torch']}, CUDA: {m['cuda']}.", ""]
-    lines += ["| benchmark | what | baseline | medxfer | baseline value | ratio | target | met |",
-              "|---|---|---|---|---|---|---|---|"]
+    if not files:
+        return "\n".join(lines + ["No results yet: run `make bench`.", ""])
+    first = json.loads(files[0].read_text())
+    m = first["machine"]
+    lines += [f"Measured {first['date'][:10]} on {m['cpu_count']} CPU cores ({m.get('cpu', 'unknown CPU')}), "
+              f"{m['platform']}, torch {m['torch']} ({m['torch_threads']} threads), "
+              f"GPU: {m.get('gpu', 'none')}. Figures are ratios of two sides measured in the same run "
+              "(interleaved, best of repeats); absolute times depend on the machine and its load.", "",
+              "| benchmark | what | baseline | medxfer | baseline value | unit | ratio | target | met |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
     for path in files:
         data = json.loads(path.read_text())
         for r in data["rows"]:
-            lines.append(f"| {data['benchmark']} | {r['what']} | {r['baseline']} | {r['medxfer']} | "
-                         f"{r['baseline_value']} | {r['ratio']} | {r['target']} | {r['met']} |")
+            lines.append(f"| {data['benchmark']} | {r['what']} | {r['baseline']} | {_fmt(r['medxfer'])} | "
+                         f"{_fmt(r['baseline_value'])} | {r.get('unit', '')} | {_fmt(r['ratio'])} | "
+                         f"{r['target']} | {_fmt(r['met'])} |")
+        if data.get(NOTES_KEY):
+            notes.append(f"**{data['benchmark']}** ({data['date'][:16].replace('T', ' ')} UTC)")
+            notes += [f"- {note}" for note in data[NOTES_KEY]]
+            notes.append("")
+    if notes:
+        lines += ["", "## Notes", ""] + notes
     return "\n".join(lines) + "\n"
 
 
