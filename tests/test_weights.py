@@ -319,3 +319,24 @@ def test_frozen_bn_statistics_survive_a_lightning_fit():
     trainer.fit(Task(model), torch.utils.data.DataLoader(data, batch_size=2))
     assert changed_keys(before_encoder, model.encoder) == set()
     assert any(k.endswith("running_mean") for k in changed_keys(before_decoder, model.decoder))
+
+
+def test_whole_model_checkpoint_round_trip_and_mismatch(tmp_path):
+    from medxfer.models import build_segmenter, load_model_weights, model_from_checkpoint, save_model_weights
+
+    spec = {"preset": "unet", "width": 4, "depth": 3, "in_channels": 1, "n_classes": 3}
+    model = build_segmenter(spec).eval()
+    path = save_model_weights(model, tmp_path / "model.pt", manifest={"model": spec, "note": "x"})
+    rebuilt = model_from_checkpoint(path).eval()
+    x = torch.randn(1, 1, 16, 16)
+    assert torch.equal(model(x), rebuilt(x))
+    other_head = build_segmenter({**spec, "n_classes": 2})
+    with pytest.raises(CheckpointError, match="head"):
+        load_model_weights(other_head, path)
+    load_model_weights(other_head, path, head=False)  # encoder + decoder only: fits
+    wider = build_segmenter({**spec, "width": 8})
+    with pytest.raises(CheckpointError, match=r"model\.pt.*other shapes"):
+        load_model_weights(wider, path)
+    (tmp_path / "model.json").write_text('{"format": "something else"}')
+    with pytest.raises(CheckpointError, match="not a medxfer model manifest"):
+        load_model_weights(model, path)

@@ -140,18 +140,22 @@ def save_encoder(
 # Reading
 
 
-def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of a checkpoint (``.pt`` or ``.json`` path). CheckpointError if missing or invalid."""
+def _read_manifest_file(path: str | os.PathLike, expected_format: str, what: str) -> dict[str, Any]:
     json_path = manifest_path(path)
     if not json_path.is_file():
-        raise CheckpointError(f"{json_path}: checkpoint manifest not found")
+        raise CheckpointError(f"{json_path}: {what} manifest not found")
     try:
         manifest = json.loads(json_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{json_path}: unreadable checkpoint manifest ({_first_line(exc)})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise CheckpointError(f"{json_path}: not a medxfer encoder manifest (no format {MANIFEST_FORMAT!r})")
+        raise CheckpointError(f"{json_path}: unreadable {what} manifest ({_first_line(exc)})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != expected_format:
+        raise CheckpointError(f"{json_path}: not a medxfer {what} manifest (no format {expected_format!r})")
     return manifest
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of an encoder checkpoint (``.pt`` or ``.json`` path). CheckpointError if missing or invalid."""
+    return _read_manifest_file(path, MANIFEST_FORMAT, "encoder")
 
 
 def _is_tensor_mapping(obj: Any) -> bool:
@@ -446,16 +450,8 @@ def save_model_weights(model: nn.Module, path: str | os.PathLike, *, manifest: d
 
 
 def read_model_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    json_path = manifest_path(path)
-    if not json_path.is_file():
-        raise CheckpointError(f"{json_path}: model manifest not found")
-    try:
-        manifest = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{json_path}: unreadable model manifest ({_first_line(exc)})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MODEL_FORMAT:
-        raise CheckpointError(f"{json_path}: not a medxfer model manifest (no format {MODEL_FORMAT!r})")
-    return manifest
+    """The manifest of a whole-model checkpoint. CheckpointError if missing or invalid."""
+    return _read_manifest_file(path, MODEL_FORMAT, "model")
 
 
 def load_model_weights(model: nn.Module, path: str | os.PathLike, *, head: bool = True) -> dict[str, Any]:
