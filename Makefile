@@ -10,7 +10,7 @@ DEMO_OUT ?= demo_out
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[test,bench]'
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[test,bench,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)

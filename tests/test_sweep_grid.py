@@ -175,3 +175,12 @@ def test_dry_run_lists_ids_and_axis_values_and_writes_nothing(tmp_path):
     assert columns[:4] == ["run id", "strategy", "train_images", "seed"]
     assert rows[0][1:4] == ["scratch", "3", "0"]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_default_sweep_path_does_not_import_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys; import medxfer.sweep.runner, medxfer.sweep.backends, medxfer.cli; "
+            "sys.exit(1 if 'ray' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

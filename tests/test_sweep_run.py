@@ -183,3 +183,66 @@ def test_a_sweep_killed_with_sigkill_resumes_and_records_every_run_once(referenc
     table = pd.read_csv(out / "results.csv")
     assert len(table) == 8 and table["run id"].is_unique
     assert_same_records(out, reference[0])
+
+
+PRETRAIN = {"model": {"preset": "unet", "width": 4, "depth": 3}, "schedule": {"lengths": [0, 1]},
+            "classification": {"n_per_class": 4, "val_per_class": 2}, "train": {"batch_size": 16}}
+
+
+def test_pretraining_and_scores_are_computed_once_and_shared_by_the_runs(tmp_path):
+    grid = parse_sweep({
+        **TINY_GRID,
+        "base": {**TINY_GRID["base"], "pretrained": {"from": "natural"}},
+        # two names for one config: pretrained once, in one folder
+        "pretraining": [{"name": "natural", **PRETRAIN}, {"name": "same-again", **PRETRAIN}],
+        "score": {"pretraining": ["natural"],
+                  "settings": {"n_images": 4, "bootstrap": 0, "metrics": ["cosine"], "margins": [0.5],
+                               "pooled": [True]}},
+        "axes": {"strategy": ["frozen_encoder"], "pretraining.length": [0, 1]},
+    })
+    summary = run_sweep(grid, tmp_path)
+    assert summary.counts() == {"done": 2}
+    (pretrain,) = [s for s in summary.stages if s.kind == "pretrain"]
+    assert pretrain.status == "done" and pretrain.name == "natural = same-again"
+    assert [p.name for p in (tmp_path / "pretrain").iterdir()] == [pretrain.folder.name]
+    for run in records(tmp_path).values():
+        assert Path(run["pretraining"]["checkpoint"]).parent == pretrain.folder / "checkpoints"
+        assert run["pretraining"]["length"] == run["config"]["pretrained"]["length"]
+    robustness = pd.read_csv(summary.robustness_csv)
+    assert sorted(set(robustness["pretraining_length"])) == [0, 1]
+    assert set(robustness["dataset"]) == {"demo-nuclei-B"}
+
+    stamp = (pretrain.folder / "pretrain.json").stat().st_mtime_ns
+    again = run_sweep(grid, tmp_path)
+    assert again.counts() == {"reused": 2}
+    assert {s.status for s in again.stages} == {"reused"}
+    assert (pretrain.folder / "pretrain.json").stat().st_mtime_ns == stamp
+
+
+def test_runs_of_a_failed_pretraining_are_blocked_not_failed(tmp_path):
+    broken = {"name": "broken", **PRETRAIN,
+              "classification": {"source": "imagenet", "root": str(tmp_path / "no-imagenet-here")}}
+    grid = parse_sweep({**TINY_GRID, "base": {**TINY_GRID["base"], "pretrained": {"from": "broken"}},
+                        "pretraining": [broken], "axes": {"strategy": ["full"], "pretraining.length": [1]}})
+    summary = run_sweep(grid, tmp_path, run_fn=_never_called)
+    assert summary.counts() == {"blocked": 1}
+    (stage,) = summary.stages
+    assert stage.status == "failed" and (stage.folder / "error.json").is_file()
+    assert not run_dir(tmp_path, summary.runs[0].run_id).exists()  # not attempted: redone once pretraining works
+
+
+def _never_called(config, out_dir):
+    raise AssertionError("no run may start")
+
+
+@pytest.mark.parametrize("options, expected", [
+    ({"backend": "dask"}, "unknown backend 'dask'"),
+    ({"address": "ray://head:10001"}, "--address is for the ray backend"),
+    ({"workers": 0}, "--workers must be at least 1"),
+])
+def test_backend_mistakes_are_config_errors_before_anything_runs(tmp_path, options, expected):
+    from medxfer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=expected):
+        run_sweep(parse_sweep(TINY_GRID), tmp_path / "out", run_fn=_never_called, **options)
+    assert not (tmp_path / "out").exists()

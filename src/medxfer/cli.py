@@ -22,7 +22,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate datasets.")
 app.add_typer(data_app, name="data")
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)  # wide tables in logs and pipes
 _state = {"debug": False}
 
 
@@ -97,10 +97,13 @@ def finetune(config: Path = typer.Argument(..., help="Run config (YAML)."),
 
 @app.command()
 def collect(directory: Path = typer.Argument(..., help="A results folder (with runs/).")) -> None:
-    """Aggregate the run records of a folder into results.csv."""
-    from medxfer.sweep.store import collect as collect_records
+    """Aggregate the run records of a folder into results.csv (and its scores into robustness.csv)."""
+    from medxfer.sweep.store import collect_all
 
-    console.print(f"wrote {collect_records(directory)}")
+    tables = collect_all(directory)
+    for path in tables.values():
+        if path is not None:
+            console.print(f"wrote {path}")
 
 
 @app.command()
@@ -203,9 +206,37 @@ def analyze(downstream: Path = typer.Option(..., "--downstream", help="results.c
 
 
 @app.command()
-def sweep(grid: Path = typer.Argument(..., help="Grid file (YAML).")) -> None:
-    """Run a grid of fine-tuning runs, resumably."""
-    _not_implemented("sweep")
+def sweep(grid: Path = typer.Argument(..., help="Grid file (YAML): base config, axes, include/exclude."),
+          out: Path = typer.Option(Path("sweep_out"), "--out", help="Output folder (runs/, results.csv, ...)."),
+          backend: str = typer.Option("local", "--backend", help="local | ray"),
+          workers: int = typer.Option(1, "--workers", help="local: parallel worker processes."),
+          address: Optional[str] = typer.Option(None, "--address", help="ray: address of a running cluster "
+                                                "(default: a local Ray instance)."),
+          retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed runs again."),
+          dry_run: bool = typer.Option(False, "--dry-run", help="List the runs (id, axis values, state); run nothing."),
+          ) -> None:
+    """Run a grid of fine-tuning runs, resumably: finished runs are skipped, interrupted ones redone."""
+    from medxfer.errors import MedxferError
+    from medxfer.sweep.runner import run_sweep
+
+    summary = run_sweep(grid, out, backend=backend, workers=workers, address=address,
+                        retry_failed=retry_failed, dry_run=dry_run, progress=sys.stderr.isatty())
+    if dry_run:
+        columns, rows = summary.runs_table()
+        _print_table(f"sweep {summary.name}: {len(summary.runs)} runs (dry run)", columns[:-2] + columns[-1:],
+                     [row[:-2] + row[-1:] for row in rows])
+        if summary.invalid:
+            raise MedxferError(f"{len(summary.invalid)} invalid combination(s); first: {summary.invalid[0].error}")
+        return
+    columns, rows = summary.status_table()
+    _print_table(f"sweep {summary.name} ({summary.elapsed_s:.0f} s)", columns, rows)
+    for run in summary.failed:
+        console.print(f"[red]{run.status}[/red] {run.run_id} ({', '.join(f'{k}={v}' for k, v in run.axes.items())}): "
+                      f"{run.error}")
+    console.print(f"records: {summary.out_dir / 'runs'}\nresults: {summary.results_csv}"
+                  + (f"\nrobustness: {summary.robustness_csv}" if summary.robustness_csv else ""))
+    if summary.failed:
+        raise typer.Exit(1)  # some runs failed (and are recorded); the sweep itself worked
 
 
 @app.command()
@@ -228,16 +259,15 @@ def predict(run: Path = typer.Argument(..., help="A run folder or its model.pt."
 
     summary = run_predict(run, inputs, out, overlays=overlays)
     console.print(f"{len(summary['written'])} mask(s) written to {out}")
-    for failed in summary["failed"]:
-        typer.echo(f"skipped {failed['input']}: {failed['error']}", err=True)
-    if summary["failed"]:
+    if summary["failed"]:  # each skipped input was already logged with its reason
+        typer.echo(f"{len(summary['failed'])} input(s) skipped", err=True)
         raise typer.Exit(1)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: run the app; turn library errors into one line on stderr and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # returns the exit code of typer.Exit
     except MedxferError as exc:
         if _state["debug"]:
             raise
@@ -256,7 +286,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if type(exc).__name__ == "Abort":
             return 1
         raise
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ so one bad run never stops a sweep. Ray is imported only by its backend.
 from __future__ import annotations
 
 import concurrent.futures as futures
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -19,7 +20,7 @@ import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from medxfer.config import RunConfig, config_to_dict
 from medxfer.errors import ConfigError
@@ -175,18 +176,43 @@ def run_ray(jobs: Sequence[Any], on_outcome: OnOutcome, address: Optional[str] =
 BACKENDS = ("local", "ray")
 
 
+@contextlib.contextmanager
+def backend_session(backend: str, address: Optional[str] = None) -> Iterator[None]:
+    """Ray: one connection for all the stages of a sweep (started here = shut down here). Local: nothing."""
+    if backend != "ray":
+        yield
+        return
+    ray = import_ray()
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, log_to_driver=False) if address else ray.init(log_to_driver=False)
+    try:
+        yield
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
 def run_jobs(jobs: Sequence[Any], on_outcome: OnOutcome, backend: str = "local", workers: int = 1,
              address: Optional[str] = None, cpus: float = 1.0, gpus: float = 0.0) -> None:
+    if not jobs:
+        return
+    check_backend(backend, workers, address)
     if backend == "local":
-        if address is not None:
-            raise ConfigError("--address is for the ray backend only")
-        if workers < 1:
-            raise ConfigError(f"--workers must be at least 1, got {workers}")
         if workers == 1 or len(jobs) <= 1:
             run_sequential(jobs, on_outcome)
         else:
             run_process_pool(jobs, on_outcome, min(workers, len(jobs)))
-    elif backend == "ray":
-        run_ray(jobs, on_outcome, address=address, cpus=cpus, gpus=gpus)
     else:
+        run_ray(jobs, on_outcome, address=address, cpus=cpus, gpus=gpus)
+
+
+def check_backend(backend: str, workers: int = 1, address: Optional[str] = None) -> None:
+    if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if backend == "local" and address is not None:
+        raise ConfigError("--address is for the ray backend only")
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    if backend == "ray" and workers != 1:
+        raise ConfigError("--workers is for the local backend; Ray runs as many runs at once as the cluster fits")

@@ -21,10 +21,9 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, Field, PrivateAttr, field_validator
 
-from medxfer.config import (PretrainConfig, PretrainedConfig, RunConfig, StrictModel, config_to_dict, parse_config, read_yaml,
+from medxfer.config import (PretrainConfig, PretrainedConfig, RunConfig, StrictModel, parse_config, read_yaml,
                             resolve_paths)
 from medxfer.errors import ConfigError
-from medxfer.io import stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -329,6 +328,7 @@ def expand_grid(sweep: SweepConfig, out_dir: str | Path) -> GridPlan:
     equal are kept once; combinations that do not validate are returned in ``invalid``."""
     from medxfer.finetune import run_id_for  # the one definition of a run id
 
+    _check_grid(sweep)  # also for a SweepConfig built in code rather than parsed
     folders = {e.name: pretraining_checkpoints(out_dir, e) for e in sweep.pretraining}
     names = list(sweep.axes)
     combinations: list[dict[str, Any]] = []

@@ -18,11 +18,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from medxfer.config import PretrainConfig, RunConfig, ScoreConfig, config_to_dict, parse_config
+from medxfer.config import PretrainConfig, ScoreConfig, config_to_dict, parse_config
 from medxfer.errors import ConfigError
 from medxfer.io import atomic_write_json, stable_hash
 from medxfer.sweep import store
-from medxfer.sweep.backends import BACKENDS, RunFn, RunJob, RunOutcome, run_jobs
+from medxfer.sweep.backends import RunFn, RunJob, RunOutcome, backend_session, check_backend, run_jobs
 from medxfer.sweep.grid import (
     GridPlan,
     SweepConfig,
@@ -149,7 +149,7 @@ class PretrainJob:
         folder = Path(self.folder)
         started = time.perf_counter()
         try:
-            store.remove_partial_files(folder)
+            store.remove_partial_files(folder, recursive=True)
             run_pretraining(self.config, folder)  # resumes an interrupted run; writes pretrain.json last
             if (folder / store.ERROR_FILE).exists():
                 (folder / store.ERROR_FILE).unlink()
@@ -178,7 +178,7 @@ class ScoreJob:
         folder = Path(self.folder)
         started = time.perf_counter()
         try:
-            store.remove_partial_files(folder)
+            store.remove_partial_files(folder, recursive=True)
             run_score(self.config, folder)
             atomic_write_json(folder / COMPLETE_FILE, {"kind": "score", "config": config_to_dict(self.config),
                                                        "finished": datetime.now(timezone.utc).isoformat()})
@@ -301,8 +301,7 @@ def run_sweep(grid: Union[str, Path, SweepConfig, dict], out_dir: str | Path, ba
     current state. Returns the summary; the caller prints it.
     """
     started = time.perf_counter()
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    check_backend(backend, workers, address)
     sweep = _as_sweep(grid)
     out_dir = Path(out_dir).resolve()
     plan = expand_grid(sweep, out_dir)
@@ -317,7 +316,8 @@ def run_sweep(grid: Union[str, Path, SweepConfig, dict], out_dir: str | Path, ba
         raise ConfigError(f"{message}{more}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    store.remove_partial_files(out_dir)
+    store.remove_partial_files(out_dir)  # tables and plans left half-written by a killed sweep
+    store.remove_partial_files(out_dir / "sweeps")
     atomic_write_json(out_dir / "sweeps" / f"{_safe(sweep.name)}.json", {
         "name": sweep.name, "source": sweep.source, "config": sweep.model_dump(mode="json"),
         "runs": [{"run_id": run.run_id, "axes": run.axes} for run in plan.runs],
@@ -326,7 +326,7 @@ def run_sweep(grid: Union[str, Path, SweepConfig, dict], out_dir: str | Path, ba
     options = dict(backend=backend, workers=workers, address=address,
                    cpus=sweep.resources.cpus, gpus=sweep.resources.gpus)
 
-    with _Progress(progress) as bars:
+    with backend_session(backend, address), _Progress(progress) as bars:
         # 1. pretraining, once per entry (entries that differ only in name share one folder)
         pretrain_jobs, failed_folders, names_of = [], set(), {}
         for entry in sweep.pretraining:
@@ -384,9 +384,9 @@ def run_sweep(grid: Union[str, Path, SweepConfig, dict], out_dir: str | Path, ba
                 entry.error = (store.read_error(out_dir, run.run_id) or {}).get("error")
             elif checkpoint is not None and str(Path(checkpoint).parent) in failed_folders:
                 entry.status = "blocked"
-                entry.error = "its pretraining failed (see DIR/pretrain/*/error.json)"
+                entry.error = f"its pretraining failed (see {Path(checkpoint).parent / store.ERROR_FILE})"
             else:
-                store.remove_partial_files(store.run_dir(out_dir, run.run_id))
+                store.remove_partial_files(store.run_dir(out_dir, run.run_id), recursive=True)
                 jobs.append(RunJob(run.run_id, run.config, str(out_dir), run_fn))
         log.info("sweep %s: %d runs, %d to run", sweep.name, len(plan.runs), len(jobs))
 

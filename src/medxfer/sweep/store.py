@@ -159,16 +159,14 @@ def read_error(root: str | Path, run_id: str) -> Optional[dict[str, Any]]:
         return None
 
 
-def remove_partial_files(directory: str | Path) -> int:
-    """Delete the temporary files a killed atomic write leaves (``.NAME.*.tmp``) directly in ``directory``.
-
-    Only call this for a folder no live process writes to (a run about to be redone, the sweep root at start).
-    """
+def remove_partial_files(directory: str | Path, recursive: bool = False) -> int:
+    """Delete the temporary files a killed atomic write leaves (``.NAME.*.tmp``) in ``directory`` (and its
+    subfolders if ``recursive``). Only for folders no live process writes to (e.g. a run about to be redone)."""
     removed = 0
     directory = Path(directory)
     if not directory.is_dir():
         return 0
-    for path in directory.glob(".*.tmp"):
+    for path in (directory.rglob(".*.tmp") if recursive else directory.glob(".*.tmp")):
         try:
             path.unlink()
             removed += 1
