@@ -48,15 +48,16 @@ def _workload(kind: str, size: str) -> Any:
 
     shape, n = ((32, 32, 32), 2) if size == "tiny" else ((128, 128, 128), 3)
     inputs = bm.make_inputs(shape, n)
-    import medpy.metric.binary  # noqa: F401  (imports are set-up, not workload)
-    import sklearn.metrics  # noqa: F401
     if kind == "metrics_medxfer":
-        from medxfer.evaluation.metrics import MetricAccumulator
+        from medxfer.evaluation.metrics import MetricAccumulator  # imports are set-up, not workload
 
         def run():
             accumulator = MetricAccumulator()
             return [bm.medxfer_suite(prob, gt, accumulator)["hd95"] for prob, gt in inputs]
         return run
+    import medpy.metric.binary  # noqa: F401
+    import sklearn.metrics  # noqa: F401
+
     return lambda: [bm.reference_suite(prob, gt)["hd95"] for prob, gt in inputs]
 
 

@@ -7,8 +7,11 @@ run ids with the same Dice. Ray is measured only where it is installed.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+import os
+import sys
 import tempfile
 import time
 import warnings
@@ -37,6 +40,26 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore")
 
 
+@contextlib.contextmanager
+def _worker_output_to(path: Path):
+    """Send what worker processes print (Lightning's banners) to a file instead of the terminal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "w") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
 def run_side(grid: dict, backend: str, workers: int) -> dict[str, Any]:
     from medxfer.finetune import summary_dice
     from medxfer.sweep.runner import run_sweep
@@ -45,7 +68,8 @@ def run_side(grid: dict, backend: str, workers: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         wall_start = datetime.now(timezone.utc)
         started = time.perf_counter()
-        summary = run_sweep(grid, out, backend=backend, workers=workers)
+        with _worker_output_to(Path(out) / "workers.log"):
+            summary = run_sweep(grid, out, backend=backend, workers=workers)
         seconds = time.perf_counter() - started
         records = list(iter_records(Path(out), kind="finetune"))
     dice = {r["run_id"]: summary_dice(r) for r in records}

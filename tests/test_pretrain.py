@@ -308,3 +308,23 @@ def test_downstream_run_starts_from_each_kind_of_base_model(sparse_pretrained, t
     assert same(encoder_keys)
     assert same(decoder_keys) == (load in ("full", "encoder_decoder"))
     assert same(head_keys) == (load == "full")
+
+
+@pytest.mark.parametrize("stop_early", [False, True])
+def test_online_score_section_scores_every_checkpoint(tmp_path, stop_early):
+    import pandas as pd
+
+    online = {"data": {"name": "demo", "options": {"domain": "B"}}, "stop_early": stop_early,
+              "settings": {"n_images": 4, "metrics": ["cosine"], "margins": [0.5], "pooled": [True],
+                           # a rule that must fire at the second checkpoint: no gain can beat min_delta 10
+                           "stop": {"rule": "patience", "patience": 1, "min_delta": 10.0}}}
+    config = classification_config(schedule={"lengths": [0, 1, 2]}, online_score=online)
+    result = run_pretraining(config, tmp_path)
+    expected = [0, 1] if stop_early else [0, 1, 2]
+    assert result.lengths == expected
+    for checkpoint in result.checkpoints:
+        assert 0.0 <= checkpoint.manifest["robustness"] <= 1.0 + 0.5
+    table = pd.read_csv(tmp_path / "robustness_online.csv")
+    assert sorted(table["pretraining_length"].unique().tolist()) == expected
+    assert list(table.columns[:9]) == ["dataset", "metric", "margin", "encoder", "pretraining_scheme", "pooled",
+                                       "level", "pretraining_length", "robustness"]

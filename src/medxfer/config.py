@@ -254,6 +254,15 @@ class PretrainTrainConfig(StrictModel):
     resume_every_n_steps: int = Field(100, ge=1)  # step schedules: Lightning resume checkpoint interval
 
 
+class OnlineScoreConfig(StrictModel):
+    """The transferability score computed on target images at every scheduled pretraining checkpoint."""
+
+    data: DataConfig  # the target dataset (its training split is scored)
+    stop_early: bool = True  # False: log the score into the manifests only, never stop pretraining
+    # any other key of a score config (n_images, metrics, margins, levels, pooled, augment, stop, ...)
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
 class PretrainConfig(StrictModel):
     """One pretraining run: encoder (model preset), data, scheme, checkpoint schedule."""
 
@@ -267,6 +276,7 @@ class PretrainConfig(StrictModel):
     data: Optional[DataConfig] = None  # segmentation: any medxfer dataset (sparse labels via Case.annotated)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: PretrainTrainConfig = Field(default_factory=PretrainTrainConfig)
+    online_score: Optional[OnlineScoreConfig] = None  # score each checkpoint on the target while pretraining
 
     @model_validator(mode="after")
     def _segmentation_needs_data(self) -> "PretrainConfig":

@@ -621,6 +621,32 @@ def prepare_pretraining(config: PretrainConfig, data: Any = None) -> PretrainSet
     return setup(config, recipe, data)
 
 
+ONLINE_SCORE_FILE = "robustness_online.csv"
+
+
+def _online_score_hook(config: PretrainConfig, out: Path) -> CheckpointHook:
+    """The checkpoint hook that ``config.online_score`` asks for: the robustness score of each checkpoint
+    goes into its manifest and ``robustness_online.csv``; pretraining stops when the patience rule fires,
+    unless ``stop_early`` is off (then the score is only recorded)."""
+    from medxfer.config import ScoreConfig, parse_config
+    from medxfer.transferability.stopping import RobustnessEarlyStopping
+
+    online = config.online_score
+    settings = {"bootstrap": 0, "seed": config.seed, **online.settings,
+                "data": config_to_dict(online.data), "checkpoints": str(out / CHECKPOINT_DIR), "out": str(out)}
+    score_config = parse_config(settings, ScoreConfig, source=f"{config.name}: online_score")
+    scorer = RobustnessEarlyStopping.from_config(score_config, pretraining_scheme=config.scheme,
+                                                 csv_path=out / ONLINE_SCORE_FILE)
+
+    def hook(length: int, encoder, manifest: dict) -> dict:
+        returned = dict(scorer.on_checkpoint(length, encoder, manifest) or {})
+        if not online.stop_early:
+            returned.pop("stop", None)
+        return returned
+
+    return hook
+
+
 def run_pretraining(config: PretrainConfig, out_dir: str | Path, callbacks: Optional[Sequence[Any]] = None,
                     progress: bool = False, *, hooks: Optional[Sequence[CheckpointHook]] = None,
                     data: Any = None) -> PretrainResult:
@@ -651,6 +677,9 @@ def run_pretraining(config: PretrainConfig, out_dir: str | Path, callbacks: Opti
     if prefers_channels_last(setup.module.model.encoder.spatial_dims):
         setup.module.model.to(memory_format=torch.channels_last)  # cuDNN's fastest 2D kernels
     callbacks = list(callbacks or [])
+    hooks = list(hooks or [])
+    if config.online_score is not None:
+        hooks.append(_online_score_hook(config, out))
     base_manifest = {
         "task": config.task, "scheme": config.scheme, "architecture": config.model.preset,
         "dataset": setup.dataset, "seed": config.seed, "run_name": config.name, "config_hash": identity,
@@ -658,7 +687,7 @@ def run_pretraining(config: PretrainConfig, out_dir: str | Path, callbacks: Opti
     scheduled = ScheduledCheckpoints(
         config.schedule.unit, config.schedule.lengths, save=_make_saver(out, config, setup.save_full_model),
         score=setup.score, exists=_existing(out), base_manifest=base_manifest,
-        hooks=collect_hooks(callbacks, hooks or []),
+        hooks=collect_hooks(callbacks, hooks),
     )
     longest = max(config.schedule.lengths)
     lightning_dir = out / LIGHTNING_DIR
