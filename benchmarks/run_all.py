@@ -1,4 +1,8 @@
-"""`make bench`: run every benchmark (each a module here with a ``main()``), then write the summary."""
+"""`make bench`: run every benchmark (each a module here with a ``main()``), then write the summary.
+
+``python benchmarks/run_all.py [NAME ...]`` runs the named ones only (e.g. ``bench_metrics``); results
+of the others stay as they were in ``benchmarks/results``.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ BENCHMARKS = ["bench_training", "bench_metrics", "bench_robustness", "bench_swee
 
 def main(names: list[str]) -> int:
     failed = []
+    started = time.perf_counter()
     for name in names or BENCHMARKS:
         start = time.perf_counter()
         print(f"== {name}", flush=True)
@@ -25,8 +30,11 @@ def main(names: list[str]) -> int:
             failed.append(name)
             print(f"{name} failed: {type(exc).__name__}: {exc}", flush=True)
         print(f"   ({time.perf_counter() - start:.0f} s)", flush=True)
-    write_summary()
+    path = write_summary()
+    print()
     print(summary_markdown())
+    print(f"All benchmarks: {time.perf_counter() - started:.0f} s; summary in {path}"
+          + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
 

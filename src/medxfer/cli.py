@@ -67,15 +67,25 @@ def _print_table(title: str, columns: list[str], rows: list[list]) -> None:
 
 @app.command()
 def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder."),
-         quick: bool = typer.Option(False, "--quick", help="A few steps only (what the tests run).")) -> None:
-    """Run the demo on the embedded data (no download): source training, fine-tuning, evaluation."""
+         quick: bool = typer.Option(False, "--quick", help="A few steps per stage (what the tests run)."),
+         workers: Optional[int] = typer.Option(None, "--workers", help="Parallel runs (default: min(2, cores))."),
+         ) -> None:
+    """The whole study in miniature on the embedded data (no download): pretrain, score, stop, fine-tune
+    with 5-20 images, evaluate, report. Resumable: a second run reuses finished work."""
     from medxfer.demo import run_demo
 
     _quiet_training_libraries()
-
-    summary = run_demo(out, quick=quick, progress=sys.stderr.isatty())
-    _print_table("medxfer demo", summary["columns"], summary["rows"])
-    console.print(f"records: {summary['runs_dir']}\nresults: {summary['results_csv']}")
+    summary = run_demo(out, quick=quick, progress=sys.stderr.isatty(), workers=workers)
+    _print_table("source -> target transfer (nuclei A -> B)", summary["columns"], summary["rows"])
+    counts = ", ".join(f"{n} {status}" for status, n in summary["counts"].items())
+    console.print(f"runs: {counts}")
+    rec = summary["recommendation"]
+    if rec:
+        console.print(f"stop pretraining at length {rec['length']:g} (rule {rec['rule']}, "
+                      f"variant {rec['variant']['metric']} margin {rec['variant']['margin']})")
+    console.print(f"results: {summary['results_csv']}\nrobustness: {summary['robustness_csv']}\n"
+                  f"analysis: {summary['analysis_dir']}\nreport: {summary['report']}")
+    console.print(f"finding: {summary['finding']}", highlight=False)
 
 
 @app.command()

@@ -110,8 +110,28 @@ def threads_per_worker(workers: int, cpu_count: Optional[int] = None) -> int:
     return max(1, (cpu_count or os.cpu_count() or 1) // max(1, workers))
 
 
-def _init_worker(threads: int) -> None:
+_QUIETED_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning")
+
+
+def _parent_log_settings() -> tuple[dict[str, int], list]:
+    """What the parent set for Lightning's chatter (and its warning filters), to repeat in each worker."""
+    import warnings
+
+    return {name: logging.getLogger(name).level for name in _QUIETED_LOGGERS}, list(warnings.filters)
+
+
+def _init_worker(threads: int, levels: Optional[dict[str, int]] = None, warning_filters: Optional[list] = None
+                 ) -> None:
+    import warnings
+
     set_threads(threads)
+    if levels:
+        import lightning  # noqa: F401  (it resets its loggers' levels on import: import it first)
+
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+    if warning_filters is not None:
+        warnings.filters[:] = warning_filters
 
 
 def run_process_pool(jobs: Sequence[Any], on_outcome: OnOutcome, workers: int) -> None:
@@ -124,7 +144,7 @@ def run_process_pool(jobs: Sequence[Any], on_outcome: OnOutcome, workers: int) -
     jobs = [dataclasses.replace(job, threads=threads) for job in jobs]
     context = multiprocessing.get_context("spawn")
     with futures.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
-                                     initargs=(threads,)) as pool:
+                                     initargs=(threads, *_parent_log_settings())) as pool:
         pending = {pool.submit(execute_job, job): job for job in jobs}
         for future in futures.as_completed(pending):
             job = pending[future]
