@@ -64,10 +64,12 @@ def _workload(kind: str, size: str) -> Any:
 def child(kind: str, size: str) -> dict[str, Any]:
     work = _workload(kind, size)
     before = current_rss_mb()
-    reset = reset_peak_rss()
+    setup_peak = peak_rss_since_reset_mb()  # VmHWM of this process (ru_maxrss would include the parent's
+    reset = reset_peak_rss()                # RSS from before exec on Linux)
     result = work()
     during = peak_rss_since_reset_mb() if reset else float("nan")
-    return {"kind": kind, "peak_mb": peak_rss_mb(), "before_mb": before, "workload_mb": during - before,
+    return {"kind": kind, "peak_mb": max(setup_peak, during) if reset else peak_rss_mb(), "before_mb": before,
+            "workload_mb": during - before,
             "result": [float(v) for v in result]}
 
 

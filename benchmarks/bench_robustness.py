@@ -9,7 +9,6 @@ their four 90-degree rotations = 256 images; encoder: a classic U-Net encoder. S
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np

@@ -141,8 +141,6 @@ def _fmt(value: Any) -> str:
             return "0"
         if abs(value) >= 100:
             return f"{value:.0f}"
-        if abs(value) >= 10:
-            return f"{value:.1f}"
         if abs(value) >= 0.01:
             return f"{value:.3g}"
         return f"{value:.2e}"

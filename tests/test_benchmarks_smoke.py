@@ -1,0 +1,57 @@
+"""Tiny runs of the benchmark harness (benchmarks/), so that `make bench` does not rot between runs."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import common  # noqa: E402
+
+
+def test_metric_benchmark_agrees_with_medpy_on_tiny_masks():
+    pytest.importorskip("medpy")
+    import bench_metrics
+
+    inputs = bench_metrics.make_inputs((48, 48), 3)
+    assert all(gt.any() and (prob > 0.5).any() for prob, gt in inputs)
+    result = bench_metrics.compare(inputs, repeat=1)
+    assert result["agree"], result["max_abs_diff"]
+    assert result["n_images"] == 3 and result["medxfer_s"] > 0 and result["reference_s"] > 0
+    assert 0.0 < result["mean_dice"] < 1.0  # an imperfect prediction, as the benchmark intends
+
+
+def test_training_benchmark_sides_see_the_same_batches_and_losses():
+    import bench_training
+
+    result = bench_training.measure_model("unet", {"width": 2, "depth": 2}, batch_size=2, shape=(16, 16),
+                                          steps=3, rounds=1)
+    assert result["same_losses"]
+    assert len(result["losses"]["bare"]) == len(result["losses"]["medxfer"]) == 3
+    assert result["flops_per_step"] > 0
+    for side in ("bare", "medxfer"):
+        assert result[f"{side}_step_s"] > 0 and result[f"{side}_wait_s"] >= 0
+
+
+def test_result_rows_reach_the_summary_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    rows = [common.row("suite on masks", "medpy", 0.5, 6.0, "s", 12.0, ">= 10", True),
+            common.row("reported only", "bare", float("nan"), None, "MB", None)]
+    path = common.write_result("demo", rows, {common.NOTES_KEY: ["a note"]})
+    data = json.loads(path.read_text())
+    assert data["rows"][1]["medxfer"] is None  # NaN is stored as null, not as invalid JSON
+    summary = common.write_summary().read_text()
+    assert "| demo | suite on masks | medpy | 0.5 | 6 | s | 12 | >= 10 | yes |" in summary
+    assert "| demo | reported only | bare | - | - | MB | - | - | - |" in summary
+    assert "- a note" in summary
+
+
+def test_blob_pairs_are_seeded_and_non_empty():
+    a_prob, a_gt = common.blob_pair((40, 40, 40), seed=3)
+    b_prob, b_gt = common.blob_pair((40, 40, 40), seed=3)
+    assert np.array_equal(a_prob, b_prob) and np.array_equal(a_gt, b_gt)
+    assert a_prob.dtype == np.float32 and 0.0 <= a_prob.min() and a_prob.max() <= 1.0
+    assert a_gt.any() and (a_prob > 0.5).any()
