@@ -55,7 +55,7 @@ class Interrupt(L.Callback):
 
 
 def test_interrupted_run_resumes_and_writes_one_record(tmp_path):
-    config = tiny_config(max_epochs=3)
+    config = tiny_config(max_epochs=3, checkpoint_every_s=None)  # resume checkpoint at every epoch end
     with pytest.raises(RuntimeError, match="simulated kill"):
         run_finetune(config, tmp_path, callbacks=[Interrupt()])
     run_dir = tmp_path / "runs" / run_id_for(config)
@@ -172,3 +172,25 @@ def test_precision_auto_is_fp32_on_cpu_and_explicit_values_pass_through(monkeypa
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert resolve_precision("auto") == "bf16-mixed" and prefers_channels_last(2) and not prefers_channels_last(3)
+
+
+def test_best_weights_keeps_the_best_epoch_and_survives_a_resume():
+    from types import SimpleNamespace
+
+    from medxfer.training.tasks import BestWeights
+
+    module = SimpleNamespace(model=torch.nn.Linear(2, 1))
+    keeper = BestWeights("val_dice")
+    kept = None
+    for epoch, score in enumerate([0.3, 0.5, 0.4]):
+        with torch.no_grad():
+            module.model.weight.fill_(float(epoch))
+        trainer = SimpleNamespace(callback_metrics={"val_dice": torch.tensor(score)}, sanity_checking=False)
+        keeper.on_validation_end(trainer, module)
+        if score == 0.5:
+            kept = module.model.weight.detach().clone()
+    assert keeper.best_score == 0.5
+    assert torch.equal(keeper.best_state["weight"], kept)
+    resumed = BestWeights("val_dice")
+    resumed.load_state_dict(keeper.state_dict())
+    assert resumed.best_score == 0.5 and torch.equal(resumed.best_state["weight"], kept)

@@ -82,6 +82,10 @@ class TrainConfig(StrictModel):
     max_steps: int = -1  # > 0 overrides max_epochs
     batch_size: int = Field(8, ge=1)
     early_stopping_patience: Optional[int] = None  # epochs without validation Dice improvement
+    # how often the resume checkpoint (weights + optimizer state) is written: every N seconds of training,
+    # or None = at every epoch end. Few-image epochs are short, and writing a large model's checkpoint can
+    # take longer than a training step, so the default is by time.
+    checkpoint_every_s: Optional[float] = Field(60.0, gt=0.0)
     loss: str = "auto"  # "auto" | "dice" | "ce" | "dice_ce" | "focal" | "tversky" | "dice_focal"
     # (each also as "partial_<name>" for sparse annotations; see medxfer.training.losses)
     loss_options: dict[str, Any] = Field(default_factory=dict)  # build_loss options; unused with loss "auto"

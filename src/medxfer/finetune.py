@@ -6,7 +6,7 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Optional
 
@@ -143,7 +143,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
 
     from medxfer.models.weights import save_model_weights
     from medxfer.training.strategies import prefers_channels_last, resolve_precision
-    from medxfer.training.tasks import SegmentationTask
+    from medxfer.training.tasks import BestWeights, SegmentationTask
 
     run_id = run_id_for(config)
     directory = store_run_dir(out_dir, run_id)
@@ -172,12 +172,15 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
     if prefers_channels_last(config.data.spatial_dims):
         model = model.to(memory_format=torch.channels_last)
     checkpoints = directory / "checkpoints"
-    # One checkpoint callback: last.ckpt (for resuming) plus best.ckpt by validation Dice when there is
-    # a validation set (the weights that are evaluated).
-    monitor = "val_dice" if val_loader is not None else None
-    checkpointing = ModelCheckpoint(dirpath=checkpoints, filename="best", monitor=monitor, mode="max",
-                                    save_top_k=1, save_last=True)
-    callbacks = [checkpointing, *(callbacks or [])]
+    # last.ckpt (weights + optimizer state) is for resuming only; the weights that are evaluated are the
+    # best by validation Dice, kept in memory by BestWeights (and inside last.ckpt).
+    every_s = t.checkpoint_every_s
+    resume = ModelCheckpoint(dirpath=checkpoints, filename="last", save_top_k=1, monitor=None,
+                             enable_version_counter=False, save_on_train_epoch_end=True,
+                             every_n_epochs=None if every_s else 1,
+                             train_time_interval=timedelta(seconds=every_s) if every_s else None)
+    best = BestWeights("val_dice") if val_loader is not None else None
+    callbacks = [resume, *([best] if best else []), *(callbacks or [])]
     if val_loader is not None and t.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val_dice", mode="max", patience=t.early_stopping_patience))
     trainer = L.Trainer(
@@ -190,9 +193,8 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
     train_started = time.perf_counter()
     trainer.fit(task, train_loader, val_loader, ckpt_path=str(last) if last.is_file() else None)
     train_s = time.perf_counter() - train_started
-    if monitor is not None and checkpointing.best_model_path:
-        state = torch.load(checkpointing.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
-        task.load_state_dict(state)
+    if best is not None and best.best_state is not None:
+        task.model.load_state_dict(best.best_state)
     model = task.model.cpu().eval()
 
     eval_started = time.perf_counter()
@@ -223,6 +225,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
         "pretraining": pretraining,
         "loss": loss_info,
         "epochs_trained": int(trainer.current_epoch),
+        "best_val_dice": None if best is None else best.best_score,
         "steps_trained": int(trainer.global_step),
         "metrics": metrics,
         "timings": {"train_s": train_s, "eval_s": eval_s, "total_s": time.perf_counter() - started},

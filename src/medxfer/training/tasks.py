@@ -27,6 +27,35 @@ def foreground_dice_counts(logits: torch.Tensor, target: torch.Tensor, n_classes
     return counts
 
 
+class BestWeights(L.Callback):
+    """Keeps, in memory, the model weights of the epoch with the best ``monitor`` value.
+
+    Cheaper than writing a best-model file at every improvement; its state (score + weights, plain
+    tensors) goes into Lightning's resume checkpoint, so a resumed run keeps the best weights seen so far.
+    """
+
+    def __init__(self, monitor: str = "val_dice"):
+        self.monitor = monitor
+        self.best_score: Optional[float] = None
+        self.best_state: Optional[dict[str, torch.Tensor]] = None
+
+    def on_validation_end(self, trainer, pl_module):
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None or trainer.sanity_checking:
+            return
+        value = float(value)
+        if self.best_score is None or value > self.best_score:
+            self.best_score = value
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.model.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        return {"best_score": self.best_score, "best_state": self.best_state}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best_score = state_dict.get("best_score")
+        self.best_state = state_dict.get("best_state")
+
+
 class SegmentationTask(L.LightningModule):
     """Trains a segmenter with the run's loss and strategy; logs ``val_dice`` (pooled mean foreground
     Dice over the validation images, inferred whole as at test time)."""
