@@ -37,7 +37,7 @@ def _settings(quick: bool) -> dict[str, Any]:
     if quick:  # every stage and figure, a few steps each (what the tests run)
         return {"width": 4, "lengths": [0, 2], "sizes": [5, 20], "seeds": [0], "steps": 4, "source_steps": 6,
                 "n_per_class": 12, "val_per_class": 4, "score_images": 8, "bootstrap": 50}
-    return {"width": 8, "lengths": [0, 2, 8], "sizes": [5, 10, 15, 20], "seeds": [0, 1], "steps": 120,
+    return {"width": 8, "lengths": [0, 1, 2, 4, 8], "sizes": [5, 10, 15, 20], "seeds": [0, 1], "steps": 120,
             "source_steps": 300, "n_per_class": 60, "val_per_class": 20, "score_images": 16, "bootstrap": 200}
 
 
@@ -79,7 +79,7 @@ def demo_grid(quick: bool = False, source_model: Optional[Path] = None) -> dict[
         }],
         "score": {"datasets": ["nuclei-B"],
                   "settings": {"n_images": s["score_images"], "bootstrap": s["bootstrap"],
-                               "stop": {"rule": "patience", "patience": 1}}},
+                               "stop": {"rule": "patience", "patience": 2}}},
         "axes": {
             "dataset": ["nuclei-B"],
             "strategy": ["full", "frozen_encoder"],
