@@ -345,7 +345,7 @@ def main(models=MODELS) -> list[dict[str, Any]]:
         + ".",
         "Loader: CaseDataset + training_augmentation (MONAI flips, rot90, intensity), num_workers=0 as in "
         "finetune's default; the medxfer side's wait includes Lightning's bookkeeping between steps.",
-        f"Step times per round (s): " + "; ".join(
+        "Step times per round (s): " + "; ".join(
             f"{r['name']} bare {[round(t, 3) for t in r['all_step_s']['bare']]}, "
             f"medxfer {[round(t, 3) for t in r['all_step_s']['medxfer']]}" for r in results),
     ]

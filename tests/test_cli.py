@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from medxfer.cli import app, main
+from medxfer.cli import main
 
 COMMANDS = [name for name in ("demo", "finetune", "collect", "models", "pretrain", "score", "analyze",
                               "sweep", "report", "predict")]

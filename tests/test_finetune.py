@@ -1,7 +1,6 @@
 import json
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 

@@ -1,6 +1,5 @@
 """The Ray backend on a local Ray instance: the same tiny sweep, the same records as the local backend."""
 
-from pathlib import Path
 
 import pytest
 
@@ -11,18 +10,7 @@ from medxfer.sweep.store import read_record
 pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")
 
-# The tiny sweep of test_sweep_run.py: 8 runs on the demo data, 2 training steps each.
-TINY_GRID = {
-    "name": "tiny",
-    "base": {"data": {"name": "demo", "options": {"domain": "B"}},
-             "model": {"preset": "unet", "width": 4, "depth": 3},
-             "train": {"strategy": "scratch", "max_steps": 2, "batch_size": 4}},
-    "axes": {"train.lr": [0.001, 0.01], "train_images": [3, 5], "seed": [0, 1]},
-}
-
-
-def records(out):
-    return {r["run_id"]: r for r in map(read_record, Path(out).glob("runs/*/result.json"))}
+from test_sweep_run import TINY_GRID, one_torch_thread, records  # noqa: E402  (the same tiny sweep)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +24,8 @@ def test_ray_backend_gives_the_records_of_the_local_backend(local_ray, tmp_path)
     on_ray = run_sweep(parse_sweep(TINY_GRID), tmp_path / "ray", backend="ray")
     assert on_ray.counts() == {"done": 8}
     assert ray.is_initialized()  # the backend used the running instance and left it to its owner
-    local = run_sweep(parse_sweep(TINY_GRID), tmp_path / "local")
+    with one_torch_thread():  # as each 1-CPU Ray task has
+        local = run_sweep(parse_sweep(TINY_GRID), tmp_path / "local")
     assert local.counts() == {"done": 8}
 
     got, expected = records(tmp_path / "ray"), records(tmp_path / "local")

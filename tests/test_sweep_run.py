@@ -1,5 +1,6 @@
 """Sweeps end to end: records, skipping, failures and retries, process workers, SIGKILL and restart."""
 
+import contextlib
 import json
 import math
 import os
@@ -101,8 +102,23 @@ def test_a_run_function_that_writes_no_record_is_a_failure(tmp_path):
 def reference(tmp_path_factory):
     """The tiny sweep, sequential in this process: the records every other backend must reproduce."""
     out = tmp_path_factory.mktemp("sequential")
-    summary = run_sweep(parse_sweep(TINY_GRID), out)
+    with one_torch_thread():
+        summary = run_sweep(parse_sweep(TINY_GRID), out)
     return out, summary
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """As each of 2 workers on 2 cores (and each 1-CPU Ray task) has: the same float sums, so the same
+    validation scores and best epoch, so identical records."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def records(out):
@@ -171,7 +187,8 @@ def test_a_sweep_killed_with_sigkill_resumes_and_records_every_run_once(referenc
     before = {i: r["finished"] for i, r in records(out).items()}
     assert 1 <= len(before) < 8
 
-    summary = run_sweep(grid_file, out)
+    with one_torch_thread():  # the killed sweep ran with OMP_NUM_THREADS=1
+        summary = run_sweep(grid_file, out)
     assert summary.counts() == {"done": 8 - len(before), "reused": len(before)}
     assert list(out.rglob("*.tmp")) == []
     results = sorted(out.glob("runs/*/result.json"))
