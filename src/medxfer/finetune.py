@@ -134,12 +134,23 @@ def _evaluate_on(model, data_config: DataConfig, config: RunConfig, in_channels:
     return {**evaluation.summary, "per_image": evaluation.per_image}
 
 
+def resume_checkpoint(directory: Path, every_s: Optional[float]):
+    """The callback that writes ``last.ckpt`` (weights + optimizer state, for resuming an interrupted run):
+    every ``every_s`` seconds of training, or at every epoch end when ``every_s`` is None."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return ModelCheckpoint(dirpath=directory, filename="last", save_top_k=1, monitor=None,
+                           enable_version_counter=False, save_on_train_epoch_end=True,
+                           every_n_epochs=None if every_s else 1,
+                           train_time_interval=timedelta(seconds=every_s) if every_s else None)
+
+
 def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = False,
                  extra_record: Optional[dict[str, Any]] = None, callbacks: Optional[list] = None) -> RunResult:
     """Train and evaluate one run under ``out_dir/runs/<run_id>``; a finished run is returned as is,
     an interrupted one resumes from its last Lightning checkpoint."""
     import lightning as L
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.callbacks import EarlyStopping
 
     from medxfer.models.weights import save_model_weights
     from medxfer.training.strategies import prefers_channels_last, resolve_precision
@@ -174,11 +185,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
     checkpoints = directory / "checkpoints"
     # last.ckpt (weights + optimizer state) is for resuming only; the weights that are evaluated are the
     # best by validation Dice, kept in memory by BestWeights (and inside last.ckpt).
-    every_s = t.checkpoint_every_s
-    resume = ModelCheckpoint(dirpath=checkpoints, filename="last", save_top_k=1, monitor=None,
-                             enable_version_counter=False, save_on_train_epoch_end=True,
-                             every_n_epochs=None if every_s else 1,
-                             train_time_interval=timedelta(seconds=every_s) if every_s else None)
+    resume = resume_checkpoint(checkpoints, t.checkpoint_every_s)
     best = BestWeights("val_dice") if val_loader is not None else None
     callbacks = [resume, *([best] if best else []), *(callbacks or [])]
     if val_loader is not None and t.early_stopping_patience:
