@@ -136,6 +136,21 @@ def _write_stage_error(folder: Path, kind: str, name: str, exc: BaseException) -
     return message
 
 
+def _run_stage(kind: str, name: str, folder: Path, work: Callable[[], None]) -> RunOutcome:
+    """Run one shared stage into ``folder``: partial files of a killed attempt are removed first; a
+    failure is recorded as ``error.json`` (and cleared by a later success)."""
+    started = time.perf_counter()
+    try:
+        store.remove_partial_files(folder, recursive=True)
+        work()
+        if (folder / store.ERROR_FILE).exists():
+            (folder / store.ERROR_FILE).unlink()
+        return RunOutcome(name, "done", time.perf_counter() - started)
+    except Exception as exc:  # recorded; for pretraining, the runs that need it are reported as blocked
+        message = _write_stage_error(folder, kind, name, exc)
+        return RunOutcome(name, "failed", time.perf_counter() - started, message)
+
+
 @dataclass
 class PretrainJob:
     run_id: str  # the pretraining entry's name
@@ -146,17 +161,9 @@ class PretrainJob:
     def execute(self) -> RunOutcome:
         from medxfer.pretrain import run_pretraining
 
-        folder = Path(self.folder)
-        started = time.perf_counter()
-        try:
-            store.remove_partial_files(folder, recursive=True)
-            run_pretraining(self.config, folder)  # resumes an interrupted run; writes pretrain.json last
-            if (folder / store.ERROR_FILE).exists():
-                (folder / store.ERROR_FILE).unlink()
-            return RunOutcome(self.run_id, "done", time.perf_counter() - started)
-        except Exception as exc:  # recorded; the runs that need it are reported as blocked
-            message = _write_stage_error(folder, "pretrain", self.run_id, exc)
-            return RunOutcome(self.run_id, "failed", time.perf_counter() - started, message)
+        # run_pretraining resumes an interrupted run and writes pretrain.json last
+        return _run_stage("pretrain", self.run_id, Path(self.folder),
+                          lambda: run_pretraining(self.config, Path(self.folder)))
 
 
 def pretraining_done(folder: Path) -> bool:
@@ -176,18 +183,13 @@ class ScoreJob:
         from medxfer.transferability.robustness import run_score
 
         folder = Path(self.folder)
-        started = time.perf_counter()
-        try:
-            store.remove_partial_files(folder, recursive=True)
+
+        def work() -> None:
             run_score(self.config, folder)
             atomic_write_json(folder / COMPLETE_FILE, {"kind": "score", "config": config_to_dict(self.config),
                                                        "finished": datetime.now(timezone.utc).isoformat()})
-            if (folder / store.ERROR_FILE).exists():
-                (folder / store.ERROR_FILE).unlink()
-            return RunOutcome(self.run_id, "done", time.perf_counter() - started)
-        except Exception as exc:  # a score is not needed by any run: record it and go on
-            message = _write_stage_error(folder, "score", self.run_id, exc)
-            return RunOutcome(self.run_id, "failed", time.perf_counter() - started, message)
+
+        return _run_stage("score", self.run_id, folder, work)
 
 
 def _score_jobs(sweep: SweepConfig, plan: GridPlan, out_dir: Path, failed_folders: set[str]) -> list[ScoreJob]:
