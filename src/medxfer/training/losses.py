@@ -344,8 +344,10 @@ class _OverlapLoss(SegmentationLoss):
         self.smooth_dr = _check_number(self.base_name, "smooth_dr", smooth_dr, strict=True)
         self.batch = bool(batch)
 
+    overlap: torch.nn.Module  # the MONAI loss (reduction "none") each subclass sets up
+
     def _per_class(self, probabilities: Tensor, one_hot: Tensor) -> Tensor:
-        raise NotImplementedError
+        return self.overlap(probabilities, one_hot)
 
     def compute(self, inputs: LossInputs) -> Tensor:
         n_cases, n_classes = inputs.class_annotated.shape
@@ -378,9 +380,6 @@ class DiceLoss(_OverlapLoss):
             batch=self.batch,
         )
 
-    def _per_class(self, probabilities: Tensor, one_hot: Tensor) -> Tensor:
-        return self.overlap(probabilities, one_hot)
-
 
 class TverskyLoss(_OverlapLoss):
     """Tversky loss; ``alpha`` weights false positives, ``beta`` false negatives (``beta > alpha``: recall)."""
@@ -404,9 +403,6 @@ class TverskyLoss(_OverlapLoss):
             smooth_dr=self.smooth_dr,
             batch=self.batch,
         )
-
-    def _per_class(self, probabilities: Tensor, one_hot: Tensor) -> Tensor:
-        return self.overlap(probabilities, one_hot)
 
 
 class _PixelLoss(SegmentationLoss):
