@@ -26,14 +26,6 @@ console = Console(width=None if sys.stdout.isatty() else 160)  # wide tables in 
 _state = {"debug": False}
 
 
-class NotImplementedYet(MedxferError):
-    """A command whose stage is not built yet: it says so and exits non-zero, never fakes a result."""
-
-
-def _not_implemented(command: str) -> None:
-    raise NotImplementedYet(f"medxfer {command}: not implemented yet")
-
-
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
           verbose: bool = typer.Option(False, "--verbose", "-v", help="Show info logs.")) -> None:
