@@ -71,3 +71,17 @@ def test_non_mapping_root_is_refused(tmp_path):
     path = write(tmp_path, "- a\n- b\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(path)
+
+
+def test_every_shipped_config_validates():
+    from pathlib import Path
+
+    from medxfer.config import PretrainConfig
+    from medxfer.sweep.grid import load_sweep
+    from medxfer.transferability.robustness import load_score_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    assert load_config(configs / "finetune_demo.yaml").data.train_images == 5
+    assert load_config(configs / "pretrain_demo.yaml", PretrainConfig).schedule.lengths[0] == 0
+    assert load_score_config(configs / "score_demo.yaml").stop.rule in ("argmin", "patience")
+    assert load_sweep(configs / "sweep_demo.yaml").axes
