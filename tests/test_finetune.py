@@ -193,3 +193,14 @@ def test_best_weights_keeps_the_best_epoch_and_survives_a_resume():
     resumed = BestWeights("val_dice")
     resumed.load_state_dict(keeper.state_dict())
     assert resumed.best_score == 0.5 and torch.equal(resumed.best_state["weight"], kept)
+
+
+def test_whole_image_inference_pads_to_the_total_stride_and_crops_back():
+    torch.manual_seed(0)
+    model = build_segmenter(TINY.model_copy(update={"in_channels": 1, "n_classes": 2})).eval()
+    x = torch.randn(1, 1, 37, 50)  # not multiples of the total stride (4)
+    logits = predict_logits(model, x, None, size_multiple=4)
+    assert logits.shape == (1, 2, 37, 50)
+    padded = torch.nn.functional.pad(x, (0, 2, 0, 3), mode="replicate")
+    with torch.no_grad():
+        assert torch.allclose(logits, model(padded)[:, :, :37, :50])

@@ -18,7 +18,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, list[
         pad += [0, t - s]
     crop = [slice(None), slice(None)] + [slice(0, s) for s in spatial]
     if any(pad):
-        x = F.pad(x, pad, mode="replicate" if x.dim() <= 5 else "constant")
+        x = F.pad(x, pad, mode="replicate")  # edge values, as the sliding-window path pads
     return x, crop
 
 
