@@ -62,3 +62,10 @@ def test_second_demo_reuses_finished_work(demo_out, capsys):
     assert "finding:" in out and "report:" in out
     after = {p: p.read_text() for p in (demo_out / "runs").glob("*/result.json")}
     assert after == before  # nothing retrained, nothing duplicated
+
+
+def test_the_written_grid_is_the_study_that_ran(demo_out):
+    from medxfer.sweep.runner import run_sweep
+
+    summary = run_sweep(demo_out / "demo_grid.yaml", demo_out, dry_run=True)
+    assert len(summary.runs) == 12 and {run.status for run in summary.runs} == {"done"}

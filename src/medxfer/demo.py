@@ -112,7 +112,7 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = False,
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or min(2, os.cpu_count() or 1)
     source = run_finetune(source_config(quick), out)
-    grid = demo_grid(quick, source.run_dir / "model.pt")
+    grid = demo_grid(quick, (source.run_dir / "model.pt").resolve())  # absolute: the grid file is reusable
     atomic_write_text(out / GRID_FILE, yaml.safe_dump(grid, sort_keys=False))
     sweep = run_sweep(grid, out, workers=workers, progress=progress)
     if sweep.failed:
