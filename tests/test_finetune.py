@@ -204,3 +204,12 @@ def test_whole_image_inference_pads_to_the_total_stride_and_crops_back():
     padded = torch.nn.functional.pad(x, (0, 2, 0, 3), mode="replicate")
     with torch.no_grad():
         assert torch.allclose(logits, model(padded)[:, :, :37, :50])
+
+
+def test_bad_data_leaves_no_run_folder(tmp_path):
+    from medxfer.errors import DataError
+
+    config = tiny_config().model_copy(update={"data": DataConfig(name="folders", root=tmp_path / "missing")})
+    with pytest.raises(DataError, match="missing"):
+        run_finetune(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -35,12 +35,9 @@ class RunResult:
 
 
 def run_id_for(config: RunConfig) -> str:
-    """Stable id: the hash of the canonical resolved config (key order and defaults irrelevant)."""
+    """Stable id: the hash of the canonical resolved config. Key order is irrelevant; every default is
+    included, so two configs share an id exactly when they describe the same run."""
     return stable_hash(config_to_dict(config))
-
-
-def _total_stride(model: torch.nn.Module) -> int:
-    return int(model.required_multiple)
 
 
 def _load_starting_weights(model: torch.nn.Module, config: RunConfig) -> dict[str, Any]:
@@ -161,7 +158,6 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
     if (directory / RESULT_FILE).is_file():
         log.info("run %s already done; reusing its record", run_id)
         return RunResult(run_id, directory, read_record(directory / RESULT_FILE))
-    directory.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     seed_everything(config.seed)
 
@@ -170,7 +166,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
     model = build_model(config, data)
     pretraining = _load_starting_weights(model, config)
     in_channels = model.encoder.in_channels
-    size_multiple = _total_stride(model)
+    size_multiple = int(model.required_multiple)  # inputs are padded to the total stride
     loss, loss_info = _resolve_loss(config, train_cases, data.n_classes)
     train_loader, val_loader = _loaders(config, train_cases, data.val, data.n_classes, in_channels)
 
@@ -182,6 +178,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
                             total_steps=total_steps)
     if prefers_channels_last(config.data.spatial_dims):
         model = model.to(memory_format=torch.channels_last)
+    directory.mkdir(parents=True, exist_ok=True)  # only now: bad data or config leave no folder behind
     checkpoints = directory / "checkpoints"
     # last.ckpt (weights + optimizer state) is for resuming only; the weights that are evaluated are the
     # best by validation Dice, kept in memory by BestWeights (and inside last.ckpt).
