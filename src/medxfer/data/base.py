@@ -69,6 +69,21 @@ def seeded_order(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(np.random.SeedSequence([seed, n])).permutation(n)
 
 
+def subset_size(n: int | float, total: int) -> int:
+    """How many of ``total`` items ``n`` asks for: a count (int) or a fraction (float in (0, 1])."""
+    if isinstance(n, float):
+        if not 0.0 < n <= 1.0:
+            raise DataError(f"train_images: fraction must be in (0, 1], got {n}")
+        count = max(1, int(round(n * total)))
+    else:
+        count = int(n)
+    if count < 1:
+        raise DataError(f"train_images: need at least 1 image, got {n}")
+    if count > total:
+        raise DataError(f"train_images: asked for {count} images but the training split has {total}")
+    return count
+
+
 def select_subset(
     cases: Sequence[Case], n: int | float | None, seed: int, mode: str = "random"
 ) -> list[Case]:
@@ -80,16 +95,7 @@ def select_subset(
     cases = list(cases)
     if n is None:
         return cases
-    if isinstance(n, float):
-        if not 0.0 < n <= 1.0:
-            raise DataError(f"train_images: fraction must be in (0, 1], got {n}")
-        count = max(1, int(round(n * len(cases))))
-    else:
-        count = int(n)
-    if count < 1:
-        raise DataError(f"train_images: need at least 1 image, got {n}")
-    if count > len(cases):
-        raise DataError(f"train_images: asked for {count} images but the training split has {len(cases)}")
+    count = subset_size(n, len(cases))
     if mode == "first":
         return cases[:count]
     order = seeded_order(len(cases), seed)

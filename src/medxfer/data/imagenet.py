@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from medxfer.data.base import seeded_order
+from medxfer.data.base import seeded_order, subset_size
 from medxfer.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -105,14 +105,7 @@ def select_items(items: Sequence[ImageItem], n: int | float | None, seed: int) -
     items = list(items)
     if n is None:
         return items
-    if isinstance(n, float):
-        if not 0.0 < n <= 1.0:
-            raise DataError(f"train_images: fraction must be in (0, 1], got {n}")
-        count = max(1, int(round(n * len(items))))
-    else:
-        count = int(n)
-    if not 1 <= count <= len(items):
-        raise DataError(f"asked for {count} images but the split has {len(items)}")
+    count = subset_size(n, len(items))
     chosen = sorted(seeded_order(len(items), seed)[:count].tolist())
     return [items[i] for i in chosen]
 
