@@ -266,6 +266,18 @@ class PairDistances:
         return float(self.losses(metric, margin, level, pooled).mean())
 
 
+def _two_views(encoder: torch.nn.Module, images, augment: Optional[AugmentConfig], seed: int,
+               rgb: Optional[bool], device):
+    """What the all-variants pass and the naive reference share: the images as a tensor, the two seeded
+    augmentations (views 0 and 1), the device and the encoder's input channels."""
+    images = _as_tensor(images)
+    n = images.shape[0]
+    augment = augment or AugmentConfig()
+    rgb = _is_rgb(images, rgb)
+    views = [PhotometricAugmentation(augment, n, seed, view=v, rgb=rgb) for v in (0, 1)]
+    return images, views[0], views[1], _device(device), int(getattr(encoder, "in_channels", images.shape[1]))
+
+
 @torch.inference_mode()
 def pair_distances(
     encoder: torch.nn.Module,
@@ -290,18 +302,12 @@ def pair_distances(
     for metric in metrics:
         if metric not in METRICS:
             raise ConfigError(f"unknown robustness metric {metric!r}; use one of {', '.join(METRICS)}")
-    images = _as_tensor(images)
+    images, aug_q, aug_k, dev, in_channels = _two_views(encoder, images, augment, seed, rgb, device)
     n = images.shape[0]
     permutation = negative_permutation(n, seed)
     order = cycle_order(n, seed)
     levels = _resolve_levels(encoder, levels)
     pooled = [bool(p) for p in dict.fromkeys(pooled)]
-    augment = augment or AugmentConfig()
-    rgb = _is_rgb(images, rgb)
-    aug_q = PhotometricAugmentation(augment, n, seed, view=0, rgb=rgb)
-    aug_k = PhotometricAugmentation(augment, n, seed, view=1, rgb=rgb)
-    dev = _device(device)
-    in_channels = int(getattr(encoder, "in_channels", images.shape[1]))
     was_training = encoder.training
     encoder.eval()
     keys = [(m, level, p) for m in metrics for level in levels for p in pooled]
@@ -366,15 +372,9 @@ def robustness_naive(
 ) -> np.ndarray:
     """Reference implementation of ONE variant: per-image hinge losses, recomputing q, k and k' with
     three encoder passes in image order. Same augmentations and permutation as :func:`pair_distances`."""
-    images = _as_tensor(images)
+    images, aug_q, aug_k, dev, in_channels = _two_views(encoder, images, augment, seed, rgb, device)
     n = images.shape[0]
     permutation = negative_permutation(n, seed)
-    augment = augment or AugmentConfig()
-    rgb = _is_rgb(images, rgb)
-    aug_q = PhotometricAugmentation(augment, n, seed, view=0, rgb=rgb)
-    aug_k = PhotometricAugmentation(augment, n, seed, view=1, rgb=rgb)
-    dev = _device(device)
-    in_channels = int(getattr(encoder, "in_channels", images.shape[1]))
     level = _resolve_levels(encoder, [level])[0]
     was_training = encoder.training
     encoder.eval()
