@@ -91,20 +91,21 @@ def encoder_key(name: Any, names: Optional[NameMapConfig] = None) -> str:
     return norm
 
 
-def dataset_key(name: Any, names: Optional[NameMapConfig] = None) -> str:
-    found = _lookup(name, (names.dataset if names else {}), DEFAULT_DATASET_NAMES)
+def _key_without_suffix(name: Any, mapping: Mapping[str, str], defaults: Mapping[str, str], suffix: str) -> str:
+    """The mapped key of ``name``, else its normalised form without a trailing ``suffix``."""
+    found = _lookup(name, mapping, defaults)
     if found is not None:
         return found
     norm = normalize_name(name)
-    return norm[: -len("dataset")] if norm.endswith("dataset") and len(norm) > len("dataset") else norm
+    return norm[: -len(suffix)] if norm.endswith(suffix) and len(norm) > len(suffix) else norm
+
+
+def dataset_key(name: Any, names: Optional[NameMapConfig] = None) -> str:
+    return _key_without_suffix(name, names.dataset if names else {}, DEFAULT_DATASET_NAMES, "dataset")
 
 
 def scheme_key(name: Any, names: Optional[NameMapConfig] = None) -> str:
-    found = _lookup(name, (names.scheme if names else {}), DEFAULT_SCHEME_NAMES)
-    if found is not None:
-        return found
-    norm = normalize_name(name)
-    return norm[: -len("training")] if norm.endswith("training") and len(norm) > len("training") else norm
+    return _key_without_suffix(name, names.scheme if names else {}, DEFAULT_SCHEME_NAMES, "training")
 
 
 def load_names(source: NameMapConfig | Mapping[str, Any] | str | Path | None) -> NameMapConfig:
