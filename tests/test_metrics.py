@@ -11,6 +11,7 @@ from scipy.spatial.distance import cdist
 from sklearn import metrics as skm
 
 from medxfer.errors import DataError
+from medxfer.evaluation import metrics as metrics_module
 from medxfer.evaluation.metrics import (
     METRIC_NAMES,
     MetricAccumulator,
@@ -228,6 +229,20 @@ def test_confusion_and_ranking_metrics_match_sklearn(seed):
                                                          abs=1e-12)
 
 
+@pytest.mark.parametrize("split_max_size", [0, 10**9])  # all scores sorted at once / negatives apart
+@pytest.mark.parametrize("rounding", [None, 1, 2])  # continuous scores, and many ties
+def test_auc_and_ap_both_sort_strategies_match_sklearn(monkeypatch, split_max_size, rounding):
+    monkeypatch.setattr(metrics_module, "_SPLIT_SORT_MAX_SIZE", split_max_size)
+    rng = np.random.default_rng(7)
+    labels = rng.random(3000) < 0.3
+    scores = np.clip(labels * 0.3 + rng.normal(0.35, 0.25, labels.size), 0, 1).astype(np.float32)
+    if rounding is not None:
+        scores = np.round(scores, rounding)
+    auc, ap = roc_auc_and_average_precision(scores, labels)
+    assert auc == pytest.approx(skm.roc_auc_score(labels, scores), abs=1e-12)
+    assert ap == pytest.approx(skm.average_precision_score(labels, scores), abs=1e-12)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_surface_distances_match_brute_force(seed):
     rng = np.random.default_rng(100 + seed)
@@ -347,14 +362,24 @@ def test_bad_inputs_raise_data_error():
         segmentation_metrics(np.zeros((3, 4)), target, n_classes=2)  # shape mismatch
     with pytest.raises(DataError):
         segmentation_metrics(np.full((4, 4), 3.0), target, n_classes=2)  # logits, not probabilities
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match=r"labels \[4\] outside 0..1"):
         segmentation_metrics(np.zeros((4, 4)), target + 4, n_classes=2)  # label out of range
+    with pytest.raises(DataError, match=r"labels \[-1\] outside"):
+        segmentation_metrics(np.zeros((4, 4)), target - 1, n_classes=2)
+    mixed = target.copy()
+    mixed[0, 0], mixed[1, 1] = 255, 7  # ignored pixels do not hide a bad label
+    with pytest.raises(DataError, match=r"labels \[7\] outside"):
+        segmentation_metrics(np.zeros((4, 4)), mixed, n_classes=2)
+    mixed[1, 1] = 1
+    assert sum(segmentation_metrics(np.zeros((4, 4)), mixed, n_classes=2)["confusion"]["class_1"].values()) == 15
     with pytest.raises(DataError):
         segmentation_metrics(np.zeros((2, 4, 4)), target, n_classes=3)  # wrong channel count
     with pytest.raises(DataError):
         binary_metrics(np.zeros((4, 4)), target, spacing=(1.0, 1.0, 1.0))  # spacing per axis
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match="NaN or infinite"):
         binary_metrics(np.full((4, 4), np.nan), target)
+    with pytest.raises(DataError, match="NaN or infinite"):
+        binary_metrics(np.where(np.eye(4) > 0, np.inf, 0.5), target)
 
 
 # ------------------------------------------------------------------------------- aggregation

@@ -68,6 +68,8 @@ CONFUSION_KEY = "confusion"  # per-class {"tp","fp","fn","tn"} counts inside a s
 # scipy distance_transform_edt calls over the volume (medpy's method); identical distances.
 _SHELL_RADIUS = 3.0
 _MAX_LOOKUPS_PER_POINT = 48
+# Above this many scores, AUC/AP sort all scores at once rather than the negatives apart (see there).
+_SPLIT_SORT_MAX_SIZE = 2**20
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -81,10 +83,13 @@ def _as_scores(prob: Any) -> np.ndarray:
     prob = _to_numpy(prob)
     if prob.dtype not in (np.float32, np.float64):
         prob = prob.astype(np.float32)
-    if prob.size and not np.isfinite(prob).all():
+    if not prob.size:
+        return prob
+    low, high = prob.min(), prob.max()  # NaN propagates through both
+    if not (np.isfinite(low) and np.isfinite(high)):
         raise DataError("probability map contains NaN or infinite values")
-    if prob.size and (prob.min() < -1e-6 or prob.max() > 1 + 1e-6):
-        raise DataError(f"probabilities must lie in [0, 1] (got {prob.min():.4g}..{prob.max():.4g}); "
+    if low < -1e-6 or high > 1 + 1e-6:
+        raise DataError(f"probabilities must lie in [0, 1] (got {low:.4g}..{high:.4g}); "
                         "pass softmax/sigmoid outputs, not logits")
     return prob
 
@@ -163,8 +168,8 @@ def roc_auc_and_average_precision(scores: np.ndarray, labels: np.ndarray) -> tup
     """Area under the ROC curve and average precision of ``scores`` for boolean ``labels`` (1-D).
 
     Same values as scikit-learn's ``roc_auc_score`` / ``average_precision_score`` (ties handled the
-    same way; checked in tests) from one sort of all scores plus one of the positives: measured
-    0.08 s on 128^3 float32 against 1.3 s for the two scikit-learn calls. NaN if one class is absent.
+    same way; checked in tests) from sorted scores: measured 0.045 s on 128^3 float32 against 1.3 s for
+    the two scikit-learn calls. NaN if one class is absent.
     """
     scores = np.asarray(scores).ravel()
     labels = np.asarray(labels, dtype=bool).ravel()
@@ -172,22 +177,28 @@ def roc_auc_and_average_precision(scores: np.ndarray, labels: np.ndarray) -> tup
     n_neg = labels.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan"), float("nan")
-    all_sorted = np.sort(scores)
     pos_sorted = np.sort(scores[labels])
     # Distinct positive scores (ascending) and how many positives share each.
     starts = np.flatnonzero(np.r_[True, pos_sorted[1:] != pos_sorted[:-1]])
     values = pos_sorted[starts]
     pos_equal = np.diff(np.r_[starts, n_pos])
     pos_below = starts
-    all_below = np.searchsorted(all_sorted, values, side="left")
-    all_equal = np.searchsorted(all_sorted, values, side="right") - all_below
-    neg_below = all_below - pos_below
-    neg_equal = all_equal - pos_equal
+    if scores.size <= _SPLIT_SORT_MAX_SIZE:
+        # Negatives sorted on their own: measured 1.10 ms against 1.28 ms for sorting all scores on
+        # 256^2 blob maps, but 49 ms against 45 ms on 128^3 (the extra gather outweighs the smaller sort).
+        neg_sorted = np.sort(scores[~labels])
+        neg_below = np.searchsorted(neg_sorted, values, side="left")
+        neg_equal = np.searchsorted(neg_sorted, values, side="right") - neg_below
+    else:
+        all_sorted = np.sort(scores)
+        all_below = np.searchsorted(all_sorted, values, side="left")
+        neg_below = all_below - pos_below
+        neg_equal = np.searchsorted(all_sorted, values, side="right") - all_below - pos_equal
     # Mann-Whitney U: each positive beats the negatives below it, half of those tied with it.
     auc = float(np.sum(pos_equal * (neg_below + 0.5 * neg_equal)) / (float(n_pos) * n_neg))
     # Thresholding at each distinct positive score t: recall steps by pos_equal / n_pos, precision
     # = positives >= t / all >= t. Thresholds holding only negatives leave recall unchanged.
-    precision = (n_pos - pos_below) / (scores.size - all_below)
+    precision = (n_pos - pos_below) / (scores.size - pos_below - neg_below)
     ap = float(np.sum(pos_equal * precision) / n_pos)
     return auc, ap
 
@@ -400,16 +411,19 @@ def segmentation_metrics(probs: np.ndarray, target: np.ndarray, n_classes: int,
     spacing = _as_spacing(spacing, target.ndim)
 
     valid = None
-    if ignore_index is not None:
+    # The label range first: two passes, and the per-pixel checks only where the range asks for them.
+    low, high = (int(target.min()), int(target.max())) if target.size else (0, 0)
+    if ignore_index is not None and low <= ignore_index <= high:
         ignored = target == ignore_index
         if ignored.any():
             valid = ~ignored
-    labels_ok = (target >= 0) & (target < n_classes)
-    if valid is not None:
-        labels_ok |= ~valid
-    if not labels_ok.all():
-        bad = np.unique(target[~labels_ok])[:5].tolist()
-        raise DataError(f"target holds labels {bad} outside 0..{n_classes - 1} (ignore_index={ignore_index})")
+    if low < 0 or high >= n_classes:
+        labels_ok = (target >= 0) & (target < n_classes)
+        if valid is not None:
+            labels_ok |= ~valid
+        if not labels_ok.all():
+            bad = np.unique(target[~labels_ok])[:5].tolist()
+            raise DataError(f"target holds labels {bad} outside 0..{n_classes - 1} (ignore_index={ignore_index})")
 
     if n_classes == 2:
         predicted = {1: foreground_scores[1] > threshold}
