@@ -134,31 +134,27 @@ def confusion_counts(pred_mask: np.ndarray, gt_mask: np.ndarray,
 
 def metrics_from_counts(counts: np.ndarray) -> dict[str, np.ndarray]:
     """The confusion metrics of ``counts[..., [tp, fp, fn, tn]]``, vectorised over leading axes."""
-    c = np.asarray(counts, dtype=np.float64)
-    tp, fp, fn, tn = c[..., 0], c[..., 1], c[..., 2], c[..., 3]
+    tp, fp, fn, tn = np.moveaxis(np.asarray(counts, dtype=np.float64), -1, 0)
     n = tp + fp + fn + tn
-
-    def ratio(num, den, if_zero=np.nan):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(den > 0, num / np.where(den > 0, den, 1.0), if_zero)
-
-    sensitivity = ratio(tp, tp + fn)
-    specificity = ratio(tn, tn + fp)
-    both = np.stack([sensitivity, specificity])
-    n_defined = np.sum(~np.isnan(both), axis=0)
-    balanced = ratio(np.nansum(both, axis=0), n_defined.astype(np.float64))
-    mcc_den = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    exact = (fp == 0) & (fn == 0)
-    out = {
-        "accuracy": ratio(tp + tn, n),
-        "balanced accuracy": balanced,
-        "sensitivity": sensitivity,
-        "specificity": specificity,
-        "precision": ratio(tp, tp + fp),
-        "dice index": ratio(2 * tp, 2 * tp + fp + fn, if_zero=1.0),
-        "jaccard index": ratio(tp, tp + fp + fn, if_zero=1.0),
-        "mcc": ratio(tp * tn - fp * fn, mcc_den, if_zero=np.where(exact, 1.0, 0.0)),
-    }
+    # Every numerator here is 0 where its denominator is, so a plain division gives NaN exactly where
+    # the metric is undefined; Dice, Jaccard and MCC then take their conventions (np.where below).
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sensitivity = tp / (tp + fn)
+        specificity = tn / (tn + fp)
+        n_defined = (tp + fn > 0).astype(np.float64) + (tn + fp > 0)
+        balanced = (np.nan_to_num(sensitivity) + np.nan_to_num(specificity)) / n_defined
+        exact = (fp == 0) & (fn == 0)
+        out = {
+            "accuracy": (tp + tn) / n,
+            "balanced accuracy": balanced,
+            "sensitivity": sensitivity,
+            "specificity": specificity,
+            "precision": tp / (tp + fp),
+            "dice index": np.where(exact, 1.0, 2 * tp / (2 * tp + fp + fn)),
+            "jaccard index": np.where(exact, 1.0, tp / (tp + fp + fn)),
+            "mcc": np.where(exact, 1.0, np.nan_to_num((tp * tn - fp * fn)
+                                                      / np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))),
+        }
     # No annotated pixel at all: nothing is defined, not even the "both empty" conventions.
     return {k: np.where(n > 0, v, np.nan) for k, v in out.items()}
 
