@@ -1,7 +1,7 @@
 """Training throughput: medxfer's Lightning loop against a bare PyTorch loop, and against the machine's peak.
 
 For each model, both sides train a copy of the same initial weights on the same batches (CaseDataset +
-the MONAI augmentation finetune uses, DataLoader with finetune's settings), alternating A B A B:
+the MONAI augmentation finetune uses, DataLoader with finetune's settings), alternating A B B A:
 
 - medxfer: ``SegmentationTask`` in a ``lightning.Trainer`` built with finetune's settings (logger off,
   no progress bar or model summary, no sanity validation, finetune's resume checkpoint callback that
@@ -12,7 +12,8 @@ Per step we record when the batch arrived and when the optimizer step finished. 
 span between the end of the first step and the end of the last, divided by the steps in it (the first
 step, which allocates optimizer state, is left out); loader wait = batch arrival - previous step's end
 (on the medxfer side this also holds Lightning's own bookkeeping between steps). Both sides must produce
-the same per-step losses. FLOPs of a forward + backward pass are counted with
+the same per-step losses. Rounds alternate the order (A B, B A) so that neither side always runs
+second. FLOPs of a forward + backward pass are counted with
 ``torch.utils.flop_counter.FlopCounterMode``; the machine's peak is the best matrix-multiply rate in the
 dtype the model computes in (fp32; bf16/fp16 under AMP), measured in the same run.
 
@@ -46,7 +47,7 @@ OVERHEAD_TARGET = 0.95  # medxfer images/s >= 95% of the bare loop's
 # Widths are below the presets' default (32) so that the whole benchmark fits its minutes on 2 shared
 # cores; a smaller model makes per-step overhead a larger share, so the loop comparison is stricter.
 MODELS = [
-    ("unet", "unet", {"width": 16}, 2, (256, 256), 8, 4),
+    ("unet", "unet", {"width": 16}, 2, (256, 256), 10, 6),
     ("resnet50_attention_unet", "resnet50_attention_unet", {"width": 16}, 2, (256, 256), 4, 3),
     ("unet3d", "unet3d", {"width": 8, "depth": 4}, 1, (96, 96, 96), 3, 2),
 ]
@@ -271,8 +272,9 @@ def measure_model(preset: str, options: dict[str, Any], batch_size: int, shape: 
     logs: dict[str, list[StepLog]] = {"bare": [], "medxfer": []}
     runners = {"bare": run_bare, "medxfer": run_medxfer}
     started = time.perf_counter()
-    for _ in range(rounds):
-        for side in ("bare", "medxfer"):
+    for round_index in range(rounds):
+        # A B, then B A: neither side always runs second (after the other has warmed caches and allocator).
+        for side in ("bare", "medxfer") if round_index % 2 == 0 else ("medxfer", "bare"):
             loader = make_loader(cases, in_channels, batch_size)
             logs[side].append(runners[side](copy.deepcopy(initial), loader, loss_fn, lr, steps, settings))
         if time.perf_counter() - started > budget_s:  # a heavily loaded machine: keep the total in bounds
