@@ -55,3 +55,16 @@ def test_blob_pairs_are_seeded_and_non_empty():
     assert np.array_equal(a_prob, b_prob) and np.array_equal(a_gt, b_gt)
     assert a_prob.dtype == np.float32 and 0.0 <= a_prob.min() and a_prob.max() <= 1.0
     assert a_gt.any() and (a_prob > 0.5).any()
+
+
+def test_sweep_benchmark_runs_the_cli_and_reads_back_every_run():
+    import bench_sweep
+
+    grid = {"name": "tiny", "base": {"data": {"name": "demo", "options": {"domain": "B"}, "train_images": 2},
+                                     "model": {"preset": "unet", "width": 4, "depth": 2},
+                                     "train": {"strategy": "scratch", "max_epochs": 1, "batch_size": 2}},
+            "axes": {"seed": [0, 1]}}
+    result = bench_sweep.run_side(grid, threads=1)
+    assert result["counts"] == {"done": 2} and len(result["dice"]) == 2
+    assert all(0.0 <= dice <= 1.0 for dice in result["dice"].values())
+    assert 0 < result["startup_s"] < result["seconds"] and result["run_s"] > 0
