@@ -13,6 +13,19 @@ ray = pytest.importorskip("ray")
 from test_sweep_run import TINY_GRID, one_torch_thread, records  # noqa: E402  (the same tiny sweep)
 
 
+def test_medxfer_starts_a_local_instance_without_dashboard_and_joins_a_cluster_as_is(monkeypatch):
+    from medxfer.sweep.backends import connect_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    assert connect_ray() is True and connect_ray("ray://head:10001") is True
+    assert calls == [{"log_to_driver": False, "include_dashboard": False},
+                     {"address": "ray://head:10001", "log_to_driver": False}]
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    assert connect_ray() is False and len(calls) == 2  # already connected: left to its owner
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
