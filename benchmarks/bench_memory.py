@@ -1,6 +1,6 @@
 """Peak resident memory, each workload in its own fresh process so that every peak is separate.
 
-- training: 5 steps of a U-Net (width 16) at 256x256, batch 2: medxfer's Lightning loop vs the bare loop
+- training: 5 steps of the unet preset (width 32) at 256x256, batch 2: medxfer's Lightning loop vs the bare loop
   (the same functions as bench_training);
 - metrics: the metric suite on 3 volumes of 128^3: medxfer vs medpy + scikit-learn (as bench_metrics).
 
@@ -37,7 +37,7 @@ def _workload(kind: str, size: str) -> Any:
             import medxfer.training.tasks  # noqa: F401  (imports are set-up, not workload)
 
             bt._quiet_lightning()
-        shape, width, steps = ((32, 32), 4, 3) if size == "tiny" else ((256, 256), 16, 5)
+        shape, width, steps = ((32, 32), 4, 3) if size == "tiny" else ((256, 256), 32, 5)
         settings = bt.device_settings()
         torch.manual_seed(0)
         model = build_segmenter(preset="unet", in_channels=1, n_classes=2, width=width)
