@@ -6,7 +6,7 @@ the MONAI augmentation finetune uses, DataLoader with finetune's settings), alte
 - medxfer: ``SegmentationTask`` in a ``lightning.Trainer`` built with finetune's settings (logger off,
   no progress bar or model summary, no sanity validation, finetune's resume checkpoint callback that
   writes ``last.ckpt`` every 60 s of training; its cost is timed on its own);
-- bare: ``for batch in loader: loss = loss_fn(model(x), y); zero_grad; backward; step; scheduler.step``.
+- bare: ``for batch in loader: zero_grad; loss = loss_fn(model(x), y); backward; step; scheduler.step``.
 
 Per step we record when the batch arrived and when the optimizer step finished. The step time is the
 span between the end of the first step and the end of the last, divided by the steps in it (the first
@@ -160,10 +160,12 @@ def run_bare(model: torch.nn.Module, loader, loss_fn, lr: float, steps: int, set
         annotated = batch["annotated"].to(device, non_blocking=True)
         _sync(device)
         log.arrived.append(time.perf_counter())
+        # The usual order (and Lightning's): the old gradients are released before the forward pass, so
+        # they do not sit in memory beside its activations.
+        optimizer.zero_grad(set_to_none=True)
         with autocast:
             logits = model(image)
             loss = loss_fn(logits, label, annotated=annotated)
-        optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()

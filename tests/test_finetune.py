@@ -213,3 +213,36 @@ def test_bad_data_leaves_no_run_folder(tmp_path):
     with pytest.raises(DataError, match="missing"):
         run_finetune(config, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+class _DictBatches(torch.utils.data.Dataset):
+    def __init__(self, n: int):
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.randn(n, 1, 16, 16, generator=generator)
+        self.labels = torch.randint(0, 2, (n, 16, 16), generator=generator)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "label": self.labels[i]}
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_gradients_are_released_before_each_forward_pass_unless_accumulating(accumulate):
+    from medxfer.training.losses import build_loss
+    from medxfer.training.tasks import ClassificationTask, SegmentationTask, TrainingTask
+
+    model = build_segmenter(preset="unet", in_channels=1, n_classes=2, width=2, depth=2)
+    grads_alive_at_forward = []
+    model.register_forward_pre_hook(
+        lambda module, args: grads_alive_at_forward.append(any(p.grad is not None for p in module.parameters())))
+    task = SegmentationTask(model, build_loss("dice_ce"), TrainConfig(max_steps=3, scheduler="none"), n_classes=2)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=accumulate)
+    trainer.fit(task, torch.utils.data.DataLoader(_DictBatches(12), batch_size=2))
+    assert len(grads_alive_at_forward) == 3 * accumulate
+    # a plain loop's memory profile: the last step's gradients are gone before the next forward pass;
+    # while accumulating, the second batch of each step must still see the first one's gradients
+    assert any(grads_alive_at_forward) == (accumulate > 1)
+    assert issubclass(ClassificationTask, TrainingTask)
