@@ -47,8 +47,9 @@ def run_side(grid: dict, backend: str = "local", workers: int = 1, threads: Opti
     from medxfer.sweep.store import iter_records
 
     env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.pop("OMP_NUM_THREADS", None)  # torch's thread count at start-up: its default unless asked
     if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)  # torch's thread count at start-up
+        env["OMP_NUM_THREADS"] = str(threads)
     with tempfile.TemporaryDirectory() as out:
         grid_path = Path(out) / "grid.yaml"
         grid_path.write_text(yaml.safe_dump(grid))
