@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from common import NOTES_KEY, blob_pair, row, write_result
+from common import NOTES_KEY, blob_pair, in_turn, row, write_result
 
 TARGET = 10.0
 SHARED = {"dice index": "dc", "jaccard index": "jc", "hd95": "hd95", "sensitivity": "sensitivity",
@@ -99,8 +99,7 @@ def compare(inputs, repeat: int) -> dict[str, Any]:
     agree = True
     for i, (prob, gt) in enumerate(inputs):
         for r in range(repeat):
-            # A B, then B A: each side once runs right after itself and once after the other (cold caches).
-            for side in ("medxfer", "reference") if r % 2 == 0 else ("reference", "medxfer"):
+            for side in in_turn("medxfer", "reference", r):
                 start = time.perf_counter()
                 if side == "medxfer":
                     ours = medxfer_suite(prob, gt, accumulator if r == 0 else None)

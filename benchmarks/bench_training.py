@@ -1,7 +1,7 @@
 """Training throughput: medxfer's Lightning loop against a bare PyTorch loop, and against the machine's peak.
 
 For each model, both sides train a copy of the same initial weights on the same batches (CaseDataset +
-the MONAI augmentation finetune uses, DataLoader with finetune's settings), alternating A B B A:
+the MONAI augmentation finetune uses, DataLoader with finetune's settings), in turn (A B, then B A):
 
 - medxfer: ``SegmentationTask`` in a ``lightning.Trainer`` built with finetune's settings (logger off,
   no progress bar or model summary, no sanity validation, finetune's resume checkpoint callback that
@@ -38,7 +38,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from common import NOTES_KEY, blob_pair, row, timed, write_result
+from common import NOTES_KEY, blob_pair, in_turn, row, timed, write_result
 
 LOADER_WAIT_TARGET = 0.10  # loader wait / step time: "data loading never the bottleneck"
 OVERHEAD_TARGET = 0.95  # medxfer images/s >= 95% of the bare loop's
@@ -160,8 +160,8 @@ def run_bare(model: torch.nn.Module, loader, loss_fn, lr: float, steps: int, set
         annotated = batch["annotated"].to(device, non_blocking=True)
         _sync(device)
         log.arrived.append(time.perf_counter())
-        # The usual order (and Lightning's): the old gradients are released before the forward pass, so
-        # they do not sit in memory beside its activations.
+        # The usual order (and medxfer's TrainingTask's): the old gradients are released before the
+        # forward pass, so they do not sit in memory beside its activations.
         optimizer.zero_grad(set_to_none=True)
         with autocast:
             logits = model(image)
@@ -275,8 +275,7 @@ def measure_model(preset: str, options: dict[str, Any], batch_size: int, shape: 
     runners = {"bare": run_bare, "medxfer": run_medxfer}
     started = time.perf_counter()
     for round_index in range(rounds):
-        # A B, then B A: neither side always runs second (after the other has warmed caches and allocator).
-        for side in ("bare", "medxfer") if round_index % 2 == 0 else ("medxfer", "bare"):
+        for side in in_turn("bare", "medxfer", round_index):
             loader = make_loader(cases, in_channels, batch_size)
             logs[side].append(runners[side](copy.deepcopy(initial), loader, loss_fn, lr, steps, settings))
         if time.perf_counter() - started > budget_s:  # a heavily loaded machine: keep the total in bounds

@@ -34,24 +34,10 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def interleaved_best(fn_a: Callable[[], Any], fn_b: Callable[[], Any], repeat: int = 3,
-                     warmup: bool = True) -> tuple[float, float, Any, Any]:
-    """Best wall time of each side over ``repeat`` rounds A B A B ..., after one untimed call of each.
-
-    Returns ``(best_a, best_b, last_result_a, last_result_b)``. The minimum is the least noisy estimate
-    of a deterministic workload on a shared machine (noise only ever adds time).
-    """
-    if warmup:
-        fn_a()
-        fn_b()
-    best_a = best_b = math.inf
-    result_a = result_b = None
-    for _ in range(repeat):
-        t, result_a = timed(fn_a)
-        best_a = min(best_a, t)
-        t, result_b = timed(fn_b)
-        best_b = min(best_b, t)
-    return best_a, best_b, result_a, result_b
+def in_turn(first: str, second: str, round_index: int) -> tuple[str, str]:
+    """The order of the two sides in round ``round_index``: A B, then B A, and so on, so that neither side
+    always runs second (after the other has warmed or evicted caches and the allocator)."""
+    return (first, second) if round_index % 2 == 0 else (second, first)
 
 
 def peak_rss_mb() -> float:
