@@ -1,7 +1,7 @@
 """Overlays: an image with label contours coloured per class, and the report's grid of chosen runs.
 
 The grid re-runs saved models (``runs/<id>/model.pt``) on the first few test cases of the dataset
-their record names, preprocessed exactly as the run was (``medxfer.predict``): column 1 the image,
+their record names, preprocessed exactly as the run was (``medxfer.inference``): column 1 the image,
 column 2 the ground truth, then one column per run. A 3D case shows the axial slice (first spatial
 axis) with the most ground-truth foreground.
 """
@@ -16,7 +16,12 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from medxfer.config import DataConfig, parse_config
+from medxfer.data import load_data
 from medxfer.data.base import IGNORE_INDEX
+from medxfer.errors import MedxferError
+from medxfer.inference import label_map, load_trained_model, preprocessing_from_record, probabilities
+from medxfer.io import stable_hash
 from medxfer.report.plots import SkipFigure, new_figure
 from medxfer.report.tables import arm_label
 
@@ -130,8 +135,6 @@ def select_overlay_runs(results_dir: str | Path, records: Sequence[dict[str, Any
 
 
 def _data_key(record: dict[str, Any]) -> str:
-    from medxfer.io import stable_hash
-
     data = dict((record.get("config") or {}).get("data") or {})
     data.pop("train_images", None)  # the test split does not depend on the training subset
     data.pop("subset", None)
@@ -150,10 +153,6 @@ def plot_overlay_grid(results_dir: str | Path, records: Sequence[dict[str, Any]]
                       run_ids: Optional[Sequence[str]] = None, max_runs: int = 5) -> tuple[Figure, str]:
     """Image | ground truth | prediction of each chosen run, for the first ``n_cases`` test cases.
     Returns the figure and a one-line description of what it shows."""
-    from medxfer.config import DataConfig, parse_config
-    from medxfer.data import load_data
-    from medxfer.errors import MedxferError
-    from medxfer.predict import label_map, load_trained_model, preprocessing_from_record, probabilities
 
     results_dir = Path(results_dir)
     if run_ids:
