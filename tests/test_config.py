@@ -78,7 +78,7 @@ def test_every_shipped_config_validates():
 
     from medxfer.config import PretrainConfig
     from medxfer.sweep.grid import load_sweep
-    from medxfer.transferability.robustness import load_score_config
+    from medxfer.transferability.scoring import load_score_config
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     assert load_config(configs / "finetune_demo.yaml").data.train_images == 5

@@ -15,15 +15,14 @@ from medxfer.models.weights import save_encoder
 from medxfer.transferability.robustness import (
     METRICS,
     PhotometricAugmentation,
-    load_score_config,
     negative_permutation,
     pair_distances,
     robustness_naive,
     row_distance,
-    run_score,
     triplet_hinge,
     variant_table,
 )
+from medxfer.transferability.scoring import load_score_config, run_score
 
 MARGINS = (0.0, 0.25, 0.5, 0.75, 1.0)
 NO_JITTER = AugmentConfig(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, noise=0.0)

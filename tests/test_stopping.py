@@ -7,11 +7,8 @@ import pytest
 
 from medxfer.config import DataConfig, PretrainConfig, ScoreConfig, StopConfig, parse_config
 from medxfer.errors import ConfigError, DataError
-from medxfer.transferability.stopping import (
-    RobustnessEarlyStopping,
-    recommend_checkpoint,
-    recommend_from_table,
-)
+from medxfer.transferability.scoring import RobustnessEarlyStopping
+from medxfer.transferability.stopping import recommend_checkpoint, recommend_from_table
 
 
 def test_argmin_picks_the_lowest_score_and_the_shorter_length_on_ties():
@@ -98,3 +95,32 @@ def test_online_callback_lets_pretraining_finish_while_the_rule_does_not_fire(tm
     result = run_pretraining(_pretrain_config([0, 1, 2]), tmp_path / "run", callbacks=[callback])
     assert result.lengths == [0, 1, 2] and result.record["status"] == "done"
     assert callback.stopped_at is None and callback.recommendation.length in (0, 1, 2)
+
+
+def test_stop_rules_import_neither_torch_nor_the_scoring_modules():
+    # The rules are evaluated on tables by `medxfer analyze` and applied by `medxfer score`: one pure module,
+    # with imports running one way (stopping <- robustness <- scoring), so no cycle can come back.
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import medxfer.transferability as package
+
+    folder = Path(package.__file__).parent
+    imported = {}
+    for module in ("stopping", "robustness", "scoring"):
+        tree = ast.parse((folder / f"{module}.py").read_text(encoding="utf-8"))
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+        imported[module] = names
+    assert not {n for n in imported["stopping"] if n.split(".")[0] in ("torch", "lightning")}
+    assert not {n for n in imported["stopping"] if n.startswith("medxfer.transferability")}
+    assert not {n for n in imported["robustness"] if n.startswith("medxfer.transferability")}
+    code = "import sys, medxfer.transferability.stopping; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

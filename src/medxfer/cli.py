@@ -174,7 +174,7 @@ def score(config: Path = typer.Argument(..., help="Score config (YAML)."),
           out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the config's `out`).")
           ) -> None:
     """Score the transferability of every checkpoint on the target data; writes robustness.csv."""
-    from medxfer.transferability.robustness import load_score_config, run_score
+    from medxfer.transferability.scoring import load_score_config, run_score
 
     score_config = load_score_config(config)
     result = run_score(score_config, out, progress=sys.stderr.isatty())

@@ -629,7 +629,7 @@ def _online_score_hook(config: PretrainConfig, out: Path) -> CheckpointHook:
     goes into its manifest and ``robustness_online.csv``; pretraining stops when the patience rule fires,
     unless ``stop_early`` is off (then the score is only recorded)."""
     from medxfer.config import ScoreConfig, parse_config
-    from medxfer.transferability.stopping import RobustnessEarlyStopping
+    from medxfer.transferability.scoring import RobustnessEarlyStopping
 
     online = config.online_score
     settings = {"bootstrap": 0, "seed": config.seed, **online.settings,

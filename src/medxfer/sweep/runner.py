@@ -180,7 +180,7 @@ class ScoreJob:
     threads: Optional[int] = None
 
     def execute(self) -> RunOutcome:
-        from medxfer.transferability.robustness import run_score
+        from medxfer.transferability.scoring import run_score
 
         folder = Path(self.folder)
 

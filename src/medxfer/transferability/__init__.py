@@ -1,35 +1,33 @@
 """Transferability of pretrained encoders to a target dataset, scored before fine-tuning.
 
-- :mod:`.robustness`: the contrastive robustness score, every variant from one feature pass
-  (``run_score`` is ``medxfer score``);
+- :mod:`.robustness`: the contrastive robustness score, every variant from one feature pass (torch);
 - :mod:`.baselines`: LogME, H-score and a linear-probe Dice, adapted to segmentation;
-- :mod:`.stopping`: checkpoint recommendation (offline) and early stopping of pretraining (online).
+- :mod:`.stopping`: the stop rules (pure numpy/pandas: checkpoint recommendation from score tables);
+- :mod:`.scoring`: ``run_score`` (``medxfer score``) and the online score/stop callback of pretraining.
+
+Imports run one way (stopping <- robustness <- scoring). Names are loaded on first use, so importing
+``medxfer.transferability.stopping`` (e.g. by ``medxfer analyze``) does not import torch.
 """
 
-from medxfer.transferability.baselines import baseline_scores, h_score, linear_probe_dice, logme
-from medxfer.transferability.robustness import (
-    METRICS,
-    PairDistances,
-    ScoreResult,
-    load_score_config,
-    pair_distances,
-    robustness_naive,
-    run_score,
-    score_checkpoint,
-    target_images,
-    variant_table,
-)
-from medxfer.transferability.stopping import (
-    Recommendation,
-    RobustnessEarlyStopping,
-    recommend_checkpoint,
-    recommend_for_folder,
-    recommend_from_table,
-)
+from __future__ import annotations
 
-__all__ = [
-    "METRICS", "PairDistances", "Recommendation", "RobustnessEarlyStopping", "ScoreResult", "baseline_scores",
-    "h_score", "linear_probe_dice", "load_score_config", "logme", "pair_distances", "recommend_checkpoint",
-    "recommend_for_folder", "recommend_from_table", "robustness_naive", "run_score", "score_checkpoint",
-    "target_images", "variant_table",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "baselines": ("baseline_scores", "h_score", "linear_probe_dice", "logme"),
+    "robustness": ("METRICS", "PairDistances", "pair_distances", "robustness_naive", "score_checkpoint",
+                   "variant_table"),
+    "scoring": ("RobustnessEarlyStopping", "ScoreResult", "load_score_config", "recommend_for_folder", "run_score",
+                "target_images"),
+    "stopping": ("Recommendation", "recommend_checkpoint", "recommend_from_table"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

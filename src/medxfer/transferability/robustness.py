@@ -25,8 +25,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -431,61 +430,7 @@ def variant_table(distances: PairDistances, margins: Sequence[float] = DEFAULT_M
 
 
 # --------------------------------------------------------------------------------------------------
-# Target images and the `medxfer score` pipeline
-
-
-def centre_crop_or_pad(image: np.ndarray, size: Sequence[int], fill: float = 0.0) -> np.ndarray:
-    """Centre-crop a ``(C, *S)`` array to ``size``, padding with ``fill`` where it is smaller
-    (0 is the mean of a z-scored image; label maps are padded with ``IGNORE_INDEX``)."""
-    spatial = image.shape[1:]
-    if len(size) != len(spatial):
-        raise ConfigError(f"crop_size: expected {len(spatial)} sizes for {len(spatial)}D images, got {list(size)}")
-    out = np.full((image.shape[0], *size), fill, dtype=image.dtype)
-    src, dst = [slice(None)], [slice(None)]
-    for have, want in zip(spatial, size):
-        if have >= want:
-            start = (have - want) // 2
-            src.append(slice(start, start + want))
-            dst.append(slice(None))
-        else:
-            start = (want - have) // 2
-            src.append(slice(None))
-            dst.append(slice(start, start + have))
-    out[tuple(dst)] = image[tuple(src)]
-    return out
-
-
-def target_images(config: ScoreConfig, with_labels: bool = False):
-    """The normalised training images (and label maps) of the score: ``(N, C, *S)`` float32 [, ``(N, *S)``].
-
-    Training split only; ``n_images`` of them chosen by ``seed`` (all when None); normalised per image
-    as fine-tuning does (``data.normalization``); centre-cropped/padded to ``crop_size`` when given.
-    """
-    from medxfer.data import load_data, select_subset
-    from medxfer.data.base import IGNORE_INDEX
-    from medxfer.data.transforms import normalize_image
-
-    data = load_data(config.data)
-    cases = select_subset(data.train, config.n_images, config.seed, config.data.subset)
-    if len(cases) < 2:
-        raise DataError(f"{data.name}: the robustness score needs at least 2 training images, found {len(cases)}")
-    images, labels = [], []
-    for case in cases:
-        image = normalize_image(case.image, config.data.normalization, config.data.percentile_clip)
-        label = case.label if case.label is not None else np.full(case.spatial_shape, IGNORE_INDEX, np.int64)
-        if config.crop_size is not None:
-            image = centre_crop_or_pad(image, config.crop_size)
-            label = centre_crop_or_pad(label[None], config.crop_size, fill=IGNORE_INDEX)[0]
-        images.append(image)
-        labels.append(label)
-    shapes = sorted({tuple(im.shape) for im in images})
-    if len(shapes) > 1:
-        raise DataError(f"{data.name}: training images differ in size ({shapes[0]} vs {shapes[-1]}); "
-                        "set crop_size (or data.resize) in the score config")
-    out = (np.stack(images).astype(np.float32), data.name)
-    if with_labels:
-        return out + (np.stack(labels).astype(np.int64), data.n_classes)
-    return out
+# One checkpoint's table (robustness.csv rows)
 
 
 def augmentation_id(augment: AugmentConfig) -> str:
@@ -512,123 +457,3 @@ def order_columns(table: pd.DataFrame) -> pd.DataFrame:
         if column not in table.columns:
             table[column] = pd.Series(dtype="float64")
     return table[columns + [c for c in table.columns if c not in columns]]
-
-
-@dataclass
-class ScoreResult:
-    table: pd.DataFrame  # robustness.csv
-    csv_path: Optional[Path]
-    baselines: Optional[pd.DataFrame] = None  # baselines.csv
-    recommendation: Optional[Any] = None  # stopping.Recommendation
-    paths: dict[str, Path] = field(default_factory=dict)
-
-    def summary(self, stop=None) -> pd.DataFrame:
-        """Per checkpoint: the stop variant's score and interval (what the CLI prints)."""
-        from medxfer.transferability.stopping import select_variant
-
-        rows = select_variant(self.table, stop) if stop is not None else self.table
-        columns = ["pretraining_length", "metric", "margin", "level", "pooled", "robustness", "ci_low", "ci_high"]
-        return rows[columns].sort_values("pretraining_length").reset_index(drop=True)
-
-
-def load_score_config(path: str | Path) -> ScoreConfig:
-    """Read a score YAML; ``checkpoints`` and ``data.root`` are relative to the config file's folder."""
-    from medxfer.config import parse_config, read_yaml, resolve_paths
-
-    path = Path(path)
-    raw = read_yaml(path)
-    if isinstance(raw, dict):
-        raw = resolve_paths(raw, path.parent.resolve(), keys=("root", "checkpoint", "checkpoints"))
-    return parse_config(raw, ScoreConfig, source=str(path))
-
-
-def checkpoint_list(location: str | Path) -> list[tuple[float, Path, dict]]:
-    """``[(pretraining length, path, manifest)]`` of a checkpoint folder (sorted) or of one file."""
-    from medxfer.models import weights
-
-    location = Path(location)
-    if location.is_dir():
-        found = list(weights.list_checkpoints(location))
-        if not found:
-            raise ConfigError(f"checkpoints: no encoder checkpoints in {location}")
-        return found
-    if location.is_file():
-        manifest = weights.read_manifest(location)
-        length = manifest.get("length")
-        return [(math.nan if length is None else length, location, manifest)]
-    raise ConfigError(f"checkpoints: {location} does not exist")
-
-
-def _load_encoder(path: Path) -> torch.nn.Module:
-    from medxfer.models import weights
-
-    return weights.encoder_from_checkpoint(path)
-
-
-def run_score(config: ScoreConfig, out_dir: str | Path | None = None, *, progress: bool = False) -> ScoreResult:
-    """``medxfer score``: every variant for every checkpoint -> ``robustness.csv`` (+ baselines, stop rule).
-
-    Writes to ``out_dir`` (default ``config.out``): ``robustness.csv``, ``baselines.csv`` when
-    ``config.baselines`` asks for any, and ``recommendation.json`` (the stop rule of ``config.stop``).
-    """
-    from medxfer.io import atomic_write_json, atomic_write_text, seed_everything
-    from medxfer.transferability.stopping import recommend_from_table
-
-    seed_everything(config.seed)
-    out = Path(out_dir if out_dir is not None else config.out)
-    checkpoints = checkpoint_list(config.checkpoints)
-    if config.baselines:
-        images, dataset, labels, n_classes = target_images(config, with_labels=True)
-    else:
-        (images, dataset), labels, n_classes = target_images(config), None, None
-    log.info("scoring %d checkpoint(s) on %d %s training images", len(checkpoints), len(images), dataset)
-    tables, baseline_tables = [], []
-    for length, path, manifest in checkpoints:
-        encoder = _load_encoder(path).to(_device(config.device))
-        meta = {"dataset": dataset, "encoder": config.encoder_name or _encoder_name(encoder, manifest),
-                "pretraining_scheme": config.pretraining_scheme or (manifest or {}).get("scheme") or "",
-                "pretraining_length": length, "checkpoint": str(path), "seed": config.seed}
-        table = score_checkpoint(encoder, images, config, progress=progress)
-        table = table.assign(**meta, augmentation=augmentation_id(config.augment))
-        tables.append(table)
-        log.info("%s (length %s): %d variants in %.1f s", Path(path).name, length, len(table), table["time_s"].iloc[0])
-        if config.baselines:
-            from medxfer.transferability.baselines import baseline_scores
-
-            rows = baseline_scores(encoder, images, labels, n_classes, methods=config.baselines,
-                                   levels=config.levels, max_pixels=config.baseline_pixels,
-                                   probe_steps=config.probe_steps, probe_level=config.probe_level,
-                                   seed=config.seed, batch_size=config.batch_size, device=config.device)
-            baseline_tables.append(pd.DataFrame(rows).assign(**meta))
-    result_table = order_columns(pd.concat(tables, ignore_index=True))
-    result_table = result_table.sort_values(["metric", "margin", "level", "pooled", "pretraining_length"],
-                                            kind="stable").reset_index(drop=True)
-    csv_path = out / "robustness.csv"
-    atomic_write_text(csv_path, result_table.to_csv(index=False))
-    result = ScoreResult(result_table, csv_path, paths={"robustness": csv_path})
-    if baseline_tables:
-        from medxfer.transferability.baselines import BASELINE_COLUMNS
-
-        baselines = pd.concat(baseline_tables, ignore_index=True)
-        baselines = baselines[BASELINE_COLUMNS + [c for c in baselines.columns if c not in BASELINE_COLUMNS]]
-        result.baselines = baselines
-        result.paths["baselines"] = out / "baselines.csv"
-        atomic_write_text(result.paths["baselines"], baselines.to_csv(index=False))
-    if len(checkpoints) > 0:
-        try:
-            recommendation = recommend_from_table(result_table, config.stop)
-        except ConfigError as exc:  # e.g. the stop variant is not among those scored
-            log.warning("no checkpoint recommendation: %s", exc)
-        else:
-            result.recommendation = recommendation
-            result.paths["recommendation"] = out / "recommendation.json"
-            atomic_write_json(result.paths["recommendation"], recommendation.as_dict())
-    return result
-
-
-def _encoder_name(encoder: torch.nn.Module, manifest: Optional[dict]) -> str:
-    name = getattr(encoder, "name", None)
-    if name:
-        return str(name)
-    arch = (manifest or {}).get("arch") or {}
-    return str(arch.get("model_name") or arch.get("name") or type(encoder).__name__)
