@@ -59,6 +59,8 @@ def training_augmentation(spatial_dims: int, patch_size: Optional[Sequence[int]]
     """
     from monai import transforms as mt
 
+    from medxfer.data.augmentations import SquareRandRotate90d
+
     steps: list = []
     if patch_size is not None:
         steps.append(mt.SpatialPadd(keys=["image", "label"], spatial_size=list(patch_size), mode="constant"))
@@ -72,9 +74,8 @@ def training_augmentation(spatial_dims: int, patch_size: Optional[Sequence[int]]
     if augment:
         for axis in range(spatial_dims):
             steps.append(mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=axis))
-        if patch_size is None or len(set(patch_size)) == 1:
-            axes = (spatial_dims - 2, spatial_dims - 1)
-            steps.append(mt.RandRotate90d(keys=["image", "label"], prob=0.5, max_k=3, spatial_axes=axes))
+        axes = (spatial_dims - 2, spatial_dims - 1)
+        steps.append(SquareRandRotate90d(keys=["image", "label"], prob=0.5, max_k=3, spatial_axes=axes))
         steps.append(mt.RandScaleIntensityd(keys=["image"], factors=0.1, prob=0.5))
         steps.append(mt.RandShiftIntensityd(keys=["image"], offsets=0.1, prob=0.5))
     return mt.Compose(steps)

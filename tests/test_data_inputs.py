@@ -1,0 +1,54 @@
+"""Data a new user brings: non-square images, inconsistent mask encodings, every mask folder checked."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medxfer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from medxfer.data import load_data
+from medxfer.data.transforms import training_augmentation
+from medxfer.errors import DataError
+
+RNG = np.random.default_rng(0)
+
+
+def make_tiles(root: Path, n: int = 6, shape=(16, 32), mask_values=None) -> None:
+    """``folders`` layout of ``n`` grey tiles with a square of class 1 (mask_values[i] overrides tile i's mask)."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(RNG.integers(0, 255, shape, dtype=np.uint8)).save(root / "images" / f"t{i}.png")
+        mask = np.zeros(shape, np.uint8)
+        mask[2:8, 4:12] = 1
+        if mask_values and i in mask_values:
+            mask = mask_values[i](mask)
+        Image.fromarray(mask).save(root / "masks" / f"t{i}.png")
+
+
+# ------------------------------------------------------------------------------- non-square images (#18.13)
+def test_augmentation_keeps_the_shape_of_non_square_images():
+    transform = training_augmentation(2, None, 0.5, augment=True)
+    transform.set_random_state(seed=0)
+    item = {"image": np.zeros((1, 16, 32), np.float32), "label": np.zeros((1, 16, 32), np.float32)}
+    shapes = {tuple(np.asarray(transform(dict(item))["image"]).shape) for _ in range(30)}
+    assert shapes == {(1, 16, 32)}
+    square = {"image": np.arange(256, dtype=np.float32).reshape(1, 16, 16), "label": np.zeros((1, 16, 16), np.float32)}
+    outputs = [np.asarray(transform(dict(square))["image"]) for _ in range(30)]
+    # square images are still rotated by quarter turns: some output is a rotation, not a flip of the input
+    rotated = [np.rot90(square["image"][0], k) for k in (1, 3)]
+    assert any(any(np.allclose(o[0] - o[0].mean(), r - r.mean(), atol=1.0) for r in rotated) for o in outputs)
+
+
+def test_non_square_tiles_train_with_augmentation_and_no_patch_size(tmp_path):
+    from medxfer.finetune import run_finetune
+
+    make_tiles(tmp_path / "tiles", n=6, shape=(16, 32))
+    config = RunConfig(
+        data=DataConfig(name="folders", root=tmp_path / "tiles", augment=True, patch_size=None),
+        model=ModelConfig(preset="unet", width=4, depth=3),
+        train=TrainConfig(strategy="scratch", max_steps=3, batch_size=3, checkpoint_every_s=None),
+    )
+    run = run_finetune(config, tmp_path / "out")
+    assert run.record["status"] == "done" and run.record["steps_trained"] == 3
