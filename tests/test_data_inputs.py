@@ -52,3 +52,49 @@ def test_non_square_tiles_train_with_augmentation_and_no_patch_size(tmp_path):
     )
     run = run_finetune(config, tmp_path / "out")
     assert run.record["status"] == "done" and run.record["steps_trained"] == 3
+
+
+# ------------------------------------------------------------------------------- mask encodings (#18.2)
+def _to_255(mask):
+    return mask * 255
+
+
+def _stray(mask):
+    mask = mask.copy()
+    mask[10:12, 20:22] = 7
+    return mask
+
+
+@pytest.mark.parametrize("case", ["stray_among_0_255", "one_0_255_among_0_1", "stray_among_0_1"])
+def test_inconsistent_mask_encodings_name_the_file(tmp_path, case):
+    from medxfer.data.check import check_dataset
+
+    if case == "stray_among_0_255":  # every mask 0/255 but t3 holds {0, 1, 7}
+        overrides = {i: _to_255 for i in range(6) if i != 3}
+        overrides[3] = _stray
+    elif case == "one_0_255_among_0_1":
+        overrides = {3: _to_255}
+    else:
+        overrides = {3: _stray}
+    make_tiles(tmp_path, mask_values=overrides)
+    config = DataConfig(name="folders", root=tmp_path)
+    with pytest.raises(DataError, match=r"masks[/\\]t3\.png: mask value") as error:
+        load_data(config)
+    assert "\n" not in str(error.value)
+    with pytest.raises(DataError, match="t3.png"):
+        check_dataset(config)
+
+
+def test_consistent_encodings_still_load(tmp_path):
+    make_tiles(tmp_path / "a", mask_values={i: _to_255 for i in range(6)})
+    data = load_data(DataConfig(name="folders", root=tmp_path / "a"))
+    assert data.n_classes == 2 and max(int(c.label.max()) for c in data.train) == 1
+    # 255 beside class indices in one mask: 255 is the ignore index everywhere, 0/255 masks are "ignore"
+    def sparse(mask):
+        mask = mask.copy()
+        mask[12:, :] = 255
+        return mask
+
+    make_tiles(tmp_path / "b", mask_values={0: sparse, 1: _to_255})
+    data = load_data(DataConfig(name="folders", root=tmp_path / "b"))
+    assert data.n_classes == 2

@@ -14,7 +14,9 @@ channels (an alpha channel of a png/jpg/tif read by Pillow is dropped); ``.npy``
 images must have the same number of channels. Masks are label maps (palette pngs give their indices);
 an RGB mask is accepted only if its channels are equal. If every mask holds only the values 0 and
 255, 255 means foreground and becomes 1 (a binary mask saved as 0/255); otherwise 255 stays the
-ignore index. ``options``: ``n_classes`` (default: largest label + 1), ``class_names``,
+ignore index. Masks must agree on the encoding: 0/255 masks mixed with class-index masks, or a
+largest label value held by a single mask with unused classes below it (a stray value, e.g. one {0, 1, 7}
+among 0/1 masks, when ``n_classes`` is inferred) are errors naming the file. ``options``: ``n_classes`` (default: largest label + 1), ``class_names``,
 ``test_fraction`` (share of the pool held out as test when there is no ``test/`` folder; default 0.2).
 Validation: ``data.val_fraction`` of the remaining pool (default 0.2), fixed seed.
 Spacing is unknown (``None``). ``data.resize: [H, W]`` resizes images bilinearly, masks nearest.
@@ -223,6 +225,43 @@ def _pairs(images_dir: Path, masks_dir: Optional[Path]) -> list[tuple[str, Path,
     return [(stem, path, masks[stem]) for stem, path in images.items()]
 
 
+def _values_text(values: set[int]) -> str:
+    return "{" + ", ".join(str(v) for v in sorted(values)) + "}"
+
+
+def check_mask_encoding(mask_values: dict[Path, set[int]], n_classes: Optional[int]) -> None:
+    """Every mask must encode classes the same way; a mixture silently turns foreground into "ignore".
+
+    Two encodings are told apart: binary 0/255 (values within {0, 255}, 255 present) and class indices
+    (values 1..254). Mixing them is an error unless some mask holds 255 *beside* class indices (then 255
+    is the ignore index throughout). With ``n_classes`` inferred, the largest value is a stray one when a
+    single mask holds it and classes below it occur in no mask (e.g. one {0, 1, 7} among 0/1 masks).
+    """
+    binary_255 = [p for p, v in mask_values.items() if 255 in v and v <= {0, 255}]
+    indexed = [p for p, v in mask_values.items() if v - {0, IGNORE_INDEX}]
+    ignore_used = any(IGNORE_INDEX in mask_values[p] for p in indexed)
+    if binary_255 and indexed and not ignore_used:
+        odd, usual = (binary_255, indexed) if len(binary_255) <= len(indexed) else (indexed, binary_255)
+        raise DataError(
+            f"{odd[0]}: mask values {_values_text(mask_values[odd[0]])}, but {len(usual)} other mask(s) such as "
+            f"{usual[0].name} hold {_values_text(mask_values[usual[0]])}: masks mix a 0/255 and a class-index "
+            "encoding (255 would become 'ignore' and drop that foreground); store every mask one way"
+        )
+    if n_classes is not None:
+        return
+    used = set().union(*mask_values.values()) - {IGNORE_INDEX} if mask_values else set()
+    stray = max(used, default=0)
+    missing = sorted(set(range(stray + 1)) - used)
+    holders = [p for p, v in mask_values.items() if stray in v]
+    # (values beyond MAX_INFERRED_CLASSES get the lossy-mask error of the caller instead)
+    if missing and not binary_255 and len(holders) == 1 and len(mask_values) >= 3 and stray < MAX_INFERRED_CLASSES:
+        path = holders[0]
+        raise DataError(
+            f"{path}: mask value {stray}, but no mask holds class(es) {missing}: a stray label value would make "
+            f"{stray + 1} classes; masks must hold class indices 0..n-1, or set options.n_classes"
+        )
+
+
 def load_folders(config) -> SegmentationData:
     """Loader entry point for ``data.name: folders`` (a :class:`medxfer.config.DataConfig`)."""
     require_2d(config, "folders")
@@ -247,10 +286,10 @@ def load_folders(config) -> SegmentationData:
             log.warning("%s: no test/masks folder; the test images are unlabelled", root)
 
     raw_masks = {path: read_mask_2d(path) for _, _, path in pool_pairs + test_pairs if path is not None}
-    values = set()
-    for mask in raw_masks.values():
-        values.update(int(v) for v in np.unique(mask))
+    mask_values = {path: {int(v) for v in np.unique(mask)} for path, mask in raw_masks.items()}
+    values = set().union(*mask_values.values())
     n_classes_opt = opts["n_classes"]
+    check_mask_encoding(mask_values, n_classes_opt)
     binary_255 = 255 in values and values <= {0, 255} and n_classes_opt in (None, 2)
     if binary_255:
         log.info("%s: masks hold only 0/255; reading 255 as class 1", root)
