@@ -14,7 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from medxfer.errors import MedxferError
+from medxfer.errors import DataError, MedxferError
+from medxfer.io import check_output_dir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="medxfer: transfer learning for medical image segmentation "
@@ -66,6 +67,7 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder
     with 5-20 images, evaluate, report. Resumable: a second run reuses finished work."""
     from medxfer.demo import run_demo
 
+    check_output_dir(out)
     _quiet_training_libraries()
     summary = run_demo(out, quick=quick, progress=sys.stderr.isatty(), workers=workers)
     _print_table("source -> target transfer (nuclei A -> B)", summary["columns"], summary["rows"])
@@ -87,6 +89,7 @@ def finetune(config: Path = typer.Argument(..., help="Run config (YAML)."),
     from medxfer.config import RunConfig, load_config
     from medxfer.finetune import run_finetune, summary_dice
 
+    check_output_dir(out)
     _quiet_training_libraries()
     from medxfer.sweep.store import collect
 
@@ -102,6 +105,10 @@ def collect(directory: Path = typer.Argument(..., help="A results folder (with r
     """Aggregate the run records of a folder into results.csv (and its scores into robustness.csv)."""
     from medxfer.sweep.store import collect_all
 
+    if not directory.is_dir():  # never create it: a mistyped folder would get an empty results.csv
+        raise DataError(f"{directory}: results folder not found" if not directory.exists()
+                        else f"{directory}: not a folder (give a results folder with runs/)")
+    check_output_dir(directory)
     tables = collect_all(directory)
     for path in tables.values():
         if path is not None:
@@ -154,6 +161,7 @@ def pretrain(config: Path = typer.Argument(..., help="Pretraining config (YAML).
     from medxfer.config import PretrainConfig, load_config
     from medxfer.pretrain import run_pretraining
 
+    check_output_dir(out)
     _quiet_training_libraries()
     result = run_pretraining(load_config(config, PretrainConfig), out, progress=sys.stderr.isatty())
     rows = []
@@ -177,6 +185,7 @@ def score(config: Path = typer.Argument(..., help="Score config (YAML)."),
     from medxfer.transferability.scoring import load_score_config, run_score
 
     score_config = load_score_config(config)
+    check_output_dir(out if out is not None else score_config.out)
     result = run_score(score_config, out, progress=sys.stderr.isatty())
     _print_frame("robustness of each checkpoint (stop variant; lower = more robust)",
                  result.summary(score_config.stop))
@@ -199,6 +208,7 @@ def analyze(downstream: Path = typer.Option(..., "--downstream", help="results.c
     """Relate transferability scores to downstream Dice; evaluate stop rules (in-sample and leave-one-dataset-out)."""
     from medxfer.report.analyze import analyze as run_analysis, summary_for_print
 
+    check_output_dir(out)
     result = run_analysis(downstream, robustness, baselines=baselines, names=names, patience=patience, out_dir=out)
     _print_frame("stop rules: correlation with Dice, regret, pretraining saved", summary_for_print(result))
     if result.best_rule:
@@ -221,6 +231,8 @@ def sweep(grid: Path = typer.Argument(..., help="Grid file (YAML): base config, 
     from medxfer.errors import MedxferError
     from medxfer.sweep.runner import run_sweep
 
+    if not dry_run:
+        check_output_dir(out)
     summary = run_sweep(grid, out, backend=backend, workers=workers, address=address,
                         retry_failed=retry_failed, dry_run=dry_run, progress=sys.stderr.isatty())
     if dry_run:
@@ -248,6 +260,8 @@ def report(results_dir: Path = typer.Argument(..., help="A results folder (runs/
     """Write the HTML report (figures embedded), the PNGs and the summary tables of a results folder."""
     from medxfer.report import write_report
 
+    if results_dir.is_dir():  # (a missing folder is write_report's one-line error)
+        check_output_dir(results_dir / "report")
     console.print(f"wrote {write_report(results_dir, overlay_runs=run or None)}")
 
 
@@ -259,6 +273,7 @@ def predict(run: Path = typer.Argument(..., help="A run folder or its model.pt."
     """Apply a trained model to new images or volumes; masks in the input's format plus overlays."""
     from medxfer.predict import predict as run_predict
 
+    check_output_dir(out)
     summary = run_predict(run, inputs, out, overlays=overlays)
     console.print(f"{len(summary['written'])} mask(s) written to {out}")
     if summary["failed"]:  # each skipped input was already logged with its reason
@@ -278,6 +293,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # The environment refused a write (read-only or full filesystem, a file where a folder belongs):
+        # not a bug, so one line naming the path, as for bad input.
+        if _state["debug"]:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except SystemExit as exc:  # typer/click exits (e.g. --help)
         return int(exc.code or 0)
     except Exception as exc:

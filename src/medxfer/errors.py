@@ -19,3 +19,7 @@ class DataError(MedxferError):
 
 class CheckpointError(MedxferError):
     """A checkpoint file is missing, corrupt, untrusted or does not fit the model."""
+
+
+class OutputError(MedxferError):
+    """An output path cannot be written: an existing file where a folder belongs, or no write permission."""

@@ -9,10 +9,22 @@ import os
 import platform
 import random
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it, hence the lock)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -20,6 +32,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; ``os.replace`` it onto ``path`` on success.
 
     A killed process leaves at most a ``.tmp`` file that no reader looks at, never a half-written target.
+    The result gets the permissions a plain ``open`` would give (``0666 & ~umask``): ``mkstemp`` creates
+    0600, which would hide results from colleagues on a shared filesystem.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,10 +42,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """Fail early, with one line, when ``path`` cannot become an output folder: it (or a folder above it)
+    is an existing file, or the nearest existing folder is not writable. Creates nothing, so a command
+    that then fails on its input leaves no empty folder behind."""
+    from medxfer.errors import OutputError
+
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is an existing file" if existing == path else f"lies under {existing}, an existing file"
+        raise OutputError(f"{path}: output folder {where}; give a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: cannot write there ({existing} is not writable)")
+    return path
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
