@@ -126,8 +126,7 @@ def models() -> None:
 
 
 def _parse_options(pairs: list[str]) -> dict:
-    import yaml
-
+    from medxfer.config import safe_load_yaml
     from medxfer.errors import ConfigError
 
     options = {}
@@ -135,7 +134,7 @@ def _parse_options(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise ConfigError(f"--option {pair!r}: expected KEY=VALUE")
         key, value = pair.split("=", 1)
-        options[key.strip()] = yaml.safe_load(value)
+        options[key.strip()] = safe_load_yaml(value, f"--option {key.strip()}")
     return options
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, TypeVar, Union
+from typing import Annotated, Any, Literal, Optional, TypeVar, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,6 +22,36 @@ class StrictModel(BaseModel):
 
 DatasetName = Literal["demo", "acdc", "covidqu", "idrid", "folders", "msd"]
 Normalization = Literal["zscore", "minmax", "percentile", "none"]
+
+# Bounds that keep a typo from reaching the libraries as an overflow or an allocation of terabytes.
+SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit
+MAX_SIDE = 8192  # pixels/voxels along one axis of a resize or patch (IDRiD, the largest layout, is 2848 x 4288)
+MAX_WIDTH = 1024  # channels of a model's first level (the presets use 16..64)
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+Side = Annotated[int, Field(ge=1, le=MAX_SIDE)]
+# Lightning's names (https://lightning.ai/docs/pytorch/stable/common/trainer.html), plus our "auto"
+PRECISIONS = ("auto", "64", "32", "16", "bf16", "64-true", "32-true", "16-true", "bf16-true", "16-mixed",
+              "bf16-mixed", "transformer-engine", "transformer-engine-float16")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
+
+
+def _check_precision(value: Any) -> str:
+    value = str(value)  # YAML reads `precision: 16` as a number
+    if value not in PRECISIONS:
+        raise ValueError(f"unknown precision {value!r}; one of {', '.join(PRECISIONS)}")
+    return value
+
+
+def _check_accelerator(value: str) -> str:
+    if value not in ACCELERATORS:
+        raise ValueError(f"unknown accelerator {value!r}; one of {', '.join(ACCELERATORS)}")
+    return value
+
+
+def _check_max_steps(value: int) -> int:
+    if value == 0 or value < -1:
+        raise ValueError(f"max_steps must be -1 (use max_epochs) or >= 1, got {value}")
+    return value
 
 
 class DataConfig(StrictModel):
@@ -38,12 +68,29 @@ class DataConfig(StrictModel):
     # share of the labelled training pool held out for validation; None = the dataset's own split
     # (its official validation set where it has one, else 0.2)
     val_fraction: Optional[float] = Field(None, ge=0.0, lt=1.0)
-    resize: Optional[list[int]] = None  # resize whole images to this size (e.g. IDRiD); None = keep
+    resize: Optional[list[Side]] = None  # resize whole images to this size (e.g. IDRiD); None = keep
     normalization: Normalization = "zscore"
     percentile_clip: tuple[float, float] = (0.5, 99.5)
-    patch_size: Optional[list[int]] = None  # train on random patches of this size; None = whole images
+    patch_size: Optional[list[Side]] = None  # train on random patches of this size; None = whole images
     foreground_ratio: float = Field(0.5, ge=0.0, le=1.0)  # share of patches centred on foreground
     augment: bool = True
+
+    @field_validator("percentile_clip")
+    @classmethod
+    def _percentiles_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = value
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got [{lo:g}, {hi:g}]")
+        return value
+
+    @model_validator(mode="after")
+    def _sizes_match_dims(self) -> "DataConfig":
+        for key in ("patch_size", "resize"):
+            size = getattr(self, key)
+            if size is not None and len(size) != self.spatial_dims:
+                raise ValueError(f"{key} {size} has {len(size)} sizes for {self.spatial_dims}D data "
+                                 f"(spatial_dims: {self.spatial_dims})")
+        return self
 
 
 class ModelConfig(StrictModel):
@@ -52,7 +99,7 @@ class ModelConfig(StrictModel):
     preset: str = "unet"
     in_channels: Optional[int] = None  # None = from the data
     n_classes: Optional[int] = None  # including background; None = from the data
-    width: int = Field(32, ge=1)  # channels of the first level (classic U-Net encoders)
+    width: int = Field(32, ge=1, le=MAX_WIDTH)  # channels of the first level (classic U-Net encoders)
     depth: int = Field(5, ge=2, le=6)  # number of encoder levels
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -81,7 +128,7 @@ class TrainConfig(StrictModel):
     max_epochs: int = Field(10, ge=1)
     max_steps: int = -1  # > 0 overrides max_epochs
     batch_size: int = Field(8, ge=1)
-    early_stopping_patience: Optional[int] = None  # epochs without validation Dice improvement
+    early_stopping_patience: Optional[int] = Field(None, ge=1)  # epochs without validation Dice improvement
     # how often the resume checkpoint (weights + optimizer state) is written: every N seconds of training,
     # or None = at every epoch end. Few-image epochs are short, and writing a large model's checkpoint can
     # take longer than a training step, so the default is by time.
@@ -90,16 +137,20 @@ class TrainConfig(StrictModel):
     # (each also as "partial_<name>" for sparse annotations; see medxfer.training.losses)
     loss_options: dict[str, Any] = Field(default_factory=dict)  # build_loss options; unused with loss "auto"
     precision: str = "auto"  # "auto": bf16/16 mixed precision on a GPU, fp32 on the CPU; or any Lightning value
-    num_workers: int = 0
-    accelerator: str = "auto"
-    log_every_n_steps: int = 10
+    num_workers: int = Field(0, ge=0)
+    accelerator: str = "auto"  # auto | cpu | gpu | cuda | mps | tpu | hpu (a GPU one must be present at run time)
+    log_every_n_steps: int = Field(10, ge=1)
+
+    _max_steps = field_validator("max_steps")(_check_max_steps)
+    _precision = field_validator("precision", mode="before")(_check_precision)
+    _accelerator = field_validator("accelerator")(_check_accelerator)
 
 
 class EvalConfig(StrictModel):
     threshold: float = Field(0.5, gt=0.0, lt=1.0)  # binary tasks: probability threshold
     sw_overlap: float = Field(0.25, ge=0.0, lt=1.0)  # sliding-window overlap (patch-trained models)
-    sw_batch_size: int = 4
-    max_overlays: int = 4
+    sw_batch_size: int = Field(4, ge=1)
+    max_overlays: int = Field(4, ge=0)
     source_test: Optional[DataConfig] = None  # also evaluate here (forgetting of the source task)
 
 
@@ -107,7 +158,7 @@ class RunConfig(StrictModel):
     """One downstream run: data + model + starting weights + training + evaluation."""
 
     name: str = "run"
-    seed: int = 0
+    seed: Seed = 0
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrained: PretrainedConfig = Field(default_factory=PretrainedConfig)
@@ -160,12 +211,12 @@ class ScoreConfig(StrictModel):
     """Transferability of every checkpoint of a pretraining run on the target's training images."""
 
     name: str = "score"
-    seed: int = 0  # seeds the image subset, the augmentations, the negative pairing and the bootstrap
+    seed: Seed = 0  # seeds the image subset, the augmentations, the negative pairing and the bootstrap
     data: DataConfig = Field(default_factory=DataConfig)
     checkpoints: Path  # a folder of encoder checkpoints (one per pretraining length) or one checkpoint file
     out: Path = Path("score_out")  # robustness.csv (+ baselines.csv, recommendation.json) land here
     n_images: Optional[int] = Field(None, ge=2)  # training images scored; None = all
-    crop_size: Optional[list[int]] = None  # centre crop / zero-pad every image to this size; None = keep
+    crop_size: Optional[list[Side]] = None  # centre crop / zero-pad every image to this size; None = keep
     metrics: list[ScoreMetric] = Field(default_factory=lambda: ["cosine", "l2", "pearson"])
     margins: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     levels: Optional[list[int]] = None  # encoder levels scored; None = all
@@ -231,9 +282,9 @@ class ClassificationDataConfig(StrictModel):
     val_images: Optional[int] = Field(None, ge=1)  # imagenet: first n validation files by name; None = all
     n_per_class: int = Field(100, ge=1)  # natural: training crops per class
     val_per_class: int = Field(20, ge=1)  # natural: validation crops per class
-    image_size: int = Field(32, ge=8)  # natural: side of the generated crops
-    data_seed: int = 0  # natural: which crops (fixed per dataset, not per run)
-    input_size: int = Field(32, ge=8)  # network input side: training crops and validation centre crops
+    image_size: int = Field(32, ge=8, le=MAX_SIDE)  # natural: side of the generated crops
+    data_seed: Seed = 0  # natural: which crops (fixed per dataset, not per run)
+    input_size: int = Field(32, ge=8, le=MAX_SIDE)  # network input side: training crops and validation centre crops
 
 
 class PretrainTrainConfig(StrictModel):
@@ -257,6 +308,9 @@ class PretrainTrainConfig(StrictModel):
     log_every_n_steps: int = Field(10, ge=1)
     resume_every_n_steps: int = Field(100, ge=1)  # step schedules: Lightning resume checkpoint interval
 
+    _precision = field_validator("precision", mode="before")(_check_precision)
+    _accelerator = field_validator("accelerator")(_check_accelerator)
+
 
 class OnlineScoreConfig(StrictModel):
     """The transferability score computed on target images at every scheduled pretraining checkpoint."""
@@ -271,7 +325,7 @@ class PretrainConfig(StrictModel):
     """One pretraining run: encoder (model preset), data, scheme, checkpoint schedule."""
 
     name: str = "pretrain"
-    seed: int = 0
+    seed: Seed = 0
     task: Literal["classification", "segmentation"] = "classification"
     scheme: Literal["simple", "advanced"] = "simple"
     # classification: the preset's encoder (+ pooled linear head); segmentation: the whole preset
@@ -327,13 +381,66 @@ def parse_config(data: Any, model: type[M], source: str = "<config>") -> M:
         raise ConfigError(validation_error_message(source, exc)) from None
 
 
+MAX_YAML_NODES = 100_000  # a config has hundreds; an alias bomb expands to billions
+
+
+class StrictSafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key repeated in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue  # "<<" merges are allowed to be overridden
+                key = self.construct_scalar(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Node count of the document with every alias expanded (aliases share node objects: memoised by id)."""
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    sizes[id(node)] = 1  # a recursive alias counts once instead of looping
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    else:
+        size = 1
+    sizes[id(node)] = size
+    return size
+
+
+def safe_load_yaml(stream: Any, source: str = "<yaml>") -> Any:
+    """Safe YAML loading that refuses duplicate keys and documents whose aliases expand past
+    ``MAX_YAML_NODES`` nodes (a "billion laughs" bomb is small on disk and unbounded once expanded)."""
+    loader = StrictSafeLoader(stream)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {})
+        if size > MAX_YAML_NODES:
+            raise ConfigError(f"{source}: YAML aliases expand to over {MAX_YAML_NODES} values (an alias bomb?); "
+                              "write the values out")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
+            return safe_load_yaml(f, str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -362,6 +469,8 @@ def load_config(path: str | os.PathLike, model: type[M] = RunConfig) -> M:  # ty
     """Read a YAML file and validate it against ``model`` (default: a downstream ``RunConfig``)."""
     path = Path(path)
     data = read_yaml(path)
+    if data is None:  # an empty file would silently train the default model
+        raise ConfigError(f"{path}: empty config file (write at least the data section)")
     if isinstance(data, dict):
         data = resolve_paths(data, path.parent.resolve())
     return parse_config(data, model, source=str(path))

@@ -150,7 +150,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
     from lightning.pytorch.callbacks import EarlyStopping
 
     from medxfer.models.weights import save_model_weights
-    from medxfer.training.strategies import prefers_channels_last, resolve_precision
+    from medxfer.training.strategies import prefers_channels_last, resolve_accelerator, resolve_precision
     from medxfer.training.tasks import BestWeights, SegmentationTask
 
     run_id = run_id_for(config)
@@ -160,6 +160,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
         return RunResult(run_id, directory, read_record(directory / RESULT_FILE))
     started = time.perf_counter()
     seed_everything(config.seed)
+    accelerator = resolve_accelerator(config.train.accelerator)  # before any work or folder
 
     data = load_data(config.data)
     train_cases = select_subset(data.train, config.data.train_images, config.seed, config.data.subset)
@@ -189,7 +190,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
         callbacks.append(EarlyStopping(monitor="val_dice", mode="max", patience=t.early_stopping_patience))
     trainer = L.Trainer(
         default_root_dir=directory, max_epochs=t.max_epochs if t.max_steps <= 0 else -1, max_steps=t.max_steps,
-        accelerator=t.accelerator, devices=1, precision=resolve_precision(t.precision), callbacks=callbacks, logger=False,
+        accelerator=accelerator, devices=1, precision=resolve_precision(t.precision), callbacks=callbacks, logger=False,
         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=t.log_every_n_steps,
         num_sanity_val_steps=0, deterministic=False,
     )

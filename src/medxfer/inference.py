@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from skimage.transform import resize as sk_resize
 
+from medxfer.config import ModelConfig, parse_config
 from medxfer.data.base import Case
 from medxfer.data.folders import resize_case_arrays
-from medxfer.errors import CheckpointError, MedxferError
+from medxfer.errors import CheckpointError, ConfigError, MedxferError
 from medxfer.evaluation.evaluate import predict_probabilities
 from medxfer.models import build_segmenter
 from medxfer.models.weights import load_model_weights, manifest_path, read_model_manifest, read_state_dict
@@ -79,6 +80,11 @@ def load_trained_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any
     if spec is None:
         raise CheckpointError(f"{model_path}: no model.json manifest or result.json beside it says which "
                               "architecture the weights belong to")
+    source = manifest_path(model_path) if manifest.get("model") is spec else model_path.parent / "result.json"
+    try:  # the same bounds as a config file's model section (a width of 200000 is a corrupt manifest)
+        spec = parse_config(spec, ModelConfig, source=str(source)).model_dump(mode="json")
+    except ConfigError as exc:
+        raise CheckpointError(f"{exc} (the architecture of {model_path.name})") from None
     try:
         model = build_segmenter(spec)
     except MedxferError as exc:

@@ -197,7 +197,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, EOFError, ...)
         raise CheckpointError(f"{path}: not a readable PyTorch weights file ({_first_line(exc)})") from None
-    return _unwrap(obj, str(path))
+    state = _unwrap(obj, str(path))
+    for key, tensor in state.items():  # NaN weights would train or predict garbage without a word
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: weights contain NaN or infinite values ({key}); "
+                                  "refusing to train or predict with them")
+    return state
 
 
 # --------------------------------------------------------------------------------------------------

@@ -60,6 +60,19 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_
     return None
 
 
+def resolve_accelerator(accelerator: str) -> str:
+    """The accelerator as given, after checking that a GPU one is present (Lightning's own error is a
+    multi-line traceback)."""
+    from medxfer.errors import ConfigError
+
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.accelerator: {accelerator!r} asked for, but no CUDA GPU is available "
+                          "(use 'auto' or 'cpu')")
+    if accelerator == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError("train.accelerator: 'mps' asked for, but no Apple GPU is available (use 'auto' or 'cpu')")
+    return accelerator
+
+
 def resolve_precision(precision: str) -> str:
     """``"auto"`` -> mixed precision where a GPU supports it (bf16, else fp16), fp32 on the CPU
     (CPU autocast is slower than fp32 for these convolutions)."""
