@@ -194,3 +194,66 @@ def test_a_lone_model_file_uses_the_preprocessing_in_its_manifest(tmp_path):
     assert settings["source"] == "model manifest" and settings["normalization"] == "minmax"
     assert settings["patch_size"] == [16, 16]  # sliding windows over the larger input
     assert np.load(tmp_path / "out" / "big_mask.npy").shape == (40, 56)
+
+
+def _decompression_bomb_png(path) -> None:
+    """A valid PNG whose header claims 40000 x 40000 pixels (Pillow refuses to decode it)."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(buffer, format="PNG")
+    raw = bytearray(buffer.getvalue())
+    raw[16:24] = struct.pack(">II", 40000, 40000)  # IHDR width, height
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])) & 0xFFFFFFFF)
+    path.write_bytes(bytes(raw))
+
+
+def _nan_affine_nifti(path) -> None:
+    image = nib.Nifti1Image(np.random.default_rng(5).random((16, 16, 2)).astype(np.float32), np.eye(4))
+    image.set_sform(np.eye(4), code=2)
+    image.set_qform(np.eye(4), code=0)
+    nib.save(image, str(path))
+    raw = bytearray(path.read_bytes())
+    raw[280:284] = np.float32(np.nan).tobytes()  # srow_x[0] (nibabel itself refuses to write a NaN affine)
+    path.write_bytes(bytes(raw))
+
+
+def test_bad_inputs_are_skipped_with_a_reason_and_the_batch_goes_on(tmp_path, capsys):
+    from medxfer.cli import main
+
+    save_run(tmp_path / "run", "unet", 2)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    _decompression_bomb_png(inputs / "a_bomb.png")
+    _nan_affine_nifti(inputs / "b_nan.nii")
+    np.save(inputs / "c_ok.npy", np.random.default_rng(6).random((16, 16)).astype(np.float32))
+    summary = predict(tmp_path / "run", inputs, tmp_path / "out")
+    assert [entry["input"].rsplit("/", 1)[-1] for entry in summary["written"]] == ["c_ok.npy"]
+    reasons = {entry["input"].rsplit("/", 1)[-1]: entry["error"] for entry in summary["failed"]}
+    assert "too large" in reasons["a_bomb.png"] and "affine" in reasons["b_nan.nii"]
+    assert main(["predict", str(tmp_path / "run"), str(inputs), "--out", str(tmp_path / "out2"),
+                 "--no-overlays"]) == 1
+    assert "2 input(s) skipped" in capsys.readouterr().err
+    assert (tmp_path / "out2" / "c_ok_mask.npy").is_file()
+
+
+def test_an_unexpected_error_in_one_file_skips_only_that_file(tmp_path, monkeypatch):
+    import medxfer.predict as predict_module
+
+    save_run(tmp_path / "run", "unet", 2)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a", "b"):
+        np.save(inputs / f"{name}.npy", np.random.default_rng(7).random((16, 16)).astype(np.float32))
+    real = predict_module._fit_channels
+
+    def fails_on_a(image, in_channels, path):
+        if path.name == "a.npy":
+            raise ZeroDivisionError("unexpected")
+        return real(image, in_channels, path)
+
+    monkeypatch.setattr(predict_module, "_fit_channels", fails_on_a)
+    summary = predict(tmp_path / "run", inputs, tmp_path / "out")
+    assert len(summary["written"]) == 1 and summary["failed"][0]["error"] == "ZeroDivisionError: unexpected"

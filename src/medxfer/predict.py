@@ -75,7 +75,10 @@ def read_input(path: Path, spatial_dims: int) -> tuple[np.ndarray, dict[str, Any
     suffix = _suffix(path)
     if suffix in NIFTI_SUFFIXES:
         image, _ = read_nifti(path)
-        meta = {"format": "nifti", "nifti": nib.load(str(path)), "slicewise": spatial_dims == 2}
+        volume = nib.load(str(path))
+        if not np.isfinite(volume.affine).all():  # its mask could not be placed in space (nor written)
+            raise DataError(f"{path}: the NIfTI affine holds NaN or infinite values")
+        meta = {"format": "nifti", "nifti": volume, "slicewise": spatial_dims == 2}
         return image, meta
     if spatial_dims == 3:
         array, _ = read_raster(path)
@@ -173,9 +176,10 @@ def predict(model_path_or_run_dir: str | Path, inputs: str | Path, out_dir: str 
                 atomic_write_bytes(overlay_path, png_bytes(overlay_figure(image, mask, model.n_classes, path.name)))
                 entry["overlay"] = str(overlay_path)
             written.append(entry)
-        except (MedxferError, ValueError, OSError) as exc:
-            log.error("%s: skipped: %s", path, exc)
-            failed.append({"input": str(path), "error": " ".join(str(exc).split())})
+        except Exception as exc:  # any per-file failure skips that file only; KeyboardInterrupt still stops
+            why = str(exc) if isinstance(exc, MedxferError) else f"{type(exc).__name__}: {exc}"
+            log.error("%s: skipped: %s", path, why)
+            failed.append({"input": str(path), "error": " ".join(why.split())})
     summary = {"model": info["model_path"], "settings": {k: (list(v) if isinstance(v, tuple) else v)
                                                            for k, v in settings.items()},
                "out_dir": str(out_dir), "written": written, "failed": failed}

@@ -111,6 +111,8 @@ def read_raster(path: Path) -> tuple[np.ndarray, str]:
                 img = img.convert("RGB")
                 mode = "RGB"
             return np.asarray(img), mode
+    except Image.DecompressionBombError as exc:  # a header claiming billions of pixels: never decode it
+        raise DataError(f"{path}: image too large to read safely ({exc})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as pil_exc:
         if path.suffix.lower() in (".tif", ".tiff"):
             try:  # float / many-channel tifs Pillow cannot open

@@ -91,6 +91,8 @@ def read_nifti(path: Path, label: bool = False) -> tuple[np.ndarray, tuple[float
     except Exception as exc:  # truncated gzip, bad header, not NIfTI: all "unreadable"
         why = str(exc).replace(str(path), path.name)
         raise DataError(f"{path}: cannot read NIfTI file: {type(exc).__name__}: {why}") from None
+    if not all(np.isfinite(zooms)):
+        raise DataError(f"{path}: NIfTI voxel sizes (header zooms) hold NaN or infinite values: {list(zooms)}")
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim == 2:  # a single slice (i, j)
