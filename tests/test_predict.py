@@ -257,3 +257,37 @@ def test_an_unexpected_error_in_one_file_skips_only_that_file(tmp_path, monkeypa
     monkeypatch.setattr(predict_module, "_fit_channels", fails_on_a)
     summary = predict(tmp_path / "run", inputs, tmp_path / "out")
     assert len(summary["written"]) == 1 and summary["failed"][0]["error"] == "ZeroDivisionError: unexpected"
+
+
+def test_spacing_mismatch_warns_with_both_spacings_and_is_recorded(tmp_path, caplog):
+    from medxfer.sweep.store import read_record
+
+    save_run(tmp_path / "run", "unet", 2)
+    record = read_record(tmp_path / "run" / "result.json")
+    record["train_spacing"] = {"median": [1.14, 1.14], "min": [1.1, 1.1], "max": [1.2, 1.2]}  # in-plane, 2D run
+    write_record(tmp_path / "run", record)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    volume = np.random.default_rng(8).random((16, 16, 2)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, np.diag([0.63, 0.63, 5.0, 1.0])), inputs / "fine.nii.gz")
+    nib.save(nib.Nifti1Image(volume, np.diag([1.15, 1.15, 5.0, 1.0])), inputs / "same.nii.gz")
+    with caplog.at_level("WARNING", logger="medxfer.predict"):
+        summary = predict(tmp_path / "run", inputs, tmp_path / "out", overlays=False)
+    warnings = [r.getMessage() for r in caplog.records if "spacing" in r.getMessage()]
+    assert len(warnings) == 1 and "fine.nii.gz" in warnings[0]
+    assert "[5, 0.63, 0.63]" in warnings[0] and "[1.14, 1.14]" in warnings[0]
+    entries = {e["input"].rsplit("/", 1)[-1]: e for e in summary["written"]}
+    assert entries["fine.nii.gz"]["spacing"] == pytest.approx([5.0, 0.63, 0.63]) and entries["fine.nii.gz"]["spacing_mismatch"]
+    assert entries["same.nii.gz"]["spacing"] == pytest.approx([5.0, 1.15, 1.15])
+    assert not entries["same.nii.gz"]["spacing_mismatch"]
+    on_disk = json.loads((tmp_path / "out" / "predict_summary.json").read_text())
+    assert on_disk["train_spacing"]["median"] == [1.14, 1.14]
+
+
+def test_spacing_summary_of_training_cases():
+    from medxfer.data.base import Case, spacing_summary
+
+    cases = [Case(image=np.zeros((1, 4, 4), np.float32), label=None, case_id=str(i), spacing=(s, s))
+             for i, s in enumerate((1.0, 1.5, 2.0))]
+    assert spacing_summary(cases) == {"median": [1.5, 1.5], "min": [1.0, 1.0], "max": [2.0, 2.0]}
+    assert spacing_summary([Case(image=np.zeros((1, 4, 4), np.float32), label=None, case_id="x")]) is None

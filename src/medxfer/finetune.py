@@ -15,7 +15,7 @@ import torch
 
 from medxfer.config import DataConfig, RunConfig, config_to_dict
 from medxfer.data import load_data, select_subset
-from medxfer.data.base import SegmentationData
+from medxfer.data.base import SegmentationData, spacing_summary
 from medxfer.errors import ConfigError
 from medxfer.io import environment_info, seed_everything, stable_hash
 from medxfer.sweep.store import RESULT_FILE, read_record, run_dir as store_run_dir, write_record
@@ -213,7 +213,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
         "model": config_to_dict(config.model.model_copy(update={
             "in_channels": in_channels, "n_classes": data.n_classes})),
         "run_id": run_id, "source": f"finetune:{data.name}", "length": pretraining["length"],
-        "data": config_to_dict(config.data),
+        "data": config_to_dict(config.data), "train_spacing": spacing_summary(train_cases),
     })
     record = {
         "kind": "finetune",
@@ -227,6 +227,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
         "seed": config.seed,
         "n_train_images": len(train_cases),
         "train_case_ids": [c.case_id for c in train_cases],
+        "train_spacing": spacing_summary(train_cases),  # mm per spatial axis; predict checks inputs against it
         "pretraining": pretraining,
         "loss": loss_info,
         "epochs_trained": int(trainer.current_epoch),

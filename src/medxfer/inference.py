@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from medxfer.evaluation.evaluate import predict_probabilities
 from medxfer.models import build_segmenter
 from medxfer.models.weights import load_model_weights, manifest_path, read_model_manifest, read_state_dict
 
+SPACING_TOLERANCE = 0.1  # relative: an input spacing this far outside the training range is a mismatch
 MODEL_FILE = "model.pt"
 DEFAULT_SETTINGS: dict[str, Any] = {
     "normalization": "zscore", "percentiles": (0.5, 99.5), "patch_size": None, "resize": None,
@@ -151,3 +152,23 @@ def label_map(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     if probs.shape[0] == 2:
         return (probs[1] > threshold).astype(np.int64)
     return probs.argmax(0).astype(np.int64)
+
+
+def spacing_of_run(record: Optional[dict[str, Any]], manifest: Optional[dict[str, Any]] = None
+                   ) -> Optional[dict[str, list[float]]]:
+    """The training spacing a run recorded (result.json, else the model manifest); None for runs on data
+    without spacing, or written before it was recorded."""
+    for source in (record or {}, manifest or {}):
+        spacing = source.get("train_spacing")
+        if isinstance(spacing, dict) and spacing.get("median"):
+            return spacing
+    return None
+
+
+def spacing_mismatch(spacing: Sequence[float], trained: dict[str, list[float]]) -> bool:
+    """Whether an input spacing lies outside the training range (widened by ``SPACING_TOLERANCE``) on
+    any axis. A 2D run's in-plane spacing is compared with the last two axes of a volume's."""
+    lo, hi = trained["min"], trained["max"]
+    values = list(spacing)[-len(lo):]
+    return any(v < a * (1 - SPACING_TOLERANCE) or v > b * (1 + SPACING_TOLERANCE)
+               for v, a, b in zip(values, lo, hi))

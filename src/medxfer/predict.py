@@ -11,8 +11,10 @@ defaults (with a warning).
 Outputs, per input ``<stem>``: ``<stem>_mask.<ext>`` holding class indices (0 = background, uint8) in the
 input's format (PNG for png/jpg, TIFF for tif, npy for npy, NIfTI with the input's affine, header and
 voxel axes for NIfTI) and ``<stem>_overlay.png`` (contours per class; for a volume the slice with most
-foreground), plus ``predict_summary.json``. A file that cannot be read or predicted is logged, listed
-under ``failed`` in the summary and skipped; the other files are still written.
+foreground), plus ``predict_summary.json`` (per input: its spacing in mm when the file has one, and
+whether it lies outside the training data's spacing, which is then also logged as a warning with both).
+A file that cannot be read or predicted, for whatever reason, is logged, listed with the reason under
+``failed`` in the summary and skipped; the other files are still written.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from PIL import Image
 from medxfer.data.folders import read_image_2d, read_raster
 from medxfer.data.msd import read_nifti
 from medxfer.errors import DataError, MedxferError
-from medxfer.inference import label_map, load_trained_model, preprocessing_from_record, probabilities
+from medxfer.inference import (label_map, load_trained_model, preprocessing_from_record, probabilities,
+                                spacing_mismatch, spacing_of_run)
 from medxfer.io import atomic_write_bytes, atomic_write_json
 from medxfer.report.overlays import overlay_figure
 from medxfer.report.plots import png_bytes
@@ -74,11 +77,11 @@ def read_input(path: Path, spatial_dims: int) -> tuple[np.ndarray, dict[str, Any
     """
     suffix = _suffix(path)
     if suffix in NIFTI_SUFFIXES:
-        image, _ = read_nifti(path)
+        image, spacing = read_nifti(path)
         volume = nib.load(str(path))
         if not np.isfinite(volume.affine).all():  # its mask could not be placed in space (nor written)
             raise DataError(f"{path}: the NIfTI affine holds NaN or infinite values")
-        meta = {"format": "nifti", "nifti": volume, "slicewise": spatial_dims == 2}
+        meta = {"format": "nifti", "nifti": volume, "slicewise": spatial_dims == 2, "spacing": list(spacing)}
         return image, meta
     if spatial_dims == 3:
         array, _ = read_raster(path)
@@ -134,6 +137,10 @@ def _mask_bytes(mask: np.ndarray, meta: dict[str, Any], path: Path) -> tuple[byt
 
 
 # -------------------------------------------------------------------------------------------- predict
+def _mm(values) -> str:
+    return "[" + ", ".join(f"{float(v):.3g}" for v in values) + "]"
+
+
 def predict(model_path_or_run_dir: str | Path, inputs: str | Path, out_dir: str | Path, *,
             overlays: bool = True) -> dict[str, Any]:
     """Segment every input with a trained model; write masks, overlays and ``predict_summary.json``.
@@ -146,6 +153,7 @@ def predict(model_path_or_run_dir: str | Path, inputs: str | Path, out_dir: str 
     if settings["source"] == "defaults":
         log.warning("%s: no result.json or preprocessing manifest beside the model; using default "
                     "preprocessing (%s normalisation, no resize)", info["model_path"], settings["normalization"])
+    trained_spacing = spacing_of_run(info["record"], info["manifest"])
     spatial_dims = int(model.spatial_dims)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -158,6 +166,15 @@ def predict(model_path_or_run_dir: str | Path, inputs: str | Path, out_dir: str 
             stem = path.name.replace(".", "_")
         try:
             image, meta = read_input(path, spatial_dims)
+            spacing = meta.get("spacing")
+            mismatch = bool(spacing and trained_spacing and spacing_mismatch(spacing, trained_spacing))
+            if mismatch:
+                # medxfer trains at the data's own spacing (no fixed-spacing option), so there is no
+                # training spacing to resample to: say so, with both spacings
+                log.warning("%s: voxel spacing %s mm differs from the training data's %s mm (range %s..%s); the "
+                            "model sees structures at another scale: resample the input to the training spacing",
+                            path, _mm(spacing), _mm(trained_spacing["median"]), _mm(trained_spacing["min"]),
+                            _mm(trained_spacing["max"]))
             image = _fit_channels(image, model.encoder.in_channels, path)
             if meta.get("slicewise"):
                 mask = np.stack([label_map(probabilities(model, image[:, d], settings), settings["threshold"])
@@ -170,7 +187,8 @@ def predict(model_path_or_run_dir: str | Path, inputs: str | Path, out_dir: str 
             mask_path = out_dir / f"{stem}_mask{suffix}"
             atomic_write_bytes(mask_path, data)
             entry = {"input": str(path), "mask": str(mask_path), "shape": list(stored_shape),
-                     "foreground_fraction": float((mask > 0).mean())}
+                     "foreground_fraction": float((mask > 0).mean()), "spacing": spacing,
+                     "spacing_mismatch": mismatch}
             if overlays:
                 overlay_path = out_dir / f"{stem}_overlay.png"
                 atomic_write_bytes(overlay_path, png_bytes(overlay_figure(image, mask, model.n_classes, path.name)))
@@ -182,6 +200,7 @@ def predict(model_path_or_run_dir: str | Path, inputs: str | Path, out_dir: str 
             failed.append({"input": str(path), "error": " ".join(why.split())})
     summary = {"model": info["model_path"], "settings": {k: (list(v) if isinstance(v, tuple) else v)
                                                            for k, v in settings.items()},
+               "train_spacing": trained_spacing,
                "out_dir": str(out_dir), "written": written, "failed": failed}
     atomic_write_json(out_dir / "predict_summary.json", summary)
     log.info("predict: %d mask(s) written to %s, %d input(s) failed", len(written), out_dir, len(failed))

@@ -195,3 +195,14 @@ def check_case(
                 f"{label_source}: mask contains classes {extra} that are not in its annotated classes "
                 f"{sorted(annotated)}"
             )
+
+
+def spacing_summary(cases: Sequence[Case]) -> Optional[dict[str, list[float]]]:
+    """Median, min and max pixel/voxel spacing (mm, per spatial axis) of ``cases``; None when the dataset
+    does not know it. Fine-tuning records it for its training cases, and ``predict`` checks inputs against it."""
+    spacings = [tuple(c.spacing) for c in cases if c.spacing is not None]
+    if not spacings or len({len(s) for s in spacings}) != 1:
+        return None
+    array = np.asarray(spacings, dtype=np.float64)
+    return {"median": np.median(array, axis=0).tolist(), "min": array.min(axis=0).tolist(),
+            "max": array.max(axis=0).tolist()}
