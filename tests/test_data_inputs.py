@@ -98,3 +98,57 @@ def test_consistent_encodings_still_load(tmp_path):
     make_tiles(tmp_path / "b", mask_values={0: sparse, 1: _to_255})
     data = load_data(DataConfig(name="folders", root=tmp_path / "b"))
     assert data.n_classes == 2
+
+
+# ------------------------------------------------------------------------- data check sees every mask (#21.1)
+IDRID_TRUTH = Path("A. Segmentation") / "2. All Segmentation Groundtruths"
+IDRID_FOLDERS = {"EX": "3. Hard Exudates", "OD": "5. Optic Disc"}
+
+
+def make_mini_idrid(root: Path, hw=(12, 18)) -> None:
+    """Two training and one test image with hard-exudate and optic-disc masks."""
+    for split, stems in (("a. Training Set", ("IDRiD_01", "IDRiD_02")), ("b. Testing Set", ("IDRiD_03",))):
+        images = root / "A. Segmentation" / "1. Original Images" / split
+        images.mkdir(parents=True)
+        for stem in stems:
+            Image.fromarray(RNG.integers(0, 255, hw + (3,), dtype=np.uint8)).save(images / f"{stem}.jpg")
+            for code, folder in IDRID_FOLDERS.items():
+                (root / IDRID_TRUTH / split / folder).mkdir(parents=True, exist_ok=True)
+                mask = np.zeros(hw, np.uint8)
+                mask[2:6, 3:9] = 255
+                Image.fromarray(mask).save(root / IDRID_TRUTH / split / folder / f"{stem}_{code}.tif")
+
+
+def test_data_check_validates_mask_folders_the_config_does_not_use(tmp_path, capsys):
+    from medxfer.cli import main
+
+    make_mini_idrid(tmp_path)
+    assert main(["data", "check", "idrid", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "also validated" in out and "lesions=['EX', 'OD']" in out
+    assert "this config uses ['background', 'hard_exudates']" in out
+
+    bad = tmp_path / IDRID_TRUTH / "a. Training Set" / IDRID_FOLDERS["OD"] / "IDRiD_02_OD.tif"
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(bad)  # wrong shape, in a folder lesions: [EX] never reads
+    assert load_data(DataConfig(name="idrid", root=tmp_path)).n_classes == 2  # training would not notice
+    assert main(["data", "check", "idrid", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "IDRiD_02_OD.tif" in err and "shape" in err and "\n" not in err
+
+
+def test_data_check_validates_both_covidqu_mask_sets(tmp_path):
+    from medxfer.data.check import check_dataset
+
+    for folder, masks_name in (("Inf_segm", "inf_masks.npy"), ("Lung_segm", "lung_masks.npy")):
+        for category in ("COVID-19", "Normal"):
+            for split in ("train_and_val", "test"):
+                d = tmp_path / folder / "data_arrays" / category / split
+                d.mkdir(parents=True)
+                np.save(d / "imgs.npy", RNG.random((3, 8, 8)).astype(np.float32))
+                np.save(d / masks_name, (RNG.random((3, 8, 8)) > 0.5).astype(np.uint8))
+    report = check_dataset(DataConfig(name="covidqu", root=tmp_path))
+    assert [(v["options"]["masks"], v["cases"]) for v in report["also_validated"]] == [("infection", 12), ("lung", 12)]
+    np.save(tmp_path / "Lung_segm" / "data_arrays" / "Normal" / "test" / "lung_masks.npy",
+            np.full((3, 8, 8), 7, np.uint8))
+    with pytest.raises(DataError, match=r"Normal[/\\]test[/\\]lung_masks\.npy"):
+        check_dataset(DataConfig(name="covidqu", root=tmp_path))

@@ -18,6 +18,23 @@ LOADERS: dict[str, str] = {
 }
 
 
+# Layouts whose options choose among several mask sets on disk: name -> "module:function" giving the option
+# sets that read them all (what ``medxfer data check`` validates besides the configured ones).
+MASK_VARIANTS: dict[str, str] = {
+    "covidqu": "medxfer.data.covidqu:mask_variants",
+    "idrid": "medxfer.data.idrid:mask_variants",
+}
+
+
+def mask_variants(config) -> list[dict]:
+    """Option sets under which the loader of ``config`` reads every mask set on disk ([] for layouts that
+    always read all of them: acdc, folders, msd, demo)."""
+    if config.name not in MASK_VARIANTS:
+        return []
+    module, func = MASK_VARIANTS[config.name].split(":")
+    return getattr(importlib.import_module(module), func)(config)
+
+
 def get_loader(name: str) -> Callable:
     from medxfer.errors import DataError
 
@@ -32,4 +49,5 @@ def load_data(config) -> SegmentationData:
     return get_loader(config.name)(config)
 
 
-__all__ = ["Case", "SegmentationData", "IGNORE_INDEX", "select_subset", "split_train_val", "load_data", "LOADERS"]
+__all__ = ["Case", "SegmentationData", "IGNORE_INDEX", "select_subset", "split_train_val", "load_data", "LOADERS",
+           "mask_variants"]

@@ -1,6 +1,8 @@
 """Dataset validation: load a dataset through the registry, check every case, and summarise it.
 
-``check_dataset(config)`` is what ``medxfer data check NAME ROOT`` runs. Every defect (missing folder,
+``check_dataset(config)`` is what ``medxfer data check NAME ROOT`` runs. It validates the dataset as
+``config`` loads it, then every other mask set on disk (``medxfer.data.mask_variants``: IDRiD lesion
+folders, COVID-QU infection/lung masks and categories). Every defect (missing folder,
 unreadable or truncated file, image/mask shape mismatch, label values outside the declared classes,
 NaN/inf pixels, channel count or dimensionality that differs from the dataset's, empty dataset) is a
 one-line :class:`~medxfer.errors.DataError` naming the file.
@@ -13,7 +15,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from medxfer.data import load_data
+from medxfer.data import load_data, mask_variants
 from medxfer.data.base import IGNORE_INDEX, Case, SegmentationData, check_case
 from medxfer.errors import DataError
 
@@ -121,7 +123,7 @@ def check_dataset(config) -> dict[str, Any]:
         warnings.append(f"{splits['test']['unlabelled']} test case(s) are unlabelled")
     for w in warnings:
         log.warning("%s: %s", where, w)
-    return {
+    report = {
         "name": data.name,
         "root": where,
         "spatial_dims": data.spatial_dims,
@@ -131,6 +133,26 @@ def check_dataset(config) -> dict[str, Any]:
         "splits": splits,
         "warnings": warnings,
     }
+    del data  # a full-size dataset may be large: one copy in memory at a time
+    report["also_validated"] = validate_other_masks(config)
+    return report
+
+
+def validate_other_masks(config) -> list[dict[str, Any]]:
+    """Load and validate the mask sets on disk that ``config``'s options leave out (e.g. IDRiD's optic-disc
+    masks when ``lesions: [EX]``), so that a corrupt download is found before training, not in the run
+    that first asks for them. Returns, per extra option set, the options, classes and case count."""
+    checked = []
+    for variant in mask_variants(config):
+        options = {**config.options, **variant}
+        if options == {**config.options}:
+            continue  # the configured load already read these masks
+        data = load_data(config.model_copy(update={"options": options}))
+        cases = data.train + data.val + data.test
+        for case in cases:
+            validate_case(case, data)
+        checked.append({"options": variant, "classes": list(data.class_names), "cases": len(cases)})
+    return checked
 
 
 def check_report_lines(report: dict[str, Any]) -> list[str]:
@@ -155,5 +177,9 @@ def check_report_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"    intensity: {ranges}")
         if s["spacing"]:
             lines.append(f"    spacing: {s['spacing']['min']}..{s['spacing']['max']}")
+    for extra in report.get("also_validated", []):
+        options = ", ".join(f"{k}={v}" for k, v in extra["options"].items())
+        lines.append(f"  also validated (every mask set on disk): {options}: {extra['cases']} cases, "
+                     f"classes {extra['classes']}; this config uses {report['class_names']}")
     lines += [f"  warning: {w}" for w in report["warnings"]]
     return lines

@@ -166,3 +166,21 @@ def load_covidqu(config) -> SegmentationData:
         spatial_dims=2,
         meta={"root": str(root), "categories": categories, "mask_files": mask_files, "official_val": official_val},
     )
+
+
+def mask_variants(config) -> list[dict]:
+    """Options that make the loader read every mask set on disk (``medxfer data check`` validates them
+    all): each task folder present (infection, lung) with every category folder it holds."""
+    root = require_root(config, "covidqu")
+    variants = []
+    for task, folder in TASK_FOLDERS.items():
+        task_dir = root / folder
+        if task == "lung" and not task_dir.is_dir():
+            task_dir = root / "Inf_segm"  # lung masks shipped with the infection set
+            if not any(task_dir.glob("data_arrays/*/*/lung_masks.npy")):
+                continue
+        arrays = task_dir / "data_arrays"
+        categories = sorted(p.name for p in arrays.iterdir() if p.is_dir()) if arrays.is_dir() else []
+        if categories:
+            variants.append({"masks": task, "category": categories})
+    return variants

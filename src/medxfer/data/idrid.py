@@ -183,3 +183,12 @@ def load_idrid(config) -> SegmentationData:
         spatial_dims=2,
         meta={"root": str(seg_dir), "lesions": lesions, "precedence": list(PRECEDENCE), "overlap_pixels": overlaps},
     )
+
+
+def mask_variants(config) -> list[dict]:
+    """Options that make the loader read every lesion folder on disk (``medxfer data check`` validates
+    them all, whatever ``options.lesions`` says): one variant with every lesion present in both splits."""
+    seg_dir = _segmentation_dir(require_root(config, "idrid"))
+    present = [code for code in PRECEDENCE
+               if all((seg_dir / GROUNDTRUTHS / SPLITS[split] / LESION_FOLDERS[code]).is_dir() for split in SPLITS)]
+    return [{"lesions": present}] if present else []
