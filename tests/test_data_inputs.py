@@ -152,3 +152,12 @@ def test_data_check_validates_both_covidqu_mask_sets(tmp_path):
             np.full((3, 8, 8), 7, np.uint8))
     with pytest.raises(DataError, match=r"Normal[/\\]test[/\\]lung_masks\.npy"):
         check_dataset(DataConfig(name="covidqu", root=tmp_path))
+
+
+# --------------------------------------------------------------------------------- folders splits (#21.3)
+def test_folders_splits_are_the_ones_the_readme_states(tmp_path):
+    make_tiles(tmp_path, n=56, shape=(8, 8))
+    data = load_data(DataConfig(name="folders", root=tmp_path))
+    assert (len(data.test), len(data.val), len(data.train)) == (11, 9, 36)
+    data = load_data(DataConfig(name="folders", root=tmp_path, val_fraction=0.0, options={"test_fraction": 0.5}))
+    assert (len(data.test), len(data.val), len(data.train)) == (28, 0, 28)
