@@ -148,6 +148,7 @@ class TrainConfig(StrictModel):
 
 class EvalConfig(StrictModel):
     threshold: float = Field(0.5, gt=0.0, lt=1.0)  # binary tasks: probability threshold
+    nsd_tolerance: float = Field(1.0, ge=0.0)  # NSD tau: mm when the data has a spacing, else pixels
     sw_overlap: float = Field(0.25, ge=0.0, lt=1.0)  # sliding-window overlap (patch-trained models)
     sw_batch_size: int = Field(4, ge=1)
     max_overlays: int = Field(4, ge=0)

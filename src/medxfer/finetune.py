@@ -17,6 +17,7 @@ from medxfer.config import DataConfig, RunConfig, config_to_dict
 from medxfer.data import load_data, select_subset
 from medxfer.data.base import SegmentationData, spacing_summary
 from medxfer.errors import ConfigError
+from medxfer.evaluation.metrics import class_keys
 from medxfer.io import environment_info, seed_everything, stable_hash
 from medxfer.sweep.store import RESULT_FILE, read_record, run_dir as store_run_dir, write_record
 
@@ -116,14 +117,16 @@ def _loaders(config: RunConfig, train_cases, val_cases, n_classes: int, in_chann
 
 
 def _evaluate_on(model, data_config: DataConfig, config: RunConfig, in_channels: int, size_multiple: int,
-                 cases=None, n_classes: Optional[int] = None) -> dict[str, Any]:
+                 cases=None, n_classes: Optional[int] = None,
+                 class_names: Optional[list[str]] = None) -> dict[str, Any]:
     from medxfer.evaluation.evaluate import evaluate_cases
 
     if cases is None:
         data = load_data(data_config)
-        cases, n_classes = data.test, data.n_classes
+        cases, n_classes, class_names = data.test, data.n_classes, data.class_names
     evaluation = evaluate_cases(
         model, cases, n_classes, threshold=config.evaluation.threshold,
+        nsd_tolerance=config.evaluation.nsd_tolerance, class_names=class_names,
         normalization=data_config.normalization, percentiles=data_config.percentile_clip,
         in_channels=in_channels, patch_size=data_config.patch_size, size_multiple=size_multiple,
         overlap=config.evaluation.sw_overlap, sw_batch_size=config.evaluation.sw_batch_size,
@@ -163,6 +166,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
     accelerator = resolve_accelerator(config.train.accelerator)  # before any work or folder
 
     data = load_data(config.data)
+    class_keys(data.n_classes, data.class_names)  # unusable class names fail now, not after training
     train_cases = select_subset(data.train, config.data.train_images, config.seed, config.data.subset)
     model = build_model(config, data)
     pretraining = _load_starting_weights(model, config)
@@ -204,7 +208,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
 
     eval_started = time.perf_counter()
     metrics = {"target": _evaluate_on(model, config.data, config, in_channels, size_multiple,
-                                      cases=data.test, n_classes=data.n_classes)}
+                                      cases=data.test, n_classes=data.n_classes, class_names=data.class_names)}
     if config.evaluation.source_test is not None:
         metrics["source"] = _evaluate_on(model, config.evaluation.source_test, config, in_channels, size_multiple)
     eval_s = time.perf_counter() - eval_started

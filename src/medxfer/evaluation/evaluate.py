@@ -12,14 +12,15 @@ import torch
 from medxfer.data.base import Case
 from medxfer.data.patches import predict_logits
 from medxfer.data.transforms import match_channels, normalize_image
-from medxfer.evaluation.metrics import MetricAccumulator, segmentation_metrics
+from medxfer.evaluation.metrics import (DEFAULT_NSD_TOLERANCE, MetricAccumulator, class_keys, metric_provenance,
+                                        segmentation_metrics)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Evaluation:
-    summary: dict  # {"per_image_mean", "pooled", "nan_counts", "n_images"}
+    summary: dict  # {"per_image_mean", "pooled", "nan_counts", "n_images", "provenance"}
     per_image: list[dict] = field(default_factory=list)
     predictions: dict[str, np.ndarray] = field(default_factory=dict)  # case_id -> label map
 
@@ -36,11 +37,16 @@ def predict_probabilities(model: torch.nn.Module, case: Case, *, normalization: 
 
 
 def evaluate_cases(model: torch.nn.Module, cases: Sequence[Case], n_classes: int, *,
-                   threshold: float = 0.5, keep_predictions: int = 0, **predict_kwargs) -> Evaluation:
-    """Run the model on each case and compute the metric suite (distances in mm when spacing is known)."""
+                   threshold: float = 0.5, keep_predictions: int = 0, nsd_tolerance: float = DEFAULT_NSD_TOLERANCE,
+                   class_names: Optional[Sequence[str]] = None, **predict_kwargs) -> Evaluation:
+    """Run the model on each case and compute the metric suite (distances in mm when spacing is known).
+
+    ``class_names`` (background first) name the per-class metric keys; ``summary["provenance"]`` says
+    which implementation and convention produced each metric."""
     was_training = model.training
     model.eval()
-    accumulator = MetricAccumulator()
+    class_keys(n_classes, class_names)  # bad names fail before any inference
+    accumulator = MetricAccumulator(class_names)
     per_image, predictions = [], {}
     try:
         for i, case in enumerate(cases):
@@ -48,14 +54,17 @@ def evaluate_cases(model: torch.nn.Module, cases: Sequence[Case], n_classes: int
                 raise ValueError(f"case {case.case_id} has no label; cannot evaluate")
             probs = predict_probabilities(model, case, **predict_kwargs)
             result = segmentation_metrics(probs, case.label, n_classes=n_classes, spacing=case.spacing,
-                                          threshold=threshold)
+                                          threshold=threshold, nsd_tolerance=nsd_tolerance,
+                                          class_names=class_names)
             accumulator.add(result)
             per_image.append({"case_id": case.case_id, **_flat(result)})
             if i < keep_predictions:
                 predictions[case.case_id] = _label_map(probs, threshold)
     finally:
         model.train(was_training)
-    return Evaluation(summary=accumulator.summary(), per_image=per_image, predictions=predictions)
+    spacing_known = bool(cases) and all(case.spacing is not None for case in cases)
+    summary = {**accumulator.summary(), "provenance": metric_provenance(nsd_tolerance, spacing_known)}
+    return Evaluation(summary=summary, per_image=per_image, predictions=predictions)
 
 
 def _label_map(probs: np.ndarray, threshold: float) -> np.ndarray:

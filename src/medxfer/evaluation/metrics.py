@@ -24,14 +24,30 @@ summed over all images for the pooled values; "empty" means no foreground pixel)
   the image counting as background (medpy's convention); surface distance = Euclidean distance from a
   boundary voxel to the nearest boundary voxel of the other mask, in mm when ``spacing`` is given,
   otherwise in pixels.
+- ``hausdorff distance`` = the largest distance of either directed set (medpy ``hd``, MONAI
+  ``compute_hausdorff_distance`` at percentile None).
 - ``hd95`` = 95th percentile (linear interpolation) of the union of both directed surface distance
   sets, as ``medpy.metric.binary.hd95`` (MONAI instead takes the larger of the two directed 95th
   percentiles). ``modified hausdorff distance`` (Dubuisson & Jain 1994) = the larger of the two mean
-  directed surface distances. Both are 0 when both masks are empty and NaN when exactly one is.
+  directed surface distances. ``assd`` (average symmetric surface distance) = the mean of the union of
+  both directed sets (medpy 0.5 ``assd``; MONAI ``compute_average_surface_distance(symmetric=True)``).
+  All four are 0 when both masks are empty and NaN when exactly one is.
+- ``nsd`` (normalised surface Dice at tolerance tau; Nikolov et al. 2021, "Clinically applicable
+  segmentation of head and neck anatomy for radiotherapy", the definition of DeepMind's
+  ``surface-distance`` package, ``compute_surface_dice_at_tolerance``): surfels are the marching-squares
+  contour pieces (2-D) / marching-cubes surface pieces (3-D) of each 2x2(x2) voxel neighbourhood, with
+  their length / area from the spacing (lookup tables of ``monai.metrics.utils.get_code_to_measure_table``,
+  a port of DeepMind's); NSD = (area of the prediction's surfels within tau of the ground-truth surface +
+  area of the ground truth's surfels within tau of the predicted surface) / (total area of both),
+  distances measured between surfel positions (voxel corners). tau is in the unit of ``spacing`` (mm
+  when given, else pixels; default ``DEFAULT_NSD_TOLERANCE`` = 1). Same values as MONAI's
+  ``compute_surface_dice(use_subvoxels=True)`` (checked in tests). 1 when both masks are empty (MONAI
+  and DeepMind give NaN there; 1 follows Dice's both-empty convention), 0 when exactly one is.
 - If an image has no annotated pixel (all ``ignore_index``) every metric is NaN.
 
 Multi-class (``n_classes > 2``): every metric one-vs-rest per foreground class ``c`` (key
-``"<metric>/class_<c>"``; AUC/AP from ``probs[c]``) and its mean over foreground classes
+``"<metric>/<name of class c>"`` when the dataset names its classes, else ``"<metric>/class_<c>"``;
+AUC/AP from ``probs[c]``) and its mean over foreground classes
 (``"mean <metric>"``, NaN-skipping). Binary (``n_classes == 2``): the bare metric keys are those of
 the foreground class, plus ``"mean dice index"`` / ``"mean jaccard index"`` (equal to them).
 Aggregation over images (``MetricAccumulator``): ``per_image_mean`` = NaN-skipping mean per key, with
@@ -54,9 +70,11 @@ log = logging.getLogger(__name__)
 
 CONFUSION_METRICS = ("accuracy", "balanced accuracy", "sensitivity", "specificity", "precision",
                      "dice index", "jaccard index", "mcc")
-DISTANCE_METRICS = ("modified hausdorff distance", "hd95")
+DISTANCE_METRICS = ("modified hausdorff distance", "hd95", "hausdorff distance", "assd")
+SURFACE_METRICS = DISTANCE_METRICS + ("nsd",)  # the metrics that need the masks' surfaces
 RANKING_METRICS = ("area under roc", "average precision score")
-METRIC_NAMES = CONFUSION_METRICS + DISTANCE_METRICS + RANKING_METRICS
+METRIC_NAMES = CONFUSION_METRICS + SURFACE_METRICS + RANKING_METRICS
+DEFAULT_NSD_TOLERANCE = 1.0  # tau of the NSD in the unit of the spacing: 1 mm (1 pixel when no spacing)
 CONFUSION_KEY = "confusion"  # per-class {"tp","fp","fn","tn"} counts inside a segmentation_metrics result
 
 # Surface distances. Most boundary voxels have their partner within a few voxels, so each one first
@@ -107,8 +125,16 @@ def _as_binary_mask(mask: Any, name: str) -> np.ndarray:
     mask = _to_numpy(mask)
     if mask.dtype == np.bool_:
         return mask
-    if mask.size and (mask.min() < 0 or mask.max() > 1):
-        raise DataError(f"{name} must be binary (0/1 or bool), got values in {mask.min()}..{mask.max()}")
+    if not mask.size:
+        return mask.astype(bool)
+    if np.issubdtype(mask.dtype, np.integer):
+        if mask.min() < 0 or mask.max() > 1:
+            raise DataError(f"{name} must be binary (0/1 or bool), got values in {mask.min()}..{mask.max()}")
+    else:  # floats: a range check would let NaN (every comparison False) and 0.3 through
+        other = (mask != 0) & (mask != 1)
+        if other.any():
+            bad = np.unique(mask[other])[:3].tolist()
+            raise DataError(f"{name} must be binary (0/1 or bool), got values {bad}")
     return mask.astype(bool)
 
 
@@ -311,41 +337,115 @@ def surface_distances(pred_mask: np.ndarray, gt_mask: np.ndarray,
     return pred_to_gt, gt_to_pred
 
 
-def _distance_metrics(pred_to_gt: np.ndarray, gt_to_pred: np.ndarray) -> tuple[float, float]:
-    """(modified Hausdorff, HD95) from directed distances; 0 if both masks empty, NaN if one is."""
+def _distance_metrics(pred_to_gt: np.ndarray, gt_to_pred: np.ndarray) -> dict[str, float]:
+    """The ``DISTANCE_METRICS`` from directed distances; 0 if both masks are empty, NaN if one is."""
     if pred_to_gt.size == 0 and gt_to_pred.size == 0:
-        return 0.0, 0.0
+        return dict.fromkeys(DISTANCE_METRICS, 0.0)
     if pred_to_gt.size == 0 or gt_to_pred.size == 0:
-        return float("nan"), float("nan")
-    mhd = max(float(pred_to_gt.mean()), float(gt_to_pred.mean()))
-    return mhd, float(np.percentile(np.concatenate([pred_to_gt, gt_to_pred]), 95))
+        return dict.fromkeys(DISTANCE_METRICS, float("nan"))
+    both = np.concatenate([pred_to_gt, gt_to_pred])
+    return {"modified hausdorff distance": max(float(pred_to_gt.mean()), float(gt_to_pred.mean())),
+            "hd95": float(np.percentile(both, 95)),
+            "hausdorff distance": float(both.max()),
+            "assd": float(both.mean())}
 
 
 def hd95(pred_mask: np.ndarray, gt_mask: np.ndarray, spacing: Optional[Sequence[float]] = None) -> float:
     """95th percentile of the symmetric surface distances (medpy's definition); see module doc."""
-    return _distance_metrics(*surface_distances(pred_mask, gt_mask, spacing))[1]
+    return _distance_metrics(*surface_distances(pred_mask, gt_mask, spacing))["hd95"]
 
 
 def modified_hausdorff(pred_mask: np.ndarray, gt_mask: np.ndarray,
                        spacing: Optional[Sequence[float]] = None) -> float:
     """Dubuisson-Jain modified Hausdorff distance: the larger mean directed surface distance."""
-    return _distance_metrics(*surface_distances(pred_mask, gt_mask, spacing))[0]
+    return _distance_metrics(*surface_distances(pred_mask, gt_mask, spacing))["modified hausdorff distance"]
+
+
+def hausdorff(pred_mask: np.ndarray, gt_mask: np.ndarray, spacing: Optional[Sequence[float]] = None) -> float:
+    """Hausdorff distance: the largest distance from either boundary to the other; see module doc."""
+    return _distance_metrics(*surface_distances(pred_mask, gt_mask, spacing))["hausdorff distance"]
+
+
+def assd(pred_mask: np.ndarray, gt_mask: np.ndarray, spacing: Optional[Sequence[float]] = None) -> float:
+    """Average symmetric surface distance: the mean of both directed distance sets together."""
+    return _distance_metrics(*surface_distances(pred_mask, gt_mask, spacing))["assd"]
+
+
+@functools.lru_cache(maxsize=32)
+def _surfel_table(scale: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(length/area of each 2x2(x2) neighbourhood code, the code kernel) for this spacing: MONAI's
+    port of DeepMind's marching-squares / marching-cubes tables."""
+    from monai.metrics.utils import get_code_to_measure_table
+
+    table, kernel = get_code_to_measure_table(list(scale))
+    return table.double().cpu().numpy(), kernel.cpu().numpy().reshape((2,) * len(scale)).astype(np.int64)
+
+
+def _surfels(padded: np.ndarray, kernel: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Surfel positions (boolean, one per voxel corner: shape - 1 per axis) and their areas, of a mask
+    zero-padded by at least one voxel (DeepMind's neighbourhood codes)."""
+    size = tuple(n - 1 for n in padded.shape)
+    codes = np.zeros(size, dtype=np.int64)
+    for corner in np.ndindex(kernel.shape):
+        window = tuple(slice(c, c + n) for c, n in zip(corner, size))
+        codes += kernel[corner] * padded[window]
+    edges = (codes != 0) & (codes != len(table) - 1)
+    return edges, table[codes]
+
+
+def surface_dice(pred_mask: np.ndarray, gt_mask: np.ndarray, spacing: Optional[Sequence[float]] = None,
+                 tolerance: float = DEFAULT_NSD_TOLERANCE) -> float:
+    """Normalised surface Dice at ``tolerance`` (unit of ``spacing``; pixels when None): area-weighted
+    surfels as DeepMind's ``surface-distance`` (see module doc). 1 if both masks are empty, 0 if one is."""
+    pred_mask = _as_binary_mask(pred_mask, "prediction mask")
+    gt_mask = _as_binary_mask(gt_mask, "ground-truth mask")
+    if pred_mask.shape != gt_mask.shape:
+        raise DataError(f"prediction shape {pred_mask.shape} differs from ground truth {gt_mask.shape}")
+    if not (np.isfinite(tolerance) and tolerance >= 0):
+        raise DataError(f"the NSD tolerance must be a finite number >= 0, got {tolerance}")
+    if pred_mask.ndim not in (2, 3):
+        raise DataError(f"the NSD needs 2-D or 3-D masks, got {pred_mask.ndim}-D")
+    spacing = _as_spacing(spacing, pred_mask.ndim)
+    scale = np.asarray(spacing if spacing is not None else (1.0,) * pred_mask.ndim, dtype=np.float64)
+    box = _bounding_box(pred_mask | gt_mask)
+    if box is None:
+        return 1.0
+    if not pred_mask.any() or not gt_mask.any():
+        return 0.0
+    table, kernel = _surfel_table(tuple(scale.tolist()))
+    offsets, lengths, starts, reach = _search_offsets(tuple(scale.tolist()))
+    # one voxel of background for the codes, and the shell search's reach around the corner grid
+    pad = [(int(k) + 1,) * 2 for k in reach]
+    pred_edges, pred_areas = _surfels(np.pad(pred_mask[box], pad), kernel, table)
+    gt_edges, gt_areas = _surfels(np.pad(gt_mask[box], pad), kernel, table)
+    pred_to_gt = _directed_distances(pred_edges, gt_edges, scale, offsets, lengths, starts)
+    gt_to_pred = _directed_distances(gt_edges, pred_edges, scale, offsets, lengths, starts)
+    pred_areas, gt_areas = pred_areas[pred_edges], gt_areas[gt_edges]  # C order, as the distances
+    total = pred_areas.sum() + gt_areas.sum()
+    within = pred_areas[pred_to_gt <= tolerance].sum() + gt_areas[gt_to_pred <= tolerance].sum()
+    return float(within / total)
+
+
+def _surface_metrics(pred_mask: np.ndarray, gt_mask: np.ndarray, spacing,
+                     nsd_tolerance: float) -> dict[str, float]:
+    metrics = _distance_metrics(*surface_distances(pred_mask, gt_mask, spacing))
+    metrics["nsd"] = surface_dice(pred_mask, gt_mask, spacing, nsd_tolerance)
+    return metrics
 
 
 # ------------------------------------------------------------------------------------- per image
-def _mask_metrics(score: np.ndarray, pred_mask: np.ndarray, gt_mask: np.ndarray,
-                  valid: Optional[np.ndarray], spacing) -> tuple[dict[str, float], np.ndarray]:
-    """All twelve metrics of one foreground class, plus its ``[tp, fp, fn, tn]``."""
+def _mask_metrics(score: np.ndarray, pred_mask: np.ndarray, gt_mask: np.ndarray, valid: Optional[np.ndarray],
+                  spacing, nsd_tolerance: float) -> tuple[dict[str, float], np.ndarray]:
+    """Every metric (``METRIC_NAMES``) of one foreground class, plus its ``[tp, fp, fn, tn]``."""
     counts = confusion_counts(pred_mask, gt_mask, valid)
     if valid is not None:  # ignored pixels belong to neither mask, also for the surfaces
         pred_mask = pred_mask & valid
         gt_mask = gt_mask & valid
     metrics = {k: float(v) for k, v in metrics_from_counts(counts).items()}
     if counts.sum() == 0:
-        metrics.update({k: float("nan") for k in DISTANCE_METRICS + RANKING_METRICS})
+        metrics.update({k: float("nan") for k in SURFACE_METRICS + RANKING_METRICS})
         return metrics, counts
-    mhd, h95 = _distance_metrics(*surface_distances(pred_mask, gt_mask, spacing))
-    metrics["modified hausdorff distance"], metrics["hd95"] = mhd, h95
+    metrics.update(_surface_metrics(pred_mask, gt_mask, spacing, nsd_tolerance))
     if valid is None:
         auc, ap = roc_auc_and_average_precision(score, gt_mask)
     else:
@@ -355,11 +455,13 @@ def _mask_metrics(score: np.ndarray, pred_mask: np.ndarray, gt_mask: np.ndarray,
 
 
 def binary_metrics(prob: np.ndarray, target: np.ndarray, spacing: Optional[Sequence[float]] = None,
-                   threshold: float = 0.5, valid: Optional[np.ndarray] = None) -> dict[str, float]:
-    """The twelve metrics (``METRIC_NAMES``) of a foreground probability map against a binary mask.
+                   threshold: float = 0.5, valid: Optional[np.ndarray] = None,
+                   nsd_tolerance: float = DEFAULT_NSD_TOLERANCE) -> dict[str, float]:
+    """Every metric (``METRIC_NAMES``) of a foreground probability map against a binary mask.
 
     ``prob`` and ``target`` have the same spatial shape (2-D or 3-D); foreground is ``prob > threshold``;
-    ``valid`` (optional boolean mask) restricts every metric to those pixels.
+    ``valid`` (optional boolean mask) restricts every metric to those pixels; ``nsd_tolerance`` is the
+    NSD's tau in the unit of ``spacing``.
     """
     prob = _as_scores(prob)
     target = _as_binary_mask(target, "target")
@@ -368,7 +470,7 @@ def binary_metrics(prob: np.ndarray, target: np.ndarray, spacing: Optional[Seque
     if valid is not None:
         valid = _as_binary_mask(valid, "valid mask")
     spacing = _as_spacing(spacing, target.ndim)
-    metrics, _ = _mask_metrics(prob, prob > threshold, target, valid, spacing)
+    metrics, _ = _mask_metrics(prob, prob > threshold, target, valid, spacing, nsd_tolerance)
     return metrics
 
 
@@ -379,12 +481,14 @@ def _class_mean(values: list[float]) -> float:
 
 def segmentation_metrics(probs: np.ndarray, target: np.ndarray, n_classes: int,
                          spacing: Optional[Sequence[float]] = None, threshold: float = 0.5,
-                         ignore_index: Optional[int] = 255) -> dict[str, Any]:
+                         ignore_index: Optional[int] = 255, nsd_tolerance: float = DEFAULT_NSD_TOLERANCE,
+                         class_names: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """The metric suite of one image, per foreground class and mean, plus its confusion counts.
 
     ``probs``: softmax ``(n_classes, *S)``; for binary tasks also ``(1, *S)`` or ``(*S)`` foreground
     probabilities. ``target``: integer labels ``(*S)`` in ``[0, n_classes)``; pixels equal to
-    ``ignore_index`` are left out of every metric. Returns float values under the keys described in
+    ``ignore_index`` are left out of every metric. ``class_names`` (one per class, background first)
+    name the per-class keys of multi-class tasks. Returns float values under the keys described in
     the module docstring, and ``result["confusion"] = {"class_<c>": {"tp", "fp", "fn", "tn"}}``
     (ints) for pooling with ``MetricAccumulator``.
     """
@@ -431,17 +535,29 @@ def segmentation_metrics(probs: np.ndarray, target: np.ndarray, n_classes: int,
     confusion: dict[str, dict[str, int]] = {}
     per_class: dict[int, dict[str, float]] = {}
     for c, score in foreground_scores.items():
-        metrics, counts = _mask_metrics(score, predicted[c], target == c, valid, spacing)
+        metrics, counts = _mask_metrics(score, predicted[c], target == c, valid, spacing, nsd_tolerance)
         per_class[c] = metrics
         confusion[f"class_{c}"] = dict(zip(("tp", "fp", "fn", "tn"), (int(v) for v in counts)))
-    result.update(_layout(per_class, n_classes, METRIC_NAMES))
+    result.update(_layout(per_class, n_classes, METRIC_NAMES, class_keys(n_classes, class_names)))
     result[CONFUSION_KEY] = confusion
     return result
 
 
+def class_keys(n_classes: int, class_names: Optional[Sequence[str]] = None) -> list[str]:
+    """The per-class key suffix of each class: its name when the dataset names its classes (one
+    distinct, non-empty name per class), else ``class_<c>``."""
+    if class_names is None:
+        return [f"class_{c}" for c in range(n_classes)]
+    names = [str(name).strip() for name in class_names]
+    if len(names) != n_classes or not all(names) or len(set(names)) != n_classes:
+        raise DataError(f"class_names must be {n_classes} distinct, non-empty names (background first), "
+                        f"got {list(class_names)}")
+    return names
+
+
 def _layout(per_class: dict[int, dict[str, float]], n_classes: int,
-            names: Sequence[str]) -> dict[str, float]:
-    """Binary: bare keys + "mean dice/jaccard index"; multi-class: "<m>/class_<c>" + "mean <m>"."""
+            names: Sequence[str], keys: Sequence[str]) -> dict[str, float]:
+    """Binary: bare keys + "mean dice/jaccard index"; multi-class: "<m>/<class key>" + "mean <m>"."""
     out: dict[str, float] = {}
     if n_classes == 2:
         out.update({name: per_class[1][name] for name in names})
@@ -450,8 +566,57 @@ def _layout(per_class: dict[int, dict[str, float]], n_classes: int,
         return out
     for name in names:
         for c, metrics in per_class.items():
-            out[f"{name}/class_{c}"] = metrics[name]
+            out[f"{name}/{keys[c]}"] = metrics[name]
         out[f"mean {name}"] = _class_mean([metrics[name] for metrics in per_class.values()])
+    return out
+
+
+# ------------------------------------------------------------------------------------ provenance
+_CONVENTIONS = {
+    "accuracy": "(tp + tn) / n over annotated pixels",
+    "balanced accuracy": "mean of the defined ones of sensitivity and specificity (scikit-learn)",
+    "sensitivity": "tp / (tp + fn); NaN if the ground truth is empty",
+    "specificity": "tn / (tn + fp); NaN if the ground truth has no background",
+    "precision": "tp / (tp + fp); NaN if the prediction is empty (scikit-learn: 0)",
+    "dice index": "2tp / (2tp + fp + fn); 1 if both empty",
+    "jaccard index": "tp / (tp + fp + fn); 1 if both empty",
+    "mcc": "Matthews; 1 if exact and the denominator is 0, else 0 there (scikit-learn: 0)",
+    "modified hausdorff distance": "Dubuisson-Jain: larger mean directed boundary distance; medpy boundary "
+                                   "(mask XOR face-connected erosion); 0 both empty, NaN one empty",
+    "hd95": "95th percentile of the union of both directed boundary distance sets (medpy hd95; MONAI takes "
+            "the larger directed percentile); 0 both empty, NaN one empty",
+    "hausdorff distance": "max of both directed boundary distance sets (medpy hd); 0 both empty, NaN one empty",
+    "assd": "mean of the union of both directed boundary distance sets (medpy 0.5 assd, MONAI symmetric "
+            "ASD); 0 both empty, NaN one empty",
+    "nsd": "normalised surface Dice at tau (Nikolov et al. 2021; DeepMind surface-distance "
+           "compute_surface_dice_at_tolerance): area-weighted marching-squares/cubes surfels at voxel corners; "
+           "1 both empty (DeepMind/MONAI: NaN), 0 one empty",
+    "area under roc": "Mann-Whitney, ties 1/2 (scikit-learn roc_auc_score); NaN if one class",
+    "average precision score": "sum (R_k - R_k-1) P_k, no interpolation (scikit-learn); NaN if one class",
+}
+
+
+def metric_provenance(nsd_tolerance: float = DEFAULT_NSD_TOLERANCE, spacing_known: bool = True) -> dict[str, dict]:
+    """Per metric: the implementation (name and version) and the convention that produced it, for the
+    run records; distances say their unit, the NSD its tolerance."""
+    import medxfer
+
+    ours = f"medxfer {medxfer.__version__} (medxfer.evaluation.metrics)"
+    unit = "mm (the case spacing)" if spacing_known else "pixels (no spacing)"
+    out = {}
+    for name in METRIC_NAMES:
+        entry = {"implementation": ours, "convention": _CONVENTIONS[name]}
+        if name in SURFACE_METRICS:
+            entry["unit"] = unit
+        out[name] = entry
+    try:
+        from importlib.metadata import version
+
+        monai_version = version("monai")
+    except Exception:  # MONAI is a dependency; a broken install only loses the version string
+        monai_version = "unknown"
+    out["nsd"]["implementation"] = f"{ours}; surfel tables from monai {monai_version} (port of DeepMind's)"
+    out["nsd"]["tolerance"] = float(nsd_tolerance)
     return out
 
 
@@ -461,11 +626,12 @@ class MetricAccumulator:
 
     ``summary()`` = ``{"per_image_mean": {key: NaN-skipping mean over images}, "pooled": {confusion
     metrics of the counts summed over images}, "nan_counts": {key: images where it was NaN},
-    "n_images": N}``. Pooled values use the same key layout as a per-image result, without the
-    distance and AUC/AP keys (those exist per image only).
+    "n_images": N}``. Pooled values use the same key layout as a per-image result (``class_names`` as
+    given to ``segmentation_metrics``), without the surface and AUC/AP keys (per image only).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, class_names: Optional[Sequence[str]] = None) -> None:
+        self._class_names = None if class_names is None else list(class_names)
         self._values: dict[str, list[float]] = {}
         self._counts: dict[str, np.ndarray] = {}
         self._n_images = 0
@@ -497,7 +663,8 @@ class MetricAccumulator:
         for name, counts in self._counts.items():
             per_class[int(name.split("_", 1)[1])] = {k: float(v) for k, v in metrics_from_counts(counts).items()}
         n_classes = max(per_class, default=1) + 1
-        pooled = _layout(per_class, n_classes, CONFUSION_METRICS) if per_class else {}
+        keys = class_keys(n_classes, self._class_names) if per_class else []
+        pooled = _layout(per_class, n_classes, CONFUSION_METRICS, keys) if per_class else {}
         if any(v for v in nan_counts.values()):
             log.info("metrics undefined (NaN) in some images and left out of the mean: %s",
                      {k: v for k, v in nan_counts.items() if v})
