@@ -125,3 +125,100 @@ def test_linear_probe_is_seeded():
     first = linear_probe_dice(MaskEncoder(), images, labels, 2, level=1, steps=30, seed=4, device="cpu")
     again = linear_probe_dice(MaskEncoder(), images, labels, 2, level=1, steps=30, seed=4, device="cpu")
     assert first == again and 0.0 <= first <= 1.0
+
+
+# ----------------------------------------------------------------------------- kNN, GBC, CC-FV
+def _pixels_with_known_separability(separation: float, n_images=10, per_class=60, dim=16, n_classes=3, seed=0):
+    """Pixel features = class signal (``separation`` along a class direction) + a per-image offset (the
+    nuisance an encoder may or may not suppress) + pixel noise. Large separation: classes apart and
+    alike across images; small: classes overlap and each image shifts them its own way."""
+    rng = np.random.default_rng(seed)
+    directions = rng.normal(size=(n_classes, dim))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    feats, labels, owners = [], [], []
+    for image in range(n_images):
+        offset = rng.normal(size=dim) * 1.0
+        for cls in range(n_classes):
+            feats.append(separation * directions[cls] + offset + 0.5 * rng.normal(size=(per_class, dim)))
+            labels.append(np.full(per_class, cls))
+            owners.append(np.full(per_class, image))
+    return np.concatenate(feats), np.concatenate(labels), np.concatenate(owners)
+
+
+@pytest.mark.parametrize("estimator", ["knn", "gbc", "ccfv"])
+def test_new_estimators_rank_separated_classes_above_overlapping_ones(estimator):
+    from medxfer.transferability.baselines import cc_fv, gbc, knn_accuracy
+
+    score = {"knn": lambda f, y, g: knn_accuracy(f, y, g, k=10),
+             "gbc": lambda f, y, g: gbc(f, y),
+             "ccfv": lambda f, y, g: cc_fv(f, y, g)}[estimator]
+    separated = score(*_pixels_with_known_separability(6.0))
+    middle = score(*_pixels_with_known_separability(1.5))
+    overlapping = score(*_pixels_with_known_separability(0.0))
+    assert separated > middle > overlapping
+
+
+def test_knn_accuracy_known_values_and_held_out_by_image():
+    from medxfer.transferability.baselines import knn_accuracy
+
+    feats, labels, owners = _pixels_with_known_separability(6.0)
+    assert knn_accuracy(feats, labels, owners, k=5) == 1.0
+    rng = np.random.default_rng(1)
+    chance = knn_accuracy(rng.normal(size=(3000, 8)), rng.integers(0, 3, 3000), np.repeat(np.arange(10), 300))
+    assert chance == pytest.approx(1 / 3, abs=0.06)
+    with pytest.raises(DataError, match="2 images"):
+        knn_accuracy(feats, labels, np.zeros(len(labels), int))
+
+
+def test_gbc_is_zero_for_far_apart_classes_and_minus_two_for_identical_ones():
+    from medxfer.transferability.baselines import gbc
+
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=(400, 4))
+    labels = np.repeat([0, 1], 200)
+    far = base + np.where(labels[:, None] == 1, 1e3, 0.0)
+    assert gbc(far, labels) == pytest.approx(0.0, abs=1e-9)
+    same = np.concatenate([base[:200], base[:200]])  # both classes the same sample: BC = 1 per ordered pair
+    assert gbc(same, labels) == pytest.approx(-2.0)
+
+
+def test_cc_fv_by_hand_and_free_of_the_feature_scale():
+    from medxfer.transferability.baselines import cc_fv
+
+    # Two images. Class 1 is e0 in image 0 and e1 in image 1 (Gaussians sqrt(2) apart, no spread);
+    # class 0 is e2 in both (distance 0): consistency = sqrt(2) / 2.
+    e = np.eye(3)
+    feats = np.concatenate([np.repeat(e[[0]], 4, 0), np.repeat(e[[2]], 4, 0),
+                            np.repeat(e[[1]], 4, 0), np.repeat(e[[2]], 4, 0)])
+    labels = np.array([1] * 4 + [0] * 4 + [1] * 4 + [0] * 4)
+    owners = np.repeat([0, 1], 8)
+    # Variety: per-axis variances 1/4 * 3/4, 1/4 * 3/4 and 1/2 * 1/2 (shares 4, 4 and 8 of 16 rows).
+    variety = math.sqrt(2 * 0.25 * 0.75 + 0.25)
+    assert cc_fv(feats, labels, owners) == pytest.approx(-(math.sqrt(2) / 2) / variety)
+    assert cc_fv(1000 * feats, labels, owners) == pytest.approx(cc_fv(feats, labels, owners))
+    with pytest.raises(DataError, match="at least 2 images"):
+        cc_fv(feats, labels, np.zeros(16, int))
+
+
+def test_balanced_sampling_gives_each_class_its_share():
+    images, labels = _segmentation_toy(True)
+    uniform = pixel_features(MaskEncoder(), images, labels, levels=[0], max_pixels=400, device="cpu")[0][1]
+    balanced, owners = pixel_features(MaskEncoder(), images, labels, levels=[0], max_pixels=400, device="cpu",
+                                      balanced=True, with_images=True)[0][1:]
+    assert np.mean(uniform == 1) < 0.3  # foreground is 36 of 240 annotated pixels
+    assert np.mean(balanced == 1) == pytest.approx(0.5)
+    assert sorted(np.unique(owners)) == list(range(len(images)))
+
+
+def test_baseline_scores_rows_for_the_new_estimators():
+    good_images, labels = _segmentation_toy(True)
+    bad_images, _ = _segmentation_toy(False)
+    kwargs = dict(methods=("knn", "gbc", "ccfv"), levels=[0], max_pixels=800, device="cpu")
+    good = {r["metric"]: r for r in baseline_scores(MaskEncoder(), good_images, labels, 2, **kwargs)}
+    bad = {r["metric"]: r for r in baseline_scores(MaskEncoder(), bad_images, labels, 2, **kwargs)}
+    assert set(good) == {"knn_accuracy", "gbc", "cc_fv"}
+    for metric in good:
+        assert good[metric]["score"] > bad[metric]["score"], metric
+        assert good[metric]["time_s"] > 0 and good[metric]["higher_is_better"]
+    with pytest.raises(Exception, match="unknown method"):
+        baseline_scores(MaskEncoder(), good_images, labels, 2, methods=("leep",))

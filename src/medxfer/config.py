@@ -229,8 +229,10 @@ class ScoreConfig(StrictModel):
     device: str = "auto"  # "auto" = CUDA when available, else CPU
     encoder_name: Optional[str] = None  # the `encoder` column; None = the checkpoint's architecture name
     pretraining_scheme: Optional[str] = None  # None = the checkpoint manifest's scheme
-    baselines: list[Literal["logme", "hscore", "linear_probe"]] = Field(default_factory=list)
-    baseline_pixels: int = Field(20000, ge=10)  # pixels sampled (seeded) for LogME / H-score
+    # other transferability estimators (transferability/baselines.py) -> baselines.csv
+    baselines: list[Literal["logme", "hscore", "linear_probe", "knn", "gbc", "ccfv"]] = Field(default_factory=list)
+    baseline_pixels: int = Field(20000, ge=10)  # pixels sampled (seeded) for LogME / H-score / kNN / GBC / CC-FV
+    knn_k: int = Field(20, ge=1)  # neighbours of the kNN probe
     probe_steps: int = Field(300, ge=1)  # linear-probe training steps
     probe_level: Optional[int] = None  # None = the level whose stride is closest to 4
     stop: StopConfig = Field(default_factory=StopConfig)

@@ -11,16 +11,29 @@
   stability and performance" (ECML-PKDD 2022). Higher = better.
 - **Linear-probe Dice**: a 1x1 convolution trained on frozen features of one level, upsampled to the
   mask, evaluated by Dice on held-out images. Higher = better.
+- **kNN probe** (Sorkhei, Matsoukas, Fredin Haslum, Smith: "k-NN as a Simple and Effective Estimator of
+  Transferability", arXiv 2503.18528, 2025): balanced accuracy of a k-nearest-neighbour classifier on the
+  pixels of held-out images, neighbours from the other images. Higher = better.
+- **GBC** (Pandy, Agostinelli, Uijlings, Ferrari, Mensink: "Transferability Estimation using Bhattacharyya
+  Class Separability", CVPR 2022): minus the sum of the Bhattacharyya coefficients between the per-class
+  diagonal Gaussians of the PCA-reduced features. Higher (closer to 0) = better separated classes.
+- **CC-FV** (Yang, Wei, He, Yang, Ye, Gu: "Pick the Best Pre-trained Model: Towards Transferability
+  Estimation for Medical Image Segmentation", MICCAI 2023): class consistency (a class's features should
+  look alike from image to image, Wasserstein distance between per-image class Gaussians) relative to
+  feature variety (the spread of the features). Higher = better.
 
 Segmentation adaptation: every pixel of a level's feature map is a sample, its label the mask
 downsampled (nearest) to that map; unannotated pixels (``IGNORE_INDEX``) are dropped; a seeded, capped
-number of pixels is drawn per image.
+number of pixels is drawn per image. LogME and H-score draw uniformly among an image's annotated pixels
+(as published in medxfer so far); kNN, GBC and CC-FV draw class-balanced (the image's quota split evenly
+over the classes present in it), because background would otherwise dominate their class statistics.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Optional, Sequence
 
 import numpy as np
@@ -32,6 +45,9 @@ from medxfer.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
+METHODS = ("logme", "hscore", "linear_probe", "knn", "gbc", "ccfv")
+PIXEL_METHODS = {"logme": "logme", "hscore": "hscore", "knn": "knn_accuracy", "gbc": "gbc", "ccfv": "cc_fv"}
+BALANCED_METHODS = ("knn", "gbc", "ccfv")  # the estimators that use the class-balanced pixel sample
 BASELINE_COLUMNS = ["dataset", "metric", "encoder", "pretraining_scheme", "level", "pretraining_length",
                     "score", "higher_is_better", "n_samples", "checkpoint", "seed"]
 
@@ -135,6 +151,125 @@ def h_score(features: np.ndarray, labels: np.ndarray, shrinkage: bool = True) ->
 
 
 # --------------------------------------------------------------------------------------------------
+# kNN probe, GBC, CC-FV
+
+
+def _check_samples(name: str, features, labels, image_index=None) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    f = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels).reshape(-1)
+    if f.ndim != 2 or len(f) != len(y):
+        raise DataError(f"{name}: features must be (n, D) with one label per row, got {f.shape} and {y.shape}")
+    if not np.isfinite(f).all():
+        raise DataError(f"{name}: features contain NaN or infinite values")
+    if len(np.unique(y)) < 2:
+        raise DataError(f"{name}: the sampled pixels have only one class; need at least two")
+    groups = None
+    if image_index is not None:
+        groups = np.asarray(image_index).reshape(-1)
+        if len(groups) != len(y):
+            raise DataError(f"{name}: one image index per sample needed, got {len(groups)} for {len(y)}")
+    return f, y, groups
+
+
+def _unit_rows(f: np.ndarray) -> np.ndarray:
+    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+
+def knn_accuracy(features: np.ndarray, labels: np.ndarray, image_index: np.ndarray, k: int = 20,
+                 temperature: float = 0.07, held_out: float = 0.25, seed: int = 0) -> float:
+    """kNN probe (Sorkhei et al., arXiv 2503.18528): balanced accuracy on the pixels of a seeded
+    ``held_out`` share of the images, each pixel classified by its ``k`` nearest training pixels
+    (cosine similarity, votes weighted by ``exp(similarity / temperature)``: the weighted kNN that
+    self-supervised learning uses to judge features, Wu et al. 2018 / Caron et al. 2021).
+
+    Pixels are held out by image, so neighbours never come from the same image as the query (pixels of
+    one image are near-duplicates of each other and would flatter every encoder alike).
+    """
+    f, y, groups = _check_samples("knn", features, labels, image_index)
+    images = np.unique(groups)
+    if len(images) < 2:
+        raise DataError(f"knn: needs pixels of at least 2 images (train + held out), got {len(images)}")
+    order = np.random.default_rng(np.random.SeedSequence([int(seed), len(images), 23])).permutation(images)
+    n_test = min(len(images) - 1, max(1, int(round(held_out * len(images)))))
+    test = np.isin(groups, order[:n_test])
+    train_f = torch.from_numpy(_unit_rows(f[~test])).float()
+    test_f = torch.from_numpy(_unit_rows(f[test])).float()
+    classes, train_y = np.unique(y[~test], return_inverse=True)
+    k = min(int(k), len(train_y))
+    votes = torch.zeros(len(test_f), len(classes))
+    train_y_t = torch.from_numpy(train_y)
+    for start in range(0, len(test_f), 2048):  # chunks keep the similarity matrix small
+        sims = test_f[start:start + 2048] @ train_f.T
+        top, idx = sims.topk(k, dim=1)
+        votes[start:start + 2048].scatter_add_(1, train_y_t[idx], torch.exp(top / temperature))
+    predicted = classes[votes.argmax(dim=1).numpy()]
+    truth = y[test]
+    recalls = [float(np.mean(predicted[truth == c] == c)) for c in np.unique(truth)]
+    return float(np.mean(recalls))
+
+
+def gbc(features: np.ndarray, labels: np.ndarray, n_components: int = 64, seed: int = 0) -> float:
+    """Gaussian Bhattacharyya coefficient (Pandy et al., CVPR 2022): features reduced by PCA to
+    ``n_components`` dimensions, one diagonal Gaussian per class, and minus the sum over ordered class
+    pairs of ``BC = exp(-D_B)``, D_B the Bhattacharyya distance. 0 = perfectly separated classes."""
+    from sklearn.decomposition import PCA
+
+    f, y, _ = _check_samples("gbc", features, labels)
+    dims = min(int(n_components), f.shape[1], len(f) - 1)
+    if dims < f.shape[1]:
+        f = PCA(n_components=dims, random_state=int(seed)).fit_transform(f)
+    classes = np.unique(y)
+    means = np.stack([f[y == c].mean(axis=0) for c in classes])
+    # The variance floor keeps a class with one sample (or a constant feature) finite.
+    variances = np.stack([f[y == c].var(axis=0) for c in classes]) + 1e-6 * (f.var(axis=0).mean() + 1e-12)
+    total = 0.0
+    for i in range(len(classes)):
+        for j in range(i + 1, len(classes)):
+            pooled = (variances[i] + variances[j]) / 2.0
+            distance = (np.sum((means[i] - means[j]) ** 2 / pooled) / 8.0
+                        + 0.5 * np.sum(np.log(pooled) - 0.5 * (np.log(variances[i]) + np.log(variances[j]))))
+            total += 2.0 * math.exp(-distance)  # BC(i, j) = BC(j, i): both ordered pairs
+    return -total
+
+
+def cc_fv(features: np.ndarray, labels: np.ndarray, image_index: np.ndarray) -> float:
+    """CC-FV after Yang et al. (MICCAI 2023): class consistency relative to feature variety.
+
+    Class consistency: for each class, a diagonal Gaussian of its pixel features in each image (images
+    with at least 2 pixels of the class), and the mean 2-Wasserstein distance between the Gaussians of
+    two images, ``sqrt(|mu_a - mu_b|^2 + |sigma_a - sigma_b|^2)``, over all pairs of images; averaged
+    over classes (0 = the class looks the same in every image). Feature variety: the spread of all
+    sampled features, ``sqrt(trace(cov))`` (0 = collapsed features). Score = ``-consistency / variety``:
+    higher = better, 0 at best.
+
+    medxfer's adaptation: the two terms are combined as a ratio rather than the paper's weighted sum,
+    so that the score does not depend on the scale of the features (which differs by orders of
+    magnitude between encoders and pretraining lengths); its values are therefore not the paper's.
+    """
+    f, y, groups = _check_samples("ccfv", features, labels, image_index)
+    distances = []
+    for cls in np.unique(y):
+        stats = []
+        for image in np.unique(groups[y == cls]):
+            rows = f[(y == cls) & (groups == image)]
+            if len(rows) >= 2:
+                stats.append((rows.mean(axis=0), rows.std(axis=0)))
+        if len(stats) < 2:
+            continue
+        mu = np.stack([m for m, _ in stats])
+        sd = np.stack([d for _, d in stats])
+        upper = np.triu_indices(len(stats), k=1)
+        pair = (((mu[:, None] - mu[None]) ** 2).sum(-1) + ((sd[:, None] - sd[None]) ** 2).sum(-1))[upper]
+        distances.append(float(np.sqrt(pair).mean()))
+    if not distances:
+        raise DataError("ccfv: no class has at least 2 pixels in at least 2 images")
+    variety = float(np.sqrt(f.var(axis=0).sum()))
+    if variety <= 0:
+        raise DataError("ccfv: the features are constant (no variety)")
+    return -float(np.mean(distances)) / variety
+
+
+# --------------------------------------------------------------------------------------------------
 # Per-pixel features
 
 
@@ -159,14 +294,28 @@ def _labels_at(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
 
 
+def _balanced_choice(rng: np.random.Generator, pixel_labels: np.ndarray, quota: int) -> np.ndarray:
+    """Positions of up to ``quota`` pixels, split as evenly as the counts allow over the classes present
+    (a class with fewer pixels than its share gives the rest to the others)."""
+    classes, counts = np.unique(pixel_labels, return_counts=True)
+    chosen, left = [], int(quota)
+    for rank, index in enumerate(np.argsort(counts, kind="stable")):
+        take = min(int(counts[index]), left // (len(classes) - rank))
+        positions = np.flatnonzero(pixel_labels == classes[index])
+        chosen.append(rng.choice(positions, size=take, replace=False))
+        left -= take
+    return np.sort(np.concatenate(chosen))
+
+
 @torch.inference_mode()
 def pixel_features(encoder: torch.nn.Module, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
                    levels: Sequence[int], max_pixels: int = 20000, seed: int = 0, batch_size: int = 16,
-                   device="auto") -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """``level -> (features (n, C), labels (n,))`` of a seeded sample of annotated pixels.
+                   device="auto", balanced: bool = False, with_images: bool = False) -> dict[int, tuple]:
+    """``level -> (features (n, C), labels (n,))`` of a seeded sample of annotated pixels
+    (``with_images``: also the image index of each pixel, ``(n,)``).
 
     Each image contributes at most ``ceil(max_pixels / N)`` pixels per level, drawn uniformly among its
-    annotated pixels at that level's resolution.
+    annotated pixels at that level's resolution, or (``balanced``) split evenly over its classes.
     """
     images = torch.as_tensor(images, dtype=torch.float32)
     labels = torch.as_tensor(labels, dtype=torch.long)
@@ -176,7 +325,7 @@ def pixel_features(encoder: torch.nn.Module, images: np.ndarray | torch.Tensor, 
     was_training = encoder.training
     encoder.eval()
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), n, 17]))
-    collected: dict[int, tuple[list, list]] = {level: ([], []) for level in levels}
+    collected: dict[int, tuple[list, list, list]] = {level: ([], [], []) for level in levels}
     try:
         for start in range(0, n, batch_size):
             features = _batch_features(encoder, images[start:start + batch_size], dev)
@@ -188,18 +337,24 @@ def pixel_features(encoder: torch.nn.Module, images: np.ndarray | torch.Tensor, 
                     valid = torch.nonzero(flat_labels != IGNORE_INDEX).reshape(-1).cpu().numpy()
                     if len(valid) == 0:
                         continue
-                    chosen = rng.choice(valid, size=min(per_image, len(valid)), replace=False)
+                    if balanced:
+                        chosen = valid[_balanced_choice(rng, flat_labels[valid].cpu().numpy(), per_image)]
+                    else:
+                        chosen = rng.choice(valid, size=min(per_image, len(valid)), replace=False)
                     chosen_t = torch.as_tensor(chosen, device=fmap.device)
                     rows = fmap[j].reshape(fmap.shape[1], -1)[:, chosen_t].T
                     collected[level][0].append(rows.double().cpu().numpy())
                     collected[level][1].append(flat_labels[chosen_t].cpu().numpy())
+                    collected[level][2].append(np.full(len(chosen), start + j, dtype=np.int64))
     finally:
         encoder.train(was_training)
     out = {}
-    for level, (feats, labs) in collected.items():
+    for level, (feats, labs, owners) in collected.items():
         if not feats:
             raise DataError("no annotated pixels to score: every sampled label is unannotated (255)")
         out[level] = (np.concatenate(feats), np.concatenate(labs))
+        if with_images:
+            out[level] += (np.concatenate(owners),)
     return out
 
 
@@ -283,37 +438,60 @@ def linear_probe_dice(encoder: torch.nn.Module, images: np.ndarray | torch.Tenso
 # All baselines for one checkpoint
 
 
+def _pixel_estimate(method: str, feats: np.ndarray, labs: np.ndarray, owners: np.ndarray, *, knn_k: int,
+                    seed: int) -> float:
+    if method == "logme":
+        return logme(feats, labs)
+    if method == "hscore":
+        return h_score(feats, labs)
+    if method == "knn":
+        return knn_accuracy(feats, labs, owners, k=knn_k, seed=seed)
+    if method == "gbc":
+        return gbc(feats, labs, seed=seed)
+    return cc_fv(feats, labs, owners)
+
+
 def baseline_scores(encoder: torch.nn.Module, images: np.ndarray, labels: np.ndarray, n_classes: int, *,
                     methods: Sequence[str] = ("logme", "hscore", "linear_probe"),
                     levels: Optional[Sequence[int]] = None, max_pixels: int = 20000, probe_steps: int = 300,
-                    probe_level: Optional[int] = None, seed: int = 0, batch_size: int = 16,
+                    probe_level: Optional[int] = None, knn_k: int = 20, seed: int = 0, batch_size: int = 16,
                     device="auto") -> list[dict]:
-    """Rows ``{metric, level, score, higher_is_better, n_samples}``: LogME and H-score at every level in
-    ``levels`` (None = all), the linear probe at ``probe_level``."""
-    unknown = set(methods) - {"logme", "hscore", "linear_probe"}
+    """Rows ``{metric, level, score, higher_is_better, n_samples, time_s}``: the pixel estimators (LogME,
+    H-score, kNN, GBC, CC-FV) at every level in ``levels`` (None = all), the linear probe at
+    ``probe_level``. ``time_s`` is each estimator's own time, its share of the encoder pass included
+    (the pass is timed once per pixel sample and split evenly over the estimators that use it)."""
+    unknown = set(methods) - set(METHODS)
     if unknown:
-        raise ConfigError(f"baselines: unknown method(s) {sorted(unknown)}; use logme, hscore, linear_probe")
+        raise ConfigError(f"baselines: unknown method(s) {sorted(unknown)}; use {', '.join(METHODS)}")
     n_levels = len(encoder.channels)
     chosen = list(range(n_levels)) if levels is None else [lv + n_levels if lv < 0 else lv for lv in levels]
     rows = []
-    pixel_methods = [m for m in methods if m in ("logme", "hscore")]
-    if pixel_methods:
+    uniform = [m for m in methods if m in ("logme", "hscore")]
+    balanced = [m for m in methods if m in BALANCED_METHODS]
+    for group, is_balanced in ((uniform, False), (balanced, True)):
+        if not group:
+            continue
+        started = time.perf_counter()
         samples = pixel_features(encoder, images, labels, chosen, max_pixels=max_pixels, seed=seed,
-                                 batch_size=batch_size, device=device)
-        for level, (feats, labs) in samples.items():
-            for method in pixel_methods:
+                                 batch_size=batch_size, device=device, balanced=is_balanced, with_images=True)
+        pass_share = (time.perf_counter() - started) / (len(group) * len(samples))
+        for level, (feats, labs, owners) in samples.items():
+            for method in group:
+                started = time.perf_counter()
                 try:
-                    value = logme(feats, labs) if method == "logme" else h_score(feats, labs)
+                    value = _pixel_estimate(method, feats, labs, owners, knn_k=knn_k, seed=seed)
                 except DataError as exc:
                     log.warning("%s at level %d: %s", method, level, exc)
                     value = math.nan
-                rows.append({"metric": method, "level": level, "score": value, "higher_is_better": True,
-                             "n_samples": len(labs)})
+                rows.append({"metric": PIXEL_METHODS[method], "level": level, "score": value,
+                             "higher_is_better": True, "n_samples": len(labs),
+                             "time_s": time.perf_counter() - started + pass_share})
     if "linear_probe" in methods:
         level = default_probe_level(encoder.strides) if probe_level is None else probe_level
         level = level + n_levels if level < 0 else level
+        started = time.perf_counter()
         value = linear_probe_dice(encoder, images, labels, n_classes, level=level, steps=probe_steps, seed=seed,
                                   batch_size=batch_size, device=device)
         rows.append({"metric": "linear_probe_dice", "level": level, "score": value, "higher_is_better": True,
-                     "n_samples": len(images)})
+                     "n_samples": len(images), "time_s": time.perf_counter() - started})
     return rows

@@ -182,7 +182,8 @@ def run_score(config: ScoreConfig, out_dir: str | Path | None = None, *, progres
             rows = baseline_scores(encoder, images, labels, n_classes, methods=config.baselines,
                                    levels=config.levels, max_pixels=config.baseline_pixels,
                                    probe_steps=config.probe_steps, probe_level=config.probe_level,
-                                   seed=config.seed, batch_size=config.batch_size, device=config.device)
+                                   knn_k=config.knn_k, seed=config.seed, batch_size=config.batch_size,
+                                   device=config.device)
             baseline_tables.append(pd.DataFrame(rows).assign(**meta))
     result_table = order_columns(pd.concat(tables, ignore_index=True))
     result_table = result_table.sort_values(["metric", "margin", "level", "pooled", "pretraining_length"],
