@@ -131,3 +131,25 @@ def test_baseline_estimators_are_oriented_higher_is_better():
     assert np.allclose(rows["regret"], 0.0) and np.allclose(rows["spearman"], 1.0)
     assert set(rows["family"]) == {"baseline estimator"}
     assert result.best_rule == PLANTED  # the selection is among robustness variants
+
+
+def test_knn_gbc_and_ccfv_rows_of_baselines_csv_become_rules():
+    """The estimators of `medxfer score` (baselines.csv, higher is better) each get a stop rule; one that
+    follows Dice has no regret, one that runs against it picks the worst length."""
+    down, rob, truth = _planted_tables()
+    inverse = {v: k for k, v in DATASETS.items()}
+    models = {v: k for k, v in MODELS.items()}
+    rows = []
+    for enc in MODELS.values():
+        for ds in DATASETS.values():
+            for n in LENGTHS:
+                value = truth[(models[enc], inverse[ds])][n]
+                rows += [{"dataset": ds, "metric": metric, "encoder": enc, "pretraining_scheme": "advanced",
+                          "level": 1, "pretraining_length": n, "score": score, "higher_is_better": True}
+                         for metric, score in (("knn_accuracy", value), ("gbc", -value), ("cc_fv", value))]
+    result = analyze(down, rob, baselines=pd.DataFrame(rows), figures=False)
+    for metric in ("knn_accuracy", "cc_fv"):
+        chosen = result.groups[result.groups["rule"] == f"{metric} level=1 | argmin"]
+        assert len(chosen) == len(MODELS) * len(DATASETS) and np.allclose(chosen["regret"], 0.0)
+    against = result.groups[result.groups["rule"] == "gbc level=1 | argmin"]
+    assert len(against) == len(MODELS) * len(DATASETS) and (against["regret"] > 0).all()

@@ -206,3 +206,21 @@ def test_score_config_rejects_unknown_keys_and_bad_levels(tmp_path):
     images = np.zeros((3, 1, 4, 4), np.float32)
     with pytest.raises(ConfigError, match="level 5"):
         pair_distances(IdentityEncoder(), images, levels=[5], device="cpu")
+
+
+def test_score_command_writes_every_new_estimator_to_baselines_csv(tmp_path):
+    from medxfer.cli import main
+
+    _tiny_checkpoints(tmp_path / "checkpoints", lengths=(0, 1))
+    (tmp_path / "score.yaml").write_text(
+        "data: {name: demo, options: {domain: B}}\ncheckpoints: checkpoints\n"
+        "n_images: 6\ncrop_size: [32, 32]\nbootstrap: 0\nmetrics: [cosine]\nmargins: [0.5]\npooled: [true]\n"
+        "baselines: [knn, gbc, ccfv]\nbaseline_pixels: 600\nknn_k: 5\n"
+        "stop: {rule: argmin, metric: cosine, margin: 0.5, level: -1, pooled: true}\n")
+    assert main(["score", str(tmp_path / "score.yaml"), "--out", str(tmp_path / "out")]) == 0
+    table = pd.read_csv(tmp_path / "out" / "baselines.csv")
+    assert set(table["metric"]) == {"knn_accuracy", "gbc", "cc_fv"}
+    # every estimator at each of the two levels, for each checkpoint, with its own time
+    assert len(table) == 3 * 2 * 2 and table["score"].notna().all() and (table["time_s"] > 0).all()
+    knn = table[table["metric"] == "knn_accuracy"]["score"]
+    assert ((0.0 <= knn) & (knn <= 1.0)).all() and (table[table["metric"] == "gbc"]["score"] <= 0).all()
