@@ -161,3 +161,18 @@ def test_folders_splits_are_the_ones_the_readme_states(tmp_path):
     assert (len(data.test), len(data.val), len(data.train)) == (11, 9, 36)
     data = load_data(DataConfig(name="folders", root=tmp_path, val_fraction=0.0, options={"test_fraction": 0.5}))
     assert (len(data.test), len(data.val), len(data.train)) == (28, 0, 28)
+
+
+def test_data_check_validates_the_acdc_phase_left_out_of_frames(tmp_path):
+    from test_data_layouts import make_acdc, save_nifti  # the miniature ACDC layout
+
+    from medxfer.data.check import check_dataset
+
+    make_acdc(tmp_path)
+    assert check_dataset(DataConfig(name="acdc", root=tmp_path, spatial_dims=3))["also_validated"] == []
+    es_truth = tmp_path / "training" / "patient002" / "patient002_frame06_gt.nii.gz"  # ES = 5 + n for patient n
+    save_nifti(es_truth, np.zeros((3, 3, 3), np.uint8), (1.5, 1.25, 10.0))
+    ed_only = DataConfig(name="acdc", root=tmp_path, spatial_dims=3, options={"frames": ["ED"]})
+    assert load_data(ed_only).n_classes == 4  # the ED-only load never reads the broken ES file
+    with pytest.raises(DataError, match="patient002_frame06"):
+        check_dataset(ed_only)

@@ -115,3 +115,22 @@ def test_absurd_width_in_model_json_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"model\.json: width") as error:
         load_trained_model(tmp_path)
     assert "\n" not in str(error.value)
+
+
+def test_finetune_from_a_nan_encoder_names_the_file_and_leaves_no_run(tmp_path, capsys):
+    from medxfer.config import ModelConfig
+    from medxfer.models import build_segmenter, save_encoder
+
+    model = build_segmenter(ModelConfig(preset="unet", width=4, depth=3, in_channels=1, n_classes=2)
+                            .model_dump(mode="json"))
+    with torch.no_grad():
+        for parameter in model.encoder.parameters():
+            parameter.fill_(float("nan"))
+    encoder = save_encoder(model, tmp_path / "nan_encoder.pt", length=1)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data: {{name: demo, train_images: 4}}\nmodel: {{preset: unet, width: 4, depth: 3}}\n"
+                      f"pretrained: {{checkpoint: {encoder}}}\ntrain: {{max_steps: 1}}\n")
+    assert main(["finetune", str(config), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nan_encoder.pt" in err and "NaN" in err and "\n" not in err
+    assert not any((tmp_path / "out").rglob("result.json"))

@@ -21,6 +21,7 @@ LOADERS: dict[str, str] = {
 # Layouts whose options choose among several mask sets on disk: name -> "module:function" giving the option
 # sets that read them all (what ``medxfer data check`` validates besides the configured ones).
 MASK_VARIANTS: dict[str, str] = {
+    "acdc": "medxfer.data.acdc:mask_variants",
     "covidqu": "medxfer.data.covidqu:mask_variants",
     "idrid": "medxfer.data.idrid:mask_variants",
 }
@@ -28,7 +29,7 @@ MASK_VARIANTS: dict[str, str] = {
 
 def mask_variants(config) -> list[dict]:
     """Option sets under which the loader of ``config`` reads every mask set on disk ([] for layouts that
-    always read all of them: acdc, folders, msd, demo)."""
+    always read all of them: folders, msd, demo)."""
     if config.name not in MASK_VARIANTS:
         return []
     module, func = MASK_VARIANTS[config.name].split(":")

@@ -143,3 +143,11 @@ def load_acdc(config) -> SegmentationData:
             "val_patients": sorted({c.meta["patient"] for c in val}),
         },
     )
+
+
+def mask_variants(config) -> list[dict]:
+    """Options that make the loader read every ground-truth file (``medxfer data check``): both phases,
+    when ``options.frames`` leaves one out (the default reads both)."""
+    frames = config.options.get("frames", list(PHASES))
+    frames = [frames] if isinstance(frames, str) else list(frames)
+    return [] if set(frames) >= set(PHASES) else [{"frames": list(PHASES)}]

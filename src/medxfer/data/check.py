@@ -2,7 +2,7 @@
 
 ``check_dataset(config)`` is what ``medxfer data check NAME ROOT`` runs. It validates the dataset as
 ``config`` loads it, then every other mask set on disk (``medxfer.data.mask_variants``: IDRiD lesion
-folders, COVID-QU infection/lung masks and categories). Every defect (missing folder,
+folders, COVID-QU infection/lung masks and categories, ACDC phases left out of ``frames``). Every defect (missing folder,
 unreadable or truncated file, image/mask shape mismatch, label values outside the declared classes,
 NaN/inf pixels, channel count or dimensionality that differs from the dataset's, empty dataset) is a
 one-line :class:`~medxfer.errors.DataError` naming the file.
