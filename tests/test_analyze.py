@@ -1,44 +1,78 @@
-"""`medxfer analyze` on small synthetic tables with a planted score-Dice relation."""
+"""`medxfer analyze` on small synthetic tables: a planted score-Dice relation, each input defect (copied
+block, duplicates, constant variant, uneven coverage) and the rule harness (decisions.csv)."""
+
+import itertools
+import math
 
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
+from medxfer.cli import main
 from medxfer.errors import DataError
-from medxfer.report.analyze import analyze, dataset_key, encoder_key, scheme_key
+from medxfer.report.analyze import (
+    IMAGENET_PREDICTOR,
+    _row_kendall_b,
+    _row_pearson,
+    analyze,
+    dataset_key,
+    encoder_key,
+    scheme_key,
+)
+from medxfer.report.rules import (
+    DECISION_COLUMNS,
+    Decision,
+    GroupCurves,
+    Rule,
+    evaluate_rules,
+    imagenet_gain_below,
+    oracle_saving,
+    score_rule,
+)
 
 LENGTHS = [0, 10, 20, 40, 80]
-PLANTED = "cosine margin=0.5 level=1 pooled | argmin"
+ACCURACY = {0: 0.001, 10: 0.30, 20: 0.50, 40: 0.53, 80: 0.60}  # gains after 10: +67%, +6%, +13%
+PLANTED = "cosine margin=0.5 level=1 pooled"
 # downstream name -> robustness name, as the published tables spell them
 MODELS = {"ResNet50 Attention U-Net": "resnet50", "Swin U-Net": "swin_transformer", "basic U-Net": "u-net_encoder"}
 DATASETS = {"COVIDQUDataset": "COVID-QU", "ACDC": "ACDC"}
+SEED_OFFSETS = (-0.0005, 0.0, 0.0005)  # seed noise (s.d.) 0.0005
 
 
-def _planted_tables(seed=0):
-    """Dice peaks at a group-specific length; the planted variant is 1 - Dice (lower = better), the others noise."""
+def _planted_tables(seed=0, levels=(0, 1)):
+    """Dice peaks at a group-specific length; the planted variant is 1 - Dice (lower = better), the others
+    random smooth trends over length (as real scores are: neighbouring checkpoints score alike)."""
     rng = np.random.default_rng(seed)
     down, rob, truth = [], [], {}
     for model, encoder in MODELS.items():
         for ds_down, ds_rob in DATASETS.items():
+            start, slope = rng.random(64), rng.normal(0, 0.3, 64)
             peak = LENGTHS[1 + (len(truth) % 4)]
             dice = {n: 0.8 - 0.001 * abs(n - peak) - (0.1 if n == 0 else 0.0) for n in LENGTHS}
             truth[(model, ds_down)] = dice
             for n in LENGTHS:
-                for seed_ in range(3):
+                for s, offset in enumerate(SEED_OFFSETS):
                     down.append({"model": model, "dataset": ds_down, "pretraining length": n,
-                                 "ImageNet accuracy": 0.5, "freeze encoder": False, "pretraining scheme": "advanced",
-                                 "seed": seed_, "dice index": dice[n] + 0.0005 * (seed_ - 1),
+                                 "ImageNet accuracy": ACCURACY[n], "freeze encoder": False,
+                                 "pretraining scheme": "advanced", "seed": s, "dice index": dice[n] + offset,
                                  "mean dice index": np.nan})
-                for metric in ("cosine", "l2"):
-                    for margin in (0.0, 0.5):
-                        for level in (0, 1):
-                            for pooled in (True, False):
-                                planted = (metric, margin, level, pooled) == ("cosine", 0.5, 1, True)
-                                rob.append({"dataset": ds_rob, "metric": metric, "margin": margin,
-                                            "encoder": encoder, "pretraining_scheme": "advanced_training",
-                                            "pooled": pooled, "level": level, "pretraining_length": n,
-                                            "robustness": (1.0 - dice[n]) if planted else rng.random()})
+                for i, (metric, margin, level, pooled) in enumerate(itertools.product(
+                        ("cosine", "l2"), (0.0, 0.5), levels, (True, False))):
+                    planted = (metric, margin, level, pooled) == ("cosine", 0.5, 1, True)
+                    noise = start[i] + slope[i] * n / 80 + 0.01 * rng.random()
+                    rob.append({"dataset": ds_rob, "metric": metric, "margin": margin, "encoder": encoder,
+                                "pretraining_scheme": "advanced_training", "pooled": pooled, "level": level,
+                                "pretraining_length": n, "robustness": (1.0 - dice[n]) if planted else noise})
     return pd.DataFrame(down), pd.DataFrame(rob), truth
+
+
+def _rule(result, name):
+    return result.decisions[result.decisions["rule"] == name]
+
+
+def _checks(result, check):
+    return [f for f in result.quality if f.check == check]
 
 
 def test_published_names_map_to_the_same_keys_as_medxfer_names():
@@ -51,45 +85,224 @@ def test_published_names_map_to_the_same_keys_as_medxfer_names():
     assert scheme_key("advanced") == scheme_key("advanced_training") != scheme_key("simple")
 
 
-def test_analyze_finds_the_planted_relation_and_evaluates_stop_rules(tmp_path):
+def test_planted_relation_baselines_and_decisions_csv(tmp_path):
     down, rob, truth = _planted_tables()
     down.to_csv(tmp_path / "results.csv", index=False)
     rob.to_csv(tmp_path / "robustness.csv", index=False)
-    result = analyze(tmp_path / "results.csv", tmp_path / "robustness.csv", patience=[1], out_dir=tmp_path / "an")
+    result = analyze(tmp_path / "results.csv", tmp_path / "robustness.csv", out_dir=tmp_path / "an", n_resamples=200)
     n_groups = len(MODELS) * len(DATASETS)
-    assert result.best_rule == PLANTED
-    planted = result.groups[result.groups["rule"] == PLANTED]
-    assert len(planted) == n_groups
-    assert np.allclose(planted["spearman"], -1.0) and np.allclose(planted["kendall"], -1.0)
-    assert np.allclose(planted["regret"], 0.0)
-    # Fixed baselines, checked against the planted Dice curves by hand.
+    assert result.best_variant == PLANTED
+    assert result.quality == []  # clean input: nothing to report
+    planted = _rule(result, f"{PLANTED} | argmin")
+    assert len(planted) == n_groups and np.allclose(planted["regret"], 0.0)
+    assert (planted["stopped_length"] == 80).all() and (planted["saved"] == 0).all()  # argmin needs every checkpoint
     for (model, ds), dice in truth.items():
-        rows = result.groups[(result.groups["model"] == model) & (result.groups["dataset"] == ds)]
-        longest = rows[rows["rule"] == "longest pretraining"].iloc[0]
-        shortest = rows[rows["rule"] == "shortest non-zero pretraining"].iloc[0]
+        rows = result.decisions[(result.decisions["model"] == model) & (result.decisions["dataset"] == ds)]
         best = max(dice.values())
-        assert longest["chosen_length"] == 80 and longest["saved"] == 0.0
-        assert longest["regret"] == pytest.approx(best - dice[80], abs=1e-9)
-        assert shortest["chosen_length"] == 10 and shortest["saved"] == pytest.approx(1 - 10 / 80)
-        assert shortest["regret"] == pytest.approx(best - dice[10], abs=1e-9)
-        chosen = rows[rows["rule"] == PLANTED].iloc[0]
-        assert chosen["chosen_length"] == max(dice, key=dice.get)
-    # The random variants do worse on average than the planted one.
-    summary = result.summary.set_index("rule")
-    others = summary[(summary["family"] == "robustness") & (summary.index != PLANTED)
-                     & ~summary.index.str.startswith("cosine margin=0.5 level=1 pooled")]
-    assert (others["regret_mean"] > 0).all()
-    assert summary.loc["cosine margin=0.5 level=1 pooled | patience=1", "n_groups"] == n_groups
-    # Leave-one-dataset-out: chosen on the other dataset, scored on the held-out one.
-    assert sorted(result.lodo["held_out"]) == ["acdc", "covidqu"]
-    assert (result.lodo["selected_rule"] == PLANTED).all()
-    assert result.summary["family"].iloc[:2].tolist() == ["selected (in-sample)", "selected (out-of-sample)"]
-    for name in ("analysis_summary.csv", "analysis_groups.csv", "analysis_lodo.csv",
+        by_rule = rows.set_index("rule")
+        assert by_rule.loc["always longest", "regret"] == pytest.approx(best - dice[80], abs=1e-9)
+        assert by_rule.loc["shortest non-zero", "chosen_length"] == 10
+        assert by_rule.loc["shortest non-zero", "saved"] == pytest.approx(1 - 10 / 80)
+        expected = np.mean([best - dice[n] for n in LENGTHS])
+        assert by_rule.loc["uniform random length (expected)", "regret"] == pytest.approx(expected, abs=1e-9)
+        assert by_rule.loc["uniform random length (expected)", "saved"] == pytest.approx(
+            np.mean([1 - n / 80 for n in LENGTHS]))
+        # ImageNet accuracy gains 6% (< 10%) from 20 to 40: stop at 40 and fine-tune it.
+        assert by_rule.loc["ImageNet accuracy gain < 10%", ["chosen_length", "stopped_length"]].tolist() == [40, 40]
+        assert by_rule.loc[f"{PLANTED} | argmin", "chosen_length"] == max(dice, key=dice.get)
+    # Out of sample: chosen on the other dataset, applied to the held-out one; covers every group.
+    lodo = _rule(result, "best variant | argmin [leave-one-dataset-out]")
+    assert len(lodo) == n_groups and set(lodo["detail"]) == {PLANTED}
+    assert sorted(result.lodo["held_out"].unique()) == ["acdc", "covidqu"]
+    # decisions.csv: the agreed columns first, exactly one recommended rule, and it is an honest one.
+    written = pd.read_csv(tmp_path / "an" / "decisions.csv")
+    assert list(written.columns[:len(DECISION_COLUMNS)]) == DECISION_COLUMNS
+    assert written.loc[written["recommended"], "rule"].nunique() == 1
+    # Patience 1 finds each single peak too, and stops right after it: as good, and cheaper than argmin.
+    assert result.recommended == "best variant | patience=1 [leave-one-dataset-out]"
+    recommended = _rule(result, result.recommended)
+    assert np.allclose(recommended["regret"], 0.0) and recommended["saved"].mean() > 0
+    for name in ("analysis_summary.csv", "correlations.csv", "claims.csv", "data_quality.csv", "lodo.csv",
                  "figures/regret_vs_saved.png", "figures/score_vs_dice.png"):
         assert (tmp_path / "an" / name).stat().st_size > 0
+    corr = result.correlations.set_index(["model", "dataset", "predictor"])
+    assert np.allclose(corr.xs(PLANTED, level="predictor")[["pearson", "spearman", "kendall", "weighted_tau"]], 1.0)
 
 
-def test_analyze_uses_mean_dice_where_dice_is_empty_and_a_yaml_name_mapping(tmp_path):
+def test_copied_block_is_flagged_and_left_out_unless_kept():
+    down, rob, truth = _planted_tables()
+    # The published defect: every variant's score at length 0 pasted from length 80, for one dataset.
+    acdc = rob["dataset"] == "ACDC"
+    at_80 = rob[acdc & (rob["pretraining_length"] == 80)].set_index(
+        ["metric", "margin", "encoder", "pooled", "level"])["robustness"]
+    zero = acdc & (rob["pretraining_length"] == 0)
+    keys = pd.MultiIndex.from_frame(rob.loc[zero, ["metric", "margin", "encoder", "pooled", "level"]])
+    rob.loc[zero, "robustness"] = at_80.reindex(keys).to_numpy()
+    result = analyze(down, rob, figures=False, n_resamples=50)
+    copies = _checks(result, "copied block")
+    assert len(copies) == len(MODELS)  # one block per encoder of ACDC, and only the length-0 copy
+    assert all(f.where.endswith("| length 0") and "length 80" in f.detail and f.action == "left out" for f in copies)
+    acdc_groups = [g for g in result.groups if g.dataset == "ACDC"]
+    assert all(g.lengths.tolist() == [10, 20, 40, 80] for g in acdc_groups)
+    assert all(g.lengths.tolist() == LENGTHS for g in result.groups if g.dataset != "ACDC")
+    kept = analyze(down, rob, keep_copies=True, figures=False, n_resamples=50)
+    assert [f.action for f in _checks(kept, "copied block")] == ["flagged, kept"] * len(MODELS)
+    assert all(0 in g.lengths for g in kept.groups)
+
+
+def test_duplicate_rows_are_counted_once():
+    down, rob, truth = _planted_tables()
+    doubled = pd.concat([down, down.iloc[[5]]], ignore_index=True)  # an exact copy of one run
+    result = analyze(doubled, pd.concat([rob, rob.iloc[[3]]]), figures=False, n_resamples=50)
+    duplicates = _checks(result, "duplicate rows")
+    assert [f.where for f in duplicates] == ["1 row(s)", "1 row(s)"]  # one in each table
+    reference = analyze(down, rob, figures=False, n_resamples=50)
+    assert np.allclose(result.decisions["regret"], reference.decisions["regret"])
+
+
+def test_constant_variant_is_reported_and_never_selected():
+    down, rob, truth = _planted_tables()
+    # A variant constant over every length: argmin ties and takes the shortest, which we make the best Dice.
+    down.loc[down["pretraining length"] == 0, "dice index"] = 0.95
+    constant = (rob["metric"] == "l2") & (rob["margin"] == 0.0) & (rob["level"] == 0) & rob["pooled"]
+    rob.loc[constant, "robustness"] = 0.25
+    rob.loc[(rob["metric"] == "cosine") & (rob["margin"] == 0.5) & (rob["level"] == 1) & rob["pooled"]
+            & (rob["pretraining_length"] == 0), "robustness"] = 0.0  # the planted variant agrees again
+    result = analyze(down, rob, figures=False, n_resamples=50)
+    name = "l2 margin=0 level=0 pooled"
+    assert len(_checks(result, "constant variant")) == len(MODELS) * len(DATASETS)
+    tied = _rule(result, f"{name} | argmin")
+    assert (tied["detail"] == "tied").all() and np.allclose(tied["regret"], 0.0)  # lucky, but a tie
+    summary = result.summary.set_index("rule")
+    assert summary.loc[f"{name} | argmin", "tied_argmin"] == len(tied)
+    assert result.best_variant not in (None, name)  # as good in-sample, but a constant variant is not eligible
+    assert np.allclose(_rule(result, "best variant | argmin [in-sample]")["regret"], 0.0)
+
+
+def test_uneven_coverage_is_named_and_selection_uses_the_common_groups():
+    down, rob, truth = _planted_tables(levels=(0, 1, 2))
+    # Level 2 exists only for two encoders (as level 5 in the published tables); there it is perfect.
+    rob = rob[(rob["level"] < 2) | (rob["encoder"] != "swin_transformer")]
+    perfect = rob["level"] == 2
+    rob.loc[perfect, "robustness"] = rob.loc[perfect].apply(
+        lambda r: 1.0 - truth[({v: k for k, v in MODELS.items()}[r["encoder"]],
+                                {v: k for k, v in DATASETS.items()}[r["dataset"]])][r["pretraining_length"]], axis=1)
+    rob.loc[(rob["metric"] == "cosine") & (rob["margin"] == 0.5) & (rob["level"] == 1) & rob["pooled"]
+            & (rob["encoder"] == "resnet50") & (rob["pretraining_length"] == 10), "robustness"] = -1.0  # imperfect
+    result = analyze(down, rob, figures=False, n_resamples=50)
+    summary = result.summary.set_index("rule")
+    level2 = "cosine margin=0.5 level=2 pooled | argmin"
+    assert summary.loc[level2, "coverage"] == "4 of 6 groups (no Swin U-Net)"
+    assert summary.loc[level2, "regret_mean"] == 0.0
+    assert summary.loc["always longest", "coverage"] == "all 6 groups"
+    # The best variant is chosen among those scored on every group, and covers every group in and out of sample.
+    assert result.best_variant == PLANTED
+    assert len(_rule(result, "best variant | argmin [leave-one-dataset-out]")) == 6
+
+
+def _curves(dice, scores=None, accuracy=None, seeds=None, lengths=(0, 10, 20, 40, 80), dataset="d"):
+    lengths = np.array(lengths, dtype=float)
+    dice = np.array(dice, dtype=float)
+    by_seed = np.column_stack([dice + o for o in (seeds if seeds is not None else (-0.001, 0.0, 0.001))])
+    return GroupCurves("m", dataset, "s", False, "m", dataset, "s", lengths, dice, by_seed,
+                       imagenet_accuracy=np.array(accuracy if accuracy is not None else [np.nan] * len(lengths)),
+                       scores={k: np.array(v, dtype=float) for k, v in (scores or {}).items()})
+
+
+def test_patience_rule_counts_saved_where_pretraining_stopped():
+    # Score falls to 20, rises at 40: the rule fine-tunes 20 but pretraining ran to 40 to see the rise.
+    g = _curves([0.5, 0.7, 0.8, 0.79, 0.78], scores={"v": [0.9, 0.5, 0.4, 0.45, 0.3]})
+    decisions = evaluate_rules([g], [Rule("first rise", score_rule("v", "patience", 1))])
+    row = decisions.iloc[0]
+    assert (row["chosen_length"], row["stopped_length"]) == (20, 40)
+    assert row["saved"] == pytest.approx(1 - 40 / 80) and row["regret"] == pytest.approx(0.0)
+    assert row["dice_vs_longest"] == pytest.approx(0.02) and row["vs_longest"] == "win"
+
+
+def test_ties_are_within_the_group_seed_noise():
+    g = _curves([0.5, 0.7, 0.8, 0.7995, 0.799], seeds=(-0.001, 0.0, 0.001))  # s.d. 0.001 at every length
+    assert g.seed_noise == pytest.approx(0.001)
+    fixed = [Rule(f"at {n}", lambda c, t, n=n: (n, n)) for n in (20, 40, 10)]
+    outcome = evaluate_rules([g], fixed).set_index("rule")["vs_longest"]
+    assert outcome.to_dict() == {"at 20": "tie", "at 40": "tie", "at 10": "loss"}
+    one_seed = _curves([0.5, 0.7, 0.8, 0.7995, 0.799], seeds=(0.0,))
+    assert evaluate_rules([one_seed], fixed[:1])["vs_longest"].iloc[0] == "n/a (one seed)"
+
+
+def test_imagenet_gain_rule_stops_at_the_first_small_relative_gain():
+    g = _curves([0.5, 0.7, 0.8, 0.79, 0.78], accuracy=[0.001, 0.2, 0.3, 0.32, 0.5])
+    assert imagenet_gain_below(0.10)(g, []) == Decision(40, 40)  # 0.30 -> 0.32 is +6.7%
+    assert imagenet_gain_below(0.05)(g, []) == Decision(80, 80)  # never below 5%: the longest
+
+
+def test_oracle_saving_matches_brute_force():
+    rng = np.random.default_rng(3)
+    groups = [_curves(rng.uniform(0.6, 0.9, 5), dataset=str(i)) for i in range(4)]
+    decide = oracle_saving(0.5)
+    chosen = [decide(g, groups).chosen_length for g in groups]
+    saved = np.mean([1 - c / 80 for c in chosen])
+    regret = np.mean([g.dice.max() - g.dice_at(c) for g, c in zip(groups, chosen)])
+    best = min(
+        np.mean([g.dice.max() - g.dice_at(c) for g, c in zip(groups, combo)])
+        for combo in itertools.product(*(g.lengths for g in groups))
+        if np.mean([1 - c / 80 for c in combo]) >= 0.5 - 1e-12)
+    assert saved >= 0.5 - 1e-9 and regret == pytest.approx(best, abs=1e-12)
+
+
+def test_vectorised_correlations_equal_scipy():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 4, size=(20, 7)).astype(float)  # ties on purpose
+    x[:, 0] += 10  # no constant rows
+    y = np.array([0.3, 0.5, 0.5, 0.6, 0.2, 0.9, 0.1])
+    assert np.allclose(_row_kendall_b(x, y), [stats.kendalltau(row, y).statistic for row in x])
+    assert np.allclose(_row_pearson(x, y), [stats.pearsonr(row, y).statistic for row in x])
+
+
+def test_imagenet_accuracy_is_a_predictor_and_a_checked_claim():
+    down, rob, _ = _planted_tables()
+    result = analyze(down, rob, figures=False, n_resamples=50)
+    imagenet = result.correlations[result.correlations["predictor"] == IMAGENET_PREDICTOR]
+    assert len(imagenet) == len(MODELS) * len(DATASETS) and imagenet["spearman"].notna().all()
+    claims = result.claims.set_index("claim")
+    assert set(claims["verdict"]) <= {"supported", "not supported", "weak", "contradicted", "undecided"}
+    assert "ImageNet accuracy is a poor indicator of downstream Dice" in claims.index
+    # Every group of the planted tables peaks before 80 except the one with its peak at 80.
+    assert claims.loc["shorter pretraining is often better downstream", "figure"].startswith("5 of 6 groups")
+
+
+def test_extra_rules_plug_into_the_harness_and_can_be_recommended():
+    down, rob, _ = _planted_tables()
+    calls = set()
+
+    def fitted(curves, training):
+        calls.add((curves.dataset, frozenset(g.dataset for g in training)))
+        return Decision(curves.lengths[1], curves.lengths[1], "second length")
+
+    rule = Rule("second length", fitted, "extra", fitted=True)
+    result = analyze(down, rob, extra_rules=[rule], recommended="second length [leave-one-dataset-out]",
+                     figures=False, n_resamples=50)
+    both = frozenset(DATASETS)
+    assert calls == {("ACDC", both), ("COVIDQUDataset", both),  # in-sample: trained on every group
+                     ("ACDC", frozenset({"COVIDQUDataset"})), ("COVIDQUDataset", frozenset({"ACDC"}))}
+    lodo = _rule(result, "second length [leave-one-dataset-out]")
+    assert len(lodo) == 6 and lodo["recommended"].all()
+    assert result.decisions.loc[result.decisions["recommended"], "rule"].nunique() == 1
+
+
+def test_leave_one_out_needs_two_datasets():
+    down, rob, _ = _planted_tables()
+    result = analyze(down[down["dataset"] == "ACDC"], rob[rob["dataset"] == "ACDC"], figures=False, n_resamples=50)
+    assert result.lodo.empty and result.best_variant == PLANTED
+    assert not result.decisions["evaluation"].eq("leave-one-dataset-out").any()
+
+
+def test_analyze_says_when_nothing_joins():
+    down, rob, _ = _planted_tables()
+    with pytest.raises(DataError, match="name mapping"):
+        analyze(down, rob.assign(dataset="elsewhere"), figures=False)
+
+
+def test_mean_dice_where_dice_is_empty_and_a_yaml_name_mapping(tmp_path):
     down, rob, _ = _planted_tables(seed=1)
     down.loc[down["dataset"] == "ACDC", "mean dice index"] = down["dice index"]
     down.loc[down["dataset"] == "ACDC", "dice index"] = np.nan  # multi-class: only the mean is filled
@@ -97,24 +310,12 @@ def test_analyze_uses_mean_dice_where_dice_is_empty_and_a_yaml_name_mapping(tmp_
     down = pd.concat([down, down.assign(**{"test set": "source", "dice index": 0.0})], ignore_index=True)
     down.loc[: len(down) // 2 - 1, "test set"] = "target"
     (tmp_path / "names.yaml").write_text("encoder: {My Plain Net: unet}\n")
-    without = analyze(down, rob, figures=False)
-    assert "My Plain Net" not in set(without.groups["model"])
-    result = analyze(down, rob, names=tmp_path / "names.yaml", figures=False)
-    assert "My Plain Net" in set(result.groups["model"])
-    assert result.best_rule == PLANTED  # source-test rows (Dice 0) were left out
-    assert np.allclose(result.groups.loc[result.groups["rule"] == PLANTED, "regret"], 0.0)
-
-
-def test_leave_one_out_with_one_dataset_runs_and_says_nothing_out_of_sample():
-    down, rob, _ = _planted_tables()
-    result = analyze(down[down["dataset"] == "ACDC"], rob[rob["dataset"] == "ACDC"], figures=False)
-    assert result.lodo.empty and result.best_rule == PLANTED
-
-
-def test_analyze_says_when_nothing_joins():
-    down, rob, _ = _planted_tables()
-    with pytest.raises(DataError, match="name mapping"):
-        analyze(down, rob.assign(dataset="elsewhere"), figures=False)
+    without = analyze(down, rob, figures=False, n_resamples=50)
+    assert "My Plain Net" not in {g.model for g in without.groups}
+    assert any(f.check == "group without scores" for f in without.quality)  # not dropped silently
+    result = analyze(down, rob, names=tmp_path / "names.yaml", figures=False, n_resamples=50)
+    assert "My Plain Net" in {g.model for g in result.groups}
+    assert result.best_variant == PLANTED  # source-test rows (Dice 0) were left out
 
 
 def test_baseline_estimators_are_oriented_higher_is_better():
@@ -125,12 +326,28 @@ def test_baseline_estimators_are_oriented_higher_is_better():
         {"dataset": ds, "metric": "logme", "encoder": enc, "pretraining_scheme": "advanced", "level": 0,
          "pretraining_length": n, "score": truth[(models[enc], inverse[ds])][n], "higher_is_better": True}
         for enc in MODELS.values() for ds in DATASETS.values() for n in LENGTHS])
-    result = analyze(down, rob, baselines=base, figures=False)
-    rows = result.groups[result.groups["rule"] == "logme level=0 | argmin"]
-    assert len(rows) == len(MODELS) * len(DATASETS)
-    assert np.allclose(rows["regret"], 0.0) and np.allclose(rows["spearman"], 1.0)
-    assert set(rows["family"]) == {"baseline estimator"}
-    assert result.best_rule == PLANTED  # the selection is among robustness variants
+    result = analyze(down, rob, baselines=base, figures=False, n_resamples=50)
+    rows = _rule(result, "logme level=0 | argmin")
+    assert len(rows) == len(MODELS) * len(DATASETS) and np.allclose(rows["regret"], 0.0)
+    corr = result.correlations[result.correlations["predictor"] == "logme level=0"]
+    assert np.allclose(corr["spearman"], 1.0)
+    assert result.best_variant == PLANTED  # the selection is among robustness variants
+
+
+def test_cli_analyze_writes_decisions_and_exits_2_on_a_missing_column(tmp_path, capsys):
+    down, rob, _ = _planted_tables()
+    down.to_csv(tmp_path / "results.csv", index=False)
+    rob.to_csv(tmp_path / "robustness.csv", index=False)
+    assert main(["analyze", "--downstream", str(tmp_path / "results.csv"), "--robustness",
+                 str(tmp_path / "robustness.csv"), "--out", str(tmp_path / "an")]) == 0
+    out = capsys.readouterr().out
+    assert "recommended rule:" in out and "[leave-one-dataset-out]" in out  # printed as text, not markup
+    assert (tmp_path / "an" / "decisions.csv").is_file()
+    rob.drop(columns="margin").to_csv(tmp_path / "bad.csv", index=False)
+    assert main(["analyze", "--downstream", str(tmp_path / "results.csv"), "--robustness", str(tmp_path / "bad.csv"),
+                 "--out", str(tmp_path / "bad_out")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.csv" in err and "margin" in err and not (tmp_path / "bad_out").exists()
 
 
 def test_knn_gbc_and_ccfv_rows_of_baselines_csv_become_rules():
@@ -147,9 +364,9 @@ def test_knn_gbc_and_ccfv_rows_of_baselines_csv_become_rules():
                 rows += [{"dataset": ds, "metric": metric, "encoder": enc, "pretraining_scheme": "advanced",
                           "level": 1, "pretraining_length": n, "score": score, "higher_is_better": True}
                          for metric, score in (("knn_accuracy", value), ("gbc", -value), ("cc_fv", value))]
-    result = analyze(down, rob, baselines=pd.DataFrame(rows), figures=False)
+    result = analyze(down, rob, baselines=pd.DataFrame(rows), figures=False, n_resamples=50)
     for metric in ("knn_accuracy", "cc_fv"):
-        chosen = result.groups[result.groups["rule"] == f"{metric} level=1 | argmin"]
+        chosen = _rule(result, f"{metric} level=1 | argmin")
         assert len(chosen) == len(MODELS) * len(DATASETS) and np.allclose(chosen["regret"], 0.0)
-    against = result.groups[result.groups["rule"] == "gbc level=1 | argmin"]
+    against = _rule(result, "gbc level=1 | argmin")
     assert len(against) == len(MODELS) * len(DATASETS) and (against["regret"] > 0).all()

@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from medxfer.errors import DataError, MedxferError
@@ -54,7 +55,7 @@ def _print_table(title: str, columns: list[str], rows: list[list]) -> None:
     for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row])
+        table.add_row(*[f"{v:.3f}" if isinstance(v, float) else escape(str(v)) for v in row])  # "[x]" is text
     console.print(table)
 
 
@@ -202,16 +203,31 @@ def analyze(downstream: Path = typer.Option(..., "--downstream", help="results.c
             robustness: Path = typer.Option(..., "--robustness", help="robustness.csv (scores)."),
             baselines: Optional[Path] = typer.Option(None, "--baselines", help="baselines.csv (optional)."),
             names: Optional[Path] = typer.Option(None, "--names", help="YAML name mapping (optional)."),
-            patience: list[int] = typer.Option([], "--patience", help="Also evaluate patience rules (repeatable)."),
-            out: Path = typer.Option(Path("analysis_out"), "--out", help="Output folder.")) -> None:
-    """Relate transferability scores to downstream Dice; evaluate stop rules (in-sample and leave-one-dataset-out)."""
-    from medxfer.report.analyze import analyze as run_analysis, summary_for_print
+            patience: list[int] = typer.Option([1], "--patience", help="Patience rules to evaluate (repeatable)."),
+            keep_copies: bool = typer.Option(False, "--keep-copies", help="Keep blocks that copy another "
+                                             "length's values (default: flag and leave them out)."),
+            out: Path = typer.Option(Path("analysis"), "--out", help="Output folder.")) -> None:
+    """Check the inputs, relate transferability scores to downstream Dice, evaluate stop rules (in-sample,
+    leave-one-dataset-out, against baselines and oracles) and check the reference study's claims."""
+    from medxfer.report.analyze import analyze as run_analysis, correlation_summary, seeds_text, summary_for_print
+    from medxfer.report.quality import summary_lines
 
     check_output_dir(out)
-    result = run_analysis(downstream, robustness, baselines=baselines, names=names, patience=patience, out_dir=out)
-    _print_frame("stop rules: correlation with Dice, regret, pretraining saved", summary_for_print(result))
-    if result.best_rule:
-        console.print(f"best rule (in-sample): {result.best_rule}")
+    result = run_analysis(downstream, robustness, baselines=baselines, names=names, patience=patience,
+                          keep_copies=keep_copies, out_dir=out)
+    console.print(f"{len(result.groups)} groups (model x dataset x scheme x frozen); Dice: {seeds_text(result.groups)}")
+    console.print("data quality:" if result.quality else "data quality: no problem found")
+    for line in summary_lines(result.quality):
+        console.print(f"  {line}", markup=False, highlight=False)
+    _print_frame("stop rules: mean Dice regret vs each group's best length; saved = pretraining not run "
+                 "(at the stopped length); W/T/L vs always longest, T = within the group's seed noise",
+                 summary_for_print(result))
+    correlation = correlation_summary(result)
+    if not correlation.empty:
+        _print_frame("predictors of Dice over lengths (mean over groups; score oriented: higher = predicted "
+                     "better)", correlation)
+    _print_frame("the reference study's claims, checked on these tables", result.claims[["claim", "figure", "verdict"]])
+    console.print(f"recommended rule: {result.recommended or 'none'}", markup=False)
     for name, path in result.paths.items():
         console.print(f"{name}: {path}")
 

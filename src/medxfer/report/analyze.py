@@ -1,5 +1,5 @@
 """``medxfer analyze``: do transferability scores predict downstream Dice over pretraining lengths, and
-how good is the pretraining length each stop rule picks?
+how good, and how cheap, is the pretraining length each stop rule picks?
 
 Downstream results (``results.csv``, or a published reference table) and scores (``robustness.csv``,
 optionally ``baselines.csv``) are joined per group = (model, dataset, pretraining scheme, frozen encoder)
@@ -8,14 +8,16 @@ canonical keys first (:func:`encoder_key`, :func:`dataset_key`, :func:`scheme_ke
 cover the published tables' spellings and medxfer's own; a YAML file (:class:`medxfer.config.NameMapConfig`)
 adds or overrides entries.
 
-Per group and overall:
-
-- Spearman and Kendall correlation (scipy) of each score variant with the mean Dice over seeds;
-- for each stop rule (each score variant with ``argmin`` and optional ``patience`` rules, plus the
-  baselines "longest pretraining" and "shortest non-zero pretraining"): the chosen length, its Dice regret
-  against the best length of the group, and the fraction of pretraining saved against the longest;
-- the variant with the lowest mean regret, chosen on all data (optimistic: in-sample) and, out of sample,
-  chosen on the other datasets and scored on the held-out one (leave-one-dataset-out).
+1. Input integrity (:mod:`medxfer.report.quality`): duplicates, empty values and copied blocks are left out,
+   constant variants made ineligible, missing lengths and uneven seeds reported; every finding is listed.
+2. Per-group curves (:class:`medxfer.report.rules.GroupCurves`) and every rule evaluated on them
+   (:func:`medxfer.report.rules.evaluate_rules`): baselines (always longest, shortest non-zero, uniform
+   random, ImageNet accuracy), oracles (bounds), each score variant's argmin and patience rules, and the
+   variant selected on data, in-sample and leave-one-dataset-out. Rules are compared on the groups they
+   cover, which are named (``all 36 groups``, ``24 of 36 groups (no Swin U-Net)``).
+3. Statistics: Pearson, Spearman, Kendall and weighted Kendall tau of each predictor with Dice per group;
+   bootstrap intervals over groups; wins/ties/losses against always longest (tie: within the seed noise).
+4. The reference study's claims, each with the figure that supports or contradicts it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,17 @@ import pandas as pd
 
 from medxfer.config import NameMapConfig, parse_config, read_yaml
 from medxfer.errors import ConfigError, DataError
-from medxfer.transferability.stopping import recommend_checkpoint
+from medxfer.report.quality import FLAGGED, LEFT_OUT, Finding, copied_blocks, drop_duplicate_rows, findings_frame
+from medxfer.report.rules import (
+    IN_SAMPLE,
+    LODO,
+    GroupCurves,
+    Rule,
+    builtin_rules,
+    evaluate_rules,
+    is_constant,
+    score_rule,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +65,10 @@ DEFAULT_SCHEME_NAMES = {"advanced_training": "advanced", "simple_training": "sim
 DOWNSTREAM_COLUMNS = ("model", "dataset", "pretraining length", "freeze encoder", "pretraining scheme")
 SCORE_COLUMNS = ("dataset", "metric", "margin", "encoder", "pretraining_scheme", "pooled", "level",
                  "pretraining_length", "robustness")
-GROUP_KEYS = ["model", "encoder_key", "dataset_key", "scheme_key", "frozen"]
-FIXED_RULES = ("longest pretraining", "shortest non-zero pretraining")
+# A group: names as in the downstream table, then the keys that join it with its scores.
+GROUP_COLUMNS = ["model", "dataset", "pretraining_scheme", "frozen", "encoder_key", "dataset_key", "scheme_key"]
+SCORE_BLOCK = ["encoder_key", "dataset_key", "scheme_key"]
+IMAGENET_PREDICTOR = "ImageNet accuracy"
 
 
 def normalize_name(name: Any) -> str:
@@ -153,34 +167,60 @@ def _to_bool(values: pd.Series) -> pd.Series:
 
 
 def prepare_downstream(table: pd.DataFrame, names: NameMapConfig, source: str = "<downstream>",
-                       test_set: Optional[str] = "target") -> pd.DataFrame:
-    """Mean Dice over seeds per (group, pretraining length). Dice = ``dice index``, or ``mean dice index``
-    where that is empty (multi-class). Rows without a pretraining length (scratch runs) are left out."""
+                       test_set: Optional[str] = "target", keep_copies: bool = False
+                       ) -> tuple[pd.DataFrame, list[Finding]]:
+    """One row per run: group keys, ``length``, ``seed``, ``dice`` (``dice index``, or ``mean dice index``
+    where that is empty: multi-class) and ``imagenet_accuracy``. Duplicate rows, rows without Dice or
+    length (scratch runs) and copied Dice blocks are left out, each reported as a :class:`Finding`."""
     _require(table, DOWNSTREAM_COLUMNS, source)
     if "dice index" not in table.columns and "mean dice index" not in table.columns:
         raise DataError(f"{source}: needs a 'dice index' or 'mean dice index' column")
+    table, found = drop_duplicate_rows(table, source)
     if test_set is not None and "test set" in table.columns:
-        keep = table["test set"].isna() | (table["test set"].astype(str) == test_set)
-        table = table[keep]
+        table = table[table["test set"].isna() | (table["test set"].astype(str) == test_set)]
     dice = pd.to_numeric(table.get("dice index", pd.Series(np.nan, index=table.index)), errors="coerce")
     if "mean dice index" in table.columns:
         dice = dice.fillna(pd.to_numeric(table["mean dice index"], errors="coerce"))
+    seeds = table["seed"] if "seed" in table.columns else pd.Series(0, index=table.index)
+    accuracy = (pd.to_numeric(table["ImageNet accuracy"], errors="coerce") if "ImageNet accuracy" in table.columns
+                else pd.Series(np.nan, index=table.index))
     frame = pd.DataFrame({
         "model": table["model"].astype(str),
-        "encoder_key": table["model"].map(lambda n: encoder_key(n, names)),
         "dataset": table["dataset"].astype(str),
+        "pretraining_scheme": table["pretraining scheme"].fillna("").astype(str),
+        "frozen": _to_bool(table["freeze encoder"]),
+        "encoder_key": table["model"].map(lambda n: encoder_key(n, names)),
         "dataset_key": table["dataset"].map(lambda n: dataset_key(n, names)),
         "scheme_key": table["pretraining scheme"].map(lambda n: scheme_key(n, names)),
-        "frozen": _to_bool(table["freeze encoder"]),
         "length": pd.to_numeric(table["pretraining length"], errors="coerce"),
-        "dice": dice,
+        "seed": seeds.astype(str), "dice": dice, "imagenet_accuracy": accuracy,
     })
-    frame = frame.dropna(subset=["length", "dice"])
+    no_length = frame["length"].isna()
+    if no_length.any():
+        found.append(Finding("no pretraining length", source, f"{int(no_length.sum())} row(s)", LEFT_OUT,
+                             "scratch runs or an empty 'pretraining length'"))
+    no_dice = frame["dice"].isna() & ~no_length
+    if no_dice.any():
+        found.append(Finding("no Dice value", source, f"{int(no_dice.sum())} row(s)", LEFT_OUT,
+                             "both 'dice index' and 'mean dice index' empty"))
+    frame = frame[~no_length & ~no_dice]
     if frame.empty:
         raise DataError(f"{source}: no rows with both a pretraining length and a Dice value")
-    grouped = frame.groupby(GROUP_KEYS + ["length"], as_index=False).agg(
-        dataset=("dataset", "first"), dice=("dice", "mean"), dice_std=("dice", "std"), n_seeds=("dice", "size"))
-    return grouped
+    blocks = frame.pivot_table(index=GROUP_COLUMNS + ["length"], columns="seed", values="dice", aggfunc="mean")
+    for keys, copy, kept in copied_blocks(blocks, "length"):
+        where = " | ".join(str(k) for k in keys) + f" | length {copy:g}"
+        found.append(Finding("copied block", source, where, FLAGGED if keep_copies else LEFT_OUT,
+                             f"every seed's Dice equals those at length {kept:g}"))
+        if not keep_copies:
+            frame = frame[~(_matches(frame, GROUP_COLUMNS, keys) & (frame["length"] == copy))]
+    return frame.reset_index(drop=True), found
+
+
+def _matches(frame: pd.DataFrame, columns: Sequence[str], values: Sequence[Any]) -> pd.Series:
+    mask = pd.Series(True, index=frame.index)
+    for column, value in zip(columns, values):
+        mask &= frame[column] == value
+    return mask
 
 
 def _variant_name(metric: str, margin: float, level: int, pooled: bool) -> str:
@@ -188,178 +228,317 @@ def _variant_name(metric: str, margin: float, level: int, pooled: bool) -> str:
 
 
 def prepare_scores(robustness: Optional[pd.DataFrame], baselines: Optional[pd.DataFrame], names: NameMapConfig,
-                   sources: tuple[str, str] = ("<robustness>", "<baselines>")) -> pd.DataFrame:
-    """One row per (encoder, dataset, scheme, variant, length): ``score`` oriented so that lower is better
-    (baseline estimators, higher-is-better, are negated in ``oriented``)."""
-    parts = []
+                   sources: tuple[str, str] = ("<robustness>", "<baselines>"), keep_copies: bool = False
+                   ) -> tuple[pd.DataFrame, list[Finding]]:
+    """One row per (encoder, dataset, scheme, variant, length): ``score`` and ``oriented`` (lower = predicted
+    better; higher-is-better estimators negated). Duplicates, empty scores and copied blocks (every variant
+    of a checkpoint equal to another length's) are left out and reported."""
+    parts, found = [], []
     if robustness is not None:
         _require(robustness, SCORE_COLUMNS, sources[0])
-        r = robustness
+        r, dup = drop_duplicate_rows(robustness, sources[0])
+        found += dup
         margin = pd.to_numeric(r["margin"], errors="coerce").astype(float)
-        level = pd.to_numeric(r["level"], errors="coerce")
+        level = pd.to_numeric(r["level"], errors="coerce").fillna(-1).astype(int)
         pooled = _to_bool(r["pooled"])
         parts.append(pd.DataFrame({
-            "family": "robustness",
-            "variant": [_variant_name(m, g, int(lv), p) for m, g, lv, p in zip(r["metric"], margin, level, pooled)],
-            "metric": r["metric"].astype(str), "margin": margin, "level": level.astype(int), "pooled": pooled,
+            "source": sources[0], "family": "robustness",
+            "variant": [_variant_name(m, g, lv, p) for m, g, lv, p in zip(r["metric"], margin, level, pooled)],
             "encoder_key": r["encoder"].map(lambda n: encoder_key(n, names)),
             "dataset_key": r["dataset"].map(lambda n: dataset_key(n, names)),
             "scheme_key": r["pretraining_scheme"].map(lambda n: scheme_key(n, names)),
             "length": pd.to_numeric(r["pretraining_length"], errors="coerce"),
-            "score": pd.to_numeric(r["robustness"], errors="coerce"),
-            "higher_is_better": False,
-        }))
+            "score": pd.to_numeric(r["robustness"], errors="coerce"), "higher_is_better": False}))
     if baselines is not None:
         _require(baselines, ("dataset", "metric", "encoder", "pretraining_scheme", "level", "pretraining_length",
                              "score"), sources[1])
-        b = baselines
+        b, dup = drop_duplicate_rows(baselines, sources[1])
+        found += dup
         higher = _to_bool(b["higher_is_better"]) if "higher_is_better" in b.columns else pd.Series(True, index=b.index)
         level = pd.to_numeric(b["level"], errors="coerce").fillna(-1).astype(int)
         parts.append(pd.DataFrame({
-            "family": "baseline estimator",
+            "source": sources[1], "family": "baseline estimator",
             "variant": [f"{m} level={lv}" for m, lv in zip(b["metric"], level)],
-            "metric": b["metric"].astype(str), "margin": np.nan, "level": level, "pooled": False,
             "encoder_key": b["encoder"].map(lambda n: encoder_key(n, names)),
             "dataset_key": b["dataset"].map(lambda n: dataset_key(n, names)),
             "scheme_key": b["pretraining_scheme"].map(lambda n: scheme_key(n, names)),
             "length": pd.to_numeric(b["pretraining_length"], errors="coerce"),
-            "score": pd.to_numeric(b["score"], errors="coerce"),
-            "higher_is_better": higher,
-        }))
+            "score": pd.to_numeric(b["score"], errors="coerce"), "higher_is_better": higher}))
     if not parts:
         raise ConfigError("analyze: give a robustness table (and/or a baselines table)")
-    scores = pd.concat(parts, ignore_index=True).dropna(subset=["length"])
+    scores = pd.concat(parts, ignore_index=True)
+    empty = scores["length"].isna() | scores["score"].isna()
+    for source, count in scores[empty].groupby("source").size().items():
+        found.append(Finding("no score value", source, f"{int(count)} row(s)", LEFT_OUT,
+                             "empty score or pretraining length"))
+    scores = scores[~empty]
     scores["oriented"] = np.where(scores["higher_is_better"], -scores["score"], scores["score"])
-    keys = ["family", "variant", "metric", "margin", "level", "pooled", "encoder_key", "dataset_key", "scheme_key",
-            "higher_is_better", "length"]
-    # Several scorings of one checkpoint (e.g. seeds) are averaged.
-    return scores.groupby(keys, as_index=False, dropna=False)[["score", "oriented"]].mean()
+    keys = ["family", "variant", "encoder_key", "dataset_key", "scheme_key", "higher_is_better", "length"]
+    # Several scorings of one checkpoint (e.g. seeds of the score) are averaged.
+    scores = scores.groupby(keys + ["source"], as_index=False)[["score", "oriented"]].mean()
+    for source, part in scores.groupby("source"):
+        blocks = part.pivot_table(index=SCORE_BLOCK + ["length"], columns="variant", values="score")
+        for keys_, copy, kept in copied_blocks(blocks, "length"):
+            where = " | ".join(str(k) for k in keys_) + f" | length {copy:g}"
+            found.append(Finding("copied block", str(source), where, FLAGGED if keep_copies else LEFT_OUT,
+                                 f"all {blocks.shape[1]} variants equal those at length {kept:g}"))
+            if not keep_copies:
+                scores = scores[~((scores["source"] == source) & _matches(scores, SCORE_BLOCK, keys_)
+                                  & (scores["length"] == copy))]
+    return scores.drop(columns="source").reset_index(drop=True), found
 
 
 # --------------------------------------------------------------------------------------------------
-# Per-group evaluation
+# Per-group curves
 
 
-def _correlations(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    from scipy import stats
+def build_curves(downstream: pd.DataFrame, scores: pd.DataFrame, source: str = "<downstream>"
+                 ) -> tuple[list[GroupCurves], list[Finding]]:
+    """One :class:`GroupCurves` per group with scores, over the lengths that have both Dice and scores.
 
-    ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 3:
-        return math.nan, math.nan
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rho = stats.spearmanr(x[ok], y[ok]).statistic
-        tau = stats.kendalltau(x[ok], y[ok]).statistic
-    return float(rho), float(tau)
-
-
-def _outcome(chosen: float, lengths: np.ndarray, dice: np.ndarray) -> dict[str, float]:
-    best = float(np.nanmax(dice))
-    longest = float(lengths.max())
-    chosen_dice = float(dice[np.flatnonzero(lengths == chosen)[0]])
-    return {"chosen_length": chosen, "chosen_dice": chosen_dice, "best_dice": best,
-            "best_length": float(lengths[int(np.nanargmax(dice))]), "regret": best - chosen_dice,
-            "saved": (1.0 - chosen / longest) if longest > 0 else math.nan}
-
-
-def evaluate_groups(downstream: pd.DataFrame, scores: pd.DataFrame, patience: Sequence[int] = ()) -> pd.DataFrame:
-    """One row per (group, rule): correlation of the rule's variant with Dice, chosen length, regret, saved."""
-    rows = []
-    score_groups = {key: frame for key, frame in scores.groupby(["encoder_key", "dataset_key", "scheme_key"])}
-    for key, group in downstream.groupby(GROUP_KEYS):
-        model, enc, ds, scheme, frozen = key
-        group_info = {"model": model, "dataset": group["dataset"].iloc[0], "encoder_key": enc, "dataset_key": ds,
-                      "scheme_key": scheme, "frozen": bool(frozen)}
-        candidates = score_groups.get((enc, ds, scheme))
-        if candidates is None:
-            log.info("no scores for %s / %s / %s: group left out", model, ds, scheme or "-")
+    Reported: groups without scores, lengths present in one table only, lengths with fewer seeds than
+    the group's others, variants constant over a group's lengths."""
+    found: list[Finding] = []
+    curves = []
+    by_block = {key: frame for key, frame in scores.groupby(SCORE_BLOCK)}
+    for key, rows in downstream.groupby(GROUP_COLUMNS, sort=True):
+        model, dataset, scheme, frozen, enc, ds, sk = key
+        where = f"{model} | {dataset} | {scheme or '-'} | {'frozen' if frozen else 'fine-tuned'}"
+        block = by_block.get((enc, ds, sk))
+        if block is None:
+            found.append(Finding("group without scores", source, where, LEFT_OUT,
+                                 f"no score for encoder {enc!r}, dataset {ds!r}, scheme {sk or '-'!r}"))
             continue
-        dice_by_length = dict(zip(group["length"].astype(float), group["dice"].astype(float)))
-        for (family, variant), frame in candidates.groupby(["family", "variant"]):
-            frame = frame[frame["length"].isin(dice_by_length)].sort_values("length")
-            if len(frame) < 2:
-                continue
-            lengths = frame["length"].to_numpy(float)
-            dice = np.array([dice_by_length[v] for v in lengths])
-            oriented = frame["oriented"].to_numpy(float)
-            rho, tau = _correlations(frame["score"].to_numpy(float), dice)
-            first = frame.iloc[0]
-            variant_info = {"family": family, "variant": variant, "metric": first["metric"],
-                            "margin": first["margin"], "level": first["level"], "pooled": first["pooled"],
-                            "higher_is_better": bool(first["higher_is_better"]), "n_lengths": len(lengths),
-                            "spearman": rho, "kendall": tau}
-            pairs = list(zip(lengths, oriented))
-            rules = [("argmin", None)] + [("patience", int(k)) for k in patience]
-            for rule, k in rules:
-                if not np.isfinite(oriented).any():
-                    continue
-                rec = recommend_checkpoint(pairs, rule, k or 1)
-                name = f"{variant} | {rule if k is None else f'patience={k}'}"
-                rows.append({**group_info, "rule": name, **variant_info, "stop_rule": rule if k is None else f"patience={k}",
-                             **_outcome(rec.length, lengths, dice)})
-        # Fixed baselines on the lengths that have both Dice and at least one score.
-        scored = set(candidates["length"].astype(float))
-        lengths = np.array(sorted(v for v in dice_by_length if v in scored))
-        if len(lengths) >= 2:
-            dice = np.array([dice_by_length[v] for v in lengths])
-            nonzero = lengths[lengths > 0]
-            for name, chosen in (("longest pretraining", lengths.max()),
-                                 ("shortest non-zero pretraining", nonzero.min() if len(nonzero) else math.nan)):
-                if math.isnan(chosen):
-                    continue
-                rows.append({**group_info, "rule": name, "family": "fixed", "variant": name, "n_lengths": len(lengths),
-                             "spearman": math.nan, "kendall": math.nan, "stop_rule": name,
-                             **_outcome(float(chosen), lengths, dice)})
-    if not rows:
+        dice_lengths = set(rows["length"].astype(float))
+        score_lengths = set(block["length"].astype(float))
+        lengths = np.array(sorted(dice_lengths & score_lengths))
+        only_dice, only_score = sorted(dice_lengths - score_lengths), sorted(score_lengths - dice_lengths)
+        if only_dice or only_score:
+            found.append(Finding("lengths in one table only", source, where, LEFT_OUT,
+                                 (f"Dice without scores at {_lengths_text(only_dice)}" if only_dice else "")
+                                 + ("; " if only_dice and only_score else "")
+                                 + (f"scores without Dice at {_lengths_text(only_score)}" if only_score else "")))
+        if len(lengths) < 2:
+            found.append(Finding("too few lengths", source, where, LEFT_OUT,
+                                 f"{len(lengths)} length(s) with both Dice and scores"))
+            continue
+        rows = rows[rows["length"].isin(lengths)]
+        by_seed = rows.pivot_table(index="length", columns="seed", values="dice", aggfunc="mean").reindex(lengths)
+        counts = by_seed.notna().sum(axis=1)
+        if counts.nunique() > 1:
+            short = counts[counts < counts.max()]
+            found.append(Finding("uneven seeds", source, where, FLAGGED,
+                                 "fewer seeds at " + ", ".join(f"{n:g} ({c} of {counts.max()})"
+                                                               for n, c in short.items())))
+        accuracy = rows.groupby("length")["imagenet_accuracy"].mean().reindex(lengths).to_numpy(float)
+        variants = {}
+        constant = []
+        table = block.pivot(index="length", columns="variant", values="oriented").reindex(lengths)
+        for variant in table.columns:
+            values = table[variant].to_numpy(float)
+            variants[str(variant)] = values
+            if is_constant(values):
+                constant.append(str(variant))
+        if constant:
+            found.append(Finding("constant variant", source, where, "not eligible for selection",
+                                 f"{len(constant)} variant(s) score every length alike (argmin would be a tie), "
+                                 f"e.g. {constant[0]}"))
+        curves.append(GroupCurves(
+            model=model, dataset=dataset, pretraining_scheme=scheme, freeze_encoder=bool(frozen), encoder_key=enc,
+            dataset_key=ds, scheme_key=sk, lengths=lengths, dice=by_seed.mean(axis=1).to_numpy(float),
+            dice_by_seed=by_seed.to_numpy(float), seeds=tuple(by_seed.columns), imagenet_accuracy=accuracy,
+            scores=variants))
+    matched = {(g.encoder_key, g.dataset_key, g.scheme_key) for g in curves}
+    for key in sorted(set(by_block) - matched - {(k[4], k[5], k[6]) for k in
+                                                  downstream.groupby(GROUP_COLUMNS).groups}):
+        found.append(Finding("scores without downstream results", "scores", " | ".join(key), LEFT_OUT))
+    if not curves:
         raise DataError("analyze: no (model, dataset, scheme) group has both downstream results and scores at "
                         "two or more common pretraining lengths; check the name mapping")
+    return curves, found
+
+
+def _lengths_text(lengths: Sequence[float]) -> str:
+    return "length(s) " + ", ".join(f"{n:g}" for n in lengths)
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def correlations(groups: Sequence[GroupCurves]) -> pd.DataFrame:
+    """Per group and predictor (every score variant, oriented so that higher = predicted better, and the
+    ImageNet accuracy): Pearson, Spearman, Kendall tau-b and weighted Kendall tau with mean Dice over the
+    group's lengths. NaN where the predictor is missing at a length or constant."""
+    from scipy import stats
+
+    rows = []
+    for g in groups:
+        names = list(g.scores) + [IMAGENET_PREDICTOR]
+        x = np.vstack([-g.scores[v] for v in g.scores] + [g.imagenet_accuracy.reshape(1, -1)])
+        y = g.dice
+        usable = np.isfinite(x).all(axis=1) & (np.ptp(np.nan_to_num(x), axis=1) > 0) & (len(y) >= 3) \
+            & (np.ptp(y) > 0)
+        pearson = np.full(len(names), np.nan)
+        spearman, kendall, weighted = pearson.copy(), pearson.copy(), pearson.copy()
+        if usable.any():
+            xs = x[usable]
+            pearson[usable] = _row_pearson(xs, y)
+            spearman[usable] = _row_pearson(stats.rankdata(xs, axis=1), stats.rankdata(y))
+            kendall[usable] = _row_kendall_b(xs, y)
+            weighted[usable] = [stats.weightedtau(row, y).statistic for row in xs]
+        for i, name in enumerate(names):
+            rows.append({"model": g.model, "dataset": g.dataset, "pretraining_scheme": g.pretraining_scheme,
+                         "freeze_encoder": g.freeze_encoder, "predictor": name, "n_lengths": len(y),
+                         "pearson": pearson[i], "spearman": spearman[i], "kendall": kendall[i],
+                         "weighted_tau": weighted[i]})
     return pd.DataFrame(rows)
 
 
-def summarize(groups: pd.DataFrame) -> pd.DataFrame:
-    """One row per rule over all groups: mean correlations, mean/median regret, mean saved."""
-    agg = groups.groupby(["rule", "family"], as_index=False, dropna=False).agg(
-        n_groups=("regret", "size"), spearman_mean=("spearman", "mean"), kendall_mean=("kendall", "mean"),
-        regret_mean=("regret", "mean"), regret_median=("regret", "median"), regret_max=("regret", "max"),
-        saved_mean=("saved", "mean"))
-    return agg
+def _row_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson r of every row of ``x`` with ``y`` (rows and ``y`` non-constant)."""
+    xc = x - x.mean(axis=1, keepdims=True)
+    yc = y - y.mean()
+    return np.clip((xc @ yc) / np.sqrt((xc ** 2).sum(axis=1) * (yc ** 2).sum()), -1.0, 1.0)
 
 
-def _best_rule(groups: pd.DataFrame) -> Optional[str]:
-    """The robustness rule with the lowest mean regret (ties: more pretraining saved, then stronger
-    negative Spearman, then name)."""
-    candidates = summarize(groups[groups["family"] == "robustness"])
+def _row_kendall_b(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Kendall tau-b of every row of ``x`` with ``y``: scipy's ``kendalltau`` (same statistic), vectorised
+    over the rows because analyze computes it for every variant of every group (thousands of short rows)."""
+    upper = np.triu_indices(len(y), k=1)
+    sx = np.sign(x[:, :, None] - x[:, None, :])[:, upper[0], upper[1]]
+    sy = np.sign(y[:, None] - y[None, :])[upper]
+    concordance = (sx * sy).sum(axis=1)
+    return concordance / np.sqrt((sx != 0).sum(axis=1) * (sy != 0).sum())
+
+
+def bootstrap_interval(values: Sequence[float], n_resamples: int = 2000, confidence: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean over groups (scipy); NaN for fewer than two values."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if len(values) < 2:
+        return math.nan, math.nan
+    if np.ptp(values) == 0:
+        return float(values[0]), float(values[0])
+    result = stats.bootstrap((values,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
+                             method="percentile", vectorized=True, random_state=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def coverage_label(covered: Sequence[GroupCurves], groups: Sequence[GroupCurves]) -> str:
+    """``all 36 groups``, or which groups are missing when that is a whole model or dataset."""
+    n, k = len(groups), len(covered)
+    if k == n:
+        return f"all {n} groups"
+    ids = {id(g) for g in covered}
+    missing = [g for g in groups if id(g) not in ids]
+    for attribute, what in (("model", "no"), ("dataset", "no")):
+        gone = {getattr(g, attribute) for g in missing}
+        if not gone & {getattr(g, attribute) for g in covered}:
+            return f"{k} of {n} groups ({what} {', '.join(sorted(gone))})"
+    return f"{k} of {n} groups"
+
+
+def summarize(decisions: pd.DataFrame, groups: Sequence[GroupCurves], rules: Sequence[Rule],
+              correlation_table: pd.DataFrame, n_resamples: int = 2000) -> pd.DataFrame:
+    """One row per evaluated rule: coverage, mean regret and saved with bootstrap intervals over groups,
+    wins/ties/losses against always longest (tie: within the group's seed noise), mean correlations of
+    the rule's variant, ties of argmin."""
+    by_key = {g.key: g for g in groups}
+    variant_of = {r.name: r.variant for r in rules}
+    family_of = {r.name: r.family for r in rules}
+    corr = (correlation_table.groupby("predictor")[["pearson", "spearman", "kendall", "weighted_tau"]].mean()
+            if len(correlation_table) else pd.DataFrame())
+    rows = []
+    for rule, frame in decisions.groupby("rule", sort=False):
+        covered = [by_key[k] for k in zip(frame["model"], frame["dataset"], frame["pretraining_scheme"],
+                                          frame["freeze_encoder"])]
+        base = rule.rsplit(" [", 1)[0]
+        low, high = bootstrap_interval(frame["regret"], n_resamples)
+        saved_low, saved_high = bootstrap_interval(frame["saved"], n_resamples)
+        outcome = frame["vs_longest"].value_counts()
+        row = {"rule": rule, "family": family_of.get(base, frame["family"].iloc[0]),
+               "evaluation": frame["evaluation"].iloc[0], "bound": bool(frame["bound"].iloc[0]),
+               "coverage": coverage_label(covered, groups), "n_groups": len(frame),
+               "regret_mean": frame["regret"].mean(), "regret_ci_low": low, "regret_ci_high": high,
+               "regret_median": frame["regret"].median(), "regret_max": frame["regret"].max(),
+               "saved_mean": frame["saved"].mean(), "saved_ci_low": saved_low, "saved_ci_high": saved_high,
+               "dice_vs_longest_mean": frame["dice_vs_longest"].mean(),
+               "wins": int(outcome.get("win", 0)), "ties": int(outcome.get("tie", 0)),
+               "losses": int(outcome.get("loss", 0)), "tied_argmin": int((frame["detail"] == "tied").sum())}
+        variant = variant_of.get(base, "")
+        for column in ("pearson", "spearman", "kendall", "weighted_tau"):
+            row[f"{column}_mean"] = corr.loc[variant, column] if variant in corr.index else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def honest(summary: pd.DataFrame) -> pd.Series:
+    """Rules whose figures are out of sample: not an oracle, a fitted rule only as evaluated
+    leave-one-dataset-out, and no single score variant (picking the best of many variants on the same data
+    is an in-sample choice; the fitted "best variant" rules make that choice honestly)."""
+    return ~summary["bound"] & (summary["evaluation"] != IN_SAMPLE) & (summary["family"] != "score")
+
+
+def recommend(summary: pd.DataFrame, n_groups: int) -> Optional[str]:
+    """Among :func:`honest` rules that cover every group, the lowest mean regret (ties: more pretraining
+    saved, then the earlier rule)."""
+    candidates = summary[honest(summary) & (summary["n_groups"] == n_groups)]
     if candidates.empty:
         return None
-    candidates = candidates.assign(_neg_saved=-candidates["saved_mean"].fillna(-np.inf),
-                                   _rho=candidates["spearman_mean"].fillna(np.inf))
-    ordered = candidates.sort_values(["regret_mean", "_neg_saved", "_rho", "rule"], kind="stable")
-    return str(ordered["rule"].iloc[0])
+    ordered = candidates.assign(_saved=-candidates["saved_mean"], _order=range(len(candidates)))
+    return str(ordered.sort_values(["regret_mean", "_saved", "_order"])["rule"].iloc[0])
 
 
-def leave_one_dataset_out(groups: pd.DataFrame) -> pd.DataFrame:
-    """Per held-out dataset: the rule chosen on the other datasets, and its regret/saved on the held-out one."""
+def paper_claims(summary: pd.DataFrame, decisions: pd.DataFrame, correlation_table: pd.DataFrame,
+                 n_groups: int) -> pd.DataFrame:
+    """The reference study's abstract, claim by claim, with the figure from these tables."""
     rows = []
-    datasets = sorted(groups["dataset_key"].unique())
-    if len(datasets) < 2:
-        return pd.DataFrame(columns=["held_out", "selected_rule", "n_groups", "regret_mean", "saved_mean",
-                                     "oracle_rule", "oracle_regret_mean"])
-    for held_out in datasets:
-        train = groups[groups["dataset_key"] != held_out]
-        test = groups[groups["dataset_key"] == held_out]
-        chosen = _best_rule(train)
-        oracle = _best_rule(test)
-        if chosen is None:
-            continue
-        scored = test[test["rule"] == chosen]
-        rows.append({"held_out": held_out, "selected_rule": chosen, "n_groups": len(scored),
-                     "regret_mean": scored["regret"].mean() if len(scored) else math.nan,
-                     "saved_mean": scored["saved"].mean() if len(scored) else math.nan,
-                     "spearman_mean": scored["spearman"].mean() if len(scored) else math.nan,
-                     "oracle_rule": oracle,
-                     "oracle_regret_mean": test.loc[test["rule"] == oracle, "regret"].mean() if oracle else math.nan,
-                     "_regret_sum": scored["regret"].sum(), "_saved_sum": scored["saved"].sum()})
-    return pd.DataFrame(rows)
+    rules = summary.set_index("rule")
+    best = decisions[decisions["rule"] == "oracle: best length"]
+    if len(best):
+        earlier = int((best["best_length"] < best["longest_length"]).sum())
+        beyond = int((best["vs_longest"] == "win").sum())
+        share = beyond / len(best)
+        verdict = "supported" if share >= 0.25 else "not supported" if share < 0.10 else "weak"
+        rows.append({"claim": "shorter pretraining is often better downstream",
+                     "figure": f"{earlier} of {len(best)} groups peak before the longest length; in {beyond} "
+                               "the best length beats the longest by more than the seed noise",
+                     "criterion": "supported if >= 25% of groups beat the longest beyond seed noise, "
+                                  "not supported if < 10%", "verdict": verdict})
+    acc = correlation_table[correlation_table["predictor"] == IMAGENET_PREDICTOR] if len(correlation_table) else []
+    if len(acc) and acc["spearman"].notna().any():
+        mean = acc["spearman"].mean()
+        low, high = bootstrap_interval(acc["spearman"])
+        scores = correlation_table[correlation_table["predictor"] != IMAGENET_PREDICTOR]
+        by_variant = scores.groupby("predictor")["spearman"].agg(["mean", "count"])
+        by_variant = by_variant[by_variant["count"] == by_variant["count"].max()]
+        text = (f"mean Spearman of ImageNet accuracy with Dice over lengths {mean:+.2f} "
+                f"[95% CI {low:+.2f}, {high:+.2f}] over {acc['spearman'].notna().sum()} groups")
+        if len(by_variant):
+            top = by_variant["mean"].idxmax()
+            text += f"; best score variant {top}: {by_variant.loc[top, 'mean']:+.2f}"
+        rows.append({"claim": "ImageNet accuracy is a poor indicator of downstream Dice", "figure": text,
+                     "criterion": "supported if the whole interval is below +0.5, contradicted if above",
+                     "verdict": "supported" if high < 0.5 else "contradicted" if low > 0.5 else "undecided"})
+    longest = rules.loc["always longest"] if "always longest" in rules.index else None
+    score_rules = summary[honest(summary) & ~summary["family"].isin(["baseline", "ImageNet"])
+                          & (summary["n_groups"] == n_groups)]
+    if longest is not None and len(score_rules):
+        saving = score_rules[score_rules["saved_mean"] >= 0.5]
+        pick = (saving if len(saving) else score_rules).sort_values(["regret_mean", "rule"]).iloc[0]
+        reached = len(saving) and pick["regret_mean"] <= longest["regret_mean"]
+        rows.append({"claim": "the transferability score saves pretraining while keeping Dice",
+                     "figure": f"best out-of-sample score rule{' saving >= 50%' if len(saving) else ''} "
+                               f"({pick['rule']}): regret {pick['regret_mean']:.4f} at {pick['saved_mean']:.0%} saved "
+                               f"vs always longest {longest['regret_mean']:.4f} at 0% (all {n_groups} groups)",
+                     "criterion": "supported if an out-of-sample score rule saves >= 50% of pretraining with mean "
+                                  "regret no worse than always longest",
+                     "verdict": "supported" if reached else "not supported"})
+    return pd.DataFrame(rows, columns=["claim", "figure", "criterion", "verdict"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -368,59 +547,71 @@ def leave_one_dataset_out(groups: pd.DataFrame) -> pd.DataFrame:
 
 @dataclass
 class AnalysisResult:
-    summary: pd.DataFrame  # one row per rule, the selections first: what the CLI prints
-    groups: pd.DataFrame  # one row per (group, rule)
-    lodo: pd.DataFrame  # leave-one-dataset-out selection, one row per held-out dataset
-    best_rule: Optional[str]
-    curves: pd.DataFrame = field(default_factory=pd.DataFrame)  # Dice and the selected variant per length
+    summary: pd.DataFrame  # one row per evaluated rule
+    decisions: pd.DataFrame  # one row per (rule, group): decisions.csv
+    correlations: pd.DataFrame  # one row per (group, predictor)
+    claims: pd.DataFrame  # the reference study's claims, checked
+    quality: list[Finding]  # every problem found in the inputs and what was done
+    groups: list[GroupCurves]
+    recommended: Optional[str]
+    best_variant: Optional[str]  # the variant selected in-sample (argmin)
     paths: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def best_rule(self) -> Optional[str]:  # the name the demo prints
+        return self.recommended
+
+    @property
+    def lodo(self) -> pd.DataFrame:
+        """Per fitted rule and held-out dataset: what was selected on the other datasets, and its regret."""
+        frame = self.decisions[self.decisions["evaluation"] == LODO]
+        if frame.empty:
+            return pd.DataFrame(columns=["rule", "held_out", "selected", "n_groups", "regret_mean", "saved_mean"])
+        return frame.groupby(["rule", "dataset_key"], as_index=False).agg(
+            selected=("detail", lambda d: "; ".join(sorted(set(map(str, d))))), n_groups=("regret", "size"),
+            regret_mean=("regret", "mean"), saved_mean=("saved", "mean")).rename(columns={"dataset_key": "held_out"})
 
 
 def analyze(downstream: pd.DataFrame | str | Path, robustness: pd.DataFrame | str | Path | None, *,
             baselines: pd.DataFrame | str | Path | None = None,
             names: NameMapConfig | Mapping[str, Any] | str | Path | None = None,
-            patience: Sequence[int] = (), test_set: Optional[str] = "target",
+            patience: Sequence[int] = (1,), test_set: Optional[str] = "target", keep_copies: bool = False,
+            extra_rules: Sequence[Rule] = (), recommended: Optional[str] = None, n_resamples: int = 2000,
             out_dir: str | Path | None = None, figures: bool = True) -> AnalysisResult:
-    """Relate scores to downstream Dice and evaluate stop rules (see the module docstring).
+    """Check the inputs, build per-group curves, evaluate every rule, relate scores to Dice, check the
+    paper's claims (see the module docstring).
 
-    ``out_dir``: writes ``analysis_summary.csv``, ``analysis_groups.csv``, ``analysis_lodo.csv`` and
-    (``figures``) ``figures/score_vs_dice.png``, ``figures/regret_vs_saved.png``.
+    ``extra_rules`` are evaluated with the built-in ones; ``recommended`` names the rule marked
+    recommended in ``decisions.csv`` (default: :func:`recommend`). ``out_dir``: writes
+    ``decisions.csv``, ``analysis_summary.csv``, ``correlations.csv``, ``claims.csv``,
+    ``data_quality.csv``, ``lodo.csv`` and (``figures``) ``figures/*.png``.
     """
     names = load_names(names)
     down_table, down_source = _read_table(downstream, "downstream")
     robust_table, robust_source = (None, "<robustness>") if robustness is None else _read_table(robustness, "robustness")
     base_table, base_source = (None, "<baselines>") if baselines is None else _read_table(baselines, "baselines")
-    down = prepare_downstream(down_table, names, down_source, test_set)
-    scores = prepare_scores(robust_table, base_table, names, (robust_source, base_source))
-    groups = evaluate_groups(down, scores, patience)
-    summary = summarize(groups)
-    best = _best_rule(groups)
-    lodo = leave_one_dataset_out(groups)
-    selection_rows = []
-    if best is not None:
-        row = summary[summary["rule"] == best].iloc[0].to_dict()
-        selection_rows.append({**row, "rule": f"selected in-sample: {best}", "family": "selected (in-sample)"})
-    if len(lodo):
-        n = lodo["n_groups"].sum()
-        selection_rows.append({
-            "rule": "selected leave-one-dataset-out (" + "; ".join(
-                f"{h}: {r}" for h, r in zip(lodo["held_out"], lodo["selected_rule"])) + ")",
-            "family": "selected (out-of-sample)", "n_groups": int(n),
-            "spearman_mean": lodo["spearman_mean"].mean(),
-            "regret_mean": lodo["_regret_sum"].sum() / n if n else math.nan,
-            "saved_mean": lodo["_saved_sum"].sum() / n if n else math.nan})
-        lodo = lodo.drop(columns=["_regret_sum", "_saved_sum"])
-    family_order = {"selected (in-sample)": 0, "selected (out-of-sample)": 1, "fixed": 2, "robustness": 3,
-                    "baseline estimator": 4}
-    summary = pd.concat([pd.DataFrame(selection_rows), summary], ignore_index=True)
-    summary = summary.assign(_order=summary["family"].map(family_order).fillna(9)).sort_values(
-        ["_order", "regret_mean", "rule"], kind="stable").drop(columns="_order").reset_index(drop=True)
-    curves = pd.DataFrame()
-    if best is not None:
-        variant = groups.loc[groups["rule"] == best, "variant"].iloc[0]
-        selected = scores.loc[scores["variant"] == variant, ["encoder_key", "dataset_key", "scheme_key", "length", "score"]]
-        curves = down.merge(selected, on=["encoder_key", "dataset_key", "scheme_key", "length"]).sort_values("length")
-    result = AnalysisResult(summary, groups, lodo, best, curves)
+    down, found = prepare_downstream(down_table, names, down_source, test_set, keep_copies)
+    scores, score_found = prepare_scores(robust_table, base_table, names, (robust_source, base_source), keep_copies)
+    groups, curve_found = build_curves(down, scores, down_source)
+    quality = found + score_found + curve_found
+    variants = sorted({v for g in groups for v in g.scores})
+    robustness_variants = sorted(set(scores.loc[scores["family"] == "robustness", "variant"]))
+    rules = builtin_rules(robustness_variants or variants, patience) + [
+        Rule(f"{v} | argmin", score_rule(v), "baseline estimator", variant=v)
+        for v in variants if v not in robustness_variants] + list(extra_rules)
+    decisions = evaluate_rules(groups, rules)
+    correlation_table = correlations(groups)
+    summary = summarize(decisions, groups, rules, correlation_table, n_resamples)
+    if recommended is None:
+        recommended = recommend(summary, len(groups))
+    elif recommended not in set(summary["rule"]):
+        raise ConfigError(f"analyze: recommended rule {recommended!r} was not evaluated")
+    decisions["recommended"] = decisions["rule"] == recommended
+    summary.insert(1, "recommended", summary["rule"] == recommended)
+    selected = decisions[decisions["rule"] == f"best variant | argmin [{IN_SAMPLE}]"]
+    best_variant = str(selected["detail"].iloc[0]) if len(selected) else None
+    claims = paper_claims(summary, decisions, correlation_table, len(groups))
+    result = AnalysisResult(summary, decisions, correlation_table, claims, quality, groups, recommended, best_variant)
     if out_dir is not None:
         result.paths = write_outputs(result, Path(out_dir), figures=figures)
     return result
@@ -429,11 +620,14 @@ def analyze(downstream: pd.DataFrame | str | Path, robustness: pd.DataFrame | st
 def write_outputs(result: AnalysisResult, out: Path, figures: bool = True) -> dict[str, Path]:
     from medxfer.io import atomic_write_text
 
-    paths = {"summary": out / "analysis_summary.csv", "groups": out / "analysis_groups.csv",
-             "lodo": out / "analysis_lodo.csv"}
-    atomic_write_text(paths["summary"], result.summary.to_csv(index=False))
-    atomic_write_text(paths["groups"], result.groups.to_csv(index=False))
-    atomic_write_text(paths["lodo"], result.lodo.to_csv(index=False))
+    tables = {"decisions": ("decisions.csv", result.decisions), "summary": ("analysis_summary.csv", result.summary),
+              "correlations": ("correlations.csv", result.correlations), "claims": ("claims.csv", result.claims),
+              "data_quality": ("data_quality.csv", findings_frame(result.quality)),
+              "lodo": ("lodo.csv", result.lodo)}
+    paths = {}
+    for key, (name, table) in tables.items():
+        paths[key] = out / name
+        atomic_write_text(paths[key], table.to_csv(index=False))
     if figures:
         paths.update(write_figures(result, out / "figures"))
     return paths
@@ -454,59 +648,95 @@ def write_figures(result: AnalysisResult, folder: Path, max_panels: int = 12) ->
     import matplotlib.pyplot as plt
 
     paths = {}
-    groups = result.groups
-    # Regret vs pretraining saved, one point per rule.
-    summary = summarize(groups)
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    colours = {"robustness": "tab:blue", "baseline estimator": "tab:green", "fixed": "tab:red"}
+    summary = result.summary
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    colours = {"score": "tab:blue", "score (selected)": "tab:purple", "baseline": "tab:red", "ImageNet": "tab:orange",
+               "oracle": "tab:green", "baseline estimator": "tab:olive"}
     for family, frame in summary.groupby("family"):
-        ax.scatter(frame["saved_mean"], frame["regret_mean"], s=18 if family == "robustness" else 40,
-                   alpha=0.6 if family == "robustness" else 0.9, label=family, c=colours.get(family, "tab:gray"))
-    if result.best_rule is not None:
-        best = summary[summary["rule"] == result.best_rule].iloc[0]
-        ax.scatter([best["saved_mean"]], [best["regret_mean"]], marker="*", s=200, c="gold", edgecolors="k",
-                   label="selected (in-sample)")
-    ax.set_xlabel("mean fraction of pretraining saved vs the longest")
+        many = family == "score"
+        ax.scatter(frame["saved_mean"], frame["regret_mean"], s=12 if many else 40, alpha=0.4 if many else 0.9,
+                   label=family, c=colours.get(family, "tab:gray"))
+    if result.recommended is not None:
+        rec = summary[summary["rule"] == result.recommended].iloc[0]
+        ax.scatter([rec["saved_mean"]], [rec["regret_mean"]], marker="*", s=220, c="gold", edgecolors="k",
+                   label="recommended", zorder=5)
+    ax.set_xlabel("mean fraction of pretraining saved (at the stopped length)")
     ax.set_ylabel("mean Dice regret vs the best length")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     paths["regret_vs_saved"] = _save_figure(fig, folder / "regret_vs_saved.png")
     plt.close(fig)
-    # The selected variant's score next to Dice over pretraining length, per group.
-    if result.best_rule is not None:
-        chosen = groups[groups["rule"] == result.best_rule]
-        panels = chosen.head(max_panels)
+    if result.best_variant is not None:
+        panels = [g for g in result.groups if result.best_variant in g.scores][:max_panels]
         cols = min(3, len(panels))
         rows = math.ceil(len(panels) / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-        for ax, (_, row) in zip(axes.flat, panels.iterrows()):
-            ax.set_title(f"{row['model']} | {row['dataset']} | {row['scheme_key'] or '-'}"
-                         f"{' | frozen' if row['frozen'] else ''}", fontsize=8)
-            ax.axvline(row["chosen_length"], color="tab:orange", ls="--", lw=1, label="chosen")
-            ax.axvline(row["best_length"], color="tab:green", ls=":", lw=1, label="best Dice")
+        for ax, g in zip(axes.flat, panels):
+            ax.set_title(g.label, fontsize=7)
+            ax.plot(g.lengths, g.dice, "o-", color="tab:green", ms=3)
             ax.set_xlabel("pretraining length")
             ax.set_ylabel("Dice")
-            c = result.curves
-            curve = c[(c["model"] == row["model"]) & (c["dataset_key"] == row["dataset_key"])
-                      & (c["scheme_key"] == row["scheme_key"]) & (c["frozen"] == row["frozen"])]
-            if len(curve):
-                ax.plot(curve["length"], curve["dice"], "o-", color="tab:green", ms=3)
-                twin = ax.twinx()
-                twin.plot(curve["length"], curve["score"], "s-", color="tab:blue", ms=3)
-                twin.set_ylabel("score", color="tab:blue")
+            twin = ax.twinx()
+            twin.plot(g.lengths, g.scores[result.best_variant], "s-", color="tab:blue", ms=3)
+            twin.set_ylabel("score (lower = better)", color="tab:blue")
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
-        fig.suptitle(f"selected: {result.best_rule}", fontsize=9)
+        fig.suptitle(f"best variant (in-sample): {result.best_variant}", fontsize=9)
         fig.tight_layout()
         paths["score_vs_dice"] = _save_figure(fig, folder / "score_vs_dice.png")
         plt.close(fig)
     return paths
 
 
-def summary_for_print(result: AnalysisResult, top: int = 15) -> pd.DataFrame:
-    """The selections, the fixed baselines and the ``top`` best other rules, in a few columns."""
-    summary = result.summary
-    keep = summary["family"].isin(["selected (in-sample)", "selected (out-of-sample)", "fixed"])
-    rest = summary[~keep].head(top)
-    columns = ["rule", "family", "n_groups", "spearman_mean", "kendall_mean", "regret_mean", "saved_mean"]
-    return pd.concat([summary[keep], rest])[columns].reset_index(drop=True)
+KEY_FAMILIES = ("baseline", "ImageNet", "oracle", "score (selected)")
+
+
+def summary_for_print(result: AnalysisResult, top: int = 5) -> pd.DataFrame:
+    """Baselines, oracles, ImageNet rules, the selected variants, the recommended rule and the ``top`` best
+    single-variant rules of each coverage set (best of many: in-sample), as text columns."""
+    s = result.summary
+    key = s[s["family"].isin(KEY_FAMILIES) | s["recommended"] | (s["family"] == "extra")]
+    singles = s[~s.index.isin(key.index)].sort_values(["regret_mean", "rule"]).groupby("coverage").head(top)
+    rows = []
+    for _, r in pd.concat([key, singles]).iterrows():
+        rows.append({
+            "rule": ("* " if r["recommended"] else "") + r["rule"], "groups": r["coverage"],
+            "regret [95% CI]": f"{r['regret_mean']:.4f} [{r['regret_ci_low']:.4f}, {r['regret_ci_high']:.4f}]",
+            "saved": f"{r['saved_mean']:.0%}", "vs longest W/T/L": f"{r['wins']}/{r['ties']}/{r['losses']}",
+            "Spearman": "" if math.isnan(r["spearman_mean"]) else f"{r['spearman_mean']:+.2f}",
+            "note": ("oracle (knows the Dice)" if r["bound"] else "chosen in-sample" if r["evaluation"] == IN_SAMPLE
+                     else "best of many variants: in-sample" if r["family"] == "score" else "")})
+    return pd.DataFrame(rows)
+
+
+def correlation_summary(result: AnalysisResult, top: int = 5) -> pd.DataFrame:
+    """Mean correlations over groups with a bootstrap interval of the mean Spearman: ImageNet accuracy and the
+    ``top`` variants by mean Spearman among those scored on every group."""
+    table = result.correlations
+    if table.empty:
+        return pd.DataFrame()
+    agg = table.groupby("predictor").agg(n_groups=("spearman", "count"), pearson=("pearson", "mean"),
+                                         spearman=("spearman", "mean"), kendall=("kendall", "mean"),
+                                         weighted_tau=("weighted_tau", "mean"))
+    full = agg[agg["n_groups"] == agg["n_groups"].max()]
+    chosen = list(dict.fromkeys([IMAGENET_PREDICTOR] * (IMAGENET_PREDICTOR in agg.index)
+                                + list(full.drop(index=IMAGENET_PREDICTOR, errors="ignore")
+                                       .sort_values("spearman", ascending=False).index[:top])))
+    rows = []
+    for name in chosen:
+        low, high = bootstrap_interval(table.loc[table["predictor"] == name, "spearman"])
+        rows.append({"predictor": name, **agg.loc[name].to_dict(), "spearman_ci_low": low, "spearman_ci_high": high})
+    return pd.DataFrame(rows)
+
+
+def seeds_text(groups: Sequence[GroupCurves]) -> str:
+    """How many seeds the Dice means rest on: ``3 seeds per length (2 at 14 of 340 lengths)``."""
+    counts = np.concatenate([np.isfinite(g.dice_by_seed).sum(axis=1) for g in groups])
+    most = int(np.bincount(counts).argmax())
+    text = f"{most} seed{'s' if most != 1 else ''} per length"
+    other = counts != most
+    if other.any():
+        text += f" ({', '.join(str(c) for c in sorted(set(counts[other])))} at {int(other.sum())} of {len(counts)})"
+    if most == 1:
+        text = "ONE seed: differences below the seed noise cannot be told apart; " + text
+    return text
