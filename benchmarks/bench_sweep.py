@@ -44,7 +44,7 @@ def medxfer_command() -> str:
 def run_side(grid: dict, backend: str = "local", workers: int = 1, threads: Optional[int] = None) -> dict[str, Any]:
     """``medxfer sweep`` on ``grid`` in a fresh process; its wall time, start-up and each run's Dice."""
     from medxfer.finetune import summary_dice
-    from medxfer.sweep.store import iter_records
+    from medxfer.records import iter_records
 
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     env.pop("OMP_NUM_THREADS", None)  # torch's thread count at start-up: its default unless asked

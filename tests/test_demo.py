@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from medxfer.cli import main
-from medxfer.sweep.store import REFERENCE_COLUMNS
+from medxfer.records import REFERENCE_COLUMNS
 
 FIGURES = ["dice_vs_pretraining_length", "transferability_vs_pretraining_length", "score_vs_dice",
            "dice_vs_n_images", "source_vs_target", "overlays"]

@@ -11,7 +11,7 @@ from medxfer.evaluation.evaluate import evaluate_cases
 from medxfer.finetune import build_model, run_finetune, run_id_for, summary_dice
 from medxfer.io import seed_everything
 from medxfer.models import build_segmenter, save_encoder
-from medxfer.sweep.store import REFERENCE_COLUMNS, collect
+from medxfer.records import REFERENCE_COLUMNS, collect
 from medxfer.training.strategies import apply_strategy
 
 TINY = ModelConfig(preset="unet", width=4, depth=3)

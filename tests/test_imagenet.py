@@ -160,7 +160,7 @@ def test_transforms_keep_eval_deterministic_and_train_random():
 
 def test_pretraining_runs_on_an_imagenet_copy(tmp_path):
     from medxfer.models.weights import list_checkpoints
-    from medxfer.pretrain import run_pretraining
+    from medxfer.pretraining import run_pretraining
 
     make_copy(tmp_path / "imagenet")
     config = parse_config({

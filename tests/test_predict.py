@@ -15,7 +15,7 @@ from medxfer.config import RunConfig, config_to_dict, parse_config
 from medxfer.errors import CheckpointError, DataError
 from medxfer.models.weights import save_model_weights
 from medxfer.predict import load_trained_model, predict
-from medxfer.sweep.store import write_record
+from medxfer.records import write_record
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -10,7 +10,7 @@ import torch
 from medxfer.config import PretrainConfig, RunConfig, parse_config
 from medxfer.errors import ConfigError
 from medxfer.models.weights import encoder_from_checkpoint, list_checkpoints, read_state_dict
-from medxfer.pretrain import prepare_pretraining, resolve_model_checkpoint, resolve_recipe, run_pretraining
+from medxfer.pretraining import prepare_pretraining, resolve_model_checkpoint, resolve_recipe, run_pretraining
 from medxfer.training.tasks import scheduled_lr_factor
 
 MANIFEST_FIELDS = ("pretraining_length", "length_unit", "val_accuracy", "scheme", "architecture", "dataset", "seed")

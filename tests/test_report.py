@@ -18,7 +18,7 @@ from medxfer.config import RunConfig, config_to_dict, parse_config
 from medxfer.errors import DataError
 from medxfer.io import stable_hash
 from medxfer.report import downstream_table, paired_comparison, paired_test, summary_table, write_report
-from medxfer.sweep.store import iter_records, write_record
+from medxfer.records import iter_records, write_record
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ALL_FIGURES = ["dice_vs_pretraining_length", "transferability_vs_pretraining_length", "score_vs_dice",

@@ -70,7 +70,7 @@ def _score_config(**stop):
 
 
 def test_online_callback_stops_pretraining_when_the_score_stops_improving(tmp_path):
-    from medxfer.pretrain import run_pretraining
+    from medxfer.pretraining import run_pretraining
 
     # No change counts as an improvement (min_delta is huge): the rule fires after `patience` checkpoints.
     callback = RobustnessEarlyStopping.from_config(_score_config(patience=2, min_delta=10.0),
@@ -89,7 +89,7 @@ def test_online_callback_stops_pretraining_when_the_score_stops_improving(tmp_pa
 
 
 def test_online_callback_lets_pretraining_finish_while_the_rule_does_not_fire(tmp_path):
-    from medxfer.pretrain import run_pretraining
+    from medxfer.pretraining import run_pretraining
 
     callback = RobustnessEarlyStopping.from_config(_score_config(patience=5))
     result = run_pretraining(_pretrain_config([0, 1, 2]), tmp_path / "run", callbacks=[callback])

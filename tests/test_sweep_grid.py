@@ -7,7 +7,7 @@ import pytest
 from medxfer.config import PretrainConfig, RunConfig
 from medxfer.errors import ConfigError
 from medxfer.finetune import run_id_for
-from medxfer.pretrain import config_identity
+from medxfer.pretraining import config_identity
 from medxfer.sweep.grid import AXIS_ALIASES, expand_grid, load_sweep, parse_sweep
 from medxfer.sweep.runner import run_sweep
 

@@ -5,7 +5,7 @@ import pytest
 
 from medxfer.sweep.grid import parse_sweep
 from medxfer.sweep.runner import run_sweep
-from medxfer.sweep.store import read_record
+from medxfer.records import read_record
 
 pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")

@@ -17,7 +17,7 @@ import yaml
 from medxfer.finetune import run_finetune, run_id_for
 from medxfer.sweep.grid import expand_grid, parse_sweep
 from medxfer.sweep.runner import run_sweep
-from medxfer.sweep.store import read_record, run_dir, write_record
+from medxfer.records import read_record, run_dir, write_record
 
 # 8 tiny runs on the embedded demo data (2 training steps each).
 TINY_GRID = {

@@ -92,7 +92,7 @@ def finetune(config: Path = typer.Argument(..., help="Run config (YAML)."),
 
     check_output_dir(out)
     _quiet_training_libraries()
-    from medxfer.sweep.store import collect
+    from medxfer.records import collect
 
     run = run_finetune(load_config(config, RunConfig), out, progress=sys.stderr.isatty())
     collect(out)
@@ -104,7 +104,7 @@ def finetune(config: Path = typer.Argument(..., help="Run config (YAML)."),
 @app.command()
 def collect(directory: Path = typer.Argument(..., help="A results folder (with runs/).")) -> None:
     """Aggregate the run records of a folder into results.csv (and its scores into robustness.csv)."""
-    from medxfer.sweep.store import collect_all
+    from medxfer.records import collect_all
 
     if not directory.is_dir():  # never create it: a mistyped folder would get an empty results.csv
         raise DataError(f"{directory}: results folder not found" if not directory.exists()
@@ -159,7 +159,7 @@ def pretrain(config: Path = typer.Argument(..., help="Pretraining config (YAML).
              out: Path = typer.Option(Path("pretrain_out"), "--out", help="Output folder.")) -> None:
     """Pretrain an encoder, saving checkpoints at the scheduled pretraining lengths."""
     from medxfer.config import PretrainConfig, load_config
-    from medxfer.pretrain import run_pretraining
+    from medxfer.pretraining import run_pretraining
 
     check_output_dir(out)
     _quiet_training_libraries()

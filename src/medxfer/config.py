@@ -255,7 +255,7 @@ class NameMapConfig(StrictModel):
 
 
 # --------------------------------------------------------------------------------------------------
-# Pretraining (``medxfer pretrain``); the schemes and their defaults are documented in medxfer.pretrain.
+# Pretraining (``medxfer pretrain``); the schemes and their defaults are documented in medxfer.pretraining.
 
 
 class ScheduleConfig(StrictModel):

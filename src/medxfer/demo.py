@@ -106,7 +106,7 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = False,
     from medxfer.report.html import findings
     from medxfer.report.tables import downstream_table, load_robustness
     from medxfer.sweep.runner import run_sweep
-    from medxfer.sweep.store import iter_records
+    from medxfer.records import iter_records
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from medxfer.data.base import SegmentationData, spacing_summary
 from medxfer.errors import ConfigError
 from medxfer.evaluation.metrics import class_keys
 from medxfer.io import environment_info, seed_everything, stable_hash
-from medxfer.sweep.store import RESULT_FILE, read_record, run_dir as store_run_dir, write_record
+from medxfer.records import RESULT_FILE, read_record, run_dir as store_run_dir, write_record
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _load_starting_weights(model: torch.nn.Module, config: RunConfig) -> dict[st
     if pre.load == "encoder":
         path = resolve_checkpoint(pre.checkpoint, pre.length)
     else:
-        from medxfer.pretrain import resolve_model_checkpoint
+        from medxfer.pretraining.checkpoints import resolve_model_checkpoint
 
         path = resolve_model_checkpoint(pre.checkpoint, pre.length)
     if pre.load == "encoder":

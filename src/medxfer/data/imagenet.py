@@ -14,7 +14,7 @@ the validation split, every other file is training. Files are read lazily, one p
 naming the file.
 
 Transforms (:func:`classification_transform`) run on uint8 ``(3, H, W)`` tensors and end with float32
-ImageNet normalisation. Training: the scheme's augmentation (see :mod:`medxfer.pretrain`); evaluation:
+ImageNet normalisation. Training: the scheme's augmentation (see :mod:`medxfer.pretraining`); evaluation:
 resize the short side to ``input_size / 0.875`` and take the centre ``input_size`` crop (the usual
 ImageNet protocol), or nothing at all when the image already has the input size.
 """
@@ -177,7 +177,7 @@ class ArrayImageDataset(Dataset):
 
 @dataclass(frozen=True)
 class AugmentationRecipe:
-    """What the training transform does (filled from a scheme; see :mod:`medxfer.pretrain`)."""
+    """What the training transform does (filled from a scheme; see :mod:`medxfer.pretraining`)."""
 
     kind: str = "simple"  # "simple": flip + padded random crop; "advanced": random-resized crop + colour
     crop_scale: tuple[float, float] = (0.25, 1.0)  # advanced: RandomResizedCrop area range

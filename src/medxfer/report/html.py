@@ -34,7 +34,7 @@ from medxfer.report.tables import (
     paired_comparison,
     summary_table,
 )
-from medxfer.sweep.store import iter_records, write_csv
+from medxfer.records import iter_records, write_csv
 
 log = logging.getLogger(__name__)
 

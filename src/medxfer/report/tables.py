@@ -27,7 +27,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from medxfer.sweep.store import iter_records, results_table
+from medxfer.records import iter_records, results_table
 
 log = logging.getLogger(__name__)
 

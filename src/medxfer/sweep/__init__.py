@@ -1,7 +1,7 @@
 """Sweeps: many fine-tuning runs from one grid file, resumable, locally or on Ray.
 
-``run_sweep(grid, out_dir, ...)`` is the entry point; ``medxfer.sweep.store`` holds the run records and
-tables. Names are imported lazily so that ``medxfer.sweep.store`` (used by every run) stays light.
+``run_sweep(grid, out_dir, ...)`` is the entry point; the run records and tables are the base layer
+``medxfer.records``. Names are imported lazily so that importing the package stays light.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ _EXPORTS = {
     "parse_sweep": "medxfer.sweep.grid",
     "expand_grid": "medxfer.sweep.grid",
     "AXIS_ALIASES": "medxfer.sweep.grid",
-    "collect_all": "medxfer.sweep.store",
+    "collect_all": "medxfer.records",
 }
 
 __all__ = sorted(_EXPORTS)

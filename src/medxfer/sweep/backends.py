@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from medxfer.config import RunConfig, config_to_dict
 from medxfer.errors import ConfigError
-from medxfer.sweep.store import is_done, run_dir, write_error
+from medxfer.records import is_done, run_dir, write_error
 
 log = logging.getLogger(__name__)
 

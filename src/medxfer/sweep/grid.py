@@ -268,15 +268,15 @@ def pretraining_names(sweep: SweepConfig) -> list[str]:
 
 def pretraining_folder(out_dir: str | Path, entry: PretrainConfig) -> Path:
     """``DIR/pretrain/<hash>``: one pretraining entry's output folder (absolute). The hash is
-    :func:`medxfer.pretrain.config_identity` (everything that changes the checkpoints; not the name)."""
-    from medxfer.pretrain import config_identity  # imported only by grids with a pretraining section
+    :func:`medxfer.pretraining.config_identity` (everything that changes the checkpoints; not the name)."""
+    from medxfer.pretraining.recipes import config_identity  # imported only by grids with a pretraining section
 
     return (Path(out_dir) / PRETRAIN_DIR / config_identity(entry)).resolve()
 
 
 def pretraining_checkpoints(out_dir: str | Path, entry: PretrainConfig) -> Path:
     """The checkpoint folder inside a pretraining output folder: what ``pretrained.from`` resolves to."""
-    from medxfer.pretrain import CHECKPOINT_DIR
+    from medxfer.pretraining.checkpoints import CHECKPOINT_DIR
 
     return pretraining_folder(out_dir, entry) / CHECKPOINT_DIR
 

@@ -4,7 +4,7 @@ Stages, each skipped where its output already exists:
 1. ``pretraining``: each entry -> ``DIR/pretrain/<hash of its PretrainConfig>/`` (checkpoints + ``complete.json``);
 2. ``score``: transferability once per (checkpoint folder, dataset) -> ``DIR/scores/<hash>/robustness.csv``;
 3. the runs -> ``DIR/runs/<run id>/result.json`` (or ``error.json``; failed runs are retried only on request);
-4. tables: ``DIR/results.csv`` and ``DIR/robustness.csv`` (:func:`medxfer.sweep.store.collect_all`).
+4. tables: ``DIR/results.csv`` and ``DIR/robustness.csv`` (:func:`medxfer.records.collect_all`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Union
 from medxfer.config import PretrainConfig, ScoreConfig, config_to_dict, parse_config
 from medxfer.errors import ConfigError
 from medxfer.io import atomic_write_json, stable_hash
-from medxfer.sweep import store
+from medxfer import records
 from medxfer.sweep.backends import RunFn, RunJob, RunOutcome, backend_session, check_backend, run_jobs
 from medxfer.sweep.grid import (
     GridPlan,
@@ -130,7 +130,7 @@ def _short(value: Any) -> str:
 def _write_stage_error(folder: Path, kind: str, name: str, exc: BaseException) -> str:
     message = " ".join(f"{type(exc).__name__}: {exc}".split())
     log.warning("%s %s failed: %s", kind, name, message)
-    store.write_error(folder, {"kind": kind, "status": "failed", "name": name, "error": message,
+    records.write_error(folder, {"kind": kind, "status": "failed", "name": name, "error": message,
                                "traceback": traceback.format_exc(),
                                "finished": datetime.now(timezone.utc).isoformat()})
     return message
@@ -141,10 +141,10 @@ def _run_stage(kind: str, name: str, folder: Path, work: Callable[[], None]) -> 
     failure is recorded as ``error.json`` (and cleared by a later success)."""
     started = time.perf_counter()
     try:
-        store.remove_partial_files(folder, recursive=True)
+        records.remove_partial_files(folder, recursive=True)
         work()
-        if (folder / store.ERROR_FILE).exists():
-            (folder / store.ERROR_FILE).unlink()
+        if (folder / records.ERROR_FILE).exists():
+            (folder / records.ERROR_FILE).unlink()
         return RunOutcome(name, "done", time.perf_counter() - started)
     except Exception as exc:  # recorded; for pretraining, the runs that need it are reported as blocked
         message = _write_stage_error(folder, kind, name, exc)
@@ -159,7 +159,7 @@ class PretrainJob:
     threads: Optional[int] = None
 
     def execute(self) -> RunOutcome:
-        from medxfer.pretrain import run_pretraining
+        from medxfer.pretraining import run_pretraining
 
         # run_pretraining resumes an interrupted run and writes pretrain.json last
         return _run_stage("pretrain", self.run_id, Path(self.folder),
@@ -167,7 +167,7 @@ class PretrainJob:
 
 
 def pretraining_done(folder: Path) -> bool:
-    from medxfer.pretrain import RECORD_FILE
+    from medxfer.pretraining.checkpoints import RECORD_FILE
 
     return (folder / RECORD_FILE).is_file()
 
@@ -218,7 +218,7 @@ def _score_jobs(sweep: SweepConfig, plan: GridPlan, out_dir: Path, failed_folder
         for dataset_name, data in datasets:
             raw = {**section.settings, "data": data, "checkpoints": str(folder)}
             key = stable_hash({k: v for k, v in raw.items() if k != "out"})
-            out = (out_dir / store.SCORES_DIR / key).resolve()
+            out = (out_dir / records.SCORES_DIR / key).resolve()
             if out in seen:  # two pretraining entries that differ only in name
                 continue
             seen.add(out)
@@ -283,8 +283,8 @@ def _as_sweep(grid: Union[str, Path, SweepConfig, dict]) -> SweepConfig:
 def _dry_run_summary(sweep: SweepConfig, plan: GridPlan, out_dir: Path, backend: str) -> SweepSummary:
     summary = SweepSummary(sweep.name, out_dir, backend, dry_run=True, duplicates=plan.duplicates)
     for run in plan.runs:
-        status = store.run_status(out_dir, run.run_id)
-        error = (store.read_error(out_dir, run.run_id) or {}).get("error") if status == "failed" else None
+        status = records.run_status(out_dir, run.run_id)
+        error = (records.read_error(out_dir, run.run_id) or {}).get("error") if status == "failed" else None
         summary.runs.append(SweepRun(run.run_id, run.axes, status, error=error))
     summary.runs += [SweepRun("-", axes, "invalid", error=message) for axes, message in plan.invalid]
     return summary
@@ -318,8 +318,8 @@ def run_sweep(grid: Union[str, Path, SweepConfig, dict], out_dir: str | Path, ba
         raise ConfigError(f"{message}{more}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    store.remove_partial_files(out_dir)  # tables and plans left half-written by a killed sweep
-    store.remove_partial_files(out_dir / "sweeps")
+    records.remove_partial_files(out_dir)  # tables and plans left half-written by a killed sweep
+    records.remove_partial_files(out_dir / "sweeps")
     atomic_write_json(out_dir / "sweeps" / f"{_safe(sweep.name)}.json", {
         "name": sweep.name, "source": sweep.source, "config": sweep.model_dump(mode="json"),
         "runs": [{"run_id": run.run_id, "axes": run.axes} for run in plan.runs],
@@ -377,18 +377,18 @@ def run_sweep(grid: Union[str, Path, SweepConfig, dict], out_dir: str | Path, ba
             entry = SweepRun(run.run_id, run.axes, "pending")
             by_id[run.run_id] = entry
             summary.runs.append(entry)
-            status = store.run_status(out_dir, run.run_id)
+            status = records.run_status(out_dir, run.run_id)
             checkpoint = run.config.pretrained.checkpoint
             if status == "done":
                 entry.status = "reused"
             elif status == "failed" and not retry_failed:
                 entry.status = "skipped-failed"
-                entry.error = (store.read_error(out_dir, run.run_id) or {}).get("error")
+                entry.error = (records.read_error(out_dir, run.run_id) or {}).get("error")
             elif checkpoint is not None and str(Path(checkpoint).parent) in failed_folders:
                 entry.status = "blocked"
-                entry.error = f"its pretraining failed (see {Path(checkpoint).parent / store.ERROR_FILE})"
+                entry.error = f"its pretraining failed (see {Path(checkpoint).parent / records.ERROR_FILE})"
             else:
-                store.remove_partial_files(store.run_dir(out_dir, run.run_id), recursive=True)
+                records.remove_partial_files(records.run_dir(out_dir, run.run_id), recursive=True)
                 jobs.append(RunJob(run.run_id, run.config, str(out_dir), run_fn))
         log.info("sweep %s: %d runs, %d to run", sweep.name, len(plan.runs), len(jobs))
 
@@ -401,7 +401,7 @@ def run_sweep(grid: Union[str, Path, SweepConfig, dict], out_dir: str | Path, ba
 
         run_jobs(jobs, on_run, **options)
 
-    tables = store.collect_all(out_dir)
+    tables = records.collect_all(out_dir)
     summary.results_csv, summary.robustness_csv = tables["results"], tables["robustness"]
     summary.elapsed_s = time.perf_counter() - started
     return summary

@@ -238,8 +238,8 @@ def recommend_for_folder(config: ScoreConfig, folder: str | Path | None = None,
 class RobustnessEarlyStopping(_Callback):
     """Score the pretraining encoder on target images at each scheduled checkpoint; stop when the rule fires.
 
-    It follows :mod:`medxfer.pretrain`'s checkpoint-hook protocol: pass it in ``callbacks=`` of
-    :func:`medxfer.pretrain.run_pretraining`, which calls :meth:`on_checkpoint` (length, encoder,
+    It follows :mod:`medxfer.pretraining`'s checkpoint-hook protocol: pass it in ``callbacks=`` of
+    :func:`medxfer.pretraining.run_pretraining`, which calls :meth:`on_checkpoint` (length, encoder,
     manifest) at every scheduled length with the encoder in eval mode. Every variant of ``score_config``
     comes from the same two encoder passes and is kept in :attr:`table` (robustness.csv columns; rewritten
     atomically to ``csv_path`` after every checkpoint when given); the variant of ``score_config.stop``
@@ -315,7 +315,7 @@ class RobustnessEarlyStopping(_Callback):
         return value
 
     def on_checkpoint(self, length: int, encoder, manifest: dict) -> dict[str, Any]:
-        """The pretraining loop's checkpoint hook (see :mod:`medxfer.pretrain`)."""
+        """The pretraining loop's checkpoint hook (see :mod:`medxfer.pretraining`)."""
         value = self.score_encoder(encoder, length, manifest)
         self._log(value, length)
         stop = self.config.stop

@@ -1,5 +1,7 @@
 """Run records: one ``result.json`` per run, written atomically; tables are derived from them.
 
+A base layer beside ``io.py``: a single ``finetune`` or ``pretrain`` writes through it, and sweeps use it.
+
 A run is done exactly when ``runs/<run_id>/result.json`` exists with ``status == "done"``. A failed run
 writes ``error.json`` instead (so a retry can find it) and never a ``result.json``.
 """
@@ -134,8 +136,6 @@ def collect(root: str | Path) -> Path:
     table = results_table(iter_records(root, kind="finetune"))
     return write_csv(table, Path(root) / "results.csv")
 
-
-# --- sweep helpers (added for medxfer.sweep; the functions above keep their behaviour) ---
 
 ROBUSTNESS_FILE = "robustness.csv"
 SCORES_DIR = "scores"

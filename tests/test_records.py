@@ -4,7 +4,7 @@ import math
 import pandas as pd
 
 from medxfer.io import atomic_write_json, stable_hash
-from medxfer.sweep.store import REFERENCE_COLUMNS, collect, is_done, iter_records, write_error, write_record
+from medxfer.records import REFERENCE_COLUMNS, collect, is_done, iter_records, write_error, write_record
 
 
 def fake_record(run_id, seed, dice):
