@@ -432,7 +432,7 @@ def coverage_label(covered: Sequence[GroupCurves], groups: Sequence[GroupCurves]
     """``all 36 groups``, or which groups are missing when that is a whole model or dataset."""
     n, k = len(groups), len(covered)
     if k == n:
-        return f"all {n} groups"
+        return f"all {n} groups" if n != 1 else "the only group"
     ids = {id(g) for g in covered}
     missing = [g for g in groups if id(g) not in ids]
     for attribute, what in (("model", "no"), ("dataset", "no")):
@@ -500,10 +500,12 @@ def paper_claims(summary: pd.DataFrame, decisions: pd.DataFrame, correlation_tab
     rules = summary.set_index("rule")
     best = decisions[decisions["rule"] == "oracle: best length"]
     if len(best):
-        earlier = int((best["best_length"] < best["longest_length"]).sum())
+        earlier = int((best["dice_vs_longest"] > 0).sum())
         beyond = int((best["vs_longest"] == "win").sum())
         share = beyond / len(best)
         verdict = "supported" if share >= 0.25 else "not supported" if share < 0.10 else "weak"
+        if best["seed_noise"].isna().all():
+            verdict = "undecided (one seed: no seed noise to compare with)"
         rows.append({"claim": "shorter pretraining is often better downstream",
                      "figure": f"{earlier} of {len(best)} groups peak before the longest length; in {beyond} "
                                "the best length beats the longest by more than the seed noise",
@@ -718,6 +720,9 @@ def correlation_summary(result: AnalysisResult, top: int = 5) -> pd.DataFrame:
     agg = table.groupby("predictor").agg(n_groups=("spearman", "count"), pearson=("pearson", "mean"),
                                          spearman=("spearman", "mean"), kendall=("kendall", "mean"),
                                          weighted_tau=("weighted_tau", "mean"))
+    agg = agg[agg["n_groups"] > 0]
+    if agg.empty:
+        return pd.DataFrame()
     full = agg[agg["n_groups"] == agg["n_groups"].max()]
     chosen = list(dict.fromkeys([IMAGENET_PREDICTOR] * (IMAGENET_PREDICTOR in agg.index)
                                 + list(full.drop(index=IMAGENET_PREDICTOR, errors="ignore")

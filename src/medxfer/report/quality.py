@@ -5,8 +5,8 @@ writes them to ``data_quality.csv``, so nothing is left out silently. Checks:
 
 - exact duplicate rows (one copy kept);
 - rows without a value (left out);
-- *copied blocks*: all values of one pretraining length (a score block: every variant of one encoder,
-  dataset and scheme; a Dice block: every seed of one group) identical to those of another length.
+- *copied blocks*: all values (two or more) of one pretraining length (a score block: every variant of one
+  encoder, dataset and scheme; a Dice block: every seed of one group) identical to those of another length.
   Real checkpoints never score identically on every variant, so one of them is a copy. The block kept
   is the one that fits its neighbouring lengths best (smallest mean absolute difference to the blocks
   at the adjacent lengths): a pasted block does not fit where it was pasted. The others are left out
@@ -66,7 +66,9 @@ def copied_blocks(blocks: pd.DataFrame, length_level: str) -> list[tuple[tuple, 
         lengths = frame.index.to_numpy(dtype=float)
         signature: dict[bytes, list[int]] = {}
         for i, row in enumerate(values):
-            if np.isfinite(row).any():
+            # one value (one seed) equal at two lengths can be chance (e.g. two collapsed models); a copy
+            # is called only when two or more values all agree
+            if np.isfinite(row).sum() >= 2:
                 signature.setdefault(np.nan_to_num(row, nan=np.inf).tobytes(), []).append(i)
         for members in signature.values():
             if len(members) < 2:
