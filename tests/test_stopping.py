@@ -124,3 +124,119 @@ def test_stop_rules_import_neither_torch_nor_the_scoring_modules():
     code = "import sys, medxfer.transferability.stopping; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- online stop rules on small curves with known answers ---------------------------------------------------
+import numpy as np  # noqa: E402
+
+from medxfer.transferability.stopping import (  # noqa: E402
+    Curve,
+    ImageNetAndScore,
+    ImageNetPlateau,
+    LearnedGain,
+    ScorePlateau,
+    SelectedRule,
+    VariantAgreement,
+    regret_and_saved,
+    rule_from_dict,
+)
+
+LENGTHS = [1, 5, 20, 50, 100, 150]
+DEEP = ("cosine", 0.5, -1, True)
+
+
+def _curve(values, **extra):
+    return Curve(LENGTHS[:len(values)], {("cosine", 0.5, 4, True): values, ("cosine", 0.5, 3, True): [1.0] * len(values)},
+                 **extra)
+
+
+def test_score_plateau_stops_after_patience_checkpoints_within_the_tolerance():
+    # changes: -0.5, -0.2, -0.001 (0.3%), -0.0005 -> the second small change completes patience 2 at length 100
+    curve = _curve([1.0, 0.5, 0.3, 0.299, 0.2985, 0.1])
+    assert ScorePlateau(DEEP, rel_tol=0.02, patience=2).decide(curve) == (100.0, 100.0)
+    assert ScorePlateau(DEEP, rel_tol=0.02, patience=1).decide(curve) == (50.0, 50.0)
+    # the deepest level is resolved per curve: level 3 is constant, level 4 is the deepest
+    assert ScorePlateau(("cosine", 0.5, 3, True), patience=1).decide(curve) == (5.0, 5.0)
+
+
+def test_score_plateau_does_not_stop_on_a_rise_and_runs_to_the_end():
+    rising = _curve([0.2, 0.3, 0.45, 0.6, 0.8, 1.0])
+    assert ScorePlateau(DEEP, rel_tol=0.02, patience=1).decide(rising) == (150.0, 150.0)
+
+
+def test_score_plateau_ties_stop_as_soon_as_patience_allows():
+    tied = _curve([0.4] * 6)
+    assert ScorePlateau(DEEP, rel_tol=0.0, patience=2).decide(tied) == (20.0, 20.0)
+
+
+def test_a_move_inside_the_bootstrap_interval_counts_as_a_plateau():
+    values = [1.0, 0.8, 0.7, 0.6, 0.5, 0.4]  # 10-15 % per step: no plateau at 2 %
+    assert ScorePlateau(DEEP, 0.02, 1).decide(_curve(values)) == (150.0, 150.0)
+    halfwidth = {("cosine", 0.5, 4, True): [0.01, 0.01, 0.15, 0.15, 0.15, 0.15]}
+    # the tolerance of a change is the earlier checkpoint's interval: 0.7 -> 0.6 is inside 0.7's (0.15)
+    assert ScorePlateau(DEEP, 0.02, 1).decide(_curve(values, halfwidth=halfwidth)) == (50.0, 50.0)
+
+
+def test_variant_agreement_needs_the_quorum_of_variants_at_the_level():
+    flat, moving = [0.5, 0.5, 0.5, 0.5], [1.0, 0.6, 0.3, 0.1]
+    scores = {("cosine", 0.5, 4, True): flat, ("l2", 0.5, 4, True): flat, ("pearson", 0.5, 4, True): flat,
+              ("cosine", 0.5, 4, False): moving, ("cosine", 0.5, 2, True): moving}
+    curve = Curve([1, 5, 20, 50], scores)
+    assert VariantAgreement(level=-1, rel_tol=0.01, quorum=0.75).decide(curve) == (5.0, 5.0)
+    assert VariantAgreement(level=-1, rel_tol=0.01, quorum=1.0).decide(curve) == (50.0, 50.0)
+
+
+def test_imagenet_plateau_skips_the_random_checkpoint_and_stops_at_a_small_relative_gain():
+    curve = Curve([0, 1, 5, 20, 50], {}, imagenet_accuracy=[0.001, 0.1, 0.3, 0.32, 0.5])
+    assert ImageNetPlateau(0.10).decide(curve) == (20.0, 20.0)  # 0.3 -> 0.32 is +6.7 %
+    assert ImageNetPlateau(0.05).decide(curve) == (50.0, 50.0)  # never below 5 %: the last
+    unknown = Curve([1, 5, 20], {}, imagenet_accuracy=None)
+    assert ImageNetPlateau(0.10).decide(unknown) == (20.0, 20.0)
+
+
+def test_imagenet_and_score_needs_both_plateaus():
+    accuracy = [0.1, 0.3, 0.32, 0.33, 0.34, 0.35]
+    moving = Curve(LENGTHS, {("cosine", 0.5, 4, True): [1.0, 0.8, 0.6, 0.4, 0.39, 0.2]}, imagenet_accuracy=accuracy)
+    assert ImageNetPlateau(0.10).decide(moving) == (20.0, 20.0)
+    assert ImageNetAndScore(0.10, DEEP, 0.05).decide(moving) == (100.0, 100.0)
+
+
+def _dice_that_rises_until(k, n=6):
+    return np.array([0.5 + 0.1 * min(i, k) for i in range(n)])
+
+
+def _curve_flat_after(k, n=6):
+    return Curve(LENGTHS[:n], {("cosine", 0.5, 4, True): [1.0 - 0.15 * min(i, k) for i in range(n)]},
+                 imagenet_accuracy=np.linspace(0.1, 0.7, n))
+
+
+def test_learned_gain_learns_from_other_curves_that_dice_stops_rising_with_the_score():
+    training = [(_curve_flat_after(k), _dice_that_rises_until(k)) for k in (1, 2, 3, 4, 1, 2, 3, 4)]
+    fitted = LearnedGain(min_saved=0.3).fit(training)
+    assert fitted.model is not None and fitted.threshold is not None
+    regret, saved = regret_and_saved(fitted, training)
+    assert regret == pytest.approx(0.0, abs=1e-9) and saved > 0.3
+    chosen, stopped = fitted.decide(_curve_flat_after(3))
+    assert chosen == stopped and chosen >= 50.0  # never before the Dice stopped rising (at length 50)
+    # unfitted, it never stops; saved and reloaded, it decides alike
+    assert LearnedGain().decide(_curve_flat_after(1)) == (150.0, 150.0)
+    assert rule_from_dict(fitted.as_dict()).decide(_curve_flat_after(2)) == fitted.decide(_curve_flat_after(2))
+
+
+def test_selected_rule_takes_the_lowest_regret_among_candidates_that_save_enough():
+    training = [(_curve_flat_after(k), _dice_that_rises_until(k)) for k in (2, 3)]
+    never = ScorePlateau(DEEP, rel_tol=0.0, patience=5)  # no regret, saves nothing
+    early = ScorePlateau(DEEP, rel_tol=0.0, patience=1)  # stops one checkpoint after the plateau starts
+    eager = ImageNetPlateau(10.0)  # stops at the second checkpoint: saves most, loses Dice
+    assert SelectedRule((never, early, eager), min_saved=0.3).fit(training) is early
+    assert SelectedRule((never, eager), min_saved=0.3).fit(training) is eager
+    assert SelectedRule((never, early, eager), min_saved=0.99).fit(training) is eager  # none saves 99 %: most saved
+
+
+def test_rules_round_trip_through_their_saved_parameters():
+    curve = _curve([1.0, 0.5, 0.3, 0.299, 0.2985, 0.1], imagenet_accuracy=[0.1, 0.2, 0.3, 0.31, 0.32, 0.33])
+    for rule in (ScorePlateau(DEEP, 0.02, 2), VariantAgreement(-1, 0.02, 0.5), ImageNetPlateau(0.1),
+                 ImageNetAndScore(0.1, DEEP, 0.05)):
+        assert rule_from_dict(rule.as_dict()).decide(curve) == rule.decide(curve)
+    with pytest.raises(ConfigError, match="unknown stop rule kind"):
+        rule_from_dict({"kind": "oracle"})
