@@ -23,3 +23,11 @@ class CheckpointError(MedxferError):
 
 class OutputError(MedxferError):
     """An output path cannot be written: an existing file where a folder belongs, or no write permission."""
+
+
+class FolderInUse(MedxferError):
+    """Another process holds the lock of an output folder (``medxfer.io.folder_lock``)."""
+
+
+class TrainingDiverged(MedxferError):
+    """The loss or the weights became NaN or infinite: the run is stopped and recorded as failed."""

@@ -16,12 +16,21 @@ import torch
 from medxfer.config import DataConfig, RunConfig, config_to_dict
 from medxfer.data import load_data, select_subset
 from medxfer.data.base import SegmentationData, spacing_summary
-from medxfer.errors import ConfigError
+from medxfer.errors import ConfigError, FolderInUse, TrainingDiverged
 from medxfer.evaluation.metrics import class_keys
-from medxfer.io import environment_info, seed_everything, stable_hash
-from medxfer.records import RESULT_FILE, read_record, run_dir as store_run_dir, write_record
+from medxfer.io import environment_info, folder_lock, seed_everything, stable_hash
+from medxfer.records import (
+    RESULT_FILE,
+    read_record,
+    remove_partial_files,
+    run_dir as store_run_dir,
+    write_error,
+    write_record,
+)
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"  # a run's resume state (last.ckpt); removed when the run is done
 
 
 @dataclass
@@ -153,14 +162,14 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
     from lightning.pytorch.callbacks import EarlyStopping
 
     from medxfer.models.weights import save_model_weights
+    from medxfer.training.resume import AtomicCheckpointIO, fit, usable_resume_checkpoint
     from medxfer.training.strategies import prefers_channels_last, resolve_accelerator, resolve_precision
     from medxfer.training.tasks import BestWeights, SegmentationTask
 
     run_id = run_id_for(config)
     directory = store_run_dir(out_dir, run_id)
     if (directory / RESULT_FILE).is_file():
-        log.info("run %s already done; reusing its record", run_id)
-        return RunResult(run_id, directory, read_record(directory / RESULT_FILE))
+        return _finished(run_id, directory)
     started = time.perf_counter()
     seed_everything(config.seed)
     accelerator = resolve_accelerator(config.train.accelerator)  # before any work or folder
@@ -183,69 +192,104 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
                             total_steps=total_steps)
     if prefers_channels_last(config.data.spatial_dims):
         model = model.to(memory_format=torch.channels_last)
-    directory.mkdir(parents=True, exist_ok=True)  # only now: bad data or config leave no folder behind
-    checkpoints = directory / "checkpoints"
-    # last.ckpt (weights + optimizer state) is for resuming only; the weights that are evaluated are the
-    # best by validation Dice, kept in memory by BestWeights (and inside last.ckpt).
-    resume = resume_checkpoint(checkpoints, t.checkpoint_every_s)
-    best = BestWeights("val_dice") if val_loader is not None else None
-    callbacks = [resume, *([best] if best else []), *(callbacks or [])]
-    if val_loader is not None and t.early_stopping_patience:
-        callbacks.append(EarlyStopping(monitor="val_dice", mode="max", patience=t.early_stopping_patience))
-    trainer = L.Trainer(
-        default_root_dir=directory, max_epochs=t.max_epochs if t.max_steps <= 0 else -1, max_steps=t.max_steps,
-        accelerator=accelerator, devices=1, precision=resolve_precision(t.precision), callbacks=callbacks, logger=False,
-        enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=t.log_every_n_steps,
-        num_sanity_val_steps=0, deterministic=False,
-    )
-    last = checkpoints / "last.ckpt"
-    train_started = time.perf_counter()
-    trainer.fit(task, train_loader, val_loader, ckpt_path=str(last) if last.is_file() else None)
-    train_s = time.perf_counter() - train_started
-    if best is not None and best.best_state is not None:
-        task.model.load_state_dict(best.best_state)
-    model = task.model.cpu().eval()
+    # Only now the folder: bad data or config leave none behind. The run lock keeps a second process
+    # (another sweep, a finetune of the same config) from training the same run or resuming from our files.
+    with folder_lock(directory, f"run {run_id}"):
+        if (directory / RESULT_FILE).is_file():  # finished by another process meanwhile
+            shutil.rmtree(directory / CHECKPOINT_DIR, ignore_errors=True)
+            return RunResult(run_id, directory, read_record(directory / RESULT_FILE))
+        remove_partial_files(directory, recursive=True)  # left by a killed attempt; no one else writes here
+        checkpoints = directory / CHECKPOINT_DIR
+        # last.ckpt (weights + optimizer state) is for resuming only; the weights that are evaluated are the
+        # best by validation Dice, kept in memory by BestWeights (and inside last.ckpt).
+        resume = resume_checkpoint(checkpoints, t.checkpoint_every_s)
+        best = BestWeights("val_dice") if val_loader is not None else None
+        callbacks = [resume, *([best] if best else []), *(callbacks or [])]
+        if val_loader is not None and t.early_stopping_patience:
+            callbacks.append(EarlyStopping(monitor="val_dice", mode="max", patience=t.early_stopping_patience))
+        trainer = L.Trainer(
+            default_root_dir=directory, max_epochs=t.max_epochs if t.max_steps <= 0 else -1,
+            max_steps=t.max_steps, accelerator=accelerator, devices=1, precision=resolve_precision(t.precision),
+            callbacks=callbacks, logger=False, enable_progress_bar=progress, enable_model_summary=False,
+            log_every_n_steps=t.log_every_n_steps, num_sanity_val_steps=0, deterministic=False,
+            plugins=[AtomicCheckpointIO()],
+        )
+        last = usable_resume_checkpoint(checkpoints / "last.ckpt")
+        train_started = time.perf_counter()
+        try:
+            fit(trainer, task, train_loader, val_loader, ckpt_path=None if last is None else str(last))
+        except TrainingDiverged as exc:
+            # A failed run, recorded as such; its resume state would only diverge again.
+            shutil.rmtree(checkpoints, ignore_errors=True)
+            write_error(directory, {"kind": "finetune", "status": "failed", "run_id": run_id,
+                                    "config": config_to_dict(config), "error": f"run {run_id}: {exc}",
+                                    "finished": datetime.now(timezone.utc).isoformat()})
+            raise TrainingDiverged(f"run {run_id}: {exc}") from None
+        train_s = time.perf_counter() - train_started
+        if best is not None and best.best_state is not None:
+            task.model.load_state_dict(best.best_state)
+        model = task.model.cpu().eval()
 
-    eval_started = time.perf_counter()
-    metrics = {"target": _evaluate_on(model, config.data, config, in_channels, size_multiple,
-                                      cases=data.test, n_classes=data.n_classes, class_names=data.class_names)}
-    if config.evaluation.source_test is not None:
-        metrics["source"] = _evaluate_on(model, config.evaluation.source_test, config, in_channels, size_multiple)
-    eval_s = time.perf_counter() - eval_started
+        eval_started = time.perf_counter()
+        metrics = {"target": _evaluate_on(model, config.data, config, in_channels, size_multiple,
+                                          cases=data.test, n_classes=data.n_classes, class_names=data.class_names)}
+        if config.evaluation.source_test is not None:
+            metrics["source"] = _evaluate_on(model, config.evaluation.source_test, config, in_channels,
+                                             size_multiple)
+        eval_s = time.perf_counter() - eval_started
 
-    save_model_weights(model, directory / "model.pt", manifest={
-        "model": config_to_dict(config.model.model_copy(update={
-            "in_channels": in_channels, "n_classes": data.n_classes})),
-        "run_id": run_id, "source": f"finetune:{data.name}", "length": pretraining["length"],
-        "data": config_to_dict(config.data), "train_spacing": spacing_summary(train_cases),
-    })
-    record = {
-        "kind": "finetune",
-        "status": "done",
-        "run_id": run_id,
-        "config": config_to_dict(config),
-        "model": config.model.preset,
-        "dataset": data.name,
-        "strategy": t.strategy,
-        "freeze_encoder": t.strategy in ("frozen_encoder", "partial"),
-        "seed": config.seed,
-        "n_train_images": len(train_cases),
-        "train_case_ids": [c.case_id for c in train_cases],
-        "train_spacing": spacing_summary(train_cases),  # mm per spatial axis; predict checks inputs against it
-        "pretraining": pretraining,
-        "loss": loss_info,
-        "epochs_trained": int(trainer.current_epoch),
-        "best_val_dice": None if best is None else best.best_score,
-        "steps_trained": int(trainer.global_step),
-        "metrics": metrics,
-        "timings": {"train_s": train_s, "eval_s": eval_s, "total_s": time.perf_counter() - started},
-        "environment": environment_info(),
-        "finished": datetime.now(timezone.utc).isoformat(),
-        **(extra_record or {}),
-    }
-    write_record(directory, record)
-    shutil.rmtree(checkpoints, ignore_errors=True)  # the record and model.pt are what a finished run keeps
-    return RunResult(run_id, directory, record)
+        save_model_weights(model, directory / "model.pt", manifest={
+            "model": config_to_dict(config.model.model_copy(update={
+                "in_channels": in_channels, "n_classes": data.n_classes})),
+            "run_id": run_id, "source": f"finetune:{data.name}", "length": pretraining["length"],
+            "data": config_to_dict(config.data), "train_spacing": spacing_summary(train_cases),
+        })
+        record = {
+            "kind": "finetune",
+            "status": "done",
+            "run_id": run_id,
+            "config": config_to_dict(config),
+            "model": config.model.preset,
+            "dataset": data.name,
+            "strategy": t.strategy,
+            "freeze_encoder": t.strategy in ("frozen_encoder", "partial"),
+            "seed": config.seed,
+            "n_train_images": len(train_cases),
+            "train_case_ids": [c.case_id for c in train_cases],
+            "train_spacing": spacing_summary(train_cases),  # mm per spatial axis; predict checks inputs against it
+            "pretraining": pretraining,
+            "loss": loss_info,
+            "epochs_trained": int(trainer.current_epoch),
+            "best_val_dice": None if best is None else best.best_score,
+            "steps_trained": int(trainer.global_step),
+            "metrics": metrics,
+            "timings": {"train_s": train_s, "eval_s": eval_s, "total_s": time.perf_counter() - started},
+            "environment": environment_info(),
+            "finished": datetime.now(timezone.utc).isoformat(),
+            **(extra_record or {}),
+        }
+        write_record(directory, record)
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the record and model.pt are what a finished run keeps
+        return RunResult(run_id, directory, record)
+
+
+def _finished(run_id: str, directory: Path) -> RunResult:
+    log.info("run %s already done; reusing its record", run_id)
+    tidy_finished_run(directory)
+    return RunResult(run_id, directory, read_record(directory / RESULT_FILE))
+
+
+def tidy_finished_run(directory: Path) -> None:
+    """Remove the resume checkpoint a finished run still has (the process was killed between writing the
+    record and removing it); skipped while another process holds the run."""
+    checkpoints = directory / CHECKPOINT_DIR
+    if not checkpoints.exists():
+        return
+    try:
+        with folder_lock(directory, "run"):
+            shutil.rmtree(checkpoints, ignore_errors=True)
+    except FolderInUse:
+        pass
 
 
 def summary_dice(record: dict[str, Any], test_set: str = "target") -> float:

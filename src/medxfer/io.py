@@ -11,9 +11,11 @@ import random
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
+
+from medxfer.errors import FolderInUse
 
 
 _UMASK_LOCK = threading.Lock()
@@ -104,7 +106,94 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     import torch
 
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def set_aside(path: str | os.PathLike) -> Path:
+    """Rename an unreadable file to ``<name>.corrupt-<UTC time>`` beside it (kept for inspection, never read
+    again by medxfer); return the new path."""
+    from datetime import datetime, timezone
+
+    path = Path(path)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    os.replace(path, target)
+    return target
+
+
+LOCK_FILE = ".medxfer.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[None]:
+    """Hold the lock of ``folder`` (``fcntl.flock`` on ``folder/.medxfer.lock``) for the ``with`` block, or
+    raise :class:`FolderInUse` at once, naming the process that holds it.
+
+    The lock is released when the process ends, however it ends (kill -9 included), and the lock file is
+    removed on release. flock works on local filesystems; on NFS Linux maps it to the server's byte-range
+    locks (NFSv4, or NLM for v3), and a mount with ``nolock`` only locks within one machine. Where the
+    filesystem has no locks at all the block runs unlocked, with a warning.
+    """
+    import socket
+    from datetime import datetime, timezone
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    fd = _acquire(path, folder, what)
+    if fd is None:
+        yield
+        return
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}".encode())
+        yield
+    finally:
+        try:
+            os.unlink(path)  # while still locked: a process that opened this file sees it gone and retries
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _acquire(path: Path, folder: Path, what: str) -> Optional[int]:
+    """The locked descriptor of ``path``; None where the filesystem cannot lock."""
+    import fcntl
+    import logging
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise FolderInUse(f"{folder}: {what} in use by another medxfer process ({holder}); wait for it to end "
+                              "or use another output folder") from None
+        except OSError as exc:  # ENOLCK / EOPNOTSUPP: a filesystem without locks
+            os.close(fd)
+            logging.getLogger(__name__).warning("%s: cannot lock (%s); going on without a lock", folder, exc.strerror)
+            return None
+        # The holder before us may have removed the file after we opened it: then we would hold a lock on a
+        # file no one else opens. Start again on the file the path names now.
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        text = ""
+    return text or "unknown"
 
 
 def stable_hash(obj: Any, length: int = 12) -> str:

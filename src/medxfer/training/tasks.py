@@ -11,6 +11,7 @@ import torch
 from medxfer.config import TrainConfig
 from medxfer.data.base import IGNORE_INDEX
 from medxfer.data.patches import predict_logits
+from medxfer.errors import TrainingDiverged
 from medxfer.training.strategies import apply_strategy, build_optimizer, build_scheduler
 
 
@@ -56,20 +57,60 @@ class BestWeights(L.Callback):
         self.best_state = state_dict.get("best_state")
 
 
-class TrainingTask(L.LightningModule):
-    """What every medxfer LightningModule shares: gradients released when a batch starts.
+def first_non_finite(module: torch.nn.Module) -> Optional[str]:
+    """The name of the first parameter or floating-point buffer (BatchNorm running statistics included)
+    of ``module`` that holds a NaN or an infinity; None when all are finite."""
+    named = [(name, t) for name, t in (*module.named_parameters(), *module.named_buffers()) if t.is_floating_point()]
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named])
+    if bool(finite.all()):
+        return None
+    return named[int((~finite).nonzero()[0])][0]
 
-    Lightning sets gradients to None after the forward pass (inside its optimizer closure), so the last
-    step's gradients sit in memory beside the new activations. Releasing them first, as a plain PyTorch
+
+class TrainingTask(L.LightningModule):
+    """What every medxfer LightningModule shares: gradients released when a batch starts, and divergence
+    stops the run.
+
+    Gradients: Lightning sets them to None after the forward pass (inside its optimizer closure), so the
+    last step's gradients sit in memory beside the new activations. Releasing them first, as a plain PyTorch
     loop does, lowers the training peak by their size (benchmarks/bench_memory.py, unet 256x256 batch 2:
     workload peak 687 MB before, 580 MB after; the plain loop 612 MB). Not while gradients accumulate
     over several batches.
+
+    Divergence: a NaN or infinite training loss (checked at every step), or weights or normalisation
+    statistics (checked every ``log_every_n_steps`` steps, before every checkpoint and when training ends)
+    raise :class:`medxfer.errors.TrainingDiverged` ("diverged at step N"): such a run must never be recorded
+    as done, nor its weights saved.
     """
 
     def on_train_batch_start(self, batch, batch_idx):
         if self.trainer.accumulate_grad_batches == 1:
             for optimizer in self.trainer.optimizers:
                 optimizer.zero_grad(set_to_none=True)
+
+    def check_loss(self, loss: torch.Tensor) -> None:
+        """Raise TrainingDiverged if ``loss`` (the loss of the step about to be taken) is not finite."""
+        if not bool(torch.isfinite(loss.detach()).all()):
+            raise TrainingDiverged(f"training diverged at step {self.trainer.global_step + 1}: the loss is "
+                                   f"{float(loss.detach().float().mean())}; lower train.lr (or check the data)")
+
+    def check_weights(self) -> None:
+        name = first_non_finite(self.model)
+        if name is not None:
+            raise TrainingDiverged(f"training diverged at step {self.trainer.global_step}: {name} holds NaN or "
+                                   "infinite values; lower train.lr (or check the data)")
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.check_weights()
+
+    def on_save_checkpoint(self, checkpoint):
+        self.check_weights()  # a resume checkpoint never holds a diverged model
+
+    def on_train_end(self):
+        self.check_weights()
 
 
 class SegmentationTask(TrainingTask):
@@ -96,6 +137,7 @@ class SegmentationTask(TrainingTask):
     def training_step(self, batch, batch_idx):
         logits = self.model(batch["image"])
         loss = self.loss_fn(logits, batch["label"], annotated=batch.get("annotated"))
+        self.check_loss(loss)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(logits))
         return loss
 
@@ -173,6 +215,7 @@ class ClassificationTask(TrainingTask):
         images, labels = batch
         logits = self.model(images)
         loss = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        self.check_loss(loss)
         accuracy = (logits.argmax(1) == labels).float().mean()
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
         self.log("train_accuracy", accuracy, on_step=False, on_epoch=True, batch_size=len(labels))
