@@ -89,13 +89,21 @@ def finetune(config: Path = typer.Argument(..., help="Run config (YAML)."),
     """Fine-tune (or train from scratch) one model and evaluate it; writes runs/<id>/result.json."""
     from medxfer.config import RunConfig, load_config
     from medxfer.finetune import run_finetune, summary_dice
+    from medxfer.io import folder_lock
 
     check_output_dir(out)
     _quiet_training_libraries()
     from medxfer.records import collect
 
-    run = run_finetune(load_config(config, RunConfig), out, progress=sys.stderr.isatty())
-    collect(out)
+    run_config = load_config(config, RunConfig)
+    with folder_lock(out, "output folder"):  # no sweep or other finetune writes here meanwhile
+        try:
+            run = run_finetune(run_config, out, progress=sys.stderr.isatty())
+        except KeyboardInterrupt:  # the run resumes from its checkpoint next time; the table stays true
+            if (out / "runs").is_dir():
+                collect(out)
+            raise
+        collect(out)
     rows = [[name, summary_dice(run.record, name)] for name in run.record["metrics"]]
     _print_table(f"run {run.run_id}", ["test set", "dice"], rows)
     console.print(f"record: {run.run_dir / 'result.json'}")
@@ -248,6 +256,7 @@ def sweep(grid: Path = typer.Argument(..., help="Grid file (YAML): base config, 
 
     if not dry_run:
         check_output_dir(out)
+    _quiet_training_libraries()
     summary = run_sweep(grid, out, backend=backend, workers=workers, address=address,
                         retry_failed=retry_failed, dry_run=dry_run, progress=sys.stderr.isatty())
     if dry_run:

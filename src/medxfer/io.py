@@ -132,8 +132,8 @@ def folder_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[Non
     """Hold the lock of ``folder`` (``fcntl.flock`` on ``folder/.medxfer.lock``) for the ``with`` block, or
     raise :class:`FolderInUse` at once, naming the process that holds it.
 
-    The lock is released when the process ends, however it ends (kill -9 included), and the lock file is
-    removed on release. flock works on local filesystems; on NFS Linux maps it to the server's byte-range
+    The lock is released when the process ends, however it ends (kill -9 included); the lock file is
+    removed on release (and the folder, if this call created it and it is still empty). flock works on local filesystems; on NFS Linux maps it to the server's byte-range
     locks (NFSv4, or NLM for v3), and a mount with ``nolock`` only locks within one machine. Where the
     filesystem has no locks at all the block runs unlocked, with a warning.
     """
@@ -141,6 +141,7 @@ def folder_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[Non
     from datetime import datetime, timezone
 
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
     fd = _acquire(path, folder, what)
@@ -153,11 +154,12 @@ def folder_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[Non
                      f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}".encode())
         yield
     finally:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(path)  # while still locked: a process that opened this file sees it gone and retries
-        except OSError:
-            pass
         os.close(fd)
+        if created:  # a folder made only for the lock (the work failed before writing) is not left behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _acquire(path: Path, folder: Path, what: str) -> Optional[int]:

@@ -5,6 +5,11 @@ A job is a picklable object with ``run_id``, ``threads`` and ``execute() -> RunO
 once per job and hands each :class:`RunOutcome` to ``on_outcome`` as it arrives. A job never raises for a
 failing run: :func:`execute_run` writes ``error.json`` (with the traceback) and returns a failed outcome,
 so one bad run never stops a sweep. Ray is imported only by its backend.
+
+Stopping: a full disk stops the sweep (:class:`DiskFull`, after recording the failing run if it still can),
+and so does Ctrl-C (``KeyboardInterrupt``): queued runs are cancelled and worker processes stopped at once
+(runs in progress resume from their checkpoint next time). Worker processes also die with the sweep process,
+even a ``kill -9``-ed one (``PR_SET_PDEATHSIG`` on Linux, a watchdog thread elsewhere).
 """
 
 from __future__ import annotations
@@ -12,9 +17,13 @@ from __future__ import annotations
 import concurrent.futures as futures
 import contextlib
 import dataclasses
+import errno
 import logging
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -23,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from medxfer.config import RunConfig, config_to_dict
-from medxfer.errors import ConfigError
+from medxfer.errors import ConfigError, FolderInUse, MedxferError
 from medxfer.records import is_done, run_dir, write_error
 
 log = logging.getLogger(__name__)
@@ -52,6 +61,22 @@ class RunOutcome:
     status: str  # "done" | "failed"
     seconds: float
     error: Optional[str] = None  # one line; the traceback is in runs/<id>/error.json
+    disk_full: bool = False  # the run failed for lack of space: the sweep stops (every next run would fail too)
+
+
+class DiskFull(MedxferError):
+    """No space left on the device (or quota exceeded) while a sweep writes: it stops, finished runs kept."""
+
+
+def is_disk_full(exc: Optional[BaseException]) -> bool:
+    """Whether ``exc`` or an exception it was raised from is ENOSPC / EDQUOT."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def default_run_fn(config: RunConfig, out_dir: Path) -> Any:
@@ -90,15 +115,29 @@ def execute_run(job: RunJob) -> RunOutcome:
         if not is_done(job.out_dir, job.run_id):
             raise RuntimeError(f"the run function returned without writing runs/{job.run_id}/result.json")
         return RunOutcome(job.run_id, "done", time.perf_counter() - started)
+    except FolderInUse as exc:  # another process is running it: not this run's failure, nothing to record
+        return RunOutcome(job.run_id, "failed", time.perf_counter() - started, f"{exc} (not recorded)")
     except Exception as exc:  # a failing run is data: record it and let the sweep go on
         message = _error_line(exc)
         log.info("run %s failed: %s", job.run_id, message)  # the summary reports it
-        write_error(run_dir(job.out_dir, job.run_id), {
+        recorded = record_failure(run_dir(job.out_dir, job.run_id), {
             "kind": "finetune", "status": "failed", "run_id": job.run_id,
             "config": config_to_dict(job.config), "error": message, "traceback": traceback.format_exc(),
             "finished": datetime.now(timezone.utc).isoformat(),
         })
-        return RunOutcome(job.run_id, "failed", time.perf_counter() - started, message)
+        if not recorded:
+            message += " (not recorded: no space for error.json)"
+        return RunOutcome(job.run_id, "failed", time.perf_counter() - started, message, disk_full=is_disk_full(exc))
+
+
+def record_failure(directory: Path, record: dict[str, Any]) -> bool:
+    """Write ``error.json``; False (with a one-line warning) where even that fails, e.g. on a full disk."""
+    try:
+        write_error(directory, record)
+        return True
+    except OSError as exc:
+        log.warning("could not write %s: %s", Path(directory) / "error.json", _error_line(exc))
+        return False
 
 
 def run_sequential(jobs: Sequence[Any], on_outcome: OnOutcome) -> None:
@@ -120,10 +159,43 @@ def _parent_log_settings() -> tuple[dict[str, int], list]:
     return {name: logging.getLogger(name).level for name in _QUIETED_LOGGERS}, list(warnings.filters)
 
 
-def _init_worker(threads: int, levels: Optional[dict[str, int]] = None, warning_filters: Optional[list] = None
-                 ) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """Make this worker process end when ``parent_pid`` (the sweep) ends, however it ends.
+
+    Linux: the kernel sends SIGKILL when the parent dies (``prctl(PR_SET_PDEATHSIG)``); elsewhere a daemon
+    thread checks every second whether the parent is gone. Without this, a ``kill -9`` of the sweep left
+    its workers running (training, holding memory) for ever.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+                if os.getppid() != parent_pid:  # the parent died before the prctl call
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="medxfer-parent-watchdog", daemon=True).start()
+
+
+def _init_worker(threads: int, levels: Optional[dict[str, int]] = None, warning_filters: Optional[list] = None,
+                 parent_pid: Optional[int] = None) -> None:
     import warnings
 
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
+    # Ctrl-C reaches the whole process group; the sweep process handles it (cancels the queue, stops the
+    # workers), so a worker must not take it as the end of one run and start the next.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     set_threads(threads)
     if levels:
         import lightning  # noqa: F401  (it resets its loggers' levels on import: import it first)
@@ -143,8 +215,9 @@ def run_process_pool(jobs: Sequence[Any], on_outcome: OnOutcome, workers: int) -
     threads = threads_per_worker(workers)
     jobs = [dataclasses.replace(job, threads=threads) for job in jobs]
     context = multiprocessing.get_context("spawn")
-    with futures.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
-                                     initargs=(threads, *_parent_log_settings())) as pool:
+    pool = futures.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+                                       initargs=(threads, *_parent_log_settings(), os.getpid()))
+    try:
         pending = {pool.submit(execute_job, job): job for job in jobs}
         for future in futures.as_completed(pending):
             job = pending[future]
@@ -154,6 +227,29 @@ def run_process_pool(jobs: Sequence[Any], on_outcome: OnOutcome, workers: int) -
                 outcome = RunOutcome(job.run_id, "failed", 0.0, f"worker process died ({_error_line(exc)}); "
                                      "not recorded, the next sweep redoes it")
             on_outcome(outcome)
+    except BaseException:  # Ctrl-C, a full disk, a bug: no queued run may start, no worker may outlive us
+        # The executor has no public way to stop work in progress: its processes (read before shutdown
+        # forgets them) are stopped directly.
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        stop_workers(processes)
+        raise
+    pool.shutdown(wait=True)
+
+
+def stop_workers(processes: Sequence[Any], grace_s: float = 5.0) -> None:
+    """SIGTERM each worker process, then SIGKILL those still alive after ``grace_s`` seconds. Their runs in
+    progress are lost (they resume from their last checkpoint in the next sweep); finished records are kept."""
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.terminate()
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join(1.0)
 
 
 def import_ray():
@@ -200,6 +296,11 @@ def run_ray(jobs: Sequence[Any], on_outcome: OnOutcome, address: Optional[str] =
                     outcome = RunOutcome(job.run_id, "failed", 0.0, f"ray task died ({_error_line(exc)}); "
                                          "not recorded, the next sweep redoes it")
                 on_outcome(outcome)
+    except BaseException:  # Ctrl-C, a full disk: cancel what is queued or running on the cluster
+        for ref in waiting:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+        raise
     finally:
         if started_here:
             ray.shutdown()
@@ -228,13 +329,21 @@ def run_jobs(jobs: Sequence[Any], on_outcome: OnOutcome, backend: str = "local",
     if not jobs:
         return
     check_backend(backend, workers, address)
+
+    def handle(outcome: RunOutcome) -> None:
+        on_outcome(outcome)
+        if outcome.disk_full:
+            raise DiskFull(f"no space left on the device: {outcome.run_id} failed ({outcome.error}); the sweep "
+                           "stopped, finished runs are kept; free space and run it again (--retry-failed "
+                           "redoes the failed run)")
+
     if backend == "local":
         if workers == 1 or len(jobs) <= 1:
-            run_sequential(jobs, on_outcome)
+            run_sequential(jobs, handle)
         else:
-            run_process_pool(jobs, on_outcome, min(workers, len(jobs)))
+            run_process_pool(jobs, handle, min(workers, len(jobs)))
     else:
-        run_ray(jobs, on_outcome, address=address, cpus=cpus, gpus=gpus)
+        run_ray(jobs, handle, address=address, cpus=cpus, gpus=gpus)
 
 
 def check_backend(backend: str, workers: int = 1, address: Optional[str] = None) -> None:

@@ -19,10 +19,19 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from medxfer.config import PretrainConfig, ScoreConfig, config_to_dict, parse_config
-from medxfer.errors import ConfigError
-from medxfer.io import atomic_write_json, stable_hash
+from medxfer.errors import ConfigError, FolderInUse
+from medxfer.io import atomic_write_json, folder_lock, stable_hash
 from medxfer import records
-from medxfer.sweep.backends import RunFn, RunJob, RunOutcome, backend_session, check_backend, run_jobs
+from medxfer.sweep.backends import (
+    RunFn,
+    RunJob,
+    RunOutcome,
+    backend_session,
+    check_backend,
+    is_disk_full,
+    record_failure,
+    run_jobs,
+)
 from medxfer.sweep.grid import (
     GridPlan,
     SweepConfig,
@@ -130,9 +139,10 @@ def _short(value: Any) -> str:
 def _write_stage_error(folder: Path, kind: str, name: str, exc: BaseException) -> str:
     message = " ".join(f"{type(exc).__name__}: {exc}".split())
     log.warning("%s %s failed: %s", kind, name, message)
-    records.write_error(folder, {"kind": kind, "status": "failed", "name": name, "error": message,
-                               "traceback": traceback.format_exc(),
-                               "finished": datetime.now(timezone.utc).isoformat()})
+    if not record_failure(folder, {"kind": kind, "status": "failed", "name": name, "error": message,
+                                   "traceback": traceback.format_exc(),
+                                   "finished": datetime.now(timezone.utc).isoformat()}):
+        message += " (not recorded: no space for error.json)"
     return message
 
 
@@ -146,9 +156,11 @@ def _run_stage(kind: str, name: str, folder: Path, work: Callable[[], None]) -> 
         if (folder / records.ERROR_FILE).exists():
             (folder / records.ERROR_FILE).unlink()
         return RunOutcome(name, "done", time.perf_counter() - started)
+    except FolderInUse as exc:  # another process works in this folder: not a failure to record
+        return RunOutcome(name, "failed", time.perf_counter() - started, str(exc))
     except Exception as exc:  # recorded; for pretraining, the runs that need it are reported as blocked
         message = _write_stage_error(folder, kind, name, exc)
-        return RunOutcome(name, "failed", time.perf_counter() - started, message)
+        return RunOutcome(name, "failed", time.perf_counter() - started, message, disk_full=is_disk_full(exc))
 
 
 @dataclass
@@ -318,17 +330,42 @@ def run_sweep(grid: Union[str, Path, SweepConfig, dict], out_dir: str | Path, ba
         raise ConfigError(f"{message}{more}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    records.remove_partial_files(out_dir)  # tables and plans left half-written by a killed sweep
-    records.remove_partial_files(out_dir / "sweeps")
-    atomic_write_json(out_dir / "sweeps" / f"{_safe(sweep.name)}.json", {
-        "name": sweep.name, "source": sweep.source, "config": sweep.model_dump(mode="json"),
-        "runs": [{"run_id": run.run_id, "axes": run.axes} for run in plan.runs],
-    })
-    summary = SweepSummary(sweep.name, out_dir, backend, dry_run=False, duplicates=plan.duplicates)
-    options = dict(backend=backend, workers=workers, address=address,
-                   cpus=sweep.resources.cpus, gpus=sweep.resources.gpus)
+    # One sweep per folder at a time: a second one would run every run and pretraining again, and resume
+    # from the first one's live checkpoints.
+    with folder_lock(out_dir, "sweep folder"):
+        records.remove_partial_files(out_dir)  # tables and plans left half-written by a killed sweep
+        records.remove_partial_files(out_dir / "sweeps")
+        atomic_write_json(out_dir / "sweeps" / f"{_safe(sweep.name)}.json", {
+            "name": sweep.name, "source": sweep.source, "config": sweep.model_dump(mode="json"),
+            "runs": [{"run_id": run.run_id, "axes": run.axes} for run in plan.runs],
+        })
+        summary = SweepSummary(sweep.name, out_dir, backend, dry_run=False, duplicates=plan.duplicates)
+        options = dict(backend=backend, workers=workers, address=address,
+                       cpus=sweep.resources.cpus, gpus=sweep.resources.gpus)
+        try:
+            _run_stages(sweep, plan, out_dir, summary, options, retry_failed, progress, run_fn)
+        except BaseException:  # Ctrl-C, a full disk: the tables still show every run finished so far
+            try:
+                _write_tables(summary)
+            except Exception as exc:  # e.g. no space for them either; the records are what counts
+                log.warning("could not refresh the tables of %s: %s", out_dir, " ".join(str(exc).split()))
+            raise
+        _write_tables(summary)
+    summary.elapsed_s = time.perf_counter() - started
+    return summary
 
-    with backend_session(backend, address), _Progress(progress) as bars:
+
+def _write_tables(summary: SweepSummary) -> None:
+    tables = records.collect_all(summary.out_dir)
+    summary.results_csv, summary.robustness_csv = tables["results"], tables["robustness"]
+
+
+def _run_stages(sweep: SweepConfig, plan: GridPlan, out_dir: Path, summary: SweepSummary, options: dict[str, Any],
+                retry_failed: bool, progress: bool, run_fn: Optional[RunFn]) -> None:
+    """Pretraining, scores, then the runs; each stage's outcomes go into ``summary`` as they arrive."""
+    from medxfer.finetune import tidy_finished_run
+
+    with backend_session(options["backend"], options["address"]), _Progress(progress) as bars:
         # 1. pretraining, once per entry (entries that differ only in name share one folder)
         pretrain_jobs, failed_folders, names_of = [], set(), {}
         for entry in sweep.pretraining:
@@ -381,6 +418,7 @@ def run_sweep(grid: Union[str, Path, SweepConfig, dict], out_dir: str | Path, ba
             checkpoint = run.config.pretrained.checkpoint
             if status == "done":
                 entry.status = "reused"
+                tidy_finished_run(records.run_dir(out_dir, run.run_id))
             elif status == "failed" and not retry_failed:
                 entry.status = "skipped-failed"
                 entry.error = (records.read_error(out_dir, run.run_id) or {}).get("error")
@@ -401,10 +439,6 @@ def run_sweep(grid: Union[str, Path, SweepConfig, dict], out_dir: str | Path, ba
 
         run_jobs(jobs, on_run, **options)
 
-    tables = records.collect_all(out_dir)
-    summary.results_csv, summary.robustness_csv = tables["results"], tables["robustness"]
-    summary.elapsed_s = time.perf_counter() - started
-    return summary
 
 
 def _safe(name: str) -> str:
