@@ -335,6 +335,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if type(exc).__name__ == "Abort":
             return 1
         raise
+    if code == 130:  # typer turns a KeyboardInterrupt into a silent Exit(130)
+        print("interrupted", file=sys.stderr)
     return code if isinstance(code, int) else 0
 
 
