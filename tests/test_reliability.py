@@ -474,9 +474,15 @@ def test_a_finished_run_left_with_its_resume_checkpoint_is_tidied_when_reused(tm
 
 @pytest.mark.slow
 def test_a_cli_sweep_prints_no_lightning_banners_or_eval_mode_warnings(tmp_path):
+    from medxfer.models import build_segmenter, save_encoder
+
+    encoder = tmp_path / "encoder_len0001.pt"  # a frozen encoder: Lightning warns of modules in eval mode
+    save_encoder(build_segmenter(ModelConfig(preset="unet", width=4, depth=3, in_channels=1, n_classes=2)),
+                 encoder, length=1, source="test")
     grid = tmp_path / "grid.yaml"
-    grid.write_text(yaml.safe_dump({**GRID, "base": {**GRID["base"], "train": {
-        **GRID["base"]["train"], "strategy": "frozen_encoder"}}, "axes": {"seed": [0, 1]}}))
+    grid.write_text(yaml.safe_dump({**GRID, "base": {
+        **GRID["base"], "pretrained": {"checkpoint": str(encoder)},
+        "train": {**GRID["base"]["train"], "strategy": "frozen_encoder"}}, "axes": {"seed": [0, 1]}}))
     process = python(f"""
         import sys
         from medxfer.cli import main
