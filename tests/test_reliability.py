@@ -29,7 +29,7 @@ from medxfer.io import LOCK_FILE, folder_lock
 from medxfer.sweep.backends import DiskFull
 from medxfer.sweep.grid import expand_grid, parse_sweep
 from medxfer.sweep.runner import run_sweep
-from medxfer.sweep.store import read_record, run_dir, write_record
+from medxfer.records import read_record, run_dir, write_record
 from medxfer.training.resume import AtomicCheckpointIO, fit, usable_resume_checkpoint
 from medxfer.training.tasks import first_non_finite
 
