@@ -224,3 +224,77 @@ def test_score_command_writes_every_new_estimator_to_baselines_csv(tmp_path):
     assert len(table) == 3 * 2 * 2 and table["score"].notna().all() and (table["time_s"] > 0).all()
     knn = table[table["metric"] == "knn_accuracy"]["score"]
     assert ((0.0 <= knn) & (knn <= 1.0)).all() and (table[table["metric"] == "gbc"]["score"] <= 0).all()
+
+
+# ------------------------------------------------------------------ the reference code's protocol
+@pytest.mark.parametrize("n", [2, 5, 6, 9])
+def test_reference_negatives_are_the_reversed_second_views_rolled_by_two(n):
+    from medxfer.transferability.robustness import reference_negatives
+
+    # As the reference study describes its negatives: the second views in reverse order, then the
+    # last two moved to the front.
+    reversed_ids = [list(range(n))[i - 1] for i in range(n, 0, -1)]
+    rolled = [reversed_ids[-2], reversed_ids[-1], *reversed_ids[:-2]]
+    assert list(reference_negatives(n)) == rolled
+    assert list(reference_negatives(n)) == [(n + 1 - i) % n for i in range(n)]
+    fixed = [i for i in range(n) if reference_negatives(n)[i] == i]
+    assert fixed == ([(n + 1) // 2] if n % 2 else [])
+
+
+def test_reference_jitter_is_torchvisions_color_jitter_drawn_once_for_all_images():
+    from torchvision.transforms import ColorJitter
+
+    from medxfer.transferability.robustness import ReferenceColorJitter
+
+    config = AugmentConfig(brightness=0.1, contrast=0.05, saturation=0.1, hue=0.05)
+    images = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    jitter = ReferenceColorJitter(config, seed=3, view=1)
+    torch.manual_seed(jitter.torch_seed)
+    expected = ColorJitter(brightness=0.1, contrast=0.05, saturation=0.1, hue=0.05)(images)
+    assert torch.allclose(jitter(images), expected, atol=1e-6)
+    assert torch.allclose(torch.cat([jitter(images[:2]), jitter(images[2:])]), expected, atol=1e-6)
+    assert not torch.allclose(ReferenceColorJitter(config, seed=3, view=0)(images), expected)
+    # no per-image rescaling: values outside [0, 1] are clamped, as ColorJitter does
+    assert float(jitter(images * 4.0 - 1.0).min()) >= 0.0 and float(jitter(images * 4.0).max()) <= 1.0
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_reference_pair_distances_equal_the_whole_set_computation(batch_size):
+    from medxfer.transferability.robustness import ReferenceColorJitter, reference_pair_distances, row_distance
+
+    torch.manual_seed(0)
+    encoder = UNetEncoder(1, width=4, depth=2)
+    images = torch.rand(7, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    config = AugmentConfig()
+    got = reference_pair_distances(encoder, images, seed=2, batch_size=batch_size, device="cpu",
+                                   metrics=["cosine", "l2"], levels=[1], pooled=[True, False])
+    encoder.eval()
+    with torch.no_grad():
+        q = encoder(ReferenceColorJitter(config, 2, 0)(images))[1]
+        k = encoder(ReferenceColorJitter(config, 2, 1)(images))[1]
+    negatives = [(7 + 1 - i) % 7 for i in range(7)]
+    for pool in (True, False):
+        qv = (q.flatten(2).mean(2) if pool else q.flatten(1)).double()
+        kv = (k.flatten(2).mean(2) if pool else k.flatten(1)).double()
+        for metric in ("cosine", "l2"):
+            np.testing.assert_allclose(got.positive[(metric, 1, pool)], row_distance(qv, kv, metric).numpy(),
+                                       rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(got.negative[(metric, 1, pool)],
+                                       row_distance(qv, kv[negatives], metric).numpy(), rtol=1e-5, atol=1e-7)
+    # image 4 of 7 is its own negative: with no jitter its loss is exactly the margin
+    plain = reference_pair_distances(IdentityEncoder(), images, augment=NO_JITTER, device="cpu", levels=[0])
+    assert plain.losses("cosine", 0.5, 0, True)[4] == pytest.approx(0.5)
+
+
+def test_score_with_reference_protocol_numbers_levels_from_one(tmp_path):
+    _tiny_checkpoints(tmp_path / "checkpoints", lengths=(0, 1))
+    (tmp_path / "score.yaml").write_text(
+        "data: {name: demo, options: {domain: B}, normalization: minmax}\ncheckpoints: checkpoints\n"
+        f"out: {tmp_path / 'out'}\nprotocol: reference\nlevels: [2]\n"
+        "n_images: 5\ncrop_size: [32, 32]\nbootstrap: 0\nmetrics: [cosine]\nmargins: [0.5]\n"
+        "stop: {rule: argmin, metric: cosine, margin: 0.5, level: 2, pooled: true}\n")
+    result = run_score(load_score_config(tmp_path / "score.yaml"))
+    table = pd.read_csv(tmp_path / "out" / "robustness.csv")
+    assert set(table["level"]) == {2} and set(table["protocol"]) == {"reference"}
+    assert set(table["stride"]) == {2}  # published level 2 = the encoder's second level (index 1)
+    assert result.recommendation is not None and result.recommendation.variant["level"] == 2

@@ -223,6 +223,9 @@ class ScoreConfig(StrictModel):
     levels: Optional[list[int]] = None  # encoder levels scored; None = all
     pooled: list[bool] = Field(default_factory=lambda: [True, False])  # spatial mean and/or flattened maps
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    # "medxfer": per-image jitter in each image's own range, negatives one seeded cycle; "reference": the
+    # reference code's protocol (one ColorJitter per view, negatives i -> (N+1-i) mod N, levels 1..5)
+    protocol: Literal["medxfer", "reference"] = "medxfer"
     batch_size: int = Field(16, ge=1)
     bootstrap: int = Field(1000, ge=0)  # bootstrap resamples over images for the interval; 0 = none
     confidence: float = Field(0.95, gt=0.0, lt=1.0)
@@ -236,6 +239,16 @@ class ScoreConfig(StrictModel):
     probe_steps: int = Field(300, ge=1)  # linear-probe training steps
     probe_level: Optional[int] = None  # None = the level whose stride is closest to 4
     stop: StopConfig = Field(default_factory=StopConfig)
+
+    @property
+    def level_offset(self) -> int:
+        """1 under the reference protocol (levels numbered 1..5 as published, in the config and the
+        tables), else 0 (medxfer's encoder levels 0..n-1)."""
+        return 1 if self.protocol == "reference" else 0
+
+    def encoder_level(self, level: Optional[int]) -> Optional[int]:
+        """A level as written in this config -> the encoder's level index (negative ones unchanged)."""
+        return level - self.level_offset if level is not None and level > 0 else level
 
     @model_validator(mode="after")
     def _check_lists(self) -> "ScoreConfig":

@@ -397,6 +397,124 @@ def robustness_naive(
     return losses
 
 
+# --------------------------------------------------------------------------------------------------
+# The reference code's protocol (Hidy, Bakos, Lukacs, arXiv 2410.18677), to regenerate published scores
+
+
+def reference_negatives(n: int) -> np.ndarray:
+    """The reference code's pairing: the negative of image ``i`` is image ``(n + 1 - i) mod n`` (the
+    second views reversed, then rolled by two). It is its own inverse; for odd ``n`` image
+    ``(n + 1) / 2`` is paired with itself (its negative is its own positive view)."""
+    if n < 2:
+        raise DataError(f"the robustness score needs at least 2 images (a negative is another image), got {n}")
+    return (n + 1 - np.arange(n)) % n
+
+
+class ReferenceColorJitter:
+    """torchvision's ``ColorJitter`` as the reference code applies it: ONE draw of the parameters (order
+    of the four operations and their factors) for all images of a view, applied to the images as they
+    are (no per-image rescaling; float values are clamped to [0, 1] after each operation, as torchvision
+    does). Seeded by ``(seed, view)``. Saturation and hue leave 1-channel images unchanged (torchvision).
+    Volumes ``(B, C, D, H, W)`` are jittered as ``(B, C, D*H, W)`` images, so contrast uses the volume mean.
+    """
+
+    def __init__(self, config: AugmentConfig, seed: int, view: int):
+        from torchvision.transforms import ColorJitter
+
+        jitter = ColorJitter(brightness=config.brightness, contrast=config.contrast,
+                             saturation=config.saturation, hue=config.hue)
+        self.torch_seed = int(np.random.SeedSequence([int(seed), int(view), 31]).generate_state(1)[0])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.torch_seed)  # ColorJitter draws from torch's global generator
+            order, b, c, s, h = ColorJitter.get_params(jitter.brightness, jitter.contrast, jitter.saturation,
+                                                       jitter.hue)
+        self.order = [int(i) for i in order]
+        self.factors = (b, c, s, h)
+
+    def __call__(self, images: torch.Tensor, indices: Sequence[int] = ()) -> torch.Tensor:
+        from torchvision.transforms import functional as TF
+
+        shape = images.shape
+        x = images.reshape(shape[0], shape[1], -1, shape[-1]) if images.ndim == 5 else images
+        operations = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        for index in self.order:
+            factor = self.factors[index]
+            if factor is not None:
+                x = operations[index](x, factor)
+        return x.reshape(shape)
+
+
+@torch.inference_mode()
+def reference_pair_distances(
+    encoder: torch.nn.Module,
+    images: np.ndarray | torch.Tensor,
+    *,
+    metrics: Sequence[str] = METRICS,
+    levels: Optional[Sequence[int]] = None,
+    pooled: Sequence[bool] = (True, False),
+    augment: Optional[AugmentConfig] = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    device: str | torch.device | None = "auto",
+) -> PairDistances:
+    """:func:`pair_distances` under the reference code's protocol (``protocol: reference``): one
+    :class:`ReferenceColorJitter` per view for all images, negatives :func:`reference_negatives`.
+
+    The pairing is its own inverse, so images are visited pair by pair and every negative is in the
+    anchor's batch: one encoder pass per view, nothing carried between batches.
+    """
+    start = time.perf_counter()
+    for metric in metrics:
+        if metric not in METRICS:
+            raise ConfigError(f"unknown robustness metric {metric!r}; use one of {', '.join(METRICS)}")
+    images = _as_tensor(images)
+    n = images.shape[0]
+    permutation = reference_negatives(n)
+    augment = augment or AugmentConfig()
+    views = [ReferenceColorJitter(augment, seed, view) for view in (0, 1)]
+    outside = float(images.min()) < 0.0 or float(images.max()) > 1.0
+    if outside:
+        log.warning("reference protocol: images reach %.3g..%.3g; ColorJitter clamps them to [0, 1] as the "
+                    "reference code does (set data.normalization: minmax for images in [0, 1])",
+                    float(images.min()), float(images.max()))
+    dev = _device(device)
+    in_channels = int(getattr(encoder, "in_channels", images.shape[1]))
+    levels = _resolve_levels(encoder, levels)
+    pooled = [bool(p) for p in dict.fromkeys(pooled)]
+    pairs = [[i] if permutation[i] == i else [i, int(permutation[i])] for i in range(n) if permutation[i] >= i]
+    batches, current = [], []
+    for pair in pairs:  # whole pairs per batch (a batch may exceed batch_size by one image)
+        current += pair
+        if len(current) >= batch_size:
+            batches.append(current)
+            current = []
+    if current:
+        batches.append(current)
+    keys = [(m, level, p) for m in metrics for level in levels for p in pooled]
+    positive = {key: np.empty(n) for key in keys}
+    negative = {key: np.empty(n) for key in keys}
+    feature_dims: dict[tuple[int, bool], int] = {}
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        for ids in batches:
+            batch = images[ids].to(dev)
+            q_views = feature_views(encoder(_match_channels(views[0](batch), in_channels)), levels, pooled)
+            k_views = feature_views(encoder(_match_channels(views[1](batch), in_channels)), levels, pooled)
+            where = {image: row for row, image in enumerate(ids)}
+            partner = torch.as_tensor([where[int(permutation[i])] for i in ids], device=dev)
+            for (level, pool), q in q_views.items():
+                feature_dims[(level, pool)] = int(q.shape[1])
+                k = k_views[(level, pool)]
+                for metric in metrics:
+                    positive[(metric, level, pool)][ids] = row_distance(q, k, metric).cpu().numpy()
+                    negative[(metric, level, pool)][ids] = row_distance(q, k[partner], metric).cpu().numpy()
+    finally:
+        encoder.train(was_training)
+    strides = {level: int(encoder.strides[level]) for level in levels} if hasattr(encoder, "strides") else {}
+    return PairDistances(positive, negative, permutation, strides, feature_dims, time.perf_counter() - start)
+
+
 def bootstrap_interval(values: np.ndarray, index: Optional[np.ndarray], confidence: float) -> tuple[float, float]:
     """Percentile interval of the mean of ``values`` over the resamples ``index`` (``(B, N)`` rows)."""
     if index is None or len(index) == 0:
@@ -440,14 +558,25 @@ def augmentation_id(augment: AugmentConfig) -> str:
 
 def score_checkpoint(encoder: torch.nn.Module, images: np.ndarray | torch.Tensor, config: ScoreConfig,
                      progress: bool = False) -> pd.DataFrame:
-    """Every variant of ``config`` for one encoder: the score columns (no dataset/checkpoint columns)."""
-    distances = pair_distances(
-        encoder, images, metrics=config.metrics, levels=config.levels, pooled=config.pooled,
-        augment=config.augment, seed=config.seed, batch_size=config.batch_size, device=config.device,
-        progress=progress)
+    """Every variant of ``config`` for one encoder: the score columns (no dataset/checkpoint columns).
+
+    ``protocol: reference`` reproduces the reference code's scoring (:func:`reference_pair_distances`)
+    and numbers levels from 1 as published (``levels`` in the config then use that numbering too)."""
+    if config.protocol == "reference":
+        levels = None if config.levels is None else [config.encoder_level(lv) for lv in config.levels]
+        distances = reference_pair_distances(
+            encoder, images, metrics=config.metrics, levels=levels, pooled=config.pooled,
+            augment=config.augment, seed=config.seed, batch_size=config.batch_size, device=config.device)
+    else:
+        distances = pair_distances(
+            encoder, images, metrics=config.metrics, levels=config.levels, pooled=config.pooled,
+            augment=config.augment, seed=config.seed, batch_size=config.batch_size, device=config.device,
+            progress=progress)
     table = variant_table(distances, config.margins, n_boot=config.bootstrap, confidence=config.confidence,
                           seed=config.seed)
+    table["level"] = table["level"] + config.level_offset
     table["time_s"] = distances.time_s
+    table["protocol"] = config.protocol
     return table
 
 

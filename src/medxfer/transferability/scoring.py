@@ -180,11 +180,15 @@ def run_score(config: ScoreConfig, out_dir: str | Path | None = None, *, progres
             from medxfer.transferability.baselines import baseline_scores
 
             rows = baseline_scores(encoder, images, labels, n_classes, methods=config.baselines,
-                                   levels=config.levels, max_pixels=config.baseline_pixels,
-                                   probe_steps=config.probe_steps, probe_level=config.probe_level,
+                                   levels=None if config.levels is None else
+                                   [config.encoder_level(lv) for lv in config.levels],
+                                   max_pixels=config.baseline_pixels, probe_steps=config.probe_steps,
+                                   probe_level=config.encoder_level(config.probe_level),
                                    knn_k=config.knn_k, seed=config.seed, batch_size=config.batch_size,
                                    device=config.device)
-            baseline_tables.append(pd.DataFrame(rows).assign(**meta))
+            rows = pd.DataFrame(rows)
+            rows["level"] = rows["level"] + config.level_offset  # published numbering under protocol reference
+            baseline_tables.append(rows.assign(**meta))
     result_table = order_columns(pd.concat(tables, ignore_index=True))
     result_table = result_table.sort_values(["metric", "margin", "level", "pooled", "pretraining_length"],
                                             kind="stable").reset_index(drop=True)
