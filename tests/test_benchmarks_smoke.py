@@ -68,3 +68,17 @@ def test_sweep_benchmark_runs_the_cli_and_reads_back_every_run():
     assert result["counts"] == {"done": 2} and len(result["dice"]) == 2
     assert all(0.0 <= dice <= 1.0 for dice in result["dice"].values())
     assert 0 < result["startup_s"] < result["seconds"] and result["run_s"] > 0
+
+
+def test_estimator_benchmark_times_every_estimator_on_tiny_images():
+    import bench_estimators
+    import bench_robustness
+
+    images = bench_robustness.demo_images(6)[:, :, :32, :32].copy()
+    labels = bench_estimators.labels_for(6)[:, :32, :32].copy()
+    encoder = bench_robustness.make_encoder(width=2, depth=2)
+    result = bench_estimators.compare(images, labels, encoder, rounds=1, max_pixels=300,
+                                      estimators=("logme", "knn", "gbc", "ccfv"))
+    assert set(result["estimator_s"]) == {"logme", "knn_accuracy", "gbc", "cc_fv"}
+    assert result["score_s"] > 0 and all(t > 0 for t in result["estimator_s"].values())
+    assert len(result["scores"]["knn_accuracy"]) == len(encoder.channels)

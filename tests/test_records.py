@@ -53,3 +53,19 @@ def test_stable_hash_ignores_key_order():
     assert stable_hash({"a": 1, "b": {"c": 2, "d": 3}}) == stable_hash({"b": {"d": 3, "c": 2}, "a": 1})
     assert stable_hash({"a": 1}) != stable_hash({"a": 2})
     assert len(stable_hash({"a": 1})) == 12
+
+
+def test_results_csv_has_the_surface_metrics_and_named_per_class_columns(tmp_path):
+    record = fake_record("multi", 0, float("nan"))
+    record["metrics"] = {"target": {"per_image_mean": {
+        "mean dice index": 0.7, "dice index/RV": 0.6, "dice index/LV": 0.8, "nsd/LV": 0.9, "mean nsd": 0.85,
+        "hausdorff distance/LV": 4.0}, "nan_counts": {}}}
+    write_record(tmp_path / "runs" / "multi", record)
+    write_record(tmp_path / "runs" / "binary", fake_record("binary", 1, 0.5))
+    table = pd.read_csv(collect(tmp_path)).set_index("run id")
+    assert {"hausdorff distance", "assd", "nsd"} <= set(table.columns)
+    columns = list(table.columns)
+    assert columns.index("dice index/LV") > columns.index("nan count")  # appended after the fixed columns
+    assert table.loc["multi", "dice index/LV"] == 0.8 and table.loc["multi", "mean nsd"] == 0.85
+    binary = table[table.index == "binary"]
+    assert binary["dice index/LV"].isna().all() and (binary["dice index"] == 0.5).any()

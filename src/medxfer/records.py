@@ -32,7 +32,7 @@ REFERENCE_COLUMNS = [
 ]
 REFERENCE_METRICS = REFERENCE_COLUMNS[7:]
 OWN_COLUMNS = [
-    "hd95", "strategy", "n train images", "test set", "loss", "run id", "train time s", "eval time s",
+    "hd95", "hausdorff distance", "assd", "nsd", "strategy", "n train images", "test set", "loss", "run id", "train time s", "eval time s",
     "total time s", "metric averaging", "nan count",
 ]
 
@@ -99,7 +99,7 @@ def record_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
         for metric in REFERENCE_METRICS:
             row[metric] = _nan_if_none(values.get(metric))
         row.update({
-            "hd95": _nan_if_none(values.get("hd95")),
+            **{name: _nan_if_none(values.get(name)) for name in ("hd95", "hausdorff distance", "assd", "nsd")},
             "strategy": record.get("strategy"),
             "n train images": record.get("n_train_images"),
             "test set": test_set,
@@ -111,6 +111,9 @@ def record_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
             "metric averaging": "per-image mean",
             "nan count": sum((result.get("nan_counts") or {}).values()),
         })
+        # Multi-class runs: every per-class ("dice index/LV", named as the dataset names its classes) and
+        # class-mean value too, after the fixed columns.
+        row.update({key: value for key, value in values.items() if key not in row})
         rows.append(row)
     return rows
 
