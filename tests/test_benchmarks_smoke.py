@@ -82,3 +82,12 @@ def test_estimator_benchmark_times_every_estimator_on_tiny_images():
     assert set(result["estimator_s"]) == {"logme", "knn_accuracy", "gbc", "cc_fv"}
     assert result["score_s"] > 0 and all(t > 0 for t in result["estimator_s"].values())
     assert len(result["scores"]["knn_accuracy"]) == len(encoder.channels)
+
+
+def test_metric_benchmark_nsd_agrees_with_monai_on_tiny_masks():
+    pytest.importorskip("monai")
+    import bench_metrics
+
+    result = bench_metrics.compare_nsd(bench_metrics.make_inputs((40, 40), 2), repeat=1)
+    assert result["agree"], result["max_abs_diff"]
+    assert result["medxfer_s"] > 0 and result["monai_s"] > 0
