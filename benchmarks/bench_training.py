@@ -144,11 +144,13 @@ class StepLog:
 
 def run_bare(model: torch.nn.Module, loader, loss_fn, lr: float, steps: int, settings: dict[str, Any]) -> StepLog:
     """The plain PyTorch loop with the same optimizer and schedule as medxfer's ``full`` strategy."""
+    from medxfer.training.strategies import make_optimizer
+
     device = settings["device"]
     log = StepLog()
     started = time.perf_counter()
     model = model.to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = make_optimizer("adam", [{"params": list(model.parameters())}], lr)  # medxfer's (fused) Adam
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     autocast = torch.autocast("cuda", dtype=settings["amp_dtype"], enabled=settings["amp"])
     scaler = torch.amp.GradScaler("cuda", enabled=settings["amp_dtype"] == torch.float16)

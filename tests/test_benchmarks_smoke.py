@@ -91,3 +91,21 @@ def test_metric_benchmark_nsd_agrees_with_monai_on_tiny_masks():
     result = bench_metrics.compare_nsd(bench_metrics.make_inputs((40, 40), 2), repeat=1)
     assert result["agree"], result["max_abs_diff"]
     assert result["medxfer_s"] > 0 and result["monai_s"] > 0
+
+
+def test_3d_benchmark_measures_every_side_and_profiles_unet3d(tmp_path, monkeypatch):
+    import bench_3d
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench_3d, "SHAPE", (32, 32, 32))
+    monkeypatch.setattr(bench_3d, "WIDTH", 4)
+    monkeypatch.setattr(bench_3d, "ROUNDS", 1)
+    rows = bench_3d.main()
+    data = json.loads((tmp_path / "3d.json").read_text())
+    assert set(data["times"]) == {"unet3d", "unet3d channels-last", "DynUNet (nnU-Net)"}
+    assert all(len(t) == 2 and min(t) > 0 for t in data["times"].values())
+    assert data["flops"]["unet3d"] == data["flops"]["unet3d channels-last"] > 0  # same network, same work
+    assert 0.5 < data["flops"]["unet3d"] / data["flops"]["DynUNet (nnU-Net)"] < 2  # "similar FLOPs"
+    assert any("convolution" in op for op, _ in data["profile"])
+    assert sum(share for _, share in data["profile"]) <= 1.0 + 1e-9
+    assert [r["target"] for r in rows[:3]] == [">= 0.5", ">= 0.5", "-"]

@@ -246,3 +246,27 @@ def test_gradients_are_released_before_each_forward_pass_unless_accumulating(acc
     # while accumulating, the second batch of each step must still see the first one's gradients
     assert any(grads_alive_at_forward) == (accumulate > 1)
     assert issubclass(ClassificationTask, TrainingTask)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_optimizers_are_fused_on_the_cpu_and_step_like_the_default(name):
+    from medxfer.training.strategies import make_optimizer
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    fused = make_optimizer(name, [{"params": list(a.parameters()), "weight_decay": 0.01}], lr=0.1)
+    assert fused.defaults["fused"] is True
+    reference_class = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    extra = {"momentum": 0.9} if name == "sgd" else {}
+    reference = reference_class(b.parameters(), lr=0.1, weight_decay=0.01, **extra)
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        for model, optimizer in ((a, fused), (b, reference)):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
+        make_optimizer("lamb", [{"params": list(a.parameters())}], lr=0.1)

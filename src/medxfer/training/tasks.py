@@ -12,7 +12,7 @@ from medxfer.config import TrainConfig
 from medxfer.data.base import IGNORE_INDEX
 from medxfer.data.patches import predict_logits
 from medxfer.errors import TrainingDiverged
-from medxfer.training.strategies import apply_strategy, build_optimizer, build_scheduler
+from medxfer.training.strategies import apply_strategy, build_optimizer, build_scheduler, make_optimizer
 
 
 def foreground_dice_counts(logits: torch.Tensor, target: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -259,14 +259,7 @@ class ClassificationTask(TrainingTask):
         groups = [{"params": decay, "weight_decay": self.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
-        if self.optimizer_name == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum)
-        elif self.optimizer_name == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=self.lr)
-        elif self.optimizer_name == "adam":
-            optimizer = torch.optim.Adam(groups, lr=self.lr)
-        else:
-            raise ValueError(f"unknown optimizer {self.optimizer_name!r} (sgd, adam, adamw)")
+        optimizer = make_optimizer(self.optimizer_name, groups, self.lr, self.momentum)
         total, scheduler, warmup = self.total_steps, self.scheduler_name, self.warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: scheduled_lr_factor(step, total, scheduler, warmup)
