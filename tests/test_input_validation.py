@@ -134,3 +134,13 @@ def test_finetune_from_a_nan_encoder_names_the_file_and_leaves_no_run(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert "nan_encoder.pt" in err and "NaN" in err and "\n" not in err
     assert not any((tmp_path / "out").rglob("result.json"))
+
+
+def test_pretraining_with_accelerator_gpu_without_one_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = tmp_path / "pretrain.yaml"
+    config.write_text("train: {accelerator: cuda}\nschedule: {lengths: [0, 1]}\n")
+    assert main(["pretrain", str(config), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.accelerator" in err and "no CUDA GPU" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()

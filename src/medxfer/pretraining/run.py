@@ -27,7 +27,7 @@ from medxfer.pretraining.online import online_score_hook
 from medxfer.pretraining.recipes import PretrainSetup, config_identity, resolve_recipe
 from medxfer.pretraining.schedule import CheckpointHook, ScheduledCheckpoints, collect_hooks
 from medxfer.pretraining.segmentation import segmentation_setup
-from medxfer.training.strategies import prefers_channels_last, resolve_precision
+from medxfer.training.strategies import prefers_channels_last, resolve_accelerator, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ def run_pretraining(config: PretrainConfig, out_dir: str | Path, callbacks: Opti
     """
 
 
+    accelerator = resolve_accelerator(config.train.accelerator)  # before any folder or work
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     identity = config_identity(config)
@@ -118,7 +119,7 @@ def run_pretraining(config: PretrainConfig, out_dir: str | Path, callbacks: Opti
                                  enable_version_counter=False, save_on_train_epoch_end=True)
         trainer = L.Trainer(
             default_root_dir=out, max_epochs=longest if by_epoch else -1, max_steps=-1 if by_epoch else longest,
-            accelerator=t.accelerator, devices=1, precision=resolve_precision(t.precision),
+            accelerator=accelerator, devices=1, precision=resolve_precision(t.precision),
             callbacks=[scheduled, *callbacks, resume],
             logger=False, enable_progress_bar=progress, enable_model_summary=False,
             log_every_n_steps=t.log_every_n_steps, num_sanity_val_steps=0, limit_val_batches=0,
