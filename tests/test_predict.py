@@ -260,7 +260,7 @@ def test_an_unexpected_error_in_one_file_skips_only_that_file(tmp_path, monkeypa
 
 
 def test_spacing_mismatch_warns_with_both_spacings_and_is_recorded(tmp_path, caplog):
-    from medxfer.sweep.store import read_record
+    from medxfer.records import read_record
 
     save_run(tmp_path / "run", "unet", 2)
     record = read_record(tmp_path / "run" / "result.json")
