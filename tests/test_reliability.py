@@ -492,3 +492,103 @@ def test_a_cli_sweep_prints_no_lightning_banners_or_eval_mode_warnings(tmp_path)
     assert process.returncode == 0, err
     for noise in ("GPU available", "TPU available", "LOCAL_RANK", "eval mode", "Trainer.fit"):
         assert noise not in err and noise not in out
+
+
+# --- 9. damaged records are skipped, named, and the rest goes on -------------------------------------------
+
+DAMAGED = {"truncated": '{"kind": "finetune", "status": "do', "empty": "", "a list": "[1, 2]"}
+
+
+def _damaged_folder(out: Path) -> dict[str, Path]:
+    grid = parse_sweep({**GRID, "axes": {"seed": [0, 1, 2, 3]}})
+    run_sweep(grid, out, run_fn=fake_run)
+    ids = [run.run_id for run in expand_grid(grid, out).runs]
+    damaged = {}
+    for run_id, (name, text) in zip(ids[1:], DAMAGED.items()):
+        damaged[name] = run_dir(out, run_id) / "result.json"
+        damaged[name].write_text(text)
+    return damaged
+
+
+def test_collect_and_report_skip_damaged_records_and_name_them(tmp_path, capsys, caplog):
+    damaged = _damaged_folder(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        assert main(["collect", str(tmp_path)]) == 0
+        assert len(pd.read_csv(tmp_path / "results.csv")) == 1  # the one good record
+        assert main(["report", str(tmp_path)]) == 0
+    for path in damaged.values():
+        assert str(path) in caplog.text
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_sweep_redoes_runs_whose_record_is_damaged(tmp_path, caplog):
+    damaged = _damaged_folder(tmp_path)
+    grid = parse_sweep({**GRID, "axes": {"seed": [0, 1, 2, 3]}})
+    with caplog.at_level(logging.WARNING):
+        summary = run_sweep(grid, tmp_path, run_fn=fake_run)
+    assert summary.counts() == {"done": 3, "reused": 1}
+    assert len(pd.read_csv(tmp_path / "results.csv")) == 4
+    for path in damaged.values():
+        assert isinstance(json.loads(path.read_text()), dict)
+
+
+def test_finetune_sets_a_damaged_record_aside_and_redoes_the_run(tmp_path, caplog):
+    config = tiny_config(max_steps=1)
+    directory = run_dir(tmp_path, run_id_for(config))
+    directory.mkdir(parents=True)
+    (directory / "result.json").write_text('{"status": "done", "metr')
+    with caplog.at_level(logging.WARNING):
+        run = run_finetune(config, tmp_path)
+    assert run.record["status"] == "done" and read_record(directory / "result.json")["run_id"] == run.run_id
+    (moved,) = directory.glob("result.json.corrupt-*")
+    assert moved.name in caplog.text
+
+
+# --- pretraining: the same guarantees ------------------------------------------------------------------
+
+PRETRAIN = {"model": {"preset": "unet", "width": 4, "depth": 3}, "schedule": {"lengths": [0, 1, 2]},
+            "classification": {"n_per_class": 4, "val_per_class": 2}, "train": {"batch_size": 16}}
+
+
+def _pretrain_config(**train):
+    from medxfer.config import PretrainConfig, parse_config
+
+    return parse_config({**PRETRAIN, "train": {**PRETRAIN["train"], **train}}, PretrainConfig, source="test")
+
+
+def test_diverged_pretraining_stops_and_saves_no_diverged_checkpoint(tmp_path):
+    from medxfer.pretraining import read_checkpoints, run_pretraining
+
+    with pytest.raises(TrainingDiverged, match=r"diverged at step \d+") as raised:
+        run_pretraining(_pretrain_config(lr=1e8), tmp_path)
+    assert str(tmp_path) in str(raised.value)
+    assert not (tmp_path / "pretrain.json").exists()  # never recorded as done
+    saved = read_checkpoints(tmp_path)
+    assert saved  # length 0 at least, saved before the first step
+    for checkpoint in saved:  # those saved before it diverged are finite
+        state = torch.load(checkpoint.path, weights_only=True)  # the encoder state dict
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+def test_pretraining_takes_its_folder_lock_and_recovers_from_damage(tmp_path, caplog):
+    from medxfer.pretraining import run_pretraining
+
+    config = _pretrain_config()
+    with folder_lock(tmp_path):
+        with pytest.raises(FolderInUse):
+            run_pretraining(config, tmp_path)
+    first = run_pretraining(config, tmp_path)
+    assert first.lengths == [0, 1, 2] and not list(tmp_path.rglob("*.tmp"))
+    assert not (tmp_path / "lightning").exists() and not (tmp_path / LOCK_FILE).exists()
+    # what kills and outside damage leave: a torn resume file, temp files, a damaged record
+    _lightning_checkpoint(tmp_path / "lightning" / "last.ckpt")
+    (tmp_path / "lightning" / "last.ckpt").write_bytes(b"PK\x03\x04torn")
+    (tmp_path / "checkpoints" / ".encoder_len0001.pt.abc123.tmp").write_bytes(b"partial")
+    (tmp_path / "pretrain.json").write_text("")
+    with caplog.at_level(logging.WARNING):
+        again = run_pretraining(config, tmp_path)
+    assert again.lengths == [0, 1, 2] and again.record["status"] == "done"
+    assert "pretrain.json" in caplog.text and "last.ckpt" in caplog.text
+    assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "lightning").exists()
+    # checkpoints are never rewritten: the record lists the same files
+    assert [c["path"] for c in again.record["checkpoints"]] == [c["path"] for c in first.record["checkpoints"]]

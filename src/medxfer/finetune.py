@@ -18,9 +18,10 @@ from medxfer.data import load_data, select_subset
 from medxfer.data.base import SegmentationData, spacing_summary
 from medxfer.errors import ConfigError, FolderInUse, TrainingDiverged
 from medxfer.evaluation.metrics import class_keys
-from medxfer.io import environment_info, folder_lock, seed_everything, stable_hash
+from medxfer.io import environment_info, folder_lock, seed_everything, set_aside, stable_hash
 from medxfer.records import (
     RESULT_FILE,
+    load_record,
     read_record,
     remove_partial_files,
     run_dir as store_run_dir,
@@ -168,7 +169,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
 
     run_id = run_id_for(config)
     directory = store_run_dir(out_dir, run_id)
-    if (directory / RESULT_FILE).is_file():
+    if load_record(directory / RESULT_FILE, warn=False) is not None:
         return _finished(run_id, directory)
     started = time.perf_counter()
     seed_everything(config.seed)
@@ -195,9 +196,14 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
     # Only now the folder: bad data or config leave none behind. The run lock keeps a second process
     # (another sweep, a finetune of the same config) from training the same run or resuming from our files.
     with folder_lock(directory, f"run {run_id}"):
-        if (directory / RESULT_FILE).is_file():  # finished by another process meanwhile
+        record = load_record(directory / RESULT_FILE, warn=False)
+        if record is not None:  # finished by another process meanwhile
             shutil.rmtree(directory / CHECKPOINT_DIR, ignore_errors=True)
-            return RunResult(run_id, directory, read_record(directory / RESULT_FILE))
+            return RunResult(run_id, directory, record)
+        if (directory / RESULT_FILE).exists():  # damaged from outside: set aside, and the run is redone
+            moved = set_aside(directory / RESULT_FILE)
+            log.warning("run %s: %s is unreadable; set aside as %s, the run is redone", run_id, RESULT_FILE,
+                        moved.name)
         remove_partial_files(directory, recursive=True)  # left by a killed attempt; no one else writes here
         checkpoints = directory / CHECKPOINT_DIR
         # last.ckpt (weights + optimizer state) is for resuming only; the weights that are evaluated are the

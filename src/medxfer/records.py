@@ -65,14 +65,35 @@ def read_record(path: str | Path) -> dict[str, Any]:
         return json.load(f)
 
 
+def load_record(path: str | Path, *, warn: bool = True) -> Optional[dict[str, Any]]:
+    """The record (a JSON object) at ``path``; None when there is none or it is unreadable (truncated,
+    empty, not UTF-8, a list...): records are written atomically, so that is damage from outside, and one
+    damaged record must not stop the commands that read many. An unreadable one is named in a warning."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        problem = " ".join(f"{type(exc).__name__}: {exc}".split())
+    else:
+        if isinstance(record, dict):
+            return record
+        problem = f"a JSON {type(record).__name__}, not a record"
+    if warn:
+        log.warning("skipping %s: unreadable (%s)", path, problem)
+    return None
+
+
 def iter_records(root: str | Path, kind: Optional[str] = None) -> Iterable[dict[str, Any]]:
-    """Finished run records under ``root/runs`` in run-id order (``kind`` filters e.g. "finetune")."""
+    """Finished run records under ``root/runs`` in run-id order (``kind`` filters e.g. "finetune");
+    unreadable ones are skipped with a warning naming them."""
     runs = Path(root) / "runs"
     if not runs.is_dir():
         return
     for path in sorted(runs.glob(f"*/{RESULT_FILE}")):
-        record = read_record(path)
-        if kind is None or record.get("kind", "finetune") == kind:
+        record = load_record(path)
+        if record is not None and (kind is None or record.get("kind", "finetune") == kind):
             yield record
 
 
@@ -145,9 +166,10 @@ SCORES_DIR = "scores"
 
 
 def run_status(root: str | Path, run_id: str) -> str:
-    """``"done"`` (result.json), ``"failed"`` (error.json only) or ``"pending"`` (neither: new or interrupted)."""
+    """``"done"`` (a readable result.json), ``"failed"`` (error.json only) or ``"pending"`` (neither: new or
+    interrupted; an unreadable result.json counts as none, and the run is redone)."""
     directory = run_dir(root, run_id)
-    if (directory / RESULT_FILE).is_file():
+    if load_record(directory / RESULT_FILE, warn=False) is not None:
         return "done"
     if (directory / ERROR_FILE).is_file():
         return "failed"

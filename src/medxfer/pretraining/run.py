@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -17,7 +16,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from medxfer.config import PretrainConfig, config_to_dict
-from medxfer.io import atomic_write_json, environment_info, seed_everything
+from medxfer.errors import TrainingDiverged
+from medxfer.io import atomic_write_json, environment_info, folder_lock, seed_everything, set_aside
 from medxfer.pretraining.checkpoints import (
     CHECKPOINT_DIR, LIGHTNING_DIR, MODEL_DIR, RECORD_FILE, CheckpointInfo, existing_checkpoint, guard_folder,
     make_saver, read_checkpoints,
@@ -27,6 +27,8 @@ from medxfer.pretraining.online import online_score_hook
 from medxfer.pretraining.recipes import PretrainSetup, config_identity, resolve_recipe
 from medxfer.pretraining.schedule import CheckpointHook, ScheduledCheckpoints, collect_hooks
 from medxfer.pretraining.segmentation import segmentation_setup
+from medxfer.records import load_record, remove_partial_files
+from medxfer.training.resume import AtomicCheckpointIO, fit, usable_resume_checkpoint
 from medxfer.training.strategies import prefers_channels_last, resolve_accelerator, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -71,19 +73,31 @@ def run_pretraining(config: PretrainConfig, out_dir: str | Path, callbacks: Opti
     ``hooks``: extra checkpoint hooks; ``data``: an already loaded dataset to use instead of the
     configured one (a ``SegmentationData`` for segmentation, a ``ClassificationData`` for classification).
     """
-
-
     accelerator = resolve_accelerator(config.train.accelerator)  # before any folder or work
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    identity = config_identity(config)
-    guard_folder(out, config, identity)
-    record_path = out / RECORD_FILE
-    if record_path.is_file():
-        log.info("pretraining in %s already done; reusing it", out)
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-        return PretrainResult(out, out / CHECKPOINT_DIR, read_checkpoints(out), record)
+    # One process per folder: a second one would train the same run again and resume from our live files.
+    with folder_lock(out, "pretraining folder"):
+        identity = config_identity(config)
+        guard_folder(out, config, identity)
+        record_path = out / RECORD_FILE
+        record = load_record(record_path)
+        if record is not None:
+            log.info("pretraining in %s already done; reusing it", out)
+            shutil.rmtree(out / LIGHTNING_DIR, ignore_errors=True)  # left if killed right after the record
+            return PretrainResult(out, out / CHECKPOINT_DIR, read_checkpoints(out), record)
+        if record_path.exists():  # damaged from outside (named in the warning above): recorded again
+            set_aside(record_path)
+        remove_partial_files(out, recursive=True)  # temp files of a killed attempt; no one else writes here
+        try:
+            return _pretrain(config, out, identity, accelerator, callbacks, progress, hooks, data)
+        except TrainingDiverged as exc:
+            raise TrainingDiverged(f"pretraining {config.name} in {out}: {exc}") from None
 
+
+def _pretrain(config: PretrainConfig, out: Path, identity: str, accelerator: str,
+              callbacks: Optional[Sequence[Any]], progress: bool, hooks: Optional[Sequence[CheckpointHook]],
+              data: Any) -> PretrainResult:
+    record_path = out / RECORD_FILE
     started = time.perf_counter()
     recipe = resolve_recipe(config)
     setup = prepare_pretraining(config, data)
@@ -104,7 +118,7 @@ def run_pretraining(config: PretrainConfig, out_dir: str | Path, callbacks: Opti
     )
     longest = max(config.schedule.lengths)
     lightning_dir = out / LIGHTNING_DIR
-    last = lightning_dir / "last.ckpt"
+    last = usable_resume_checkpoint(lightning_dir / "last.ckpt")
     epochs_trained = steps_trained = 0
     train_started = time.perf_counter()
     if longest == 0:
@@ -123,16 +137,16 @@ def run_pretraining(config: PretrainConfig, out_dir: str | Path, callbacks: Opti
             callbacks=[scheduled, *callbacks, resume],
             logger=False, enable_progress_bar=progress, enable_model_summary=False,
             log_every_n_steps=t.log_every_n_steps, num_sanity_val_steps=0, limit_val_batches=0,
-            deterministic=False,
+            deterministic=False, plugins=[AtomicCheckpointIO()],
         )
-        if last.is_file():
+        if last is not None:
             log.info("resuming pretraining from %s", last)
         with warnings.catch_warnings():
             # Expected here, not a problem: validation is done by the checkpoint callback, and the resume
             # folder is meant to be reused.
             warnings.filterwarnings("ignore", message=".*validation_step.* but have no `val_dataloader`")
             warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-            trainer.fit(setup.module, setup.train_loader, ckpt_path=str(last) if last.is_file() else None)
+            fit(trainer, setup.module, setup.train_loader, ckpt_path=None if last is None else str(last))
         epochs_trained, steps_trained = int(trainer.current_epoch), int(trainer.global_step)
         if scheduled.stop_requested_at is None and not _schedule_done(out, config):
             # A callback set trainer.should_stop itself (allowed by the hook protocol): a stop, like "stop".

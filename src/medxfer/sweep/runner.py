@@ -181,7 +181,7 @@ class PretrainJob:
 def pretraining_done(folder: Path) -> bool:
     from medxfer.pretraining.checkpoints import RECORD_FILE
 
-    return (folder / RECORD_FILE).is_file()
+    return records.load_record(folder / RECORD_FILE, warn=False) is not None
 
 
 @dataclass
