@@ -59,6 +59,9 @@ class DataConfig(StrictModel):
 
     name: DatasetName = "demo"
     root: Optional[Path] = None  # dataset folder as distributed; not used by "demo"
+    # The dataset's name in records, tables and reports (a sweep sets it to the grid's key for the dataset).
+    # Default: see dataset_name. A name changes no result, so it is left out of run ids (exclude).
+    label: Optional[str] = Field(None, exclude=True)
     # Dataset-specific choices: demo {"domain": "A"|"B"}; covidqu {"masks": "infection"|"lung"};
     # idrid {"lesions": [...]}; acdc {"frames": ["ED", "ES"]}; msd {"task": ...}. Each loader checks its own.
     options: dict[str, Any] = Field(default_factory=dict)
@@ -490,6 +493,17 @@ def load_config(path: str | os.PathLike, model: type[M] = RunConfig) -> M:  # ty
     if isinstance(data, dict):
         data = resolve_paths(data, path.parent.resolve())
     return parse_config(data, model, source=str(path))
+
+
+def dataset_name(layout: str, loaded_name: str, root: Any = None, label: Optional[str] = None) -> str:
+    """What a dataset is called: the user's ``label``, else the loader's name where it says more than the
+    layout (``demo-nuclei-B``, ``covidqu-infection``), else the data root's folder name (two ``folders``
+    datasets are never both called ``folders``), else the layout."""
+    if label:
+        return str(label)
+    if loaded_name and loaded_name != layout:
+        return str(loaded_name)
+    return Path(str(root)).name if root else str(loaded_name or layout)
 
 
 def config_to_dict(config: BaseModel) -> dict[str, Any]:

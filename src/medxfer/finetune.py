@@ -256,7 +256,9 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
             "run_id": run_id,
             "config": config_to_dict(config),
             "model": config.model.preset,
-            "dataset": data.name,
+            "dataset": data.name,  # named by medxfer.config.dataset_name (load_data)
+        "n_classes": data.n_classes,
+        "class_names": list(data.class_names),
             "strategy": t.strategy,
             "freeze_encoder": t.strategy in ("frozen_encoder", "partial"),
             "seed": config.seed,

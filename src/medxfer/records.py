@@ -16,6 +16,7 @@ from typing import Any, Iterable, Optional
 
 import pandas as pd
 
+from medxfer.config import dataset_name as config_dataset_name
 from medxfer.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,9 @@ REFERENCE_COLUMNS = [
 ]
 REFERENCE_METRICS = REFERENCE_COLUMNS[7:]
 OWN_COLUMNS = [
-    "hd95", "hausdorff distance", "assd", "nsd", "strategy", "n train images", "test set", "loss", "run id", "train time s", "eval time s",
-    "total time s", "metric averaging", "nan count",
+    "hd95", "hausdorff distance", "assd", "nsd", "strategy", "n train images", "test set", "loss", "run id",
+    "train time s", "eval time s", "total time s", "metric averaging", "nan count", "dataset layout", "n classes",
+    "class names",
 ]
 
 
@@ -97,6 +99,27 @@ def iter_records(root: str | Path, kind: Optional[str] = None) -> Iterable[dict[
             yield record
 
 
+def dataset_name(record: dict[str, Any]) -> str:
+    """The dataset's name in tables: the record's (a run names its dataset by
+    :func:`medxfer.config.dataset_name`); records written before that rule, which say only ``folders``,
+    are named by their data root's folder."""
+    data = (record.get("config") or {}).get("data") or {}
+    layout = str(data.get("name") or "")
+    return config_dataset_name(layout, str(record.get("dataset") or ""), data.get("root"))
+
+
+def label_set(record: dict[str, Any], metrics: dict[str, Any]) -> tuple[Any, str]:
+    """(number of classes with background, foreground class names) of a run: from the record where it says
+    (``n_classes``, ``class_names``), else from the per-class metric keys (binary tasks have none)."""
+    if record.get("class_names"):
+        names = [str(n) for n in record["class_names"]]
+        return record.get("n_classes", len(names)), ", ".join(names[1:] if len(names) > 1 else names)
+    suffixes = sorted({key.split("/", 1)[1] for key in metrics if key.startswith("dice index/")})
+    if suffixes:
+        return len(suffixes) + 1, ", ".join(suffixes)
+    return (2, "foreground") if "dice index" in metrics else (math.nan, "")
+
+
 def _nan_if_none(value: Any) -> Any:
     return math.nan if value is None else value
 
@@ -108,9 +131,10 @@ def record_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     pre = record.get("pretraining") or {}
     for test_set, result in (record.get("metrics") or {}).items():
         values = result.get("per_image_mean", {})
+        n_classes, class_names = label_set(record, values)
         row: dict[str, Any] = {
             "model": record.get("model"),
-            "dataset": record.get("dataset"),
+            "dataset": dataset_name(record),
             "pretraining length": _nan_if_none(pre.get("length")),
             "ImageNet accuracy": _nan_if_none(pre.get("accuracy")),
             "freeze encoder": bool(record.get("freeze_encoder", False)),
@@ -131,6 +155,9 @@ def record_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
             "total time s": (record.get("timings") or {}).get("total_s"),
             "metric averaging": "per-image mean",
             "nan count": sum((result.get("nan_counts") or {}).values()),
+            "dataset layout": (record.get("config") or {}).get("data", {}).get("name"),
+            "n classes": n_classes,
+            "class names": class_names,
         })
         # Multi-class runs: every per-class ("dice index/LV", named as the dataset names its classes) and
         # class-mean value too, after the fixed columns.
@@ -147,7 +174,24 @@ def results_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
         if column not in table.columns:
             table[column] = pd.Series(dtype="float64")
     extra = [c for c in table.columns if c not in columns]
-    return table[columns + extra]
+    return _split_label_sets(table[columns + extra])
+
+
+def _split_label_sets(table: pd.DataFrame) -> pd.DataFrame:
+    """One dataset name, one label set: where runs of one name and test set have different classes (e.g. a
+    binary and a 3-class run of one folder), each name gets its label set appended, so no table, figure
+    or analysis can pool them."""
+    if table.empty:
+        return table
+    label = table["n classes"].map(lambda n: "" if pd.isna(n) else f"{int(n)} classes") + ": " \
+        + table["class names"].fillna("").astype(str)
+    mixed = label.groupby([table["dataset"], table["test set"]], dropna=False).transform("nunique") > 1
+    if mixed.any():
+        table = table.copy()
+        table.loc[mixed, "dataset"] = table.loc[mixed, "dataset"].astype(str) + " [" + label[mixed] + "]"
+        log.warning("runs of one dataset name with different classes: named apart (%s)",
+                    ", ".join(sorted(table.loc[mixed, "dataset"].unique())))
+    return table
 
 
 def write_csv(table: pd.DataFrame, path: str | Path) -> Path:

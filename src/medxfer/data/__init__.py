@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
+from medxfer.config import dataset_name
 from medxfer.data.base import IGNORE_INDEX, Case, SegmentationData, select_subset, split_train_val
 
 # name -> "module:function"; imported lazily so that reading one layout never imports the others.
@@ -47,7 +48,9 @@ def get_loader(name: str) -> Callable:
 
 def load_data(config) -> SegmentationData:
     """Load the dataset a :class:`medxfer.config.DataConfig` names (all splits, no subsetting)."""
-    return get_loader(config.name)(config)
+    data = get_loader(config.name)(config)
+    data.name = dataset_name(config.name, data.name, config.root, config.label)
+    return data
 
 
 __all__ = ["Case", "SegmentationData", "IGNORE_INDEX", "select_subset", "split_train_val", "load_data", "LOADERS",

@@ -60,34 +60,76 @@ def _length_text(length: Any) -> str:
     return f" (pretraining length {float(length):g})"
 
 
+def _arm_text(strategy: Any, length: Any, scheme: Any) -> str:
+    text = STRATEGY_PHRASES.get(strategy, f"Strategy {strategy}") + _length_text(length)
+    if length is not None and not (isinstance(length, float) and math.isnan(length)) and float(length) == 0:
+        text += " [a random, untrained encoder]"
+    return text + (f" ({scheme})" if scheme else "")
+
+
+def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """t interval of the mean paired difference (scipy); NaN with fewer than two pairs."""
+    from scipy import stats
+
+    values = np.asarray(differences, dtype=float)
+    if len(values) < 2:
+        return math.nan, math.nan
+    half = stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
+
+
 def scratch_finding(table: pd.DataFrame) -> Optional[str]:
-    """Best pretrained starting point vs scratch, paired over seeds, at the fewest target images where
-    both were run."""
+    """Pretrained starting points against training from scratch, like with like: one dataset (its name and
+    label set), one model, one number of target images (the fewest where both were run), paired by seed.
+
+    It states the seeds and the 95% interval of the paired difference, says "within seed noise" when the
+    interval holds 0, says first when there is one seed (no interval), and, when several set-ups were
+    compared, that the one named is the best of k (its lead is biased upward by the choice)."""
     target = table[(table["test set"] == "target") & table[VALUE].notna()]
-    best: Optional[tuple] = None
-    for (dataset, model, n_images), group in target.groupby(["dataset", "model", "n train images"], sort=True):
+    keys = [c for c in ("dataset", "n classes", "class names", "model", "n train images") if c in target.columns]
+    contexts = []
+    for key, group in target.groupby(keys, sort=True, dropna=False):
+        context = dict(zip(keys, key))
         scratch = group[group["strategy"] == "scratch"].groupby("seed")[VALUE].mean()
         if scratch.empty:
             continue
-        keys = ["strategy", "pretraining length", "pretraining scheme"]
-        for (strategy, length, scheme), arm in group[group["strategy"] != "scratch"].groupby(keys, dropna=False):
-            arm_seeds = arm.groupby("seed")[VALUE].mean()
-            common = arm_seeds.index.intersection(scratch.index)
-            if common.empty:
-                continue
-            candidate = (n_images, -float(arm_seeds[common].mean()), str(dataset), str(model), strategy, length,
-                         float(arm_seeds[common].mean()), float(scratch[common].mean()), len(common))
-            if best is None or candidate[:2] < best[:2]:
-                best = candidate
-    if best is None:
+        arms = []
+        arm_keys = ["strategy", "pretraining length", "pretraining scheme"]
+        for arm_key, arm in group[group["strategy"] != "scratch"].groupby(arm_keys, dropna=False, sort=True):
+            seeds = arm.groupby("seed")[VALUE].mean()
+            common = seeds.index.intersection(scratch.index)
+            if len(common):
+                arms.append((arm_key, seeds[common] - scratch[common], float(seeds[common].mean()),
+                             float(scratch[common].mean())))
+        if arms:
+            contexts.append((float(context["n train images"]), -max(len(a[1]) for a in arms), str(key), context, arms))
+    if not contexts:
         return None
-    n_images, _, dataset, model, strategy, length, arm_mean, scratch_mean, n_seeds = best
-    difference = arm_mean - scratch_mean
-    verb = "beats" if difference > 0.005 else "falls short of" if difference < -0.005 else "matches"
-    subject = STRATEGY_PHRASES.get(strategy, f"Strategy {strategy}")
-    return (f"{subject}{_length_text(length)} {verb} training from scratch by {difference:+.2f} Dice with "
-            f"{n_images:g} target images ({dataset}, {model}, {n_seeds} seed{'s' if n_seeds != 1 else ''}; "
-            f"mean Dice {arm_mean:.3f} vs {scratch_mean:.3f}).")
+    _, _, _, context, arms = min(contexts, key=lambda c: c[:3])
+    (strategy, length, scheme), differences, arm_mean, scratch_mean = max(
+        arms, key=lambda a: (float(a[1].mean()), -len(str(a[0]))))
+    n_seeds, k = len(differences), len(arms)
+    difference = float(differences.mean())
+    low, high = paired_interval(differences)
+    where = (f"{context['dataset']}, {context['model']}, {context['n train images']:g} target images, "
+             f"{n_seeds} seed{'s' if n_seeds != 1 else ''}; mean Dice {arm_mean:.3f} vs {scratch_mean:.3f}")
+    subject = _arm_text(strategy, length, scheme)
+    if k > 1:
+        beyond = sum(1 for _, d, _, _ in arms if len(d) >= 2 and paired_interval(d)[0] > 0)
+        subject = f"Best of {k} pretrained set-ups compared with scratch (chosen for its lead, so it overstates it): {subject}"
+    if n_seeds < 2:
+        return (f"One seed only, so seed noise is unknown and no difference below it can be told apart. "
+                f"{subject} differs from training from scratch by {difference:+.3f} Dice ({where}).")
+    interval = f"[95% CI {low:+.3f}, {high:+.3f}]"
+    if low <= 0 <= high:
+        verdict = f"is within seed noise of training from scratch: {difference:+.3f} Dice {interval}"
+    else:
+        verdict = (f"{'beats' if difference > 0 else 'falls short of'} training from scratch by {difference:+.3f} "
+                   f"Dice {interval}")
+    text = f"{subject} {verdict} ({where}, paired by seed)."
+    if k > 1:
+        text += f" {beyond} of the {k} set-ups beat scratch beyond seed noise."
+    return text
 
 
 def transferability_finding(table: pd.DataFrame, robustness: Optional[pd.DataFrame]) -> Optional[str]:

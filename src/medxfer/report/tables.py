@@ -33,10 +33,11 @@ log = logging.getLogger(__name__)
 
 VALUE = "dice"
 # What identifies one configuration; its rows differ only by seed.
-CONFIG_COLUMNS = ["dataset", "model", "strategy", "freeze encoder", "pretraining scheme", "pretraining length",
+# A dataset is its name plus its label set: runs with different classes are never pooled.
+CONFIG_COLUMNS = ["dataset", "n classes", "class names", "model", "strategy", "freeze encoder", "pretraining scheme", "pretraining length",
                   "n train images", "test set"]
 ARM_COLUMNS = ["strategy", "pretraining length", "pretraining scheme"]
-CONTEXT_COLUMNS = ["dataset", "model", "n train images", "test set"]
+CONTEXT_COLUMNS = ["dataset", "n classes", "class names", "model", "n train images", "test set"]
 WILCOXON_MIN_PAIRS = 6
 
 

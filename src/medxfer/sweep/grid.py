@@ -287,7 +287,7 @@ def resolve_dataset(sweep: SweepConfig, value: Any, where: str) -> dict[str, Any
         if value not in sweep.datasets:
             known = ", ".join(sweep.datasets) or "none defined"
             raise ConfigError(f"{sweep.source}: {where}: unknown dataset {value!r} (datasets: {known})")
-        return copy.deepcopy(sweep.datasets[value])
+        return {"label": value, **copy.deepcopy(sweep.datasets[value])}  # named by its key unless it says
     if isinstance(value, dict):
         return copy.deepcopy(value)
     raise ConfigError(f"{sweep.source}: {where}: a dataset is a mapping or a name from `datasets`, got {value!r}")

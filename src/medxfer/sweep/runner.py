@@ -215,12 +215,14 @@ def _score_jobs(sweep: SweepConfig, plan: GridPlan, out_dir: Path, failed_folder
         datasets = [(v if isinstance(v, str) else format_axes(v), resolve_dataset(sweep, v, "score.datasets"))
                     for v in section.datasets]
     elif sweep.datasets:
-        datasets = [(name, dict(data)) for name, data in sweep.datasets.items()]
+        datasets = [(name, resolve_dataset(sweep, name, "datasets")) for name in sweep.datasets]
     else:  # the runs' own data sections, without the per-run subset size
         seen: dict[str, dict[str, Any]] = {}
         for run in plan.runs:
             data = config_to_dict(run.config.data)
             data["train_images"] = None
+            if run.config.data.label:  # not in the dump (it is no part of run ids), but the scores need it
+                data["label"] = run.config.data.label
             seen.setdefault(stable_hash(data), data)
         datasets = [(data["name"], data) for data in seen.values()]
     jobs, seen = [], set()
