@@ -75,12 +75,12 @@ def test_one_folder_with_two_label_sets_is_never_pooled():
         key = "dice index" if "dice index" in r["metrics"]["target"]["per_image_mean"] else "mean dice index"
         r["metrics"]["target"]["per_image_mean"][key] += 0.001 * (i % 3)
     table = downstream_table(binary + three)
-    assert sorted(table["dataset"].unique()) == ["nuclei [2 classes: foreground]", "nuclei [4 classes: a, b, c]"]
+    assert sorted(table["dataset"].unique()) == ["nuclei (2 classes: foreground)", "nuclei (4 classes: a, b, c)"]
     summary = summary_table(table)
     assert len(summary) == 4 and (summary["n seeds"] == 3).all()
     finding = scratch_finding(table)
     # Like with like: the binary task (first by name) alone; pretraining is 0.02 worse there, not 0.18 better.
-    assert "nuclei [2 classes: foreground]" in finding and "3 seeds" in finding
+    assert "nuclei (2 classes: foreground)" in finding and "3 seeds" in finding
     assert "falls short of training from scratch by -0.020 Dice" in finding
 
 
@@ -88,7 +88,7 @@ def test_headline_with_one_seed_says_so_first():
     records = [record("nuclei", "scratch", 0, 0.70), record("nuclei", "full", 0, 0.71, length=0)]
     finding = scratch_finding(downstream_table(records))
     assert finding.startswith("One seed only, so seed noise is unknown")
-    assert "length 0) [a random, untrained encoder]" in finding and "+0.010 Dice" in finding
+    assert "(pretraining length 0: a random, untrained encoder)" in finding and "+0.010 Dice" in finding
     assert "beats" not in finding
 
 
@@ -105,3 +105,18 @@ def test_headline_names_the_best_of_k_and_seed_noise():
 
 def test_headline_without_scratch_runs_is_none():
     assert scratch_finding(downstream_table([record("nuclei", "full", 0, 0.7)])) is None
+
+
+def test_the_report_has_a_data_quality_section(tmp_path):
+    from medxfer.records import write_record
+    from medxfer.report import write_report
+
+    # Every seed's Dice at length 5 equals that at length 1: one of the two is a copy.
+    runs = [record("nuclei", "full", seed, 0.7 + 0.01 * seed, length=n) for n in (1, 5) for seed in (0, 1)]
+    for r in runs:
+        r["run_id"] += f"-{r['pretraining']['length']}"
+        write_record(tmp_path / "runs" / r["run_id"], r)
+    html = (write_report(tmp_path)).read_text(encoding="utf-8")
+    section = html.split("<h2>Data quality</h2>")[1].split("<h2>")[0]
+    assert "copied block: 1, left out: unet | nuclei | simple | fine-tuned | length 1" in section
+    assert "every seed&#x27;s Dice equals those at length 5" in section

@@ -188,7 +188,7 @@ def _split_label_sets(table: pd.DataFrame) -> pd.DataFrame:
     mixed = label.groupby([table["dataset"], table["test set"]], dropna=False).transform("nunique") > 1
     if mixed.any():
         table = table.copy()
-        table.loc[mixed, "dataset"] = table.loc[mixed, "dataset"].astype(str) + " [" + label[mixed] + "]"
+        table.loc[mixed, "dataset"] = table.loc[mixed, "dataset"].astype(str) + " (" + label[mixed] + ")"
         log.warning("runs of one dataset name with different classes: named apart (%s)",
                     ", ".join(sorted(table.loc[mixed, "dataset"].unique())))
     return table

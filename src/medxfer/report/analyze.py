@@ -208,7 +208,8 @@ def prepare_downstream(table: pd.DataFrame, names: NameMapConfig, source: str = 
         raise DataError(f"{source}: no rows with both a pretraining length and a Dice value")
     blocks = frame.pivot_table(index=GROUP_COLUMNS + ["length"], columns="seed", values="dice", aggfunc="mean")
     for keys, copy, kept in copied_blocks(blocks, "length"):
-        where = " | ".join(str(k) for k in keys) + f" | length {copy:g}"
+        model, dataset, scheme, frozen = keys[:4]
+        where = f"{model} | {dataset} | {scheme or '-'} | {'frozen' if frozen else 'fine-tuned'} | length {copy:g}"
         found.append(Finding("copied block", source, where, FLAGGED if keep_copies else LEFT_OUT,
                              f"every seed's Dice equals those at length {kept:g}"))
         if not keep_copies:
@@ -340,7 +341,7 @@ def build_curves(downstream: pd.DataFrame, scores: pd.DataFrame, source: str = "
             if is_constant(values):
                 constant.append(str(variant))
         if constant:
-            found.append(Finding("constant variant", source, where, "not eligible for selection",
+            found.append(Finding("constant variant", "scores", where, "not eligible for selection",
                                  f"{len(constant)} variant(s) score every length alike (argmin would be a tie), "
                                  f"e.g. {constant[0]}"))
         curves.append(GroupCurves(
@@ -617,6 +618,25 @@ def analyze(downstream: pd.DataFrame | str | Path, robustness: pd.DataFrame | st
     if out_dir is not None:
         result.paths = write_outputs(result, Path(out_dir), figures=figures)
     return result
+
+
+def input_findings(downstream: pd.DataFrame, robustness: Optional[pd.DataFrame],
+                   names: NameMapConfig | Mapping[str, Any] | str | Path | None = None) -> list[Finding]:
+    """The data-quality findings of :func:`analyze` alone (for the report): what is wrong with the two
+    tables and what analyze does about it; a table analyze cannot use at all is one finding."""
+    names = load_names(names)
+    found: list[Finding] = []
+    try:
+        down, down_found = prepare_downstream(downstream, names, "results")
+        found += down_found
+        if robustness is None:
+            return found
+        scores, score_found = prepare_scores(robustness, None, names, ("robustness.csv", "<baselines>"))
+        found += score_found
+        found += build_curves(down, scores, "results")[1]
+    except (DataError, ConfigError) as exc:
+        found.append(Finding("not analysable", "results / robustness.csv", "", "nothing analysed", str(exc)))
+    return found
 
 
 def write_outputs(result: AnalysisResult, out: Path, figures: bool = True) -> dict[str, Path]:

@@ -63,7 +63,7 @@ def _length_text(length: Any) -> str:
 def _arm_text(strategy: Any, length: Any, scheme: Any) -> str:
     text = STRATEGY_PHRASES.get(strategy, f"Strategy {strategy}") + _length_text(length)
     if length is not None and not (isinstance(length, float) and math.isnan(length)) and float(length) == 0:
-        text += " [a random, untrained encoder]"
+        text = text[:-1] + ": a random, untrained encoder)"
     return text + (f" ({scheme})" if scheme else "")
 
 
@@ -277,16 +277,28 @@ def write_report(results_dir: str | Path, *, overlay_runs: Optional[Sequence[str
         atomic_write_bytes(png_path, data)
         figures.append((name, png_path, data, detail))
 
+    quality = _quality_lines(table, robustness)
     html_path = out / REPORT_FILE
     atomic_write_text(html_path, _render(results_dir, records, table, robustness, summary, paired, correlations,
-                                         figures, skipped))
+                                         figures, skipped, quality))
     log.info("report: %s (%d figures, %d skipped)", html_path, len(figures), len(skipped))
     return html_path
 
 
+def _quality_lines(table: pd.DataFrame, robustness: Optional[pd.DataFrame]) -> list[str]:
+    """What ``medxfer analyze`` finds wrong with this folder's tables (copied blocks, duplicates, ...)."""
+    from medxfer.report.analyze import input_findings
+    from medxfer.report.quality import summary_lines
+
+    target = table[(table["test set"] == "target") & (table["strategy"] != "scratch")]  # scratch: no length
+    if target.empty:
+        return []
+    return summary_lines(input_findings(target, robustness))
+
+
 def _render(results_dir: Path, records: list[dict], table: pd.DataFrame, robustness: Optional[pd.DataFrame],
             summary: pd.DataFrame, paired: pd.DataFrame, correlations: pd.DataFrame,
-            figures: list, skipped: list) -> str:
+            figures: list, skipped: list, quality: Sequence[str] = ()) -> str:
     sentences = findings(table, robustness)
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
@@ -295,6 +307,10 @@ def _render(results_dir: Path, records: list[dict], table: pd.DataFrame, robustn
         f"<p class='finding'>{html.escape(sentences[0])}</p>",
         *(f"<p>{html.escape(s)}</p>" for s in sentences[1:]),
         "<p class='note'>" + html.escape(_inventory(records, table, robustness)) + "</p>",
+        "<h2>Data quality</h2>",
+        ("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in quality) + "</ul>" if quality
+         else "<p class='note'>No problem found in the run records and robustness.csv (duplicates, copied "
+              "blocks, constant score variants, missing lengths).</p>"),
         "<h2>Figures</h2>",
     ]
     if not figures:
