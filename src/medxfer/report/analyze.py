@@ -460,6 +460,7 @@ def summarize(decisions: pd.DataFrame, groups: Sequence[GroupCurves], rules: Seq
         base = rule.rsplit(" [", 1)[0]
         low, high = bootstrap_interval(frame["regret"], n_resamples)
         saved_low, saved_high = bootstrap_interval(frame["saved"], n_resamples)
+        diff_low, diff_high = bootstrap_interval(frame["dice_vs_longest"], n_resamples)
         outcome = frame["vs_longest"].value_counts()
         row = {"rule": rule, "family": family_of.get(base, frame["family"].iloc[0]),
                "evaluation": frame["evaluation"].iloc[0], "bound": bool(frame["bound"].iloc[0]),
@@ -467,7 +468,8 @@ def summarize(decisions: pd.DataFrame, groups: Sequence[GroupCurves], rules: Seq
                "regret_mean": frame["regret"].mean(), "regret_ci_low": low, "regret_ci_high": high,
                "regret_median": frame["regret"].median(), "regret_max": frame["regret"].max(),
                "saved_mean": frame["saved"].mean(), "saved_ci_low": saved_low, "saved_ci_high": saved_high,
-               "dice_vs_longest_mean": frame["dice_vs_longest"].mean(),
+               "dice_vs_longest_mean": frame["dice_vs_longest"].mean(), "dice_vs_longest_ci_low": diff_low,
+               "dice_vs_longest_ci_high": diff_high,
                "wins": int(outcome.get("win", 0)), "ties": int(outcome.get("tie", 0)),
                "losses": int(outcome.get("loss", 0)), "tied_argmin": int((frame["detail"] == "tied").sum())}
         variant = variant_of.get(base, "")
