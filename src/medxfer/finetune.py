@@ -257,8 +257,8 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
             "config": config_to_dict(config),
             "model": config.model.preset,
             "dataset": data.name,  # named by medxfer.config.dataset_name (load_data)
-        "n_classes": data.n_classes,
-        "class_names": list(data.class_names),
+            "n_classes": data.n_classes,
+            "class_names": list(data.class_names),
             "strategy": t.strategy,
             "freeze_encoder": t.strategy in ("frozen_encoder", "partial"),
             "seed": config.seed,
