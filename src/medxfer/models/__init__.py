@@ -14,10 +14,10 @@ from medxfer.models.encoders import (
     create_encoder,
     encoder_from_arch,
 )
-from medxfer.models.segmenter import PRESETS, Preset, Segmenter, build_segmenter, preset_table
+from medxfer.models.parameters import count_parameters
+from medxfer.models.segmenter import PRESETS, Preset, Segmenter, build_segmenter, model_from_checkpoint, preset_table
 from medxfer.models.weights import (
     checkpoint_filename,
-    count_parameters,
     encoder_from_checkpoint,
     freeze_encoder,
     get_encoder,
@@ -25,7 +25,6 @@ from medxfer.models.weights import (
     list_checkpoints,
     load_encoder_weights,
     load_model_weights,
-    model_from_checkpoint,
     read_manifest,
     read_model_manifest,
     read_state_dict,

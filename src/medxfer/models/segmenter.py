@@ -17,6 +17,7 @@ has, 5 for ResNets, 4 for Swin; a larger value means all). Preset options (``Mod
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -27,6 +28,8 @@ from medxfer.config import ModelConfig, parse_config
 from medxfer.errors import ConfigError
 from medxfer.models.decoders import UNetDecoder
 from medxfer.models.encoders import Encoder, create_encoder, conv_nd
+from medxfer.models.parameters import count_parameters
+from medxfer.models.weights import load_model_weights, read_model_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -188,11 +191,17 @@ def preset_table(in_channels: int = 1, n_classes: int = 2) -> list[tuple[str, st
 
     Models are built on the meta device: no memory and no initialisation, only the parameter count.
     """
-    from medxfer.models.weights import count_parameters
-
     rows = []
     for name, preset in PRESETS.items():
         with torch.device("meta"):
             model = build_segmenter(preset=name, in_channels=in_channels, n_classes=n_classes)
         rows.append((name, preset.description, count_parameters(model), preset.spatial_dims))
     return rows
+
+
+def model_from_checkpoint(path: str | os.PathLike) -> Segmenter:
+    """Rebuild a segmenter from a whole-model checkpoint's manifest and load its weights."""
+    manifest = read_model_manifest(path)
+    model = build_segmenter(manifest["model"])
+    load_model_weights(model, path)
+    return model

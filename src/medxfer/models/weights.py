@@ -1,5 +1,5 @@
-"""Encoder weights: save/load the encoder alone, import timm/torchvision state dicts, checkpoint folders,
-freezing and parameter counts.
+"""Encoder weights: save/load the encoder alone, import timm/torchvision state dicts, checkpoint folders and
+freezing (parameter counts: ``parameters``).
 
 An encoder checkpoint is two files side by side, both written atomically (the ``.pt`` first, so a
 manifest never points at a half-written state dict):
@@ -29,6 +29,7 @@ from torch import nn
 from medxfer.errors import CheckpointError, ConfigError
 from medxfer.io import atomic_torch_save, atomic_write_json
 from medxfer.models.encoders import Encoder, encoder_from_arch
+from medxfer.models.parameters import count_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +72,6 @@ def manifest_path(path: str | os.PathLike) -> Path:
 def checkpoint_filename(length: int) -> str:
     """File name of the checkpoint for one pretraining length inside a checkpoint folder."""
     return f"encoder_len{int(length):04d}.pt"
-
-
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (shared ones once); only those with ``requires_grad`` if ``trainable_only``."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 def _few(keys: list[str], n: int = 3) -> str:
@@ -481,12 +477,3 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, *, head: bool 
     model.load_state_dict(state, strict=head)
     return manifest
 
-
-def model_from_checkpoint(path: str | os.PathLike) -> nn.Module:
-    """Rebuild a segmenter from a whole-model checkpoint's manifest and load its weights."""
-    from medxfer.models.segmenter import build_segmenter
-
-    manifest = read_model_manifest(path)
-    model = build_segmenter(manifest["model"])
-    load_model_weights(model, path)
-    return model
