@@ -23,6 +23,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                        "(pretrain, score transferability, fine-tune, evaluate, sweep, report).")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate datasets.")
 app.add_typer(data_app, name="data")
+weights_app = typer.Typer(no_args_is_help=True, help="Bring in encoder weights made elsewhere (ImageNet).")
+app.add_typer(weights_app, name="weights")
 
 console = Console(width=None if sys.stdout.isatty() else 160)  # wide tables in logs and pipes
 _state = {"debug": False}
@@ -145,6 +147,28 @@ def _parse_options(pairs: list[str]) -> dict:
         key, value = pair.split("=", 1)
         options[key.strip()] = safe_load_yaml(value, f"--option {key.strip()}")
     return options
+
+
+@weights_app.command("import")
+def weights_import(
+    source: str = typer.Argument(..., help="A state-dict file (torchvision/timm, plain or wrapped; .pt/.pth/"
+                                           ".safetensors), a known name (efficientnet-lite0/1/2), or a timm "
+                                           "model name whose weights are in the local hub cache."),
+    preset: str = typer.Option(..., "--preset", help="The model preset whose encoder takes the weights."),
+    out: Path = typer.Option(..., "--out", help="Output folder (the encoder checkpoint and its manifest)."),
+    in_channels: int = typer.Option(3, "--in-channels", help="Encoder input channels (first conv adapted)."),
+    depth: Optional[int] = typer.Option(None, "--depth", help="Encoder levels (default: the preset's)."),
+    option: list[str] = typer.Option([], "--option", help="Preset option KEY=VALUE (repeatable)."),
+    licence: Optional[str] = typer.Option(None, "--licence", help="Licence of the weights, for the manifest."),
+    top1: Optional[float] = typer.Option(None, "--top1", help="Their ImageNet top-1 (%), for the manifest."),
+) -> None:
+    """Import external weights into a preset's encoder -> an encoder checkpoint folder that finetune
+    (pretrained.checkpoint), score, pretrain (pretrained.checkpoint) and sweeps take."""
+    from medxfer.models.importing import import_weights, imported_summary
+
+    path = import_weights(source, preset, out, in_channels=in_channels, depth=depth,
+                          options=_parse_options(option), licence=licence, imagenet_top1=top1)
+    _print_table("imported encoder", ["field", "value"], [list(row) for row in imported_summary(path)])
 
 
 @data_app.command("check")

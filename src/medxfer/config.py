@@ -218,6 +218,9 @@ class ScoreConfig(StrictModel):
     seed: Seed = 0  # seeds the image subset, the augmentations, the negative pairing and the bootstrap
     data: DataConfig = Field(default_factory=DataConfig)
     checkpoints: Path  # a folder of encoder checkpoints (one per pretraining length) or one checkpoint file
+    # the architecture of a checkpoint file without a manifest (a raw torchvision/timm state dict): its preset
+    # (in_channels None = the images'); checkpoints with a manifest rebuild their own encoder
+    model: Optional[ModelConfig] = None
     out: Path = Path("score_out")  # robustness.csv (+ baselines.csv, recommendation.json) land here
     n_images: Optional[int] = Field(None, ge=2)  # training images scored; None = all
     crop_size: Optional[list[Side]] = None  # centre crop / zero-pad every image to this size; None = keep

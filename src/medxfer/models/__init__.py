@@ -15,7 +15,15 @@ from medxfer.models.encoders import (
     encoder_from_arch,
 )
 from medxfer.models.parameters import count_parameters
-from medxfer.models.segmenter import PRESETS, Preset, Segmenter, build_segmenter, model_from_checkpoint, preset_table
+from medxfer.models.segmenter import (
+    PRESETS,
+    Preset,
+    Segmenter,
+    build_encoder,
+    build_segmenter,
+    model_from_checkpoint,
+    preset_table,
+)
 from medxfer.models.weights import (
     checkpoint_filename,
     encoder_from_checkpoint,
@@ -46,6 +54,7 @@ __all__ = [
     "UNetDecoder",
     "UNetEncoder",
     "build_classifier",
+    "build_encoder",
     "build_segmenter",
     "checkpoint_filename",
     "count_parameters",

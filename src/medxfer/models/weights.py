@@ -29,6 +29,7 @@ from torch import nn
 from medxfer.errors import CheckpointError, ConfigError
 from medxfer.io import atomic_torch_save, atomic_write_json
 from medxfer.models.encoders import Encoder, encoder_from_arch
+from medxfer.models.external import efficientnet_pytorch_to_timm, is_efficientnet_pytorch_layout, stage_sizes
 from medxfer.models.parameters import count_parameters
 
 logger = logging.getLogger(__name__)
@@ -183,13 +184,17 @@ def _unwrap(obj: Any, source: str) -> dict[str, torch.Tensor]:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a state dict file safely (``weights_only=True``), unwrapping ``state_dict``/``model``
+    """Load a state dict file safely (``weights_only=True``, or a ``.safetensors`` file), unwrapping ``state_dict``/``model``
     containers and ``module.`` prefixes. Anything else (corrupt file, pickled object, text) is a
     CheckpointError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
+        if path.suffix == ".safetensors":  # the format of timm's hub files
+            from safetensors.torch import load_file
+
+            return _unwrap(load_file(path, device="cpu"), str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, EOFError, ...)
         raise CheckpointError(f"{path}: not a readable PyTorch weights file ({_first_line(exc)})") from None
@@ -227,6 +232,19 @@ def _arch_differences(saved: Any, current: dict[str, Any]) -> str:
     return ("; architecture (checkpoint vs model): " + ", ".join(diffs[:4])) if diffs else ""
 
 
+def _in_timm_layout(state: Mapping[str, torch.Tensor], encoder: Encoder, source: str) -> Mapping[str, torch.Tensor]:
+    """The state dict renamed to timm's keys when it comes from another implementation of the encoder's
+    network (efficientnet-pytorch / efficientnet-lite-pytorch files); otherwise as it is."""
+    if not is_efficientnet_pytorch_layout(state):
+        return state
+    full_model_keys = getattr(encoder, "full_model_keys", None)
+    sizes = stage_sizes(full_model_keys()) if full_model_keys else []
+    if not sizes:
+        raise CheckpointError(f"{source}: an EfficientNet file (efficientnet-pytorch keys: _conv_stem, _blocks...) "
+                              f"does not fit the {encoder.name} encoder; use an efficientnet_lite preset")
+    return efficientnet_pytorch_to_timm(state, sizes, source)
+
+
 def import_state_dict(
     target: nn.Module,
     state_dict: Mapping[str, torch.Tensor],
@@ -234,14 +252,20 @@ def import_state_dict(
     source: str = "<state dict>",
     adapt_input_channels: bool = True,
     saved_arch: dict[str, Any] | None = None,
-) -> None:
+) -> dict[str, Any]:
     """Load ``state_dict`` into the encoder of ``target``, accepting our own encoder checkpoints,
     segmenter/classifier/Lightning state dicts (``encoder.`` inside) and timm/torchvision models of the
-    same architecture (their classification head, e.g. ``fc.*``, is dropped). Missing/unexpected keys or
-    wrong shapes raise CheckpointError naming a few keys and the counts."""
+    same architecture (their classification head, e.g. ``fc.*``, and anything else outside the feature
+    encoder is dropped), also in efficientnet-pytorch's key layout. Missing/unexpected keys or wrong shapes
+    raise CheckpointError naming a few keys and the counts.
+
+    Returns what was done: ``loaded`` (tensors), ``dropped`` (keys outside the encoder) and
+    ``input_channels`` (``[file, encoder]`` channels of the first convolution)."""
     encoder = get_encoder(target)
     expected = encoder.state_dict()
     map_external = getattr(encoder, "map_external_key", None)
+    state_dict = _in_timm_layout(state_dict, encoder, source)
+    outside = encoder.outside_keys()
 
     def resolve(key: str) -> str | None:
         for candidate in [key, *(map_external(key) if map_external else [])]:
@@ -269,7 +293,7 @@ def import_state_dict(
         if prefix and not key.startswith(prefix):
             continue  # the rest of a bigger model (decoder, head): not the encoder's business
         inner = key[len(prefix):]
-        (dropped if inner.startswith(_HEAD_PREFIXES) else unexpected).append(key)
+        (dropped if inner.startswith(_HEAD_PREFIXES) or inner in outside else unexpected).append(key)
     provided = set(mapping.values())
     # BatchNorm's step counter is absent from some older torchvision files and never matters here.
     missing = [k for k in expected if k not in provided and not k.endswith("num_batches_tracked")]
@@ -286,9 +310,12 @@ def import_state_dict(
 
     loaded = dict(expected)
     mismatched = []
+    input_channels = None
     for key, target_key in mapping.items():
         tensor = state_dict[key]
         wanted = expected[target_key].shape
+        if target_key == encoder.first_conv_key and tensor.ndim >= 2:
+            input_channels = [int(tensor.shape[1]), int(wanted[1])]
         if tensor.shape != wanted:
             same_but_inputs = (
                 tensor.ndim == len(wanted)
@@ -311,8 +338,10 @@ def import_state_dict(
             f"(checkpoint vs model: {_few(mismatched)})" + _arch_differences(saved_arch, encoder.arch)
         )
     if dropped:
-        logger.info("%s: dropped %d classification-head key(s) (%s)", source, len(dropped), _few(dropped))
+        logger.info("%s: dropped %d key(s) the feature encoder does not use (classification head, levels "
+                    "beyond its depth): %s", source, len(dropped), _few(dropped))
     encoder.load_state_dict(loaded, strict=True)
+    return {"loaded": len(mapping), "dropped": len(dropped), "input_channels": input_channels}
 
 
 def load_encoder_weights(
@@ -362,21 +391,27 @@ def encoder_from_checkpoint(path: str | os.PathLike) -> Encoder:
 # Checkpoint folders
 
 
-def list_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path, dict[str, Any]]]:
+def list_checkpoints(folder: str | os.PathLike) -> list[tuple[int | None, Path, dict[str, Any]]]:
     """``(length, path, manifest)`` for every encoder checkpoint in ``folder``, by pretraining length.
 
     A ``.pt`` without a manifest is skipped (with a warning); two files with the same length, or a
-    manifest without an integer ``length``, are a CheckpointError.
+    manifest without an integer ``length``, are a CheckpointError, except in a folder of one checkpoint
+    (``medxfer weights import`` writes one without a pretraining length): its length is None.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder not found")
-    found: dict[int, tuple[Path, dict[str, Any]]] = {}
+    checkpoints = []
     for path in sorted(folder.glob("*.pt")):
         if not manifest_path(path).is_file():
             logger.warning("%s: no manifest beside it; skipped", path)
             continue
-        manifest = read_manifest(path)
+        checkpoints.append((path, read_manifest(path)))
+    if len(checkpoints) == 1 and checkpoints[0][1].get("length") is None:
+        path, manifest = checkpoints[0]
+        return [(None, path, manifest)]
+    found: dict[int, tuple[Path, dict[str, Any]]] = {}
+    for path, manifest in checkpoints:
         length = manifest.get("length")
         if isinstance(length, bool) or not isinstance(length, int):
             raise CheckpointError(f"{manifest_path(path)}: no integer pretraining 'length' in the manifest")
@@ -387,13 +422,16 @@ def list_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path, dict[st
 
 
 def resolve_checkpoint(path: str | os.PathLike, length: int | None = None) -> Path:
-    """A checkpoint file as is, or the checkpoint of ``length`` inside a checkpoint folder."""
+    """A checkpoint file as is, or the checkpoint of ``length`` inside a checkpoint folder (a folder of
+    one checkpoint without a length, as ``medxfer weights import`` writes, needs none)."""
     path = Path(path)
     if path.is_file():
         return path
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint not found")
     available = list_checkpoints(path)
+    if len(available) == 1 and available[0][0] is None:
+        return available[0][1]
     lengths = ", ".join(str(n) for n, _, _ in available) or "none"
     if length is None:
         raise CheckpointError(f"{path}: is a checkpoint folder; choose a pretraining length (available: {lengths})")

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from medxfer.config import ScoreConfig
-from medxfer.errors import ConfigError, DataError
+from medxfer.config import ModelConfig, ScoreConfig
+from medxfer.errors import CheckpointError, ConfigError, DataError
 from medxfer.transferability.robustness import (
     _device,
     augmentation_id,
@@ -136,18 +136,29 @@ def checkpoint_list(location: str | Path) -> list[tuple[float, Path, dict]]:
         found = list(weights.list_checkpoints(location))
         if not found:
             raise ConfigError(f"checkpoints: no encoder checkpoints in {location}")
-        return found
+        return [(math.nan if length is None else length, path, manifest) for length, path, manifest in found]
     if location.is_file():
-        manifest = weights.read_manifest(location)
+        # A raw state dict (no manifest) is scored with the config's model preset; see _load_encoder.
+        manifest = weights.read_manifest(location) if weights.manifest_path(location).is_file() else {}
         length = manifest.get("length")
         return [(math.nan if length is None else length, location, manifest)]
     raise ConfigError(f"checkpoints: {location} does not exist")
 
 
-def _load_encoder(path: Path) -> torch.nn.Module:
-    from medxfer.models import weights
+def _load_encoder(path: Path, manifest: dict, model: Optional[ModelConfig], image_channels: int) -> torch.nn.Module:
+    """The checkpoint's encoder: rebuilt from its manifest, or, for a raw state dict, the config's preset
+    with the weights loaded under the same checks as fine-tuning's (unmatched keys: CheckpointError)."""
+    from medxfer.models import build_encoder, weights
 
-    return weights.encoder_from_checkpoint(path)
+    if manifest:
+        return weights.encoder_from_checkpoint(path)
+    if model is None:
+        raise CheckpointError(f"{path}: has no manifest beside it; set model.preset in the score config (the "
+                              "architecture of these weights) or import it: medxfer weights import "
+                              f"{path} --preset NAME --out DIR")
+    encoder = build_encoder(model.model_copy(update={"in_channels": model.in_channels or image_channels}))
+    weights.load_encoder_weights(encoder, path)
+    return encoder
 
 
 def run_score(config: ScoreConfig, out_dir: str | Path | None = None, *, progress: bool = False) -> ScoreResult:
@@ -168,7 +179,7 @@ def run_score(config: ScoreConfig, out_dir: str | Path | None = None, *, progres
     log.info("scoring %d checkpoint(s) on %d %s training images", len(checkpoints), len(images), dataset)
     tables, baseline_tables = [], []
     for length, path, manifest in checkpoints:
-        encoder = _load_encoder(path).to(_device(config.device))
+        encoder = _load_encoder(path, manifest, config.model, int(images.shape[1])).to(_device(config.device))
         meta = {"dataset": dataset, "encoder": config.encoder_name or _encoder_name(encoder, manifest),
                 "pretraining_scheme": config.pretraining_scheme or (manifest or {}).get("scheme") or "",
                 "pretraining_length": length, "checkpoint": str(path), "seed": config.seed}

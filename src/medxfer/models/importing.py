@@ -1,0 +1,164 @@
+"""``medxfer weights import``: weights made elsewhere -> a medxfer encoder checkpoint folder.
+
+The folder holds one checkpoint (``encoder.pt`` + ``encoder.json``) without a pretraining length;
+``pretrained.checkpoint``, ``medxfer score``, ``pretrain`` (to continue from it) and sweeps take the
+folder or the ``.pt``. Its manifest records what the weights are: the preset and architecture, the source
+(file and its SHA-256, known name or timm hub model), the licence, the ImageNet top-1 where known, and
+how the first convolution was adapted to the input channels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from medxfer.errors import CheckpointError, ConfigError
+from medxfer.models.external import KNOWN_SOURCES, cached_timm_weights, known_source_path
+from medxfer.models.segmenter import PRESETS, build_encoder
+from medxfer.models.weights import import_state_dict, list_checkpoints, read_manifest, read_state_dict, save_encoder
+
+logger = logging.getLogger(__name__)
+
+IMPORTED_NAME = "encoder.pt"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _timm_model_name(source: str) -> Optional[str]:
+    import timm
+
+    name = source.removeprefix("timm:")
+    return name if timm.is_model(name) else None
+
+
+def resolve_source(source: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """The weights file of ``source`` and what the manifest says about it.
+
+    ``source``: a state-dict file (``.pt``/``.pth``/``.bin``/``.safetensors``), a known name
+    (``efficientnet-lite0``; see ``KNOWN_SOURCES``), or a timm model name (``resnet18``,
+    ``resnet18.a1_in1k``, optionally ``timm:``-prefixed) whose weights are in the local hub cache.
+    """
+    text = str(source)
+    path = Path(text)
+    if path.is_file():
+        return path, {"source": str(path.resolve()), "source_sha256": _sha256(path)}
+    if text in KNOWN_SOURCES:
+        known = KNOWN_SOURCES[text]
+        file = known_source_path(text)
+        return file, {
+            "source": f"{known.name} (PyPI {known.pip}: {file.name})",
+            "source_sha256": _sha256(file),
+            "licence": known.licence,
+            "imagenet_top1": known.imagenet_top1,
+            "imagenet_top1_reference": known.top1_reference,
+            "preprocessing": {"input_size": known.input_size, "mean": list(known.mean), "std": list(known.std)},
+        }
+    model_name = _timm_model_name(text)
+    if model_name is not None:
+        file, where = cached_timm_weights(model_name)
+        if file is None:
+            raise CheckpointError(f"{text}: timm's weights are not in the local hub cache ({where}) and medxfer does "
+                                  "not download; fetch them once where there is internet, or import a file")
+        return file, {"source": f"timm {model_name} ({where}, local cache)", "source_sha256": _sha256(file)}
+    if path.suffix or os.sep in text:
+        raise CheckpointError(f"{path}: weights file not found")
+    raise CheckpointError(f"{text}: not a file, a known weights name ({', '.join(KNOWN_SOURCES)}) "
+                          "or a timm model name")
+
+
+def channel_adaptation(input_channels: Optional[list[int]]) -> str:
+    """How the first convolution's kernels were adapted (what ``weights._adapt_input_conv`` did)."""
+    if not input_channels:
+        return "unknown (the encoder has no single first convolution)"
+    source, target = input_channels
+    if source == target:
+        return f"none ({target} input channel(s), as trained)"
+    if target == 1:
+        return f"first convolution {source} -> 1 input channel: kernels summed over the {source} channels"
+    return (f"first convolution {source} -> {target} input channels: the {source} channels cycled and scaled by "
+            f"{source}/{target}")
+
+
+def import_weights(
+    source: str | os.PathLike,
+    preset: str,
+    out: str | os.PathLike,
+    *,
+    in_channels: int = 3,
+    depth: Optional[int] = None,
+    options: Optional[Mapping[str, Any]] = None,
+    licence: Optional[str] = None,
+    imagenet_top1: Optional[float] = None,
+) -> Path:
+    """Import ``source`` (see ``resolve_source``) into the encoder of ``preset`` and save it as the
+    checkpoint folder ``out``. Returns the ``.pt`` path.
+
+    ``in_channels``: the encoder's input channels (the first convolution is adapted from the file's,
+    e.g. RGB -> 1 by summing; the default 3 keeps ImageNet's RGB and leaves adapting to each use).
+    ``depth``: encoder levels (default: the preset's). ``options``: the preset's model options
+    (e.g. a Swin's ``img_size``). ``licence``/``imagenet_top1``: recorded for files medxfer does not know.
+    Keys that do not fit (missing, unexpected, other shapes) raise CheckpointError naming the file.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a folder")
+    others = [p.name for p in out.glob("*.pt") if p.name != IMPORTED_NAME] if out.is_dir() else []
+    if others:
+        raise ConfigError(f"{out}: holds other checkpoints ({', '.join(sorted(others)[:3])}); use an empty folder")
+    file, about = resolve_source(source)
+    state = read_state_dict(file)
+    spec: dict[str, Any] = {"preset": preset, "in_channels": in_channels, "options": dict(options or {})}
+    if depth is not None:
+        spec["depth"] = depth
+    encoder = build_encoder(spec)
+    done = import_state_dict(encoder, state, source=str(file))
+    about.setdefault("licence", licence or "unknown (not recorded at import)")
+    if licence is not None:
+        about["licence"] = licence
+    if imagenet_top1 is not None:
+        about["imagenet_top1"] = float(imagenet_top1)
+    about.setdefault("imagenet_top1", None)
+    out.mkdir(parents=True, exist_ok=True)
+    path = save_encoder(
+        encoder,
+        out / IMPORTED_NAME,
+        source=about.pop("source"),
+        preset=preset,
+        channel_adaptation=channel_adaptation(done["input_channels"]),
+        tensors_loaded=done["loaded"],
+        keys_dropped=done["dropped"],
+        **about,
+    )
+    list_checkpoints(out)  # the folder reads back as one checkpoint
+    logger.info("imported %s into %s (%d tensors)", file, path, done["loaded"])
+    return path
+
+
+def imported_summary(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """``(field, value)`` rows of an imported checkpoint's manifest, for the CLI."""
+    manifest = read_manifest(path)
+    top1 = manifest.get("imagenet_top1")
+    return [
+        ("checkpoint", str(path)),
+        ("preset", str(manifest.get("preset"))),
+        ("encoder", f"{manifest['arch'].get('model_name', manifest['arch'].get('name'))}, "
+                    f"{manifest['spatial_dims']}D, {manifest['in_channels']} input channel(s)"),
+        ("source", str(manifest.get("source"))),
+        ("licence", str(manifest.get("licence"))),
+        ("ImageNet top-1", "unknown" if top1 is None else f"{top1:g} %"),
+        ("channel adaptation", str(manifest.get("channel_adaptation"))),
+        ("tensors", f"{manifest.get('tensors_loaded')} loaded, {manifest.get('keys_dropped')} not used "
+                    "(classification head, levels beyond the depth)"),
+    ]
+

