@@ -16,7 +16,16 @@ from PIL import Image
 from skimage import data as skdata
 
 from medxfer.cli import main
-from medxfer.config import DataConfig, ModelConfig, PretrainedConfig, RunConfig, ScoreConfig, TrainConfig
+from medxfer.config import (
+    DataConfig,
+    ModelConfig,
+    PretrainConfig,
+    PretrainedConfig,
+    RunConfig,
+    ScoreConfig,
+    TrainConfig,
+    parse_config,
+)
 from medxfer.errors import CheckpointError, ConfigError
 from medxfer.finetune import run_finetune
 from medxfer.models import (
@@ -30,6 +39,7 @@ from medxfer.models import (
 )
 from medxfer.models.external import efficientnet_pytorch_to_timm, known_source_path, stage_sizes
 from medxfer.models.importing import import_weights
+from medxfer.pretraining import run_pretraining
 from medxfer.transferability.scoring import run_score
 
 # ImageNet-1k class indices of what three scikit-image photographs show.
@@ -248,3 +258,25 @@ def test_swin_does_not_inflate_and_3d_presets_import_2d_imagenet_weights(tmp_pat
     stem_2d = read_state_dict(known_source_path("efficientnet-lite0"))["_conv_stem.weight"]
     torch.testing.assert_close(encoder.state_dict()["body.conv_stem.weight"],
                                stem_2d.sum(1, keepdim=True).unsqueeze(2).repeat(1, 1, 3, 1, 1) / 3)
+
+
+def test_pretraining_continues_from_an_imported_encoder_at_fewer_levels(tmp_path):
+    state = _torchvision_resnet18(tmp_path / "resnet18.pth")
+    folder = tmp_path / "imported"
+    path = import_weights(tmp_path / "resnet18.pth", "resnet18_unet", folder)  # all 5 levels
+    config = parse_config({
+        "model": {"preset": "resnet18_unet", "depth": 3},
+        "classification": {"n_per_class": 4, "val_per_class": 2},
+        "schedule": {"unit": "step", "lengths": [0, 1]},
+        "train": {"batch_size": 8},
+        "pretrained": {"checkpoint": str(folder)},
+    }, PretrainConfig)
+    result = run_pretraining(config, tmp_path / "pretrain")
+    start = encoder_from_checkpoint(result.checkpoints[0].path)
+    # Length 0 is the imported encoder (the RGB stand-in keeps the RGB stem), not a random one.
+    torch.testing.assert_close(start.state_dict()["body.conv1.weight"], state["conv1.weight"])
+    torch.testing.assert_close(start.state_dict()["body.layer2.1.conv2.weight"], state["layer2.1.conv2.weight"])
+    assert result.checkpoints[0].manifest["started_from"]["checkpoint"] == str(path)
+    assert result.record["started_from"]["source"].endswith("resnet18.pth")
+    with pytest.raises(ConfigError, match="pretrained: pretraining continues from an encoder"):
+        parse_config({"pretrained": {"checkpoint": str(folder), "load": "full"}}, PretrainConfig)

@@ -128,12 +128,13 @@ def collect(directory: Path = typer.Argument(..., help="A results folder (with r
 
 @app.command()
 def models() -> None:
-    """List the model presets with their parameter counts."""
-    from medxfer.models import preset_table
+    """List the model presets with their parameter counts and the weights each can start from."""
+    from medxfer.models import PRESETS, preset_table
 
-    rows = [[name, description, f"{n_params / 1e6:.2f} M", f"{dims}D"]
+    rows = [[name, description, f"{n_params / 1e6:.2f} M", f"{dims}D", PRESETS[name].weights]
             for name, description, n_params, dims in preset_table()]
-    _print_table("model presets (1 input channel, 2 classes)", ["preset", "description", "parameters", "dims"], rows)
+    _print_table("model presets (1 input channel, 2 classes)",
+                 ["preset", "description", "parameters", "dims", "starting weights besides medxfer checkpoints"], rows)
 
 
 def _parse_options(pairs: list[str]) -> dict:

@@ -357,11 +357,16 @@ class PretrainConfig(StrictModel):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: PretrainTrainConfig = Field(default_factory=PretrainTrainConfig)
     online_score: Optional[OnlineScoreConfig] = None  # score each checkpoint on the target while pretraining
+    # continue pretraining from an encoder (an imported ImageNet folder, a raw file, another run's checkpoint);
+    # None = random init. Left out of the run identity when None, so existing folders keep theirs.
+    pretrained: Optional[PretrainedConfig] = None
 
     @model_validator(mode="after")
     def _segmentation_needs_data(self) -> "PretrainConfig":
         if self.task == "segmentation" and self.data is None:
             raise ValueError("task 'segmentation' needs a data section (the sparsely annotated dataset)")
+        if self.pretrained is not None and (self.pretrained.checkpoint is None or self.pretrained.load != "encoder"):
+            raise ValueError("pretrained: pretraining continues from an encoder: set checkpoint, with load: encoder")
         return self
 
 

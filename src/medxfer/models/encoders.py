@@ -394,7 +394,12 @@ class TimmEncoder(Encoder):
         """Keys of the whole timm model that this feature encoder leaves out (head, final 1x1 conv,
         levels beyond ``depth``): a full-model file may carry them; they are not loaded."""
         own = set(self.state_dict())
-        return frozenset(k for k in self.full_model_keys() if not any(c in own for c in self.map_external_key(k)))
+        outside = set()
+        for key in self.full_model_keys():
+            names = self.map_external_key(key)
+            if not any(name in own for name in names):
+                outside.update([key, *names])  # as in a timm file, and as in a deeper medxfer checkpoint
+        return frozenset(outside)
 
     def _resolve_img_size(self, model_kwargs: dict[str, Any]) -> tuple[int, int] | None:
         patch_embed = getattr(self.body, "patch_embed", None)

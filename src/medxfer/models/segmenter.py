@@ -48,7 +48,7 @@ class Preset:
     options: tuple[str, ...] = _DECODER_OPTIONS
     default_options: Mapping[str, Any] = field(default_factory=dict)
     # Starting weights it takes besides medxfer's own encoder checkpoints (README's presets table).
-    weights: str = "medxfer encoder checkpoints only"
+    weights: str = "none (medxfer checkpoints only)"
 
 
 def _decoder_kinds() -> list[tuple[str, bool, str]]:

@@ -48,6 +48,8 @@ def config_identity(config: PretrainConfig) -> str:
     for name in RUNTIME_FIELDS:
         data["train"].pop(name, None)
     data.pop("name", None)
+    if data.get("pretrained") is None:
+        data.pop("pretrained", None)  # the key came later: runs without it keep their identity
     return stable_hash(data)
 
 

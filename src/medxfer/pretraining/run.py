@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from medxfer.config import PretrainConfig, config_to_dict
 from medxfer.errors import TrainingDiverged
 from medxfer.io import atomic_write_json, environment_info, folder_lock, seed_everything, set_aside
+from medxfer.models.weights import load_encoder_weights, resolve_checkpoint
 from medxfer.pretraining.checkpoints import (
     CHECKPOINT_DIR, LIGHTNING_DIR, MODEL_DIR, RECORD_FILE, CheckpointInfo, existing_checkpoint, guard_folder,
     make_saver, read_checkpoints,
@@ -59,7 +60,14 @@ def prepare_pretraining(config: PretrainConfig, data: Any = None) -> PretrainSet
     seed_everything(config.seed)
     recipe = resolve_recipe(config)
     setup = classification_setup if config.task == "classification" else segmentation_setup
-    return setup(config, recipe, data)
+    prepared = setup(config, recipe, data)
+    if config.pretrained is not None:
+        path = resolve_checkpoint(config.pretrained.checkpoint, config.pretrained.length)
+        manifest = load_encoder_weights(prepared.module.model, path)
+        prepared.record["started_from"] = {"checkpoint": str(path), "source": manifest.get("source"),
+                                           "length": manifest.get("length")}
+        log.info("pretraining continues from %s", path)
+    return prepared
 
 
 
@@ -111,6 +119,8 @@ def _pretrain(config: PretrainConfig, out: Path, identity: str, accelerator: str
         "task": config.task, "scheme": config.scheme, "architecture": config.model.preset,
         "dataset": setup.dataset, "seed": config.seed, "run_name": config.name, "config_hash": identity,
     }
+    if "started_from" in setup.record:  # every checkpoint says which encoder its pretraining began with
+        base_manifest["started_from"] = setup.record["started_from"]
     scheduled = ScheduledCheckpoints(
         config.schedule.unit, config.schedule.lengths, save=make_saver(out, config, setup.save_full_model),
         score=setup.score, exists=existing_checkpoint(out), base_manifest=base_manifest,
