@@ -2,6 +2,7 @@
 block, duplicates, constant variant, uneven coverage) and the rule harness (decisions.csv)."""
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -119,9 +120,20 @@ def test_planted_relation_baselines_and_decisions_csv(tmp_path):
     assert list(written.columns[:len(DECISION_COLUMNS)]) == DECISION_COLUMNS
     assert written.loc[written["recommended"], "rule"].nunique() == 1
     # Patience 1 finds each single peak too, and stops right after it: as good, and cheaper than argmin.
-    assert result.recommended == "best variant | patience=1 [leave-one-dataset-out]"
-    recommended = _rule(result, result.recommended)
-    assert np.allclose(recommended["regret"], 0.0) and recommended["saved"].mean() > 0
+    patience = _rule(result, "best variant | patience=1 [leave-one-dataset-out]")
+    assert np.allclose(patience["regret"], 0.0) and 0 < patience["saved"].mean() < 0.5
+    # Recommended: the online rule with the lowest out-of-sample regret among those saving >= 50%
+    # (here only the ImageNet rule, stopping at 40 of 80, saves that much); its parameters are saved.
+    summary = result.summary.set_index("rule")
+    assert result.recommended == "ImageNet accuracy gain < 10%"
+    assert summary.loc[result.recommended, "saved_mean"] >= 0.5 and summary.loc[result.recommended, "online"]
+    saving = summary[summary["online"] & (summary["saved_mean"] >= 0.5) & ~summary["bound"]
+                     & (summary["evaluation"] != "in-sample")]
+    assert summary.loc[result.recommended, "regret_mean"] == saving["regret_mean"].min()
+    saved_rule = json.loads((tmp_path / "an" / "recommended_rule.json").read_text())
+    assert saved_rule["stop_rule"] == {"kind": "ImageNet plateau", "min_gain": 0.1}
+    assert saved_rule["goal_met"] == bool(summary.loc[result.recommended, "regret_mean"]
+                                          <= summary.loc["always longest", "regret_mean"])
     for name in ("analysis_summary.csv", "correlations.csv", "claims.csv", "data_quality.csv", "lodo.csv",
                  "figures/regret_vs_saved.png", "figures/score_vs_dice.png"):
         assert (tmp_path / "an" / name).stat().st_size > 0
@@ -370,3 +382,77 @@ def test_knn_gbc_and_ccfv_rows_of_baselines_csv_become_rules():
         assert len(chosen) == len(MODELS) * len(DATASETS) and np.allclose(chosen["regret"], 0.0)
     against = _rule(result, "gbc level=1 | argmin")
     assert len(against) == len(MODELS) * len(DATASETS) and (against["regret"] > 0).all()
+
+
+def _stop_rule_groups(dice_of=None, seed=0):
+    """Three datasets x four groups: Dice rising and flattening at a group-specific length, two robustness
+    variants that flatten with it (with noise), ImageNet accuracy rising. ``dice_of(dataset, i, dice)`` may
+    change a group's Dice."""
+    rng = np.random.default_rng(seed)
+    lengths = np.array([1, 5, 20, 50, 100, 150, 200, 300], dtype=float)
+    accuracy = np.array([0.01, 0.1, 0.3, 0.5, 0.58, 0.62, 0.66, 0.7])
+    groups = []
+    for dataset in ("a", "b", "c"):
+        for i in range(4):
+            knee = 2 + (i + ord(dataset)) % 5
+            progress = np.minimum(np.arange(len(lengths)), knee) / knee
+            dice = 0.6 + 0.2 * progress + rng.normal(0, 0.002, len(lengths))
+            if dice_of is not None:
+                dice = dice_of(dataset, i, dice)
+            scores = {f"cosine_distance margin=0.5 level={lv} pooled": 0.5 - 0.2 * progress * lv / 5
+                      + rng.normal(0, 0.003, len(lengths)) for lv in (4, 5)}
+            groups.append(GroupCurves(f"model{i}", dataset, "s", False, f"model{i}", dataset, "s", lengths, dice,
+                                      np.column_stack([dice - 0.001, dice + 0.001]), imagenet_accuracy=accuracy,
+                                      scores=scores))
+    return groups
+
+
+def test_nested_evaluation_never_sees_the_held_out_datasets_dice():
+    from medxfer.report.rules import LODO, stop_rule_families
+
+    learned = [r for r in stop_rule_families() if r.fitted]
+    assert {r.family for r in learned} == {"online stop rule (learned)", "online stop rule (selected)"}
+    before = evaluate_rules(_stop_rule_groups(), learned)
+    # The held-out dataset's Dice turned upside down: everything learned from it would change.
+    after = evaluate_rules(_stop_rule_groups(lambda ds, i, d: 1.6 - d if ds == "c" else d), learned)
+    columns = ["rule", "model", "dataset", "chosen_length", "stopped_length"]
+    held_out = lambda frame: frame[(frame["evaluation"] == LODO) & (frame["dataset"] == "c")][columns]  # noqa: E731
+    assert len(held_out(before)) == 4 * len(learned)
+    pd.testing.assert_frame_equal(held_out(before).reset_index(drop=True), held_out(after).reset_index(drop=True))
+    # ... while the decisions that may learn from it (in-sample, or other datasets held out) do change.
+    trained_on_c = lambda frame: frame[(frame["evaluation"] != LODO) | (frame["dataset"] != "c")][columns]  # noqa: E731
+    assert not trained_on_c(before).reset_index(drop=True).equals(trained_on_c(after).reset_index(drop=True))
+
+
+def test_online_stop_rules_are_evaluated_and_an_online_rule_is_recommended_with_its_parameters(tmp_path):
+    from medxfer.report.rules import stop_rule_families
+    from medxfer.transferability.stopping import rule_from_dict
+
+    families = stop_rule_families()
+    assert {"online stop rule", "online stop rule (learned)", "online stop rule (selected)"} == {
+        r.family for r in families}
+    down, rob, _ = _planted_tables()
+    result = analyze(down, rob, out_dir=tmp_path, figures=True, n_resamples=50)
+    summary = result.summary.set_index("rule")
+    for rule in families:
+        names = [rule.name] if not rule.fitted else [f"{rule.name} [in-sample]", f"{rule.name} [leave-one-dataset-out]"]
+        for name in names:
+            assert summary.loc[name, "n_groups"] == 6 and summary.loc[name, "online"]
+    saved = json.loads((tmp_path / "recommended_rule.json").read_text())
+    assert saved["rule"] == result.recommended
+    # the saved rule reproduces the recommended rule's decisions on every group
+    rule = rule_from_dict(saved["stop_rule"])
+    decisions = result.decisions[result.decisions["rule"] == result.recommended]
+    for g in result.groups:
+        row = decisions[(decisions["model"] == g.model) & (decisions["dataset"] == g.dataset)].iloc[0]
+        assert rule.decide(g.stop_curve) == (row["chosen_length"], row["stopped_length"])
+    assert (tmp_path / "figures" / "regret_vs_saved.png").stat().st_size > 0
+
+
+def test_pareto_front_keeps_only_undominated_rules():
+    from medxfer.report.plots import pareto_front
+
+    saved = np.array([0.0, 0.2, 0.5, 0.5, 0.9, 0.3])
+    regret = np.array([0.004, 0.005, 0.007, 0.009, 0.04, 0.006])
+    # 0.5/0.009 is beaten by 0.5/0.007; 0.3/0.006 by nothing (saves more than 0.2 but with more regret)
+    assert pareto_front(saved, regret).tolist() == [0, 1, 5, 2, 4]

@@ -51,10 +51,10 @@ def test_recommend_from_table_uses_the_named_variant():
                  {"dataset": "d", "encoder": "unet", "pretraining_scheme": "simple", "metric": "l2",
                   "margin": 0.5, "level": 1, "pooled": True, "pretraining_length": length, "robustness": b}]
     table = pd.DataFrame(rows)
-    assert recommend_from_table(table, StopConfig(metric="cosine", margin=0.5, level=-1)).length == 1
-    assert recommend_from_table(table, StopConfig(metric="l2", margin=0.5, level=1)).length == 0
+    assert recommend_from_table(table, StopConfig(rule="argmin", metric="cosine", margin=0.5, level=-1)).length == 1
+    assert recommend_from_table(table, StopConfig(rule="argmin", metric="l2", margin=0.5, level=1)).length == 0
     with pytest.raises(ConfigError, match="not among"):
-        recommend_from_table(table, StopConfig(metric="pearson"))
+        recommend_from_table(table, StopConfig(rule="argmin", metric="pearson"))
 
 
 def _pretrain_config(lengths):
@@ -240,3 +240,63 @@ def test_rules_round_trip_through_their_saved_parameters():
         assert rule_from_dict(rule.as_dict()).decide(curve) == rule.decide(curve)
     with pytest.raises(ConfigError, match="unknown stop rule kind"):
         rule_from_dict({"kind": "oracle"})
+
+
+# -- the recommended rule in `medxfer score` and the online callback ----------------------------------------
+import json  # noqa: E402
+
+from medxfer.transferability.stopping import RECOMMENDED_RULE, curve_from_table, load_stop_rule  # noqa: E402
+
+
+def _robustness_rows(values, level=2, ci=None):
+    rows = []
+    for i, (length, value) in enumerate(zip(LENGTHS, values)):
+        row = {"dataset": "d", "encoder": "unet", "pretraining_scheme": "simple", "metric": "cosine", "margin": 0.5,
+               "level": level, "pooled": True, "pretraining_length": length, "robustness": value}
+        if ci is not None:
+            row.update(ci_low=value - ci[i], ci_high=value + ci[i])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_the_default_stop_rule_is_the_recommended_one_and_reads_imagenet_accuracy_from_manifests():
+    assert StopConfig().rule == "recommended"
+    assert load_stop_rule(StopConfig()).as_dict() == RECOMMENDED_RULE
+    table = _robustness_rows([0.5, 0.45, 0.44, 0.43, 0.42, 0.41])
+    accuracy = {1: 0.1, 5: 0.3, 20: 0.5, 50: 0.52, 100: 0.6, 150: 0.61}  # +4 % from 20 to 50
+    rec = recommend_from_table(table, StopConfig(), accuracy)
+    assert (rec.length, rec.stopped_at, rec.fired) == (50.0, 50.0, True)
+    assert rec.stop_rule == RECOMMENDED_RULE and rec.score == pytest.approx(0.43)
+    # without ImageNet accuracy (e.g. segmentation pretraining) the ImageNet rule cannot stop early
+    assert recommend_from_table(table, StopConfig()).length == 150.0
+
+
+def test_a_rule_file_written_by_analyze_is_applied_with_its_parameters(tmp_path):
+    path = tmp_path / "recommended_rule.json"
+    path.write_text(json.dumps({"rule": "x", "stop_rule": ScorePlateau(DEEP, 0.05, 1).as_dict()}))
+    stop = StopConfig(rule="recommended", rule_file=path)
+    # intervals from ci_low/ci_high: 0.5 -> 0.4 is inside the first checkpoint's half-width 0.2
+    table = _robustness_rows([0.5, 0.4, 0.3, 0.2, 0.1, 0.05], ci=[0.2, 0.01, 0.01, 0.01, 0.01, 0.01])
+    assert curve_from_table(table).halfwidth[("cosine", 0.5, 2, True)][0] == pytest.approx(0.2)
+    rec = recommend_from_table(table, stop)
+    assert (rec.length, rec.stopped_at) == (5.0, 5.0) and rec.stop_rule["kind"] == "score plateau"
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="bad.json"):
+        load_stop_rule(StopConfig(rule_file=tmp_path / "bad.json"))
+    (tmp_path / "other.json").write_text(json.dumps({"stop_rule": {"kind": "crystal ball"}}))
+    with pytest.raises(ConfigError, match="other.json: unknown stop rule kind"):
+        load_stop_rule(StopConfig(rule_file=tmp_path / "other.json"))
+
+
+def test_online_callback_applies_the_recommended_rule_from_its_file(tmp_path):
+    from medxfer.pretraining import run_pretraining
+
+    # any change within 1000 % counts as a plateau: the rule fires at the second checkpoint
+    path = tmp_path / "rule.json"
+    path.write_text(json.dumps({"stop_rule": ScorePlateau(DEEP, 10.0, 1).as_dict()}))
+    config = _score_config().model_copy(update={"stop": StopConfig(rule="recommended", rule_file=path)})
+    callback = RobustnessEarlyStopping.from_config(config)
+    result = run_pretraining(_pretrain_config([0, 1, 2, 3]), tmp_path / "run", callbacks=[callback])
+    assert result.lengths == [0, 1] and result.record["status"] == "stopped"
+    assert callback.stopped_at == 1 and callback.recommendation.length == 1
+    assert callback.recommendation.stop_rule["kind"] == "score plateau"

@@ -224,9 +224,15 @@ def score(config: Path = typer.Argument(..., help="Score config (YAML)."),
                  result.summary(score_config.stop))
     if result.recommendation is not None:
         rec = result.recommendation
-        fired = "the rule fired" if rec.fired else "the rule did not fire; best so far"
-        console.print(f"recommended pretraining length: {rec.length:g} (score {rec.score:.4f}; rule {rec.rule}"
-                      f"{f' patience {rec.patience}' if rec.rule == 'patience' else ''}: {fired}; variant {rec.variant})")
+        if rec.stop_rule:  # the online rule: where it stopped is the recommendation
+            fired = (f"pretraining could have stopped at {rec.stopped_at:g}" if rec.fired
+                     else "the rule did not stop before the last checkpoint")
+            console.print(f"recommended pretraining length: {rec.length:g} ({rec.rule}: {fired})", markup=False)
+        else:
+            fired = "the rule fired" if rec.fired else "the rule did not fire; best so far"
+            console.print(f"recommended pretraining length: {rec.length:g} (score {rec.score:.4f}; rule {rec.rule}"
+                          f"{f' patience {rec.patience}' if rec.rule == 'patience' else ''}: {fired}; "
+                          f"variant {rec.variant})")
     for name, path in result.paths.items():
         console.print(f"{name}: {path}")
 
@@ -261,6 +267,14 @@ def analyze(downstream: Path = typer.Option(..., "--downstream", help="results.c
                      "better)", correlation)
     _print_frame("the reference study's claims, checked on these tables", result.claims[["claim", "figure", "verdict"]])
     console.print(f"recommended rule: {result.recommended or 'none'}", markup=False)
+    saved_rule = result.recommended_rule
+    if saved_rule is not None:
+        f = saved_rule["figures"]
+        console.print(f"  regret {f['regret_mean']:.4f} [{f['regret_ci_low']:.4f}, {f['regret_ci_high']:.4f}] at "
+                      f"{f['saved_mean']:.0%} pretraining saved vs always longest {f['always_longest_regret']:.4f} "
+                      f"at 0% ({f['coverage']}); goal (>= 50% saved, regret <= always longest) "
+                      f"{'met' if saved_rule['goal_met'] else 'NOT met'}; use it with "
+                      f"stop: {{rule: recommended, rule_file: {out / 'recommended_rule.json'}}}", markup=False)
     for name, path in result.paths.items():
         console.print(f"{name}: {path}")
 

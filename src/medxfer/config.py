@@ -202,7 +202,10 @@ class AugmentConfig(StrictModel):
 class StopConfig(StrictModel):
     """Which score variant decides when pretraining could stop, and the rule applied to it."""
 
-    rule: Literal["argmin", "patience"] = "argmin"
+    # "recommended": the online rule `medxfer analyze` recommends (rule_file, else the built-in one);
+    # "argmin" / "patience": on the variant below
+    rule: Literal["recommended", "argmin", "patience"] = "recommended"
+    rule_file: Optional[Path] = None  # "recommended": a recommended_rule.json written by `medxfer analyze`
     patience: int = Field(2, ge=1)  # "patience": checkpoints without improvement before stopping
     min_delta: float = Field(0.0, ge=0.0)  # an improvement must lower the score by more than this
     metric: ScoreMetric = "cosine"

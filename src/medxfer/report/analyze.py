@@ -43,8 +43,10 @@ from medxfer.report.rules import (
     Rule,
     builtin_rules,
     evaluate_rules,
+    fitted_stop_rule,
     is_constant,
     score_rule,
+    stop_rule_families,
 )
 
 log = logging.getLogger(__name__)
@@ -451,6 +453,7 @@ def summarize(decisions: pd.DataFrame, groups: Sequence[GroupCurves], rules: Seq
     by_key = {g.key: g for g in groups}
     variant_of = {r.name: r.variant for r in rules}
     family_of = {r.name: r.family for r in rules}
+    online = {r.name for r in rules if r.stop_rule is not None}
     corr = (correlation_table.groupby("predictor")[["pearson", "spearman", "kendall", "weighted_tau"]].mean()
             if len(correlation_table) else pd.DataFrame())
     rows = []
@@ -464,6 +467,7 @@ def summarize(decisions: pd.DataFrame, groups: Sequence[GroupCurves], rules: Seq
         outcome = frame["vs_longest"].value_counts()
         row = {"rule": rule, "family": family_of.get(base, frame["family"].iloc[0]),
                "evaluation": frame["evaluation"].iloc[0], "bound": bool(frame["bound"].iloc[0]),
+               "online": base in online,
                "coverage": coverage_label(covered, groups), "n_groups": len(frame),
                "regret_mean": frame["regret"].mean(), "regret_ci_low": low, "regret_ci_high": high,
                "regret_median": frame["regret"].median(), "regret_max": frame["regret"].max(),
@@ -486,14 +490,43 @@ def honest(summary: pd.DataFrame) -> pd.Series:
     return ~summary["bound"] & (summary["evaluation"] != IN_SAMPLE) & (summary["family"] != "score")
 
 
-def recommend(summary: pd.DataFrame, n_groups: int) -> Optional[str]:
-    """Among :func:`honest` rules that cover every group, the lowest mean regret (ties: more pretraining
-    saved, then the earlier rule)."""
-    candidates = summary[honest(summary) & (summary["n_groups"] == n_groups)]
+def recommend(summary: pd.DataFrame, n_groups: int, min_saved: float = 0.5) -> Optional[str]:
+    """The rule ``medxfer score`` and the pretraining callback will apply, chosen by a criterion fixed before
+    any figure was seen (issue #15's goal): among :func:`honest` online stop rules that cover every group and
+    save at least ``min_saved`` of pretraining on average, the lowest mean regret (ties: more saved, then the
+    earlier rule); if none saves that much, the honest rule covering every group with the lowest regret."""
+    covering = summary[honest(summary) & (summary["n_groups"] == n_groups)]
+    saving = covering[covering["online"] & (covering["saved_mean"] >= min_saved - 1e-12)]
+    candidates = saving if len(saving) else covering
     if candidates.empty:
         return None
     ordered = candidates.assign(_saved=-candidates["saved_mean"], _order=range(len(candidates)))
     return str(ordered.sort_values(["regret_mean", "_saved", "_order"])["rule"].iloc[0])
+
+
+def recommended_rule_record(result_summary: pd.DataFrame, recommended: Optional[str], rules: Sequence[Rule],
+                            groups: Sequence[GroupCurves], min_saved: float) -> Optional[dict[str, Any]]:
+    """What ``recommended_rule.json`` holds: the online rule's parameters (a learned rule fitted on every
+    group: what a user's run applies) and the figures it was recommended on."""
+    if recommended is None:
+        return None
+    base = recommended.rsplit(" [", 1)[0]
+    rule = next((r for r in rules if r.name == base), None)
+    stop_rule = fitted_stop_rule(rule, groups) if rule is not None else None
+    if stop_rule is None:
+        return None
+    row = result_summary[result_summary["rule"] == recommended].iloc[0]
+    figures = {k: (float(row[k]) if isinstance(row[k], (float, np.floating)) else row[k])
+               for k in ("coverage", "n_groups", "regret_mean", "regret_ci_low", "regret_ci_high", "saved_mean",
+                         "saved_ci_low", "saved_ci_high", "wins", "ties", "losses")}
+    longest = result_summary[result_summary["rule"] == "always longest"]
+    return {"rule": recommended, "stop_rule": stop_rule.as_dict(), "evaluation": row["evaluation"],
+            "criterion": f"lowest out-of-sample mean regret among online rules saving >= {min_saved:.0%}",
+            "figures": {**{k: (int(v) if isinstance(v, (np.integer,)) else v) for k, v in figures.items()},
+                        "always_longest_regret": float(longest["regret_mean"].iloc[0]) if len(longest) else None},
+            "goal_met": bool(len(longest) and row["saved_mean"] >= min_saved
+                             and row["regret_mean"] <= float(longest["regret_mean"].iloc[0])),
+            "groups": seeds_text(groups)}
 
 
 def paper_claims(summary: pd.DataFrame, decisions: pd.DataFrame, correlation_table: pd.DataFrame,
@@ -530,7 +563,7 @@ def paper_claims(summary: pd.DataFrame, decisions: pd.DataFrame, correlation_tab
                      "criterion": "supported if the whole interval is below +0.5, contradicted if above",
                      "verdict": "supported" if high < 0.5 else "contradicted" if low > 0.5 else "undecided"})
     longest = rules.loc["always longest"] if "always longest" in rules.index else None
-    score_rules = summary[honest(summary) & ~summary["family"].isin(["baseline", "ImageNet"])
+    score_rules = summary[honest(summary) & ~summary["family"].isin(["baseline", "ImageNet", "online stop rule (selected)"])
                           & (summary["n_groups"] == n_groups)]
     if longest is not None and len(score_rules):
         saving = score_rules[score_rules["saved_mean"] >= 0.5]
@@ -561,6 +594,7 @@ class AnalysisResult:
     recommended: Optional[str]
     best_variant: Optional[str]  # the variant selected in-sample (argmin)
     paths: dict[str, Path] = field(default_factory=dict)
+    recommended_rule: Optional[dict[str, Any]] = None  # recommended_rule.json: the online rule and its figures
 
     @property
     def best_rule(self) -> Optional[str]:  # the name the demo prints
@@ -582,12 +616,15 @@ def analyze(downstream: pd.DataFrame | str | Path, robustness: pd.DataFrame | st
             names: NameMapConfig | Mapping[str, Any] | str | Path | None = None,
             patience: Sequence[int] = (1,), test_set: Optional[str] = "target", keep_copies: bool = False,
             extra_rules: Sequence[Rule] = (), recommended: Optional[str] = None, n_resamples: int = 2000,
+            min_saved: float = 0.5,
             out_dir: str | Path | None = None, figures: bool = True) -> AnalysisResult:
     """Check the inputs, build per-group curves, evaluate every rule, relate scores to Dice, check the
     paper's claims (see the module docstring).
 
-    ``extra_rules`` are evaluated with the built-in ones; ``recommended`` names the rule marked
-    recommended in ``decisions.csv`` (default: :func:`recommend`). ``out_dir``: writes
+    ``extra_rules`` are evaluated with the built-in ones and the online stop-rule families
+    (:func:`medxfer.report.rules.stop_rule_families`); ``recommended`` names the rule marked recommended in
+    ``decisions.csv`` (default: :func:`recommend` with the saving target ``min_saved``); when it is an online
+    rule, ``recommended_rule.json`` holds its parameters for ``medxfer score`` and the pretraining callback. ``out_dir``: writes
     ``decisions.csv``, ``analysis_summary.csv``, ``correlations.csv``, ``claims.csv``,
     ``data_quality.csv``, ``lodo.csv`` and (``figures``) ``figures/*.png``.
     """
@@ -603,12 +640,12 @@ def analyze(downstream: pd.DataFrame | str | Path, robustness: pd.DataFrame | st
     robustness_variants = sorted(set(scores.loc[scores["family"] == "robustness", "variant"]))
     rules = builtin_rules(robustness_variants or variants, patience) + [
         Rule(f"{v} | argmin", score_rule(v), "baseline estimator", variant=v)
-        for v in variants if v not in robustness_variants] + list(extra_rules)
+        for v in variants if v not in robustness_variants] + stop_rule_families(min_saved) + list(extra_rules)
     decisions = evaluate_rules(groups, rules)
     correlation_table = correlations(groups)
     summary = summarize(decisions, groups, rules, correlation_table, n_resamples)
     if recommended is None:
-        recommended = recommend(summary, len(groups))
+        recommended = recommend(summary, len(groups), min_saved)
     elif recommended not in set(summary["rule"]):
         raise ConfigError(f"analyze: recommended rule {recommended!r} was not evaluated")
     decisions["recommended"] = decisions["rule"] == recommended
@@ -616,7 +653,8 @@ def analyze(downstream: pd.DataFrame | str | Path, robustness: pd.DataFrame | st
     selected = decisions[decisions["rule"] == f"best variant | argmin [{IN_SAMPLE}]"]
     best_variant = str(selected["detail"].iloc[0]) if len(selected) else None
     claims = paper_claims(summary, decisions, correlation_table, len(groups))
-    result = AnalysisResult(summary, decisions, correlation_table, claims, quality, groups, recommended, best_variant)
+    result = AnalysisResult(summary, decisions, correlation_table, claims, quality, groups, recommended, best_variant,
+                            recommended_rule=recommended_rule_record(summary, recommended, rules, groups, min_saved))
     if out_dir is not None:
         result.paths = write_outputs(result, Path(out_dir), figures=figures)
     return result
@@ -652,6 +690,11 @@ def write_outputs(result: AnalysisResult, out: Path, figures: bool = True) -> di
     for key, (name, table) in tables.items():
         paths[key] = out / name
         atomic_write_text(paths[key], table.to_csv(index=False))
+    if result.recommended_rule is not None:
+        from medxfer.io import atomic_write_json
+
+        paths["recommended_rule"] = out / "recommended_rule.json"
+        atomic_write_json(paths["recommended_rule"], result.recommended_rule)
     if figures:
         paths.update(write_figures(result, out / "figures"))
     return paths
@@ -671,25 +714,15 @@ def write_figures(result: AnalysisResult, folder: Path, max_panels: int = 12) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from medxfer.report.plots import SkipFigure, plot_regret_vs_saved
+
     paths = {}
-    summary = result.summary
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    colours = {"score": "tab:blue", "score (selected)": "tab:purple", "baseline": "tab:red", "ImageNet": "tab:orange",
-               "oracle": "tab:green", "baseline estimator": "tab:olive"}
-    for family, frame in summary.groupby("family"):
-        many = family == "score"
-        ax.scatter(frame["saved_mean"], frame["regret_mean"], s=12 if many else 40, alpha=0.4 if many else 0.9,
-                   label=family, c=colours.get(family, "tab:gray"))
-    if result.recommended is not None:
-        rec = summary[summary["rule"] == result.recommended].iloc[0]
-        ax.scatter([rec["saved_mean"]], [rec["regret_mean"]], marker="*", s=220, c="gold", edgecolors="k",
-                   label="recommended", zorder=5)
-    ax.set_xlabel("mean fraction of pretraining saved (at the stopped length)")
-    ax.set_ylabel("mean Dice regret vs the best length")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    paths["regret_vs_saved"] = _save_figure(fig, folder / "regret_vs_saved.png")
-    plt.close(fig)
+    try:
+        figure = plot_regret_vs_saved(result.summary, result.recommended)
+    except SkipFigure as exc:
+        log.info("no regret-vs-saved figure: %s", exc)
+    else:
+        paths["regret_vs_saved"] = _save_figure(figure, folder / "regret_vs_saved.png")
     if result.best_variant is not None:
         panels = [g for g in result.groups if result.best_variant in g.scores][:max_panels]
         cols = min(3, len(panels))
@@ -712,7 +745,8 @@ def write_figures(result: AnalysisResult, folder: Path, max_panels: int = 12) ->
     return paths
 
 
-KEY_FAMILIES = ("baseline", "ImageNet", "oracle", "score (selected)")
+KEY_FAMILIES = ("baseline", "ImageNet", "oracle", "score (selected)", "online stop rule", "online stop rule (learned)",
+                "online stop rule (selected)")
 
 
 def summary_for_print(result: AnalysisResult, top: int = 5) -> pd.DataFrame:

@@ -265,3 +265,52 @@ def plot_score_vs_dice(table: pd.DataFrame, robustness: Optional[pd.DataFrame]) 
         ax.set_xlabel("robustness score (deepest level)")
         _finish(ax, "mean Dice (target test)", f"{dataset} (point labels: pretraining length)")
     return figure
+
+
+def pareto_front(saved: np.ndarray, regret: np.ndarray) -> np.ndarray:
+    """Indices of the points no other point beats on both axes (saves at least as much with no more regret,
+    better on one), ordered by saving."""
+    saved, regret = np.asarray(saved, dtype=float), np.asarray(regret, dtype=float)
+    keep = [i for i in range(len(saved))
+            if not np.any((saved >= saved[i]) & (regret <= regret[i]) & ((saved > saved[i]) | (regret < regret[i])))]
+    return np.array(sorted(keep, key=lambda i: (saved[i], regret[i])), dtype=int)
+
+
+def plot_regret_vs_saved(summary: pd.DataFrame, recommended: Optional[str] = None,
+                         min_saved: float = 0.5) -> Figure:
+    """Mean Dice regret against mean pretraining saved, one point per rule (``medxfer analyze``'s summary):
+    out-of-sample rules in colour with their Pareto front, in-sample choices faint, oracles (bounds) as
+    squares, the recommended rule as a star and the goal (saves >= ``min_saved`` with no more regret than
+    always pretraining longest) shaded. Only rules covering every group are drawn (like with like)."""
+    if summary.empty:
+        raise SkipFigure("no rule was evaluated")
+    full = summary[summary["n_groups"] == summary["n_groups"].max()]
+    out_of_sample = ~full["bound"] & (full["evaluation"] != "in-sample") & (full["family"] != "score")
+    figure, axes = new_figure(1, 1)
+    ax = axes[0, 0]
+    figure.set_size_inches(7.0, 5.0)
+    faint = full[~out_of_sample & ~full["bound"]]
+    ax.scatter(faint["saved_mean"], faint["regret_mean"], s=8, c="lightgray", label="in-sample choices")
+    honest = full[out_of_sample]
+    for family, frame in honest.groupby("family"):
+        ax.scatter(frame["saved_mean"], frame["regret_mean"], s=36, label=family, alpha=0.9)
+    front = honest.iloc[pareto_front(honest["saved_mean"].to_numpy(), honest["regret_mean"].to_numpy())]
+    ax.plot(front["saved_mean"], front["regret_mean"], "k--", lw=1, label="Pareto front (out of sample)")
+    bounds = full[full["bound"]]
+    ax.scatter(bounds["saved_mean"], bounds["regret_mean"], marker="s", s=50, c="tab:green", label="oracle (bound)")
+    longest = full[full["rule"] == "always longest"]
+    if len(longest):
+        ax.fill_between([min_saved, 1.0], 0, float(longest["regret_mean"].iloc[0]), color="tab:green", alpha=0.12,
+                        label=f"goal: saves >= {min_saved:.0%}, regret <= always longest")
+    if recommended is not None and recommended in set(full["rule"]):
+        rec = full[full["rule"] == recommended].iloc[0]
+        ax.scatter([rec["saved_mean"]], [rec["regret_mean"]], marker="*", s=240, c="gold", edgecolors="k",
+                   label="recommended", zorder=5)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("mean fraction of pretraining saved (at the stopped length)")
+    ax.set_ylabel("mean Dice regret vs the best length")
+    ax.set_title(f"stop rules on {int(full['n_groups'].iloc[0])} groups", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3)
+    return figure

@@ -21,6 +21,7 @@ and the comparison with always pretraining longest, where a difference within th
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
@@ -28,7 +29,21 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
-from medxfer.transferability.stopping import recommend_checkpoint
+from medxfer.transferability.stopping import (
+    DEFAULT_VARIANT,
+    Curve,
+    ImageNetAndScore,
+    ImageNetPlateau,
+    LearnedGain,
+    ScorePlateau,
+    SelectedRule,
+    StopRule,
+    VariantAgreement,
+    recommend_checkpoint,
+)
+
+# analyze's robustness variant names (``cosine margin=0.5 level=4 pooled``)
+VARIANT_NAME = re.compile(r"^(?P<metric>\S+) margin=(?P<margin>[0-9.eE+-]+) level=(?P<level>-?\d+) (?P<pooled>pooled|flat)$")
 
 DECISION_COLUMNS = ["rule", "recommended", "model", "dataset", "pretraining_scheme", "freeze_encoder",
                     "chosen_length", "stopped_length"]
@@ -91,6 +106,18 @@ class GroupCurves:
     def _positions(self) -> dict[float, int]:
         return {float(n): i for i, n in enumerate(self.lengths)}
 
+    @cached_property
+    def stop_curve(self) -> Curve:
+        """The group as an online stop rule sees it (:class:`medxfer.transferability.stopping.Curve`): the
+        robustness variants keyed by (metric, margin, level, pooled), and the ImageNet accuracy."""
+        scores = {}
+        for name, values in self.scores.items():
+            found = VARIANT_NAME.match(name)
+            if found and np.isfinite(values).all():
+                scores[(found["metric"], float(found["margin"]), int(found["level"]),
+                        found["pooled"] == "pooled")] = values
+        return Curve(self.lengths, scores, self.imagenet_accuracy if len(self.imagenet_accuracy) else None)
+
     def score(self, variant: str) -> Optional[np.ndarray]:
         """The variant's oriented scores at every length, or None where it is missing at any length."""
         values = self.scores.get(variant)
@@ -118,6 +145,7 @@ class Rule:
     bound: bool = False  # knows the Dice (an oracle): a reference point, never recommended
     description: str = ""
     variant: str = ""  # the score variant a single-variant rule uses
+    stop_rule: Optional[StopRule] = None  # an online rule medxfer score and the pretraining callback can apply
 
 
 # ------------------------------------------------------------------------------------------ built-in rules
@@ -151,19 +179,64 @@ def imagenet_argmax(curves: GroupCurves, _training: Sequence[GroupCurves] = ()) 
 
 def imagenet_gain_below(threshold: float) -> DecideFunction:
     """Stop at the first checkpoint whose ImageNet accuracy gained less than ``threshold`` (relative) over the
-    previous non-zero checkpoint, and fine-tune that checkpoint; the longest if that never happens."""
+    previous non-zero checkpoint, and fine-tune that checkpoint; the longest if that never happens
+    (:class:`medxfer.transferability.stopping.ImageNetPlateau`)."""
+    return online_rule(ImageNetPlateau(threshold))
 
-    def decide(curves: GroupCurves, _training: Sequence[GroupCurves] = ()) -> Optional[Decision]:
-        keep = curves.lengths > 0
-        lengths, accuracy = curves.lengths[keep], curves.imagenet_accuracy[keep] if len(curves.imagenet_accuracy) else []
-        if not len(lengths) or not np.isfinite(accuracy).all():
-            return None
-        for i in range(1, len(lengths)):
-            if accuracy[i - 1] > 0 and (accuracy[i] - accuracy[i - 1]) / accuracy[i - 1] < threshold:
-                return Decision(float(lengths[i]), float(lengths[i]))
-        return Decision(float(lengths[-1]), float(lengths[-1]))
+
+def online_rule(rule: StopRule) -> DecideFunction:
+    """An online stop rule of :mod:`medxfer.transferability.stopping` as a harness rule. A learned rule is
+    fitted on the training groups only (their curves and Dice), once per training set; the held-out group's
+    Dice is never seen, so its decision cannot depend on it."""
+    fitted: dict[tuple, StopRule] = {}
+
+    def decide(curves: GroupCurves, training: Sequence[GroupCurves] = ()) -> Optional[Decision]:
+        applied = rule
+        if rule.learned:
+            key = tuple(id(g) for g in training)
+            if key not in fitted:
+                fitted[key] = rule.fit([(g.stop_curve, g.dice) for g in training])
+            applied = fitted[key]
+        chosen, stopped = applied.decide(curves.stop_curve)
+        return Decision(chosen, stopped, applied.name if rule.learned else "")
 
     return decide
+
+
+def fitted_stop_rule(rule: Rule, groups: Sequence[GroupCurves]) -> Optional[StopRule]:
+    """The online rule a harness rule deploys: learned rules fitted on every group (what a user's run
+    applies), fixed ones as they are; None for rules that are not online rules."""
+    if rule.stop_rule is None:
+        return None
+    return rule.stop_rule.fit([(g.stop_curve, g.dice) for g in groups]) if rule.stop_rule.learned else rule.stop_rule
+
+
+def stop_rule_families(min_saved: float = 0.5) -> list[Rule]:
+    """The online stop-rule families of issue #15, each with its parameters fixed in advance (learned ones
+    learn only from the training groups): plateau of the score, agreement of variants, ImageNet and score
+    plateau together, the learned Dice-gain rule (plain and cost-aware), and the choice among fixed rules
+    made on the training datasets under the saving target ``min_saved``."""
+    fixed = [
+        ScorePlateau(DEFAULT_VARIANT, rel_tol=0.02, patience=2),
+        VariantAgreement(level=-1, rel_tol=0.02, quorum=0.75, patience=1),
+        ImageNetAndScore(min_gain=0.10, variant=DEFAULT_VARIANT, rel_tol=0.02),
+    ]
+    grid = tuple([ImageNetPlateau(g) for g in (0.05, 0.10, 0.15, 0.20)]
+                 + [ScorePlateau(DEFAULT_VARIANT, t, k) for t in (0.01, 0.02, 0.05) for k in (1, 2)]
+                 + [VariantAgreement(-1, t, q) for t in (0.02, 0.05) for q in (0.5, 0.75)]
+                 + [ImageNetAndScore(g, DEFAULT_VARIANT, t) for g in (0.10, 0.20) for t in (0.02, 0.05)])
+    learned = [(LearnedGain(min_saved), "online stop rule (learned)"),
+               (LearnedGain(min_saved, cost_aware=True), "online stop rule (learned)"),
+               (SelectedRule(grid, min_saved, label="stop rule selected"), "online stop rule (selected)")]
+    rules = [Rule(r.name, online_rule(r), "online stop rule", description=_first_sentence(r), stop_rule=r)
+             for r in fixed]
+    rules += [Rule(r.kind, online_rule(r), family, fitted=True, description=_first_sentence(r), stop_rule=r)
+              for r, family in learned]
+    return rules
+
+
+def _first_sentence(rule: StopRule) -> str:
+    return " ".join((type(rule).__doc__ or "").split(".")[0].split())
 
 
 def score_rule(variant: str, stop: str = "argmin", patience: int = 1) -> DecideFunction:
@@ -276,7 +349,7 @@ def builtin_rules(variants: Sequence[str], patience: Sequence[int] = (1,), image
              description="every length equally likely; expected values"),
         Rule(f"ImageNet accuracy gain < {imagenet_gain:.0%}", imagenet_gain_below(imagenet_gain), "ImageNet",
              description=f"stop when ImageNet validation accuracy gains less than {imagenet_gain:.0%} (relative) "
-                         "between checkpoints; fine-tune that checkpoint"),
+                         "between checkpoints; fine-tune that checkpoint", stop_rule=ImageNetPlateau(imagenet_gain)),
         Rule("ImageNet accuracy argmax", imagenet_argmax, "ImageNet",
              description="the checkpoint with the best ImageNet accuracy (all checkpoints trained)"),
         Rule("oracle: best length", oracle_best, "oracle", bound=True,

@@ -29,7 +29,14 @@ from medxfer.transferability.robustness import (
     order_columns,
     score_checkpoint,
 )
-from medxfer.transferability.stopping import Recommendation, recommend_checkpoint, recommend_from_table, select_variant
+from medxfer.transferability.stopping import (
+    Recommendation,
+    curve_from_table,
+    load_stop_rule,
+    recommend_checkpoint,
+    recommend_from_table,
+    select_variant,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +130,7 @@ def load_score_config(path: str | Path) -> ScoreConfig:
     path = Path(path)
     raw = read_yaml(path)
     if isinstance(raw, dict):
-        raw = resolve_paths(raw, path.parent.resolve(), keys=("root", "checkpoint", "checkpoints"))
+        raw = resolve_paths(raw, path.parent.resolve(), keys=("root", "checkpoint", "checkpoints", "rule_file"))
     return parse_config(raw, ScoreConfig, source=str(path))
 
 
@@ -178,6 +185,7 @@ def run_score(config: ScoreConfig, out_dir: str | Path | None = None, *, progres
         (images, dataset), labels, n_classes = target_images(config), None, None
     log.info("scoring %d checkpoint(s) on %d %s training images", len(checkpoints), len(images), dataset)
     tables, baseline_tables = [], []
+    accuracy = {float(length): (manifest or {}).get("val_accuracy") for length, _, manifest in checkpoints}
     for length, path, manifest in checkpoints:
         encoder = _load_encoder(path, manifest, config.model, int(images.shape[1])).to(_device(config.device))
         meta = {"dataset": dataset, "encoder": config.encoder_name or _encoder_name(encoder, manifest),
@@ -216,7 +224,7 @@ def run_score(config: ScoreConfig, out_dir: str | Path | None = None, *, progres
         atomic_write_text(result.paths["baselines"], baselines.to_csv(index=False))
     if len(checkpoints) > 0:
         try:
-            recommendation = recommend_from_table(result_table, config.stop)
+            recommendation = recommend_from_table(result_table, config.stop, accuracy)
         except ConfigError as exc:  # e.g. the stop variant is not among those scored
             log.warning("no checkpoint recommendation: %s", exc)
         else:
@@ -259,9 +267,12 @@ class RobustnessEarlyStopping(_Callback):
     comes from the same two encoder passes and is kept in :attr:`table` (robustness.csv columns; rewritten
     atomically to ``csv_path`` after every checkpoint when given); the variant of ``score_config.stop``
     goes into the checkpoint manifest (``robustness``), the Lightning logger (when the trainer has one)
-    and the log, and drives the stop: once the patience rule fires, the hook returns ``"stop": True``
-    and pretraining ends after this checkpoint. (``argmin`` needs the whole run, so the online stop
-    always uses the patience rule; :attr:`recommendation` applies ``stop.rule`` to the scores so far.)
+    and the log. With ``stop.rule == "recommended"`` (the default) the online rule of
+    :func:`medxfer.transferability.stopping.load_stop_rule` decides on every variant so far and the
+    ImageNet validation accuracy of the manifests (``val_accuracy``), exactly as ``medxfer analyze``
+    evaluated it; with ``patience`` the patience rule on the stop variant does (``argmin`` needs the whole
+    run, so online it stops by patience). When the rule fires, the hook returns ``"stop": True`` and
+    pretraining ends after this checkpoint; :attr:`recommendation` applies ``stop.rule`` to the run so far.
     """
 
     def __init__(self, images: np.ndarray, score_config: ScoreConfig, *, dataset: str = "target",
@@ -277,7 +288,9 @@ class RobustnessEarlyStopping(_Callback):
         self.pretraining_scheme = pretraining_scheme
         self.csv_path = Path(csv_path) if csv_path is not None else None
         self.history: dict[float, float] = {}
+        self.accuracy: dict[float, Optional[float]] = {}  # ImageNet validation accuracy per length (manifests)
         self.tables: list[pd.DataFrame] = []
+        self.stop_rule = load_stop_rule(score_config.stop) if score_config.stop.rule == "recommended" else None
         self.stopped_at: Optional[float] = None
         self._trainer = None
 
@@ -300,11 +313,15 @@ class RobustnessEarlyStopping(_Callback):
         if not self.history:
             return None
         stop = self.config.stop
+        if self.stop_rule is not None:
+            return recommend_from_table(self.table, stop, self.accuracy)
         return recommend_checkpoint(self.history, stop.rule, stop.patience, min_delta=stop.min_delta)
 
     @property
     def should_stop(self) -> bool:
-        """True once the patience rule fires on the scores so far."""
+        """True once the rule fires on the checkpoints so far."""
+        if self.stop_rule is not None:
+            return bool(self.tables) and self.stop_rule.stop_now(curve_from_table(self.table, self.accuracy))
         if len(self.history) <= self.config.stop.patience:
             return False
         return recommend_checkpoint(self.history, "patience", self.config.stop.patience,
@@ -322,6 +339,7 @@ class RobustnessEarlyStopping(_Callback):
         self.tables = [t for t in self.tables if float(t["pretraining_length"].iloc[0]) != float(length)] + [table]
         value = float(select_variant(table, self.config.stop)["robustness"].iloc[0])
         self.history[float(length)] = value
+        self.accuracy[float(length)] = manifest.get("val_accuracy")
         if self.csv_path is not None:
             from medxfer.io import atomic_write_text
 
@@ -339,7 +357,12 @@ class RobustnessEarlyStopping(_Callback):
             "robustness_variant": {"metric": stop.metric, "margin": stop.margin, "level": stop.level,
                                    "pooled": stop.pooled},
         }
-        if self.should_stop:
+        if self.should_stop and self.stop_rule is not None:
+            self.stopped_at = float(length)
+            log.info("stop rule %s fired: stopping pretraining at length %s", self.stop_rule.name, length)
+            returned.update({"stop": True, "robustness_best_length": float(length),
+                             "stop_rule": self.stop_rule.as_dict()})
+        elif self.should_stop:
             self.stopped_at = float(length)
             best = recommend_checkpoint(self.history, "patience", stop.patience, min_delta=stop.min_delta)
             log.info("robustness has not improved for %d checkpoints: stopping pretraining at length %s "
@@ -362,9 +385,11 @@ class RobustnessEarlyStopping(_Callback):
         self._trainer = trainer
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": {str(k): v for k, v in self.history.items()}, "stopped_at": self.stopped_at}
+        return {"history": {str(k): v for k, v in self.history.items()}, "stopped_at": self.stopped_at,
+                "accuracy": {str(k): v for k, v in self.accuracy.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # A resumed pretraining run keeps the scores of the checkpoints scored before the interruption.
         self.history = {float(k): float(v) for k, v in state_dict.get("history", {}).items()}
         self.stopped_at = state_dict.get("stopped_at")
+        self.accuracy = {float(k): v for k, v in state_dict.get("accuracy", {}).items()}

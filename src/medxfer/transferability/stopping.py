@@ -6,6 +6,8 @@ Pure numpy/pandas (no torch): the rules here are what ``medxfer analyze`` evalua
 
 - :func:`recommend_checkpoint` on ``{pretraining length: score}``; :func:`recommend_from_table` on a
   ``robustness.csv`` of one pretraining run.
+- Online stop rules (:class:`StopRule` and its families, below): what ``medxfer analyze`` evaluates and
+  recommends, and what ``stop: {rule: recommended}`` (the default) applies.
 
 Rules (lower score = better unless ``higher_is_better``):
 
@@ -17,9 +19,11 @@ Rules (lower score = better unless ``higher_is_better``):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -41,6 +45,7 @@ class Recommendation:
     stopped_at: float  # the last length examined (the one at which a run would have stopped)
     scores: dict[float, float] = field(default_factory=dict)
     variant: dict[str, Any] = field(default_factory=dict)
+    stop_rule: dict[str, Any] = field(default_factory=dict)  # "recommended": the online rule's parameters
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -107,8 +112,13 @@ def select_variant(table: pd.DataFrame, stop: StopConfig) -> pd.DataFrame:
     return rows
 
 
-def recommend_from_table(table: pd.DataFrame, stop: StopConfig) -> Recommendation:
-    """Apply ``stop`` to the variant it names in a robustness table of ONE pretraining run."""
+def recommend_from_table(table: pd.DataFrame, stop: StopConfig,
+                         accuracy: Optional[Mapping[float, Optional[float]]] = None) -> Recommendation:
+    """Apply ``stop`` to a robustness table of ONE pretraining run: the online rule (``recommended``, which
+    may also use ``accuracy``, the ImageNet validation accuracy per length) or ``argmin``/``patience`` on
+    the variant it names."""
+    if stop.rule == "recommended":
+        return recommend_online(table, stop, accuracy)
     rows = select_variant(table, stop)
     group_columns = [c for c in ("dataset", "encoder", "pretraining_scheme") if c in rows.columns]
     groups = rows.groupby(group_columns, dropna=False).ngroups if group_columns else 1
@@ -508,3 +518,76 @@ def rule_from_dict(saved: Mapping[str, Any]) -> StopRule:
     if kind.startswith("learned gain"):
         saved["cost_aware"] = kind.endswith("cost-aware")
     return RULE_KINDS[kind](**saved)
+
+
+
+# --------------------------------------------------------------------------------------------------
+# The recommended rule, applied by `medxfer score` and the online pretraining callback
+
+# What `medxfer analyze` recommends on the reference study's published tables (development seeds 123124-6,
+# all 36 groups; README, "When to stop pretraining"): the lowest out-of-sample regret among online rules
+# saving >= 50% of pretraining. It does not reach issue #15's goal (see the README for how far it is).
+RECOMMENDED_RULE: dict[str, Any] = {"kind": "ImageNet plateau", "min_gain": 0.10}
+
+
+def load_stop_rule(stop: StopConfig) -> StopRule:
+    """The online rule of ``stop.rule == "recommended"``: the one saved in ``stop.rule_file`` (a
+    ``recommended_rule.json`` of ``medxfer analyze``, or a rule's ``as_dict``), else :data:`RECOMMENDED_RULE`."""
+    if stop.rule_file is None:
+        return rule_from_dict(RECOMMENDED_RULE)
+    path = Path(stop.rule_file)
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the stop rule ({type(exc).__name__})") from None
+    rule = saved.get("stop_rule", saved) if isinstance(saved, dict) else None
+    if not isinstance(rule, dict):
+        raise ConfigError(f"{path}: no stop rule (expected a 'stop_rule' object, as medxfer analyze writes)")
+    try:
+        return rule_from_dict(rule)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: bad stop rule parameters ({exc})") from None
+
+
+def curve_from_table(table: pd.DataFrame, accuracy: Optional[Mapping[float, Optional[float]]] = None) -> Curve:
+    """The :class:`Curve` of one run's ``robustness.csv`` rows (every variant; bootstrap half-widths from
+    ``ci_low``/``ci_high`` where present) and its ImageNet accuracy per length (None/NaN where unknown)."""
+    lengths = np.array(sorted(pd.to_numeric(table["pretraining_length"]).astype(float).unique()))
+    scores, halfwidth = {}, {}
+    has_interval = {"ci_low", "ci_high"} <= set(table.columns)
+    for key, rows in table.groupby(["metric", "margin", "level", "pooled"], sort=True):
+        by_length = rows.groupby(pd.to_numeric(rows["pretraining_length"]).astype(float))
+        values = by_length["robustness"].mean().reindex(lengths).to_numpy(float)
+        if not np.isfinite(values).all():
+            continue
+        variant = _variant_key(key)
+        scores[variant] = values
+        if has_interval:
+            width = ((by_length["ci_high"].mean() - by_length["ci_low"].mean()) / 2.0).reindex(lengths).to_numpy(float)
+            if np.isfinite(width).all():
+                halfwidth[variant] = width
+    known = {float(k): (math.nan if v is None else float(v)) for k, v in (accuracy or {}).items()}
+    return Curve(lengths, scores, np.array([known.get(float(n), math.nan) for n in lengths]), halfwidth)
+
+
+def recommend_online(table: pd.DataFrame, stop: StopConfig,
+                     accuracy: Optional[Mapping[float, Optional[float]]] = None) -> Recommendation:
+    """The recommended rule (:func:`load_stop_rule`) walked over one run's checkpoints in order: the length
+    where it stops (fine-tuned) and how far pretraining ran; the ``stop`` variant's scores are reported."""
+    rule = load_stop_rule(stop)
+    curve = curve_from_table(table, accuracy)
+    if isinstance(rule, (ImageNetPlateau, ImageNetAndScore, LearnedGain)) and not np.isfinite(curve.imagenet_accuracy).any():
+        log.warning("the stop rule %s uses ImageNet validation accuracy, and no checkpoint has one "
+                    "(manifest val_accuracy): it cannot stop before the last checkpoint", rule.name)
+    chosen, stopped = rule.decide(curve)
+    try:
+        rows = select_variant(table, stop)
+        variant_scores = dict(zip(rows["pretraining_length"].astype(float), rows["robustness"].astype(float)))
+        variant = {"metric": stop.metric, "margin": stop.margin, "level": _resolve_level(table, stop.level),
+                   "pooled": stop.pooled}
+    except ConfigError:
+        variant_scores, variant = {}, {}
+    return Recommendation(chosen, variant_scores.get(chosen, math.nan), f"recommended: {rule.name}", None,
+                          stopped < float(curve.lengths[-1]), stopped, variant_scores, variant, rule.as_dict())
