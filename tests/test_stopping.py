@@ -300,3 +300,17 @@ def test_online_callback_applies_the_recommended_rule_from_its_file(tmp_path):
     assert result.lengths == [0, 1] and result.record["status"] == "stopped"
     assert callback.stopped_at == 1 and callback.recommendation.length == 1
     assert callback.recommendation.stop_rule["kind"] == "score plateau"
+
+
+def test_a_resumed_callback_keeps_every_variant_of_the_checkpoints_scored_before(tmp_path):
+    table = pd.concat([_robustness_rows([0.5, 0.4, 0.3, 0.29, 0.28, 0.27]),
+                       _robustness_rows([0.6, 0.5, 0.4, 0.3, 0.2, 0.1], level=3)])
+    table.to_csv(tmp_path / "online.csv", index=False)
+    config = _score_config().model_copy(update={"stop": StopConfig(rule="recommended")})
+    callback = RobustnessEarlyStopping(np.zeros((2, 1, 8, 8), np.float32), config, csv_path=tmp_path / "online.csv")
+    callback.load_state_dict({"history": {"1": 0.5, "5": 0.4, "20": 0.3}, "stopped_at": None,
+                              "accuracy": {"1": 0.1, "5": 0.3, "20": 0.31}})
+    assert sorted(callback.table["pretraining_length"].unique()) == [1, 5, 20]
+    assert len(callback.table) == 6  # both levels
+    # the ImageNet rule sees the restored accuracy: +3 % from 5 to 20
+    assert callback.should_stop and callback.recommendation.length == 20

@@ -393,3 +393,8 @@ class RobustnessEarlyStopping(_Callback):
         self.history = {float(k): float(v) for k, v in state_dict.get("history", {}).items()}
         self.stopped_at = state_dict.get("stopped_at")
         self.accuracy = {float(k): v for k, v in state_dict.get("accuracy", {}).items()}
+        # Every variant of those checkpoints (the online rule decides on all of them) from csv_path.
+        if self.csv_path is not None and self.csv_path.is_file() and self.history:
+            saved = pd.read_csv(self.csv_path)
+            saved = saved[saved["pretraining_length"].astype(float).isin(self.history)]
+            self.tables = [rows for _, rows in saved.groupby("pretraining_length", sort=True)]
