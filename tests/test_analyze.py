@@ -456,3 +456,12 @@ def test_pareto_front_keeps_only_undominated_rules():
     regret = np.array([0.004, 0.005, 0.007, 0.009, 0.04, 0.006])
     # 0.5/0.009 is beaten by 0.5/0.007; 0.3/0.006 by nothing (saves more than 0.2 but with more regret)
     assert pareto_front(saved, regret).tolist() == [0, 1, 5, 2, 4]
+
+
+def test_a_learned_stop_rule_with_too_little_to_learn_from_decides_nothing():
+    from medxfer.report.rules import online_rule
+    from medxfer.transferability.stopping import LearnedGain
+
+    groups = [_curves([0.5, 0.6], lengths=(10, 20), dataset=d, accuracy=[0.2, 0.3]) for d in ("a", "b")]
+    rule = Rule("learned gain", online_rule(LearnedGain()), "online stop rule (learned)", fitted=True)
+    assert evaluate_rules(groups, [rule]).empty  # two training rows: not fitted, no decision, no crash

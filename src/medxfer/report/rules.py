@@ -20,6 +20,7 @@ and the comparison with always pretraining longest, where a difference within th
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
+from medxfer.errors import DataError
 from medxfer.transferability.stopping import (
     DEFAULT_VARIANT,
     Curve,
@@ -44,6 +46,8 @@ from medxfer.transferability.stopping import (
 
 # analyze's robustness variant names (``cosine margin=0.5 level=4 pooled``)
 VARIANT_NAME = re.compile(r"^(?P<metric>\S+) margin=(?P<margin>[0-9.eE+-]+) level=(?P<level>-?\d+) (?P<pooled>pooled|flat)$")
+
+log = logging.getLogger(__name__)
 
 DECISION_COLUMNS = ["rule", "recommended", "model", "dataset", "pretraining_scheme", "freeze_encoder",
                     "chosen_length", "stopped_length"]
@@ -188,15 +192,21 @@ def online_rule(rule: StopRule) -> DecideFunction:
     """An online stop rule of :mod:`medxfer.transferability.stopping` as a harness rule. A learned rule is
     fitted on the training groups only (their curves and Dice), once per training set; the held-out group's
     Dice is never seen, so its decision cannot depend on it."""
-    fitted: dict[tuple, StopRule] = {}
+    fitted: dict[tuple, Optional[StopRule]] = {}
 
     def decide(curves: GroupCurves, training: Sequence[GroupCurves] = ()) -> Optional[Decision]:
-        applied = rule
+        applied: Optional[StopRule] = rule
         if rule.learned:
             key = tuple(id(g) for g in training)
             if key not in fitted:
-                fitted[key] = rule.fit([(g.stop_curve, g.dice) for g in training])
+                try:
+                    fitted[key] = rule.fit([(g.stop_curve, g.dice) for g in training])
+                except DataError as exc:  # too little to learn from: the rule does not decide here
+                    log.info("%s: not fitted (%s)", rule.kind, exc)
+                    fitted[key] = None
             applied = fitted[key]
+        if applied is None:
+            return None
         chosen, stopped = applied.decide(curves.stop_curve)
         return Decision(chosen, stopped, applied.name if rule.learned else "")
 
