@@ -592,3 +592,58 @@ def test_pretraining_takes_its_folder_lock_and_recovers_from_damage(tmp_path, ca
     assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "lightning").exists()
     # checkpoints are never rewritten: the record lists the same files
     assert [c["path"] for c in again.record["checkpoints"]] == [c["path"] for c in first.record["checkpoints"]]
+
+
+# --- the issue's own repros on another filesystem ----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_kill_9_while_checkpointing_on_another_filesystem_leaves_a_resumable_run(shm_dir):
+    """Issue #18 item 1: output on a tmpfs, resume checkpoints as often as possible, kill -9 while they are
+    written; the rerun resumes and finishes (before: a torn last.ckpt that every rerun failed on)."""
+    config = tiny_config(max_steps=15, checkpoint_every_s=0.01)
+    process = python(f"""
+        from medxfer.config import RunConfig
+        from medxfer.finetune import run_finetune
+        run_finetune(RunConfig.model_validate({config.model_dump(mode="json")!r}), {str(shm_dir)!r})
+    """)
+    checkpoints = run_dir(shm_dir, run_id_for(config)) / "checkpoints"
+    try:
+        wait_for(lambda: (checkpoints / "last.ckpt").is_file(), 120, "a resume checkpoint", process)
+        time.sleep(0.3)  # a few more checkpoints; the kill lands during or between writes
+        process.kill()
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert usable_resume_checkpoint(checkpoints / "last.ckpt") == checkpoints / "last.ckpt"  # never torn
+    step = torch.load(checkpoints / "last.ckpt", weights_only=True, map_location="cpu")["global_step"]
+    run = run_finetune(config, shm_dir)
+    assert run.record["steps_trained"] == 15 and 0 < step < 15
+    assert not checkpoints.exists() and not list(shm_dir.rglob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_cli_sweep_is_one_line_and_resumable(tmp_path):
+    """Issue #18 item 5 on a real full filesystem: a 256 KiB tmpfs (needs root; skipped elsewhere)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        grid = tmp_path / "grid.yaml"
+        grid.write_text(yaml.safe_dump({**GRID, "base": {**GRID["base"], "train": {
+            **GRID["base"]["train"], "max_steps": 3, "checkpoint_every_s": 0.01}}}))
+        process = python(f"""
+            import sys
+            from medxfer.cli import main
+            sys.exit(main(["sweep", {str(grid)!r}, "--out", {str(mount / 'out')!r}]))
+        """)
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 2, err
+        assert err.count("\n") == 1 and err.startswith("error: no space left") and "Traceback" not in err
+        assert len(list(mount.glob("out/runs/*/error.json"))) == 1  # the failing run is recorded
+        assert not list(mount.rglob("*.tmp"))
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
