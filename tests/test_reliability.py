@@ -23,13 +23,12 @@ import yaml
 
 from medxfer.cli import main
 from medxfer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from medxfer.errors import FolderInUse, TrainingDiverged
+from medxfer.errors import DiskFull, FolderInUse, TrainingDiverged
 from medxfer.finetune import run_finetune, run_id_for
 from medxfer.io import LOCK_FILE, folder_lock
-from medxfer.sweep.backends import DiskFull
+from medxfer.records import read_record, run_dir, write_record
 from medxfer.sweep.grid import expand_grid, parse_sweep
 from medxfer.sweep.runner import run_sweep
-from medxfer.records import read_record, run_dir, write_record
 from medxfer.training.resume import AtomicCheckpointIO, fit, usable_resume_checkpoint
 from medxfer.training.tasks import first_non_finite
 
@@ -214,6 +213,32 @@ def test_non_finite_weights_and_batchnorm_statistics_are_found_by_name():
     assert first_non_finite(model) == "1.running_var"
     model[0].weight.data[0, 0, 0, 0] = float("nan")
     assert first_non_finite(model) == "0.weight"
+
+
+def test_the_first_step_with_a_non_finite_loss_is_reported():
+    from medxfer.training.tasks import TrainingTask
+
+    class NaNAtStep3(TrainingTask):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            loss = self.model(batch[0]).pow(2).mean()
+            if self.trainer.global_step == 2:  # the third step
+                loss = loss * float("nan")
+            self.check_loss(loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    trainer = L.Trainer(max_steps=8, log_every_n_steps=5, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 2)), batch_size=2)
+    with pytest.raises(TrainingDiverged, match="diverged at step 3: the loss is NaN"):
+        fit(trainer, NaNAtStep3(), loader)
+    assert trainer.global_step == 5  # found at the next check, not after the whole run
 
 
 def test_a_diverging_run_fails_with_its_step_and_is_never_recorded_done(tmp_path):

@@ -31,3 +31,7 @@ class FolderInUse(MedxferError):
 
 class TrainingDiverged(MedxferError):
     """The loss or the weights became NaN or infinite: the run is stopped and recorded as failed."""
+
+
+class DiskFull(MedxferError):
+    """No space left on the device (or quota exceeded) while a sweep writes: it stops, finished runs kept."""

@@ -104,9 +104,9 @@ class ScheduledCheckpoints(L.Callback):
             encoder.train(was_training)
         if stop:
             manifest["stop_requested"] = True
-        check_weights = getattr(pl_module, "check_weights", None)
-        if check_weights is not None and trainer is not None:
-            check_weights()  # a diverged encoder is never saved as a checkpoint
+        check_divergence = getattr(pl_module, "check_divergence", None)
+        if check_divergence is not None and trainer is not None:
+            check_divergence()  # a diverged encoder is never saved as a checkpoint
         path = self.save_fn(length, pl_module, manifest)
         self.saved.append(length)
         log.info("saved checkpoint of length %d %s: %s", length, self.unit,

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from medxfer.config import RunConfig, config_to_dict
-from medxfer.errors import ConfigError, FolderInUse, MedxferError
+from medxfer.errors import ConfigError, DiskFull, FolderInUse
 from medxfer.records import is_done, run_dir, write_error
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,6 @@ class RunOutcome:
     seconds: float
     error: Optional[str] = None  # one line; the traceback is in runs/<id>/error.json
     disk_full: bool = False  # the run failed for lack of space: the sweep stops (every next run would fail too)
-
-
-class DiskFull(MedxferError):
-    """No space left on the device (or quota exceeded) while a sweep writes: it stops, finished runs kept."""
 
 
 def is_disk_full(exc: Optional[BaseException]) -> bool:
@@ -169,10 +165,10 @@ def die_with_parent(parent_pid: int) -> None:
     if sys.platform.startswith("linux"):
         import ctypes
 
-        PR_SET_PDEATHSIG = 1
+        pr_set_pdeathsig = 1  # from <linux/prctl.h>
         try:
             libc = ctypes.CDLL(None, use_errno=True)
-            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+            if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) == 0:
                 if os.getppid() != parent_pid:  # the parent died before the prctl call
                     os._exit(1)
                 return
@@ -281,6 +277,7 @@ def run_ray(jobs: Sequence[Any], on_outcome: OnOutcome, address: Optional[str] =
     this process already started, or a new local one). ``out_dir`` must be a path every node can write."""
     ray = import_ray()
     started_here = connect_ray(address)
+    waiting: list = []
     try:
         threads = max(1, int(cpus))
         remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(execute_job)
