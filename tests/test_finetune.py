@@ -123,6 +123,11 @@ def test_patch_training_runs_with_sliding_window_evaluation(tmp_path):
     run = run_finetune(config, tmp_path)
     assert run.record["metrics"]["target"]["n_images"] == 8
     assert run.record["steps_trained"] == 3
+    # the record says which implementation and convention produced each metric, and the NSD's tau
+    provenance = run.record["metrics"]["target"]["provenance"]
+    assert provenance["nsd"]["tolerance"] == config.evaluation.nsd_tolerance
+    assert set(provenance) >= {"dice index", "hd95", "hausdorff distance", "assd", "nsd"}
+    assert "nsd" in run.record["metrics"]["target"]["per_image_mean"]
 
 
 def test_full_model_and_encoder_starting_points_load(tmp_path):

@@ -218,3 +218,32 @@ def test_provenance_covers_every_metric():
     assert provenance["nsd"]["tolerance"] == 2.0 and "monai" in provenance["nsd"]["implementation"]
     assert provenance["hd95"]["unit"].startswith("pixels")
     assert metric_provenance(spacing_known=True)["assd"]["unit"].startswith("mm")
+
+
+def test_evaluate_cases_names_classes_and_records_provenance():
+    torch = pytest.importorskip("torch")
+    from medxfer.data.base import Case
+    from medxfer.evaluation.evaluate import evaluate_cases
+
+    class LabelEcho(torch.nn.Module):
+        """Logits that reproduce the label map stored in the image: a perfect 3-class model."""
+
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(20.0))
+
+        def forward(self, x):
+            return self.scale * torch.nn.functional.one_hot(x[:, 0].round().long(), 3).permute(0, 3, 1, 2).float()
+
+    label = np.zeros((16, 16), np.int64)
+    label[2:6, 2:6], label[8:14, 8:14] = 1, 2
+    cases = [Case(image=label[None].astype(np.float32), label=label, case_id="c0", spacing=(0.5, 0.5))]
+    evaluation = evaluate_cases(LabelEcho(), cases, 3, normalization="none", nsd_tolerance=0.25,
+                                class_names=["background", "RV", "LV"])
+    means = evaluation.summary["per_image_mean"]
+    assert means["dice index/LV"] == 1.0 and means["nsd/RV"] == 1.0 and means["hausdorff distance/LV"] == 0.0
+    assert evaluation.summary["pooled"]["dice index/RV"] == 1.0
+    provenance = evaluation.summary["provenance"]
+    assert provenance["nsd"]["tolerance"] == 0.25 and provenance["assd"]["unit"].startswith("mm")
+    with pytest.raises(DataError, match="class_names"):
+        evaluate_cases(LabelEcho(), cases, 3, normalization="none", class_names=["background", "RV"])
