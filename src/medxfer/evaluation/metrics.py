@@ -382,15 +382,16 @@ def _surfel_table(scale: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _surfels(padded: np.ndarray, kernel: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Surfel positions (boolean, one per voxel corner: shape - 1 per axis) and their areas, of a mask
-    zero-padded by at least one voxel (DeepMind's neighbourhood codes)."""
+    """Surfel positions (boolean, one per voxel corner: shape - 1 per axis) and the areas of those
+    surfels (C order), of a mask zero-padded by at least one voxel (DeepMind's neighbourhood codes)."""
     size = tuple(n - 1 for n in padded.shape)
-    codes = np.zeros(size, dtype=np.int64)
+    # uint8 codes (at most 255): a quarter of the time of int64 arithmetic on 128^3 masks
+    codes = np.zeros(size, dtype=np.uint8)
     for corner in np.ndindex(kernel.shape):
-        window = tuple(slice(c, c + n) for c, n in zip(corner, size))
-        codes += kernel[corner] * padded[window]
+        window = padded[tuple(slice(c, c + n) for c, n in zip(corner, size))].view(np.uint8)
+        codes += window * np.uint8(kernel[corner])
     edges = (codes != 0) & (codes != len(table) - 1)
-    return edges, table[codes]
+    return edges, table[codes[edges]]
 
 
 def surface_dice(pred_mask: np.ndarray, gt_mask: np.ndarray, spacing: Optional[Sequence[float]] = None,
@@ -420,7 +421,6 @@ def surface_dice(pred_mask: np.ndarray, gt_mask: np.ndarray, spacing: Optional[S
     gt_edges, gt_areas = _surfels(np.pad(gt_mask[box], pad), kernel, table)
     pred_to_gt = _directed_distances(pred_edges, gt_edges, scale, offsets, lengths, starts)
     gt_to_pred = _directed_distances(gt_edges, pred_edges, scale, offsets, lengths, starts)
-    pred_areas, gt_areas = pred_areas[pred_edges], gt_areas[gt_edges]  # C order, as the distances
     total = pred_areas.sum() + gt_areas.sum()
     within = pred_areas[pred_to_gt <= tolerance].sum() + gt_areas[gt_to_pred <= tolerance].sum()
     return float(within / total)
