@@ -71,6 +71,7 @@ SCORE_COLUMNS = ("dataset", "metric", "margin", "encoder", "pretraining_scheme",
 GROUP_COLUMNS = ["model", "dataset", "pretraining_scheme", "frozen", "encoder_key", "dataset_key", "scheme_key"]
 SCORE_BLOCK = ["encoder_key", "dataset_key", "scheme_key"]
 IMAGENET_PREDICTOR = "ImageNet accuracy"
+SINGLE_VARIANT = ("score", "baseline estimator")  # rule families with one rule per variant (many of them)
 
 
 def normalize_name(name: Any) -> str:
@@ -485,9 +486,9 @@ def summarize(decisions: pd.DataFrame, groups: Sequence[GroupCurves], rules: Seq
 
 def honest(summary: pd.DataFrame) -> pd.Series:
     """Rules whose figures are out of sample: not an oracle, a fitted rule only as evaluated
-    leave-one-dataset-out, and no single score variant (picking the best of many variants on the same data
-    is an in-sample choice; the fitted "best variant" rules make that choice honestly)."""
-    return ~summary["bound"] & (summary["evaluation"] != IN_SAMPLE) & (summary["family"] != "score")
+    leave-one-dataset-out, and no single score variant or estimator (picking the best of many on the same
+    data is an in-sample choice; the fitted "best variant" rules make that choice honestly)."""
+    return ~summary["bound"] & (summary["evaluation"] != IN_SAMPLE) & ~summary["family"].isin(SINGLE_VARIANT)
 
 
 def recommend(summary: pd.DataFrame, n_groups: int, min_saved: float = 0.5) -> Optional[str]:
@@ -745,15 +746,14 @@ def write_figures(result: AnalysisResult, folder: Path, max_panels: int = 12) ->
     return paths
 
 
-KEY_FAMILIES = ("baseline", "ImageNet", "oracle", "score (selected)", "online stop rule", "online stop rule (learned)",
-                "online stop rule (selected)")
 
 
 def summary_for_print(result: AnalysisResult, top: int = 5) -> pd.DataFrame:
-    """Baselines, oracles, ImageNet rules, the selected variants, the recommended rule and the ``top`` best
-    single-variant rules of each coverage set (best of many: in-sample), as text columns."""
+    """Every rule that is not one of many single-variant rules (baselines, oracles, ImageNet rules, selected
+    variants, added rules), the recommended one, and the ``top`` best single-variant rules of each coverage
+    set (best of many: in-sample), as text columns."""
     s = result.summary
-    key = s[s["family"].isin(KEY_FAMILIES) | s["recommended"] | (s["family"] == "extra")]
+    key = s[~s["family"].isin(SINGLE_VARIANT) | s["recommended"]]
     singles = s[~s.index.isin(key.index)].sort_values(["regret_mean", "rule"]).groupby("coverage").head(top)
     rows = []
     for _, r in pd.concat([key, singles]).iterrows():
@@ -763,7 +763,7 @@ def summary_for_print(result: AnalysisResult, top: int = 5) -> pd.DataFrame:
             "saved": f"{r['saved_mean']:.0%}", "vs longest W/T/L": f"{r['wins']}/{r['ties']}/{r['losses']}",
             "Spearman": "" if math.isnan(r["spearman_mean"]) else f"{r['spearman_mean']:+.2f}",
             "note": ("oracle (knows the Dice)" if r["bound"] else "chosen in-sample" if r["evaluation"] == IN_SAMPLE
-                     else "best of many variants: in-sample" if r["family"] == "score" else "")})
+                     else "best of many: in-sample" if r["family"] in SINGLE_VARIANT else "")})
     return pd.DataFrame(rows)
 
 
