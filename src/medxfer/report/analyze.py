@@ -746,8 +746,6 @@ def write_figures(result: AnalysisResult, folder: Path, max_panels: int = 12) ->
     return paths
 
 
-
-
 def summary_for_print(result: AnalysisResult, top: int = 5) -> pd.DataFrame:
     """Every rule that is not one of many single-variant rules (baselines, oracles, ImageNet rules, selected
     variants, added rules), the recommended one, and the ``top`` best single-variant rules of each coverage
