@@ -247,3 +247,18 @@ def test_evaluate_cases_names_classes_and_records_provenance():
     assert provenance["nsd"]["tolerance"] == 0.25 and provenance["assd"]["unit"].startswith("mm")
     with pytest.raises(DataError, match="class_names"):
         evaluate_cases(LabelEcho(), cases, 3, normalization="none", class_names=["background", "RV"])
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_nsd_matches_deepminds_surface_distance_package(ndim):
+    deepmind = pytest.importorskip("surface_distance")
+    rng = np.random.default_rng(40 + ndim)
+    shape = (36, 40) if ndim == 2 else (16, 20, 18)
+    for _ in range(4):
+        gt = _random_blobs(rng, shape, 2.0, 0.25)
+        pred = _random_blobs(rng, shape, 2.0, 0.25)
+        spacing = tuple(float(s) for s in rng.uniform(0.5, 2.5, ndim))
+        tau = float(rng.uniform(0.0, 3.0))
+        expected = deepmind.compute_surface_dice_at_tolerance(
+            deepmind.compute_surface_distances(gt, pred, spacing), tau)
+        assert surface_dice(pred, gt, spacing, tau) == pytest.approx(expected, abs=1e-6)

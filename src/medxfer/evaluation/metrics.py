@@ -41,7 +41,7 @@ summed over all images for the pooled values; "empty" means no foreground pixel)
   area of the ground truth's surfels within tau of the predicted surface) / (total area of both),
   distances measured between surfel positions (voxel corners). tau is in the unit of ``spacing`` (mm
   when given, else pixels; default ``DEFAULT_NSD_TOLERANCE`` = 1). Same values as MONAI's
-  ``compute_surface_dice(use_subvoxels=True)`` (checked in tests). 1 when both masks are empty (MONAI
+  ``compute_surface_dice(use_subvoxels=True)`` and DeepMind's package (checked in tests). 1 when both masks are empty (MONAI
   and DeepMind give NaN there; 1 follows Dice's both-empty convention), 0 when exactly one is.
 - If an image has no annotated pixel (all ``ignore_index``) every metric is NaN.
 
