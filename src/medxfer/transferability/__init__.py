@@ -1,7 +1,8 @@
 """Transferability of pretrained encoders to a target dataset, scored before fine-tuning.
 
-- :mod:`.robustness`: the contrastive robustness score, every variant from one feature pass (torch);
-- :mod:`.baselines`: LogME, H-score and a linear-probe Dice, adapted to segmentation;
+- :mod:`.robustness`: the contrastive robustness score, every variant from one feature pass (torch), under
+  medxfer's protocol or the reference code's (``reference_pair_distances``);
+- :mod:`.baselines`: LogME, H-score, a linear-probe Dice, a kNN probe, GBC and CC-FV, adapted to segmentation;
 - :mod:`.stopping`: the stop rules (pure numpy/pandas: checkpoint recommendation from score tables);
 - :mod:`.scoring`: ``run_score`` (``medxfer score``) and the online score/stop callback of pretraining.
 
@@ -15,9 +16,9 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "baselines": ("baseline_scores", "h_score", "linear_probe_dice", "logme"),
-    "robustness": ("METRICS", "PairDistances", "pair_distances", "robustness_naive", "score_checkpoint",
-                   "variant_table"),
+    "baselines": ("baseline_scores", "cc_fv", "gbc", "h_score", "knn_accuracy", "linear_probe_dice", "logme"),
+    "robustness": ("METRICS", "PairDistances", "pair_distances", "reference_pair_distances", "robustness_naive",
+                   "score_checkpoint", "variant_table"),
     "scoring": ("RobustnessEarlyStopping", "ScoreResult", "load_score_config", "recommend_for_folder", "run_score",
                 "target_images"),
     "stopping": ("Recommendation", "recommend_checkpoint", "recommend_from_table"),
