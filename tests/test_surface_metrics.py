@@ -262,3 +262,17 @@ def test_nsd_matches_deepminds_surface_distance_package(ndim):
         expected = deepmind.compute_surface_dice_at_tolerance(
             deepmind.compute_surface_distances(gt, pred, spacing), tau)
         assert surface_dice(pred, gt, spacing, tau) == pytest.approx(expected, abs=1e-6)
+
+
+def test_single_voxels_apart_exact_answers_with_anisotropic_spacing():
+    # Two single voxels two slices apart along an axis of spacing 0.5 mm: both boundaries are one voxel,
+    # 1 mm apart. Surfels: the 8 corners of each voxel, all of equal area (one voxel inside each corner
+    # neighbourhood); the 4 facing corners of each voxel are 0.5 mm from the other's, the far 4 are 1 mm.
+    a = np.zeros((5, 5, 8), bool)
+    b = np.zeros((5, 5, 8), bool)
+    a[2, 2, 2], b[2, 2, 4] = True, True
+    spacing = (1.0, 1.5, 0.5)
+    assert hausdorff(a, b, spacing) == pytest.approx(1.0) and assd(a, b, spacing) == pytest.approx(1.0)
+    assert surface_dice(a, b, spacing, tolerance=0.4) == pytest.approx(0.0)
+    assert surface_dice(a, b, spacing, tolerance=0.5) == pytest.approx(0.5)
+    assert surface_dice(a, b, spacing, tolerance=1.0) == pytest.approx(1.0)
