@@ -120,3 +120,16 @@ def test_the_report_has_a_data_quality_section(tmp_path):
     section = html.split("<h2>Data quality</h2>")[1].split("<h2>")[0]
     assert "copied block: 1, left out: unet | nuclei | simple | fine-tuned | length 1" in section
     assert "every seed&#x27;s Dice equals those at length 5" in section
+
+
+@pytest.mark.parametrize("score", [{"datasets": ["nuclei-B"]}, {}])
+def test_a_sweep_scores_a_named_dataset_under_the_same_name_as_its_runs(tmp_path, score):
+    from medxfer.sweep.runner import _score_jobs
+
+    (tmp_path / "ckpt").mkdir()
+    sweep = parse_sweep({"base": BASE, "datasets": {"nuclei-B": {"name": "demo", "options": {"domain": "B"}}},
+                         "axes": {"dataset": ["nuclei-B"]},
+                         "score": {**score, "checkpoints": [str(tmp_path / "ckpt")]}}, source="grid.yaml")
+    plan = expand_grid(sweep, tmp_path)
+    (job,) = _score_jobs(sweep, plan, tmp_path, set())
+    assert job.config.data.label == plan.runs[0].config.data.label == "nuclei-B"
