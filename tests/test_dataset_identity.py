@@ -133,3 +133,16 @@ def test_a_sweep_scores_a_named_dataset_under_the_same_name_as_its_runs(tmp_path
     plan = expand_grid(sweep, tmp_path)
     (job,) = _score_jobs(sweep, plan, tmp_path, set())
     assert job.config.data.label == plan.runs[0].config.data.label == "nuclei-B"
+
+
+def test_analyze_says_one_seed_first():
+    from medxfer.report.analyze import seeds_text
+    from medxfer.report.rules import GroupCurves
+    import numpy as np
+
+    one = GroupCurves("m", "d", "s", False, "m", "d", "s", np.array([1.0, 2.0]), np.array([0.5, 0.6]),
+                      np.array([[0.5], [0.6]]))
+    assert seeds_text([one]).startswith("ONE seed")
+    three = GroupCurves("m", "d", "s", False, "m", "d", "s", np.array([1.0, 2.0]), np.array([0.5, 0.6]),
+                        np.array([[0.5, 0.5, 0.5], [0.6, np.nan, 0.6]]))
+    assert seeds_text([three]) == "3 seeds per length (2 at 1 of 2)"

@@ -791,7 +791,8 @@ def correlation_summary(result: AnalysisResult, top: int = 5) -> pd.DataFrame:
 def seeds_text(groups: Sequence[GroupCurves]) -> str:
     """How many seeds the Dice means rest on: ``3 seeds per length (2 at 14 of 340 lengths)``."""
     counts = np.concatenate([np.isfinite(g.dice_by_seed).sum(axis=1) for g in groups])
-    most = int(np.bincount(counts).argmax())
+    tally = np.bincount(counts)
+    most = int(len(tally) - 1 - np.argmax(tally[::-1]))  # the most common count; ties: the larger
     text = f"{most} seed{'s' if most != 1 else ''} per length"
     other = counts != most
     if other.any():

@@ -74,8 +74,10 @@ def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> t
     values = np.asarray(differences, dtype=float)
     if len(values) < 2:
         return math.nan, math.nan
-    half = stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
-    return float(values.mean() - half), float(values.mean() + half)
+    if np.ptp(values) == 0:  # no spread: the interval is the value (scipy would give NaN)
+        return float(values[0]), float(values[0])
+    interval = stats.ttest_1samp(values, 0.0).confidence_interval(confidence_level=confidence)
+    return float(interval.low), float(interval.high)
 
 
 def scratch_finding(table: pd.DataFrame) -> Optional[str]:
