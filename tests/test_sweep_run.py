@@ -4,9 +4,11 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -163,10 +165,29 @@ def test_two_worker_processes_give_the_same_records(reference, tmp_path):
     assert_same_records(tmp_path, reference[0])
 
 
-def test_a_sweep_killed_with_sigkill_resumes_and_records_every_run_once(reference, tmp_path):
+def _shm_out():
+    """An output folder on another filesystem than the temp folder (tmpfs), where one exists: there a
+    rename across filesystems is a copy, which a kill can leave torn (issue #18)."""
+    shm = Path("/dev/shm")
+    usable = shm.is_dir() and os.access(shm, os.W_OK)
+    if not usable or os.stat(shm).st_dev == os.stat(tempfile.gettempdir()).st_dev:
+        pytest.skip("no second filesystem (/dev/shm) here")
+    return shm / f"medxfer-sweep-{os.getpid()}-{time.monotonic_ns()}"
+
+
+@pytest.mark.parametrize("filesystem", ["temp", pytest.param("tmpfs", marks=pytest.mark.slow)])
+def test_a_sweep_killed_with_sigkill_resumes_and_records_every_run_once(reference, tmp_path, filesystem):
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(yaml.safe_dump(TINY_GRID))
-    out = tmp_path / "out"
+    out = tmp_path / "out" if filesystem == "temp" else _shm_out()
+    try:
+        _kill_and_resume(reference, grid_file, out)
+    finally:
+        if filesystem != "temp":
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def _kill_and_resume(reference, grid_file, out):
     script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
               "from test_sweep_run import slow_finetune\n"
               "from medxfer.sweep.runner import run_sweep\n"

@@ -133,9 +133,10 @@ def folder_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[Non
     raise :class:`FolderInUse` at once, naming the process that holds it.
 
     The lock is released when the process ends, however it ends (kill -9 included); the lock file is
-    removed on release (and the folder, if this call created it and it is still empty). flock works on local filesystems; on NFS Linux maps it to the server's byte-range
-    locks (NFSv4, or NLM for v3), and a mount with ``nolock`` only locks within one machine. Where the
-    filesystem has no locks at all the block runs unlocked, with a warning.
+    removed on release (and the folder, if this call created it and it is still empty). flock works on
+    local filesystems; on NFS Linux maps it to the server's byte-range locks (NFSv4, or NLM for v3), and a
+    mount with ``nolock`` only locks within one machine. Where the filesystem has no locks at all the block
+    runs unlocked, with a warning.
     """
     import socket
     from datetime import datetime, timezone
