@@ -3,7 +3,6 @@ block, duplicates, constant variant, uneven coverage) and the rule harness (deci
 
 import itertools
 import json
-import math
 
 import numpy as np
 import pandas as pd

@@ -1,7 +1,7 @@
 """A dataset is named by the user or its folder, never pooled across label sets; the report's headline
 compares like with like and says how sure it is (seeds, interval, seed noise, best of k)."""
 
-import pandas as pd
+import numpy as np
 import pytest
 
 from medxfer.config import DataConfig, RunConfig, config_to_dict, dataset_name, parse_config
@@ -138,7 +138,6 @@ def test_a_sweep_scores_a_named_dataset_under_the_same_name_as_its_runs(tmp_path
 def test_analyze_says_one_seed_first():
     from medxfer.report.analyze import seeds_text
     from medxfer.report.rules import GroupCurves
-    import numpy as np
 
     one = GroupCurves("m", "d", "s", False, "m", "d", "s", np.array([1.0, 2.0]), np.array([0.5, 0.6]),
                       np.array([[0.5], [0.6]]))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
