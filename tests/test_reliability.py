@@ -672,3 +672,31 @@ def test_a_full_disk_during_a_cli_sweep_is_one_line_and_resumable(tmp_path):
         assert not list(mount.rglob("*.tmp"))
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def disk_full_or_sleepy(config, out_dir):
+    """Seed 0: a full disk once another run is in progress; other seeds: long runs (their pid written first)."""
+    if config.seed == 0:
+        wait_for(lambda: _worker_pids(Path(out_dir)), 120, "another run to start")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    sleepy_run(config, out_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_stopping_ray_sweep_cancels_its_queued_and_running_tasks(tmp_path):
+    ray = pytest.importorskip("ray")
+    path = os.pathsep.join([str(TESTS.parent / "src"), str(TESTS), os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})
+    try:
+        grid = parse_sweep({**GRID, "axes": {"seed": [1, 0, 2, 3]}})
+        started = time.monotonic()
+        with pytest.raises(DiskFull):
+            run_sweep(grid, tmp_path, backend="ray", run_fn=disk_full_or_sleepy)
+        assert time.monotonic() - started < 100  # not after the 120 s runs
+        pids = _worker_pids(tmp_path)
+        assert pids  # a run was in progress when the sweep stopped
+        wait_for(lambda: not any(alive(pid) for pid in pids), 30, "the cancelled Ray tasks to end")
+    finally:
+        ray.shutdown()

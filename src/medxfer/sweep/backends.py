@@ -158,9 +158,10 @@ def _parent_log_settings() -> tuple[dict[str, int], list]:
 def die_with_parent(parent_pid: int) -> None:
     """Make this worker process end when ``parent_pid`` (the sweep) ends, however it ends.
 
-    Linux: the kernel sends SIGKILL when the parent dies (``prctl(PR_SET_PDEATHSIG)``); elsewhere a daemon
-    thread checks every second whether the parent is gone. Without this, a ``kill -9`` of the sweep left
-    its workers running (training, holding memory) for ever.
+    Linux: the kernel sends SIGKILL when the parent dies (``prctl(PR_SET_PDEATHSIG)``; strictly, when the
+    parent thread that started the worker ends: the pool starts workers from the thread that submits the
+    runs, which outlives the pool); elsewhere a daemon thread checks every second whether the parent is gone.
+    Without this, a ``kill -9`` of the sweep left its workers running (training, holding memory) for ever.
     """
     if sys.platform.startswith("linux"):
         import ctypes
