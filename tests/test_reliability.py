@@ -546,6 +546,17 @@ def test_collect_and_report_skip_damaged_records_and_name_them(tmp_path, capsys,
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_collect_skips_a_damaged_score_table_and_names_it(tmp_path, caplog):
+    from medxfer.records import collect_robustness
+
+    for name, text in {"good": "checkpoint,score\na,0.5\n", "damaged": 'checkpoint,score\n"a,0.5\nb,1,2,3\n'}.items():
+        (tmp_path / "scores" / name).mkdir(parents=True)
+        (tmp_path / "scores" / name / "robustness.csv").write_text(text)
+    with caplog.at_level(logging.WARNING):
+        table = pd.read_csv(collect_robustness(tmp_path))
+    assert list(table["checkpoint"]) == ["a"] and str(tmp_path / "scores" / "damaged") in caplog.text
+
+
 def test_a_sweep_redoes_runs_whose_record_is_damaged(tmp_path, caplog):
     damaged = _damaged_folder(tmp_path)
     grid = parse_sweep({**GRID, "axes": {"seed": [0, 1, 2, 3]}})

@@ -255,6 +255,8 @@ def collect_robustness(root: str | Path) -> Optional[Path]:
             tables.append(pd.read_csv(path))
         except pd.errors.EmptyDataError:
             continue
+        except (pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:  # damaged: skipped and named
+            log.warning("skipping %s: unreadable (%s)", path, " ".join(f"{type(exc).__name__}: {exc}".split()))
     if not tables:
         return None
     return write_csv(pd.concat(tables, ignore_index=True, sort=False), Path(root) / ROBUSTNESS_FILE)
