@@ -208,6 +208,7 @@ def test_a_run_with_a_truncated_resume_checkpoint_restarts_and_finishes(shm_dir,
 
 def test_non_finite_weights_and_batchnorm_statistics_are_found_by_name():
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    model.register_buffer("attention_mask", torch.tensor([0.0, float("-inf")]))  # infinite on purpose
     assert first_non_finite(model) is None
     model[1].running_var[1] = float("inf")
     assert first_non_finite(model) == "1.running_var"

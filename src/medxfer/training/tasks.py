@@ -58,9 +58,12 @@ class BestWeights(L.Callback):
 
 
 def first_non_finite(module: torch.nn.Module) -> Optional[str]:
-    """The name of the first parameter or floating-point buffer (BatchNorm running statistics included)
-    of ``module`` that holds a NaN or an infinity; None when all are finite."""
-    named = [(name, t) for name, t in (*module.named_parameters(), *module.named_buffers()) if t.is_floating_point()]
+    """The name of the first parameter or normalisation statistic (BatchNorm's ``running_mean`` /
+    ``running_var``) of ``module`` that holds a NaN or an infinity; None when all are finite. Other buffers
+    are left out: a model may keep infinities on purpose (e.g. an attention mask)."""
+    named = [(name, t) for name, t in module.named_parameters() if t.is_floating_point()]
+    named += [(name, t) for name, t in module.named_buffers()
+              if t.is_floating_point() and name.rsplit(".", 1)[-1].startswith("running_")]
     if not named:
         return None
     finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named])
