@@ -5,10 +5,13 @@
 
 ``width`` sets the decoder widths of every preset (level i: ``width * 2**i``) and the classic U-Net
 encoder's widths; ``depth`` is the number of encoder levels (timm encoders: at most what the model
-has, 5 for ResNets, 4 for Swin; a larger value means all). Preset options (``ModelConfig.options``):
+has, 5 for ResNets and EfficientNet-Lite, 4 for Swin; a larger value means all). The ``*_unet3d`` presets
+with a ResNet or EfficientNet-Lite encoder are the 2D timm networks inflated to 3D (``inflation``).
+Preset options (``ModelConfig.options``):
 
 - every preset: ``decoder_channels`` (list, one per level but the deepest), ``final_channels``;
-- timm presets: ``pretrained`` (download timm's ImageNet weights; default False), ``drop_path_rate``;
+- timm presets: ``pretrained`` (timm's ImageNet weights from the local hub cache, never downloaded;
+  default False), ``drop_path_rate``;
 - ``swin_*``: ``img_size`` (default 224), ``window_size`` (default 7), ``embed_dim``, ``depths``,
   ``num_heads``, ``model_name`` (default ``swin_tiny_patch4_window7_224``). See ``encoders`` for the
   input-size constraints.
