@@ -13,10 +13,13 @@ import torch.nn.functional as F
 from medxfer.errors import ConfigError, DataError
 from medxfer.training.losses import (
     BALANCED_IMBALANCE_RATIO,
+    CLASS_WEIGHT_CAP,
+    CrossEntropyLoss,
+    FocalLoss,
     SMALL_FOREGROUND_FRACTION,
-    TINY_FOREGROUND_FRACTION,
     available_losses,
     build_loss,
+    class_weights_from_fractions,
     label_statistics,
     select_loss,
 )
@@ -123,6 +126,124 @@ def test_perfect_prediction_gives_near_zero_overlap_losses():
         for batch in (True, False):
             assert build_loss(name, batch=batch, include_background=True)(logits, target).item() < 1e-4
     assert build_loss("dice_ce")(logits, target).item() < 1e-4
+
+
+# ----------------------------------------------------------------- classes absent from a case / batch
+
+OVERLAP_NAMES = ["dice", "tversky", "dice_ce", "dice_focal"]
+
+
+def _absent_class_pair(size=16, margin=5.0):
+    """Class 1 in a box, class 2 absent; logits (margin 5) of the correct map and of the map where every
+    background voxel is predicted as class 2 (issue 22's pair, at ``size``^3)."""
+    target = torch.zeros((1, size, size, size), dtype=torch.long)
+    target[0, size // 4: 3 * size // 4, size // 4: 3 * size // 4, size // 3: 2 * size // 3] = 1
+    degenerate = torch.where(target == 0, 2, target)
+    return target, margin * _onehot(target, 3), margin * _onehot(degenerate, 3)
+
+
+@pytest.mark.parametrize("prefix", ["", "partial_"])
+@pytest.mark.parametrize("include_background", [False, True])
+@pytest.mark.parametrize("batch", [True, False])
+@pytest.mark.parametrize("name", OVERLAP_NAMES)
+def test_predicting_an_absent_class_everywhere_costs_more_than_the_correct_map(name, batch, include_background,
+                                                                                prefix):
+    target, correct, degenerate = _absent_class_pair()
+    loss = build_loss(prefix + name, batch=batch, include_background=include_background)
+    at_correct, at_degenerate = loss(correct, target).item(), loss(degenerate, target).item()
+    # Before: both 0.5189 (dice) / 0.5141 (tversky): class 2 counted ~1 whatever was predicted.
+    assert at_degenerate - at_correct > 0.25, (at_correct, at_degenerate)
+
+
+@pytest.mark.parametrize("batch", [True, False])
+@pytest.mark.parametrize("name", ["dice", "tversky"])
+def test_class_absent_from_target_and_prediction_is_left_out(name, batch):
+    target, correct, _ = _absent_class_pair()
+    monai_loss = {"dice": monai.losses.DiceLoss, "tversky": monai.losses.TverskyLoss}[name]
+    options = {"alpha": 0.3, "beta": 0.7} if name == "tversky" else {}
+    # Class 1 alone, by MONAI on the class-1 channel: what the docstring promises for the 3-class loss.
+    class_1 = monai_loss(smooth_nr=1e-5, smooth_dr=1e-5, **options)(
+        torch.softmax(correct, 1)[:, 1:2], (target == 1).float()[:, None])
+    assert class_1.item() < 0.05
+    assert build_loss(name, batch=batch)(correct, target).item() == pytest.approx(class_1.item(), abs=1e-6)
+    # A perfectly predicted all-background image: nothing to average, loss 0 (was ~1).
+    background = torch.zeros_like(target)
+    assert build_loss(name, batch=batch)(5.0 * _onehot(background, 3), background).item() == 0.0
+
+
+def test_absent_class_is_left_out_per_case_or_per_batch():
+    logits, target = _example(shape=(2, 3, 6, 6), seed=21)
+    target[1][target[1] == 2] = 0  # case 1 has no class 2 ...
+    logits[1, 2] = -20.0  # ... and predicts none
+    p, g = torch.softmax(logits, 1), _onehot(target, 3)
+    per_case = monai.losses.DiceLoss(reduction="none", smooth_nr=1e-5, smooth_dr=1e-5)(p, g).reshape(2, 3)
+    expected = (per_case[0, 1] + per_case[0, 2] + per_case[1, 1]) / 3  # case 1's class 2 is left out
+    assert torch.allclose(build_loss("dice", batch=False)(logits, target), expected, atol=1e-6)
+    # Batch Dice: class 2 is in the batch, so it counts, summed over both cases (nnU-Net's batch Dice).
+    batch = monai.losses.DiceLoss(batch=True, reduction="none")(p, g).reshape(3)
+    assert torch.allclose(build_loss("dice", batch=True)(logits, target), batch[1:].mean(), atol=1e-6)
+
+
+def _selectable_losses():
+    """Every (name, options) select_loss returns over the regimes its rules tell apart."""
+    regimes = [label_statistics(labels, 3, annotated) for labels, annotated in _regime_label_maps()]
+    chosen = {repr((name, options)): (name, options) for name, options, _ in map(select_loss, regimes)}
+    return [chosen[key] for key in sorted(chosen)]
+
+
+def _regime_label_maps():
+    big = np.zeros((40, 40), dtype=np.int64)
+    big[5:25, 5:25] = 1  # 25%
+    balanced = big.copy()
+    balanced[25:40, 5:35] = 2  # 28%
+    small = big.copy()
+    small[30:34, 30:34] = 2  # 1%
+    tiny = big.copy()
+    tiny[30:32, 30:32] = 2  # 0.25%
+    rare = [tiny] + [big] * 7  # class 2 in 1 of 8 cases
+    moderate = big.copy()
+    moderate[30:39, 30:39] = 2  # 5%
+    return [([balanced], None), ([small], None), ([tiny], None), (rare, None), ([moderate], None),
+            ([small, big], [None, (1,)]), ([tiny, big, big, big], [None, None, None, (1,)])]
+
+
+def test_select_loss_always_keeps_a_voxel_wise_term():
+    chosen = _selectable_losses()
+    names = {name for name, _ in chosen}
+    assert names == {"ce", "dice_ce", "partial_dice_ce"}
+    assert any(options.get("class_weights") for name, options in chosen if name == "partial_dice_ce")
+    for name, options in chosen:
+        loss = build_loss(name, **options)
+        terms = loss.terms if hasattr(loss, "terms") else {name: loss}
+        assert any(isinstance(term, (CrossEntropyLoss, FocalLoss)) for term in terms.values()), name
+
+
+@pytest.mark.parametrize("name, options", _selectable_losses(), ids=str)
+def test_every_selectable_loss_leads_out_of_foreground_everywhere(name, options):
+    target, _, degenerate = _absent_class_pair(size=8)
+    loss = build_loss(name, **options)
+    logits = degenerate.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([logits], lr=0.5)
+    for _ in range(40):
+        optimizer.zero_grad()
+        loss(logits, target).backward()
+        optimizer.step()
+    predicted = logits.detach().argmax(1)
+    assert bool((predicted == target).all()), f"{name}: {(predicted[target == 0] == 0).float().mean():.2f} of background"
+
+
+@pytest.mark.parametrize("name", ["dice", "tversky"])
+def test_overlap_loss_alone_gives_no_way_out_of_foreground_everywhere(name):
+    # Why select_loss never returns an overlap loss alone: a class absent from the target has Dice 0 for
+    # any predicted volume, so nothing pulls its false positives back (the test above would fail).
+    target, _, degenerate = _absent_class_pair(size=8)
+    logits = degenerate.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([logits], lr=0.5)
+    for _ in range(40):
+        optimizer.zero_grad()
+        build_loss(name)(logits, target).backward()
+        optimizer.step()
+    assert float((logits.detach().argmax(1)[target == 0] == 0).float().mean()) < 0.5
 
 
 # ------------------------------------------------------------------------------------ ignore_index
@@ -358,20 +479,37 @@ def _stats(fractions, ratio, sparse_cases=0):
 
 def test_select_loss_follows_thresholds():
     name, options, reason = select_loss(_stats([0.3, 0.021], 40.0))
-    assert (name, options) == ("dice_focal", {"gamma": 2.0})
-    assert reason.startswith("foreground fraction 0.021 (class 2) < 0.05: dice_focal")
-    assert select_loss(_stats([0.001], 999.0))[:2] == ("tversky", {"alpha": 0.3, "beta": 0.7})
-    assert select_loss(_stats([TINY_FOREGROUND_FRACTION], 10.0))[0] == "dice_focal"  # strict "<"
-    assert select_loss(_stats([SMALL_FOREGROUND_FRACTION], 19.0))[0] == "dice_ce"
+    assert (name, options) == ("dice_ce", {})
+    assert reason.startswith("foreground fraction 0.021 (class 2), imbalance ratio 40") and reason.endswith("dice_ce")
+    assert select_loss(_stats([0.001], 999.0))[:2] == ("dice_ce", {})  # tiny objects in every case
+    assert select_loss(_stats([SMALL_FOREGROUND_FRACTION], BALANCED_IMBALANCE_RATIO))[0] == "ce"  # both ">="/"<="
+    assert select_loss(_stats([SMALL_FOREGROUND_FRACTION * 0.99], 2.0))[0] == "dice_ce"
     assert select_loss(_stats([0.2, 0.3], BALANCED_IMBALANCE_RATIO + 0.1))[0] == "dice_ce"
-    assert select_loss(_stats([0.4], BALANCED_IMBALANCE_RATIO))[0] == "ce"
     assert select_loss(_stats([None, 0.4], 1.5))[0] == "ce"  # a class no case annotates is skipped
     name, _, reason = select_loss(_stats([0.02], 30.0, sparse_cases=3))
-    assert name == "partial_dice_focal" and "3 of 10 cases" in reason
-    # Every selected name builds.
-    for stats in [_stats([0.001], 9.0, 1), _stats([0.3], 2.0), _stats([0.1], 9.0)]:
-        name, options, _ = select_loss(stats)
-        build_loss(name, **options)
+    assert name == "partial_dice_ce" and "3 of 10 cases" in reason
+
+
+def test_select_loss_weights_a_class_present_in_few_cases():
+    big = np.zeros((10, 10), dtype=np.int64)
+    big[:5] = 1  # class 1: 50% of every case
+    lesion = big.copy()
+    lesion[9, :2] = 2  # class 2: 2% of one case
+    stats = label_statistics([lesion, lesion, big, big, big], n_classes=3)  # class 2 in 2 of 5 cases
+    name, options, reason = select_loss(stats)
+    assert name == "dice_ce"
+    fractions = [246 / 500, 250 / 500, 4 / 500]
+    expected = [round(min(CLASS_WEIGHT_CAP, math.sqrt(max(fractions) / f)), 3) for f in fractions]
+    assert options == {"class_weights": expected} and expected == [1.008, 1.0, 7.906]
+    assert reason.startswith("class 2 in 2 of 5 cases (< 0.5 of them): dice_ce, ce class weights [1.01, 1, 7.91]")
+    build_loss(name, **options)
+    # Half the cases or more: no weights; a class in no case at all gets the cap.
+    assert select_loss(label_statistics([lesion, lesion, big, big], n_classes=3))[:2] == ("dice_ce", {})
+    assert class_weights_from_fractions([0.9, 0.1, 0.0, None]) == [1.0, 3.0, CLASS_WEIGHT_CAP, 1.0]
+    # Where the class is annotated decides "few cases": unannotated cases do not count against it.
+    name, options, _ = select_loss(label_statistics([lesion, lesion, big, big, big], 3,
+                                                    annotated=[None, None, (1,), (1,), (1,)]))
+    assert name == "partial_dice_ce" and options == {}
 
 
 def test_select_loss_is_deterministic_and_checks_input():

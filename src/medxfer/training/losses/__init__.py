@@ -19,10 +19,16 @@ Losses (names for :func:`build_loss`; options in brackets, defaults shown):
 
 - ``dice`` [include_background=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=True]: soft Dice per class,
   ``1 - (2 * sum(p * g) + smooth_nr) / (sum(p) + sum(g) + smooth_dr)`` via :class:`monai.losses.DiceLoss`,
-  averaged over classes. The smooth terms are tiny: they only matter when a class is absent from both
-  prediction and target (then Dice = 1, loss 0) and they keep the ratio finite. ``batch=True`` sums over
-  the whole batch before dividing (one Dice per class, as nnU-Net's batch Dice): more stable with small
-  batches and patches that miss a class; ``batch=False`` averages per-case Dice values (MONAI's default).
+  averaged over classes. ``batch=True`` sums over the whole batch before dividing (one Dice per class, as
+  nnU-Net's batch Dice): more stable with small batches and patches that miss a class; ``batch=False``
+  averages per-case Dice values (MONAI's default). The smooth terms are tiny and only keep the ratio
+  finite. Absent classes: a class absent from both the target and the hard prediction (argmax) of a case
+  (``batch=False``), or of the whole batch (``batch=True``), is left out of the class average, so it adds
+  0 (a perfect all-background prediction has loss 0). Left in, its soft Dice would be ~0 (loss ~1) however
+  small its probabilities, the same as when it is predicted everywhere. A class absent from the target but
+  predicted counts with loss ~1, yet gives no gradient against its false positives (Dice is 0 for any
+  predicted volume): an overlap loss alone cannot undo "an absent class everywhere", which is why
+  :func:`select_loss` always pairs it with a voxel-wise term (``ce`` or ``focal``).
 - ``tversky`` [alpha=0.3, beta=0.7, include_background, smooth_nr, smooth_dr, batch]:
   ``1 - (TP + s) / (TP + alpha * FP + beta * FN + s)`` via :class:`monai.losses.TverskyLoss`;
   ``beta > alpha`` penalises false negatives more, i.e. favours recall (Salehi et al. 2017).
@@ -59,8 +65,10 @@ from medxfer.training.losses.registry import (
 )
 from medxfer.training.losses.selection import (
     BALANCED_IMBALANCE_RATIO,
+    CLASS_WEIGHT_CAP,
+    RARE_CASE_SHARE,
     SMALL_FOREGROUND_FRACTION,
-    TINY_FOREGROUND_FRACTION,
+    class_weights_from_fractions,
     label_statistics,
     select_loss,
 )
@@ -83,7 +91,9 @@ __all__ = [
     "build_loss",
     "label_statistics",
     "select_loss",
-    "TINY_FOREGROUND_FRACTION",
+    "class_weights_from_fractions",
     "SMALL_FOREGROUND_FRACTION",
     "BALANCED_IMBALANCE_RATIO",
+    "RARE_CASE_SHARE",
+    "CLASS_WEIGHT_CAP",
 ]

@@ -21,6 +21,7 @@ from medxfer.data.base import IGNORE_INDEX
 from medxfer.errors import ConfigError, DataError
 from medxfer.training.losses.partial_label import PARTIAL_PREFIX, Annotated, annotated_mask, marginal_logits
 
+
 @dataclass
 class LossInputs:
     """Checked, masked loss inputs; built once per call and shared by the terms of a combined loss."""
@@ -52,7 +53,6 @@ class LossInputs:
             encoded = F.one_hot(self.target, self.n_classes).movedim(-1, 1).to(self.logits.dtype)
             self._cache["one_hot"] = encoded * self.valid_channel_mask()
         return self._cache["one_hot"]
-
 
 
 def prepare_loss_inputs(
@@ -158,7 +158,6 @@ def _check_class_weights(loss: str, weights: Any) -> Optional[Tensor]:
             f"got {weights!r}"
         )
     return tensor
-
 
 
 class SegmentationLoss(nn.Module):

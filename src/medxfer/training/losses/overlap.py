@@ -12,6 +12,7 @@ from torch import Tensor
 from medxfer.errors import ConfigError
 from medxfer.training.losses.base import LossInputs, SegmentationLoss, _check_number, _masked_mean
 
+
 class _OverlapLoss(SegmentationLoss):
     """Dice-like losses: a MONAI loss on masked probabilities, averaged over the classes that count."""
 
@@ -38,15 +39,33 @@ class _OverlapLoss(SegmentationLoss):
     def compute(self, inputs: LossInputs) -> Tensor:
         n_cases, n_classes = inputs.class_annotated.shape
         per_class = self._per_class(inputs.probabilities, inputs.one_hot)
+        present = class_present(inputs)
         if self.batch:
             # Unannotated cases add nothing to a class's batch sums (their merged probability and
             # target are 0 there); a class no case annotates is left out of the average.
-            values, counts = per_class.reshape(n_classes), inputs.class_annotated.any(dim=0)
+            values = per_class.reshape(n_classes)
+            counts = inputs.class_annotated.any(dim=0) & present.any(dim=0)
         else:
-            values, counts = per_class.reshape(n_cases, n_classes), inputs.class_annotated.clone()
+            values = per_class.reshape(n_cases, n_classes)
+            counts = inputs.class_annotated & present
         if not self.include_background:
             counts[..., 0] = False
         return _masked_mean(values, counts)
+
+
+def class_present(inputs: LossInputs) -> Tensor:
+    """Bool ``(N, C)``: class ``k`` is in case ``n``'s target or in its hard prediction (argmax), at valid pixels.
+
+    A class absent from both has soft Dice ~0 (loss ~1) however small its probabilities are, and the same
+    value whether it is absent or predicted everywhere; it is left out of the class average instead.
+    """
+    n_classes = inputs.n_classes
+    predicted = inputs.logits.detach().argmax(dim=1)
+    predicted = torch.where(inputs.valid, predicted, n_classes)  # ignored pixels: an extra, dropped class
+    counts = torch.zeros(inputs.logits.shape[0], n_classes + 1, dtype=torch.long, device=predicted.device)
+    counts.scatter_add_(1, predicted.flatten(1), torch.ones_like(predicted.flatten(1)))
+    in_target = inputs.one_hot.detach().flatten(2).sum(dim=-1) > 0
+    return in_target | (counts[:, :n_classes] > 0)
 
 
 class DiceLoss(_OverlapLoss):

@@ -33,6 +33,7 @@ _ABSENT_LOGIT_GAP = 1e4
 
 Annotated = Union[None, Tensor, np.ndarray, Sequence[Optional[Sequence[int]]]]
 
+
 def annotated_mask(annotated: Annotated, n_cases: int, n_classes: int, device=None) -> Tensor:
     """``annotated`` in any accepted form -> bool ``(n_cases, n_classes)``, background column True."""
     if annotated is None:
@@ -71,7 +72,6 @@ def annotated_mask(annotated: Annotated, n_cases: int, n_classes: int, device=No
                 row[k] = True
         rows.append(row)
     return torch.tensor(rows, dtype=torch.bool, device=device)
-
 
 
 def marginal_logits(logits: Tensor, class_annotated: Tensor) -> Tensor:

@@ -17,6 +17,7 @@ from medxfer.training.losses.base import (
     _weighted_pixel_mean,
 )
 
+
 class _PixelLoss(SegmentationLoss):
     """Per-pixel losses averaged with class weights over non-ignored pixels."""
 

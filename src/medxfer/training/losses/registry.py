@@ -16,6 +16,7 @@ from medxfer.training.losses.pixel import CrossEntropyLoss, FocalLoss
 
 LOSS_NAMES: tuple[str, ...] = ("dice", "ce", "dice_ce", "focal", "dice_focal", "tversky")
 
+
 class WeightedSumLoss(SegmentationLoss):
     """``sum(weight * term)`` over named terms computed on the same prepared inputs.
 
@@ -40,8 +41,6 @@ class WeightedSumLoss(SegmentationLoss):
         self.last_components = components
         assert total is not None
         return total
-
-
 
 
 def _build_dice(*, include_background=False, smooth_nr=1e-5, smooth_dr=1e-5, batch=True,

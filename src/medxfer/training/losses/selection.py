@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 from torch import Tensor
@@ -15,13 +15,11 @@ from medxfer.training.losses.partial_label import PARTIAL_PREFIX, Annotated, ann
 
 log = logging.getLogger(__name__)
 
-# Thresholds of select_loss, applied in this order to the smallest foreground fraction
-# (share of labelled pixels, over the cases that annotate the class) and the imbalance ratio.
-TINY_FOREGROUND_FRACTION = 0.005  # below: tversky, recall-weighted (structures are missed entirely)
-SMALL_FOREGROUND_FRACTION = 0.05  # below: dice_focal (Dice for overlap, focal for hard pixels)
-BALANCED_IMBALANCE_RATIO = 3.0  # largest / smallest class fraction at most this: ce; above: dice_ce
-TVERSKY_RECALL_OPTIONS = {"alpha": 0.3, "beta": 0.7}
-FOCAL_OPTIONS = {"gamma": 2.0}
+# Thresholds of select_loss (see its docstring; benchmarks/bench_losses.py measures the rules).
+SMALL_FOREGROUND_FRACTION = 0.05  # smallest class fraction at least this and ...
+BALANCED_IMBALANCE_RATIO = 3.0  # ... largest / smallest class fraction at most this: balanced, plain ce
+RARE_CASE_SHARE = 0.5  # a class in fewer than this share of the cases annotating it is rare across cases
+CLASS_WEIGHT_CAP = 10.0  # largest cross-entropy class weight (sqrt of the fraction ratio, capped)
 
 
 def _annotated_rows(annotated: Any, n_classes: int) -> Optional[list[np.ndarray]]:
@@ -122,23 +120,55 @@ def label_statistics(
     }
 
 
+def rare_case_classes(label_stats: Mapping[str, Any]) -> list[int]:
+    """Foreground classes present in fewer than ``RARE_CASE_SHARE`` of the cases that annotate them."""
+    present, annotated = label_stats.get("cases_with_class"), label_stats.get("annotated_cases")
+    if present is None or annotated is None:
+        return []
+    return [k for k in range(1, len(present)) if annotated[k] > 0 and present[k] < RARE_CASE_SHARE * annotated[k]]
+
+
+def class_weights_from_fractions(class_fraction: Sequence[Optional[float]]) -> list[float]:
+    """Cross-entropy weights ``min(CLASS_WEIGHT_CAP, sqrt(largest fraction / fraction))``: 1 for the largest
+    class (usually background), more for rarer ones; 1 for a class no case annotates (it never counts)."""
+    known = [f for f in class_fraction if f is not None]
+    largest = max(known)
+    weights = []
+    for fraction in class_fraction:
+        if fraction is None:
+            weights.append(1.0)
+        elif fraction <= 0:
+            weights.append(CLASS_WEIGHT_CAP)
+        else:
+            weights.append(round(min(CLASS_WEIGHT_CAP, float(np.sqrt(largest / fraction))), 3))
+    return weights
+
+
 def select_loss(label_stats: Mapping[str, Any]) -> tuple[str, dict[str, Any], str]:
     """Pick a loss from :func:`label_statistics` output; returns ``(name, options, reason)``.
 
     Deterministic rules, first match wins, on the smallest foreground fraction ``f`` (lowest class index
-    on ties) and the imbalance ratio ``r``:
+    on ties), the imbalance ratio ``r`` and the cases each class occurs in. Whenever an overlap term is
+    chosen, a voxel-wise term (cross-entropy) goes with it: an overlap loss alone gives a class absent from
+    the target no gradient against its false positives, and learnt "that class everywhere" in training
+    (issue 22). The rules and their measured effect are in the README (loss-selection benchmark):
 
-    1. ``f < 0.005`` (TINY_FOREGROUND_FRACTION): ``tversky`` with alpha=0.3, beta=0.7: tiny structures
-       are mostly missed outright, so false negatives are weighted more (recall; Salehi et al. 2017).
-    2. ``f < 0.05`` (SMALL_FOREGROUND_FRACTION): ``dice_focal`` (gamma=2): Dice is insensitive to the
-       background majority, focal keeps a per-pixel signal focused on hard pixels.
-    3. ``r > 3`` (BALANCED_IMBALANCE_RATIO): ``dice_ce``: moderate imbalance.
-    4. otherwise: ``ce``: balanced classes, plain cross-entropy is well calibrated.
+    1. ``f >= 0.05`` (SMALL_FOREGROUND_FRACTION) and ``r <= 3`` (BALANCED_IMBALANCE_RATIO): ``ce``:
+       balanced classes; every loss reached the same Dice, and cross-entropy is the calibrated one.
+    2. some foreground class occurs in fewer than half (RARE_CASE_SHARE) of the cases that annotate it:
+       ``dice_ce`` with cross-entropy ``class_weights`` ``min(10, sqrt(largest fraction / fraction))`` per
+       class (CLASS_WEIGHT_CAP): most batches miss that class, so its Dice term is mostly absent and the
+       cross-entropy term must carry it (focal, which down-weights the easy background, let the rare class
+       spread over the background instead).
+    3. otherwise (imbalanced, every class in most cases): ``dice_ce`` with equal weights, as nnU-Net:
+       Dice is insensitive to the background majority, cross-entropy keeps every voxel's gradient.
 
     If any case misses the annotation of some foreground class (``sparse_cases > 0`` or ``sparse``),
     the name gets the ``partial_`` prefix (marginal loss). Needed keys: ``foreground_fraction`` and
-    ``imbalance_ratio``; optional: ``sparse_cases``, ``sparse``, ``n_cases``. The reason is one line,
-    e.g. ``"foreground fraction 0.021 (class 1) < 0.05: dice_focal"``, for the run record.
+    ``imbalance_ratio``; rule 2 also needs ``cases_with_class``, ``annotated_cases`` and
+    ``class_fraction`` (skipped without them); optional: ``sparse_cases``, ``sparse``, ``n_cases``. The
+    reason is one line, e.g. ``"class 2 in 2 of 8 cases (< 0.5 of them): dice_ce, ce class weights
+    [1, 1.7, 10]"``, for the run record.
     """
     needed = ("foreground_fraction", "imbalance_ratio")
     if not isinstance(label_stats, Mapping) or any(key not in label_stats for key in needed):
@@ -153,27 +183,28 @@ def select_loss(label_stats: Mapping[str, Any]) -> tuple[str, dict[str, Any], st
         raise DataError("select_loss: no foreground class is annotated in any case; cannot choose a loss")
     fraction, k = min(foreground)
     ratio = float(label_stats["imbalance_ratio"])
+    rare = rare_case_classes(label_stats) if label_stats.get("class_fraction") is not None else []
     options: dict[str, Any]
-    if fraction < TINY_FOREGROUND_FRACTION:
-        name, options = "tversky", dict(TVERSKY_RECALL_OPTIONS)
-        reason = (
-            f"foreground fraction {fraction:.3g} (class {k}) < {TINY_FOREGROUND_FRACTION:g}: tversky "
-            f"(alpha={options['alpha']:g}, beta={options['beta']:g}, weighting recall)"
-        )
-    elif fraction < SMALL_FOREGROUND_FRACTION:
-        name, options = "dice_focal", dict(FOCAL_OPTIONS)
-        reason = f"foreground fraction {fraction:.3g} (class {k}) < {SMALL_FOREGROUND_FRACTION:g}: dice_focal"
-    elif ratio > BALANCED_IMBALANCE_RATIO:
-        name, options = "dice_ce", {}
-        reason = (
-            f"foreground fraction {fraction:.3g} >= {SMALL_FOREGROUND_FRACTION:g} and imbalance ratio "
-            f"{ratio:.3g} > {BALANCED_IMBALANCE_RATIO:g}: dice_ce"
-        )
-    else:
+    if fraction >= SMALL_FOREGROUND_FRACTION and ratio <= BALANCED_IMBALANCE_RATIO:
         name, options = "ce", {}
         reason = (
             f"foreground fraction {fraction:.3g} >= {SMALL_FOREGROUND_FRACTION:g} and imbalance ratio "
             f"{ratio:.3g} <= {BALANCED_IMBALANCE_RATIO:g}: ce"
+        )
+    elif rare:
+        weights = class_weights_from_fractions(label_stats["class_fraction"])
+        name, options = "dice_ce", {"class_weights": weights}
+        present, annotated = label_stats["cases_with_class"], label_stats["annotated_cases"]
+        which = ", ".join(f"class {c} in {present[c]} of {annotated[c]} cases" for c in rare)
+        reason = (
+            f"{which} (< {RARE_CASE_SHARE:g} of them): dice_ce, ce class weights "
+            f"[{', '.join(f'{w:.3g}' for w in weights)}] (sqrt of the fraction ratio, at most {CLASS_WEIGHT_CAP:g})"
+        )
+    else:
+        name, options = "dice_ce", {}
+        reason = (
+            f"foreground fraction {fraction:.3g} (class {k}), imbalance ratio {ratio:.3g}, every class in at "
+            f"least {RARE_CASE_SHARE:g} of its cases: dice_ce"
         )
     sparse_cases = int(label_stats.get("sparse_cases", 0) or 0)
     if sparse_cases > 0 or bool(label_stats.get("sparse", False)):
