@@ -20,7 +20,7 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
-DatasetName = Literal["demo", "acdc", "covidqu", "idrid", "folders", "msd"]
+DatasetName = Literal["demo", "colin27", "acdc", "covidqu", "idrid", "folders", "msd"]
 Normalization = Literal["zscore", "minmax", "percentile", "none"]
 
 # Bounds that keep a typo from reaching the libraries as an overflow or an allocation of terabytes.
@@ -62,7 +62,8 @@ class DataConfig(StrictModel):
     # The dataset's name in records, tables and reports (a sweep sets it to the grid's key for the dataset).
     # Default: see dataset_name. A name changes no result, so it is left out of run ids (exclude).
     label: Optional[str] = Field(None, exclude=True)
-    # Dataset-specific choices: demo {"domain": "A"|"B"}; covidqu {"masks": "infection"|"lung"};
+    # Dataset-specific choices: demo {"domain": "A"|"B"}; colin27 {"domain": "t1"|"t2like"};
+    # covidqu {"masks": "infection"|"lung"};
     # idrid {"lesions": [...]}; acdc {"frames": ["ED", "ES"]}; msd {"task": ...}. Each loader checks its own.
     options: dict[str, Any] = Field(default_factory=dict)
     spatial_dims: Literal[2, 3] = 2
@@ -297,14 +298,18 @@ class ScheduleConfig(StrictModel):
 
 
 class ClassificationDataConfig(StrictModel):
-    """Images for classification pretraining: the embedded stand-in or an ImageNet ``.npy`` copy."""
+    """Images for classification pretraining: the embedded stand-in, Fashion-MNIST, or an ImageNet ``.npy`` copy."""
 
-    source: Literal["natural", "imagenet"] = "natural"
-    root: Optional[Path] = None  # imagenet: folder with labels.json and data/<name>.npy
+    source: Literal["natural", "imagenet", "fashion-mnist"] = "natural"
+    # imagenet: folder with labels.json and data/<name>.npy; fashion-mnist: folder with the *-idx*-ubyte.gz
+    # files (default /usr/share/datasets/fashion-mnist, from Debian's dataset-fashion-mnist)
+    root: Optional[Path] = None
     labels_file: str = "labels.json"  # imagenet: relative to root
     n_classes: int = Field(1000, ge=2)  # imagenet: labels.json holds 1..n_classes
-    train_images: Optional[Union[int, float]] = None  # imagenet: seeded subset (n or fraction); None = all
-    val_images: Optional[int] = Field(None, ge=1)  # imagenet: first n validation files by name; None = all
+    # imagenet, fashion-mnist: seeded subset of the training split (n or fraction); None = all
+    train_images: Optional[Union[int, float]] = None
+    # imagenet: first n validation files by name; fashion-mnist: first n test images; None = all
+    val_images: Optional[int] = Field(None, ge=1)
     n_per_class: int = Field(100, ge=1)  # natural: training crops per class
     val_per_class: int = Field(20, ge=1)  # natural: validation crops per class
     image_size: int = Field(32, ge=8, le=MAX_SIDE)  # natural: side of the generated crops

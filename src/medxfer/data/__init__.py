@@ -11,6 +11,7 @@ from medxfer.data.base import IGNORE_INDEX, Case, SegmentationData, select_subse
 # name -> "module:function"; imported lazily so that reading one layout never imports the others.
 LOADERS: dict[str, str] = {
     "demo": "medxfer.data.demo:load_demo_config",
+    "colin27": "medxfer.data.colin27:load_colin27_config",
     "acdc": "medxfer.data.acdc:load_acdc",
     "covidqu": "medxfer.data.covidqu:load_covidqu",
     "idrid": "medxfer.data.idrid:load_idrid",

@@ -1,5 +1,6 @@
-"""Classification images for encoder pretraining: an ImageNet copy stored as ``.npy`` files, and the
-embedded natural-image stand-in, as torch Datasets with torchvision (v2) augmentation.
+"""Classification images for encoder pretraining: an ImageNet copy stored as ``.npy`` files, Fashion-MNIST
+as installed by Debian's ``dataset-fashion-mnist`` (IDX files), and the embedded natural-image stand-in, as
+torch Datasets with torchvision (v2) augmentation.
 
 ImageNet layout (``root``)::
 
@@ -21,6 +22,7 @@ ImageNet protocol), or nothing at all when the image already has the input size.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -286,4 +288,77 @@ def load_natural(
         val=ArrayImageDataset(val_x, val_y, classification_transform(input_size, False)),
         n_classes=len(names),
         class_names=names,
+    )
+
+
+# ---------------------------------------------------------------------------------------- Fashion-MNIST
+FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")  # Debian: apt-get install dataset-fashion-mnist
+FASHION_MNIST_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+                         "bag", "ankle boot")
+_IDX_TYPES = {0x08: np.uint8}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An IDX file (the MNIST format; ``.gz`` or plain) as a numpy array; a DataError names a bad file."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            raw = handle.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: IDX file not found") from None
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: unreadable IDX file ({type(exc).__name__}: {exc})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+    n_dims = raw[3]
+    header = 4 + 4 * n_dims
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(n_dims))
+    if len(raw) != header + int(np.prod(shape)):
+        raise DataError(f"{path}: IDX header says shape {shape} but the file holds {len(raw) - header} values")
+    return np.frombuffer(raw, dtype=_IDX_TYPES[raw[2]], offset=header).reshape(shape)
+
+
+def _fashion_split(root: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    def find(kind: str) -> Path:
+        for name in (f"{prefix}-{kind}-ubyte.gz", f"{prefix}-{kind}-ubyte"):
+            if (root / name).is_file():
+                return root / name
+        raise DataError(f"{root / (prefix + '-' + kind + '-ubyte.gz')}: Fashion-MNIST file not found "
+                        "(Debian: apt-get install dataset-fashion-mnist)")
+
+    images = read_idx(find("images-idx3"))
+    labels = read_idx(find("labels-idx1")).astype(np.int64)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"{root}: {prefix} images {images.shape} and labels {labels.shape} do not match")
+    if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
+        raise DataError(f"{root}: {prefix} label {int(labels.max())} out of range 0..9")
+    return images, labels
+
+
+def load_fashion_mnist(
+    root: str | os.PathLike | None = None, *, input_size: int, recipe: AugmentationRecipe,
+    train_images: int | float | None = None, val_images: int | None = None, seed: int = 0,
+) -> ClassificationData:
+    """Fashion-MNIST (60,000 training and 10,000 test photos of clothing, 28 x 28 grey; MIT licence): a seeded
+    subset of the training split, the first ``val_images`` test images for validation. Grey values are
+    repeated to three channels, as for ImageNet encoders."""
+    root = Path(root) if root is not None else FASHION_MNIST_ROOT
+    train_x, train_y = _fashion_split(root, "train")
+    val_x, val_y = _fashion_split(root, "t10k")
+    if train_images is not None:
+        chosen = np.sort(seeded_order(len(train_y), seed)[: subset_size(train_images, len(train_y))])
+        train_x, train_y = train_x[chosen], train_y[chosen]
+    if val_images is not None:
+        val_x, val_y = val_x[:val_images], val_y[:val_images]
+
+    def rgb(images: np.ndarray) -> np.ndarray:
+        return np.repeat(images[:, None], 3, axis=1)
+
+    return ClassificationData(
+        name="fashion-mnist",
+        train=ArrayImageDataset(rgb(train_x), train_y, classification_transform(input_size, True, recipe)),
+        val=ArrayImageDataset(rgb(val_x), val_y, classification_transform(input_size, False)),
+        n_classes=len(FASHION_MNIST_CLASSES),
+        class_names=list(FASHION_MNIST_CLASSES),
     )

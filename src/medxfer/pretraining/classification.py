@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from medxfer.config import PretrainConfig
-from medxfer.data.imagenet import AugmentationRecipe, load_imagenet, load_natural
+from medxfer.data.imagenet import AugmentationRecipe, load_fashion_mnist, load_imagenet, load_natural
 from medxfer.errors import ConfigError
 from medxfer.models import build_classifier, build_segmenter
 from medxfer.pretraining.recipes import PretrainSetup, steps_per_epoch, total_steps
@@ -28,6 +28,9 @@ def classification_setup(config: PretrainConfig, recipe: dict[str, Any], data=No
             data = load_imagenet(c.root, input_size=c.input_size, recipe=augmentation, labels_file=c.labels_file,
                                  n_classes=c.n_classes, train_images=c.train_images, val_images=c.val_images,
                                  seed=config.seed)
+        elif c.source == "fashion-mnist":
+            data = load_fashion_mnist(c.root, input_size=c.input_size, recipe=augmentation,
+                                      train_images=c.train_images, val_images=c.val_images, seed=config.seed)
         else:
             data = load_natural(input_size=c.input_size, recipe=augmentation, n_per_class=c.n_per_class,
                                 val_per_class=c.val_per_class, image_size=c.image_size, data_seed=c.data_seed)

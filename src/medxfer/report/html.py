@@ -44,6 +44,7 @@ ROBUSTNESS_FILE = "robustness.csv"
 SUMMARY_CSV = "summary_mean_sd.csv"
 PAIRED_CSV = "paired_comparison.csv"
 CORRELATION_CSV = "score_dice_correlation.csv"
+ANSWER_CSV = "study_answer.csv"
 
 STRATEGY_PHRASES = {
     "full": "Fine-tuning from the pretrained encoder",
@@ -237,10 +238,13 @@ def _figure_jobs(results_dir: Path, records: list[dict], table: pd.DataFrame,
 
 
 def write_report(results_dir: str | Path, *, overlay_runs: Optional[Sequence[str]] = None,
-                 overlay_cases: int = 3) -> Path:
+                 overlay_cases: int = 3, headline: Optional[Sequence[str]] = None,
+                 answer: Optional[pd.DataFrame] = None) -> Path:
     """Write ``RESULTS_DIR/report/report.html`` (+ one PNG per figure and the CSV tables); return its path.
 
     ``overlay_runs``: run ids for the overlay grid (default: chosen by ``select_overlay_runs``).
+    ``headline``/``answer``: a study's own opening sentences and its short answer table (``medxfer demo``
+    passes them); by default the report opens with :func:`findings`.
     Raises DataError when the folder has neither run records nor a robustness.csv.
     """
     results_dir = Path(results_dir)
@@ -281,8 +285,10 @@ def write_report(results_dir: str | Path, *, overlay_runs: Optional[Sequence[str
 
     quality = _quality_lines(table, robustness)
     html_path = out / REPORT_FILE
+    if answer is not None and not answer.empty:
+        write_csv(answer, out / ANSWER_CSV)
     atomic_write_text(html_path, _render(results_dir, records, table, robustness, summary, paired, correlations,
-                                         figures, skipped, quality))
+                                         figures, skipped, quality, headline, answer))
     log.info("report: %s (%d figures, %d skipped)", html_path, len(figures), len(skipped))
     return html_path
 
@@ -300,8 +306,9 @@ def _quality_lines(table: pd.DataFrame, robustness: Optional[pd.DataFrame]) -> l
 
 def _render(results_dir: Path, records: list[dict], table: pd.DataFrame, robustness: Optional[pd.DataFrame],
             summary: pd.DataFrame, paired: pd.DataFrame, correlations: pd.DataFrame,
-            figures: list, skipped: list, quality: Sequence[str] = ()) -> str:
-    sentences = findings(table, robustness)
+            figures: list, skipped: list, quality: Sequence[str] = (), headline: Optional[Sequence[str]] = None,
+            answer: Optional[pd.DataFrame] = None) -> str:
+    sentences = list(headline) if headline else findings(table, robustness)
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>medxfer report: {html.escape(results_dir.name)}</title><style>{CSS}</style></head><body>",
@@ -309,6 +316,12 @@ def _render(results_dir: Path, records: list[dict], table: pd.DataFrame, robustn
         f"<p class='finding'>{html.escape(sentences[0])}</p>",
         *(f"<p>{html.escape(s)}</p>" for s in sentences[1:]),
         "<p class='note'>" + html.escape(_inventory(records, table, robustness)) + "</p>",
+    ]
+    if answer is not None and not answer.empty:
+        parts += ["<h2>The study's answer</h2>",
+                  f"<p class='note'>Paired by seed; 95% t-intervals over seeds. CSV: <a href='{ANSWER_CSV}'>"
+                  f"{ANSWER_CSV}</a></p>", table_html(answer)]
+    parts += [
         "<h2>Data quality</h2>",
         ("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in quality) + "</ul>" if quality
          else "<p class='note'>No problem found in the run records and robustness.csv (duplicates, copied "

@@ -241,3 +241,62 @@ def deepest_level(variant: pd.DataFrame) -> pd.DataFrame:
         else:
             parts.append(group[group["level"].astype(str) == sorted(group["level"].astype(str))[-1]])
     return pd.concat(parts) if parts else variant.iloc[0:0]
+
+
+# ------------------------------------------------------------------------------------- vs scratch
+def t_interval(differences: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Two-sided t confidence interval of the mean of paired differences; NaNs with fewer than 2."""
+    from scipy import stats
+
+    d = np.asarray(differences, dtype=float)
+    if len(d) < 2:
+        return math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
+    return float(d.mean()) - half, float(d.mean()) + half
+
+
+def versus_scratch(table: pd.DataFrame, value: str = VALUE) -> pd.DataFrame:
+    """Each pretrained starting point against scratch on the same dataset, model, number of training images
+    and test set, paired by seed: both means, the mean difference with its 95% t-interval over seeds, and a
+    verdict that says "within seed noise" when the interval covers 0 (and "1 seed: no interval" with one)."""
+    keys = _group_keys(table, CONTEXT_COLUMNS)
+    data = table[table[value].notna()].copy()
+    data["arm"] = [arm_label(*row) for row in data[ARM_COLUMNS].itertuples(index=False, name=None)]
+    rows = []
+    for key, group in data.groupby(keys, dropna=False, sort=True):
+        by_seed = group.groupby(["arm", "seed"])[value].mean().unstack("seed")
+        if "scratch" not in by_seed.index:
+            continue
+        for arm in by_seed.index:
+            if arm == "scratch":
+                continue
+            both = by_seed.loc[[arm, "scratch"]].dropna(axis=1)
+            if both.shape[1] == 0:
+                continue
+            diff = both.loc[arm].to_numpy() - both.loc["scratch"].to_numpy()
+            low, high = t_interval(diff)
+            if len(diff) < 2:
+                verdict = "1 seed: no interval"
+            elif low > 0:
+                verdict = "better than scratch"
+            elif high < 0:
+                verdict = "worse than scratch"
+            else:
+                verdict = "within seed noise"
+            row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+            row.update({"starting point": arm, "n seeds": int(both.shape[1]),
+                        f"{value} scratch": float(both.loc["scratch"].mean()), f"{value}": float(both.loc[arm].mean()),
+                        "difference": float(diff.mean()), "95% CI low": low, "95% CI high": high,
+                        "verdict": verdict})
+            rows.append(row)
+    columns = keys + ["starting point", "n seeds", f"{value} scratch", value, "difference", "95% CI low",
+                      "95% CI high", "verdict"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def format_difference(row: Any) -> str:
+    """``+0.123 [+0.050, +0.196]`` (the interval left out when there is none)."""
+    text = f"{row['difference']:+.3f}"
+    if not math.isnan(row["95% CI low"]):
+        text += f" [{row['95% CI low']:+.3f}, {row['95% CI high']:+.3f}]"
+    return text
