@@ -64,12 +64,18 @@ def draw_contours(ax, label2d: np.ndarray, n_classes: int, linewidth: float = 1.
             ax.contour(mask.astype(np.float32), levels=[0.5], colors=[class_colour(c)], linewidths=linewidth)
 
 
+def class_handles(n_classes: int, class_names: Optional[Sequence[str]] = None) -> list[Line2D]:
+    return [Line2D([0], [0], color=class_colour(c), lw=2,
+                   label=class_names[c] if class_names and c < len(class_names) else f"class {c}")
+            for c in range(1, n_classes)]
+
+
 def class_legend(ax, n_classes: int, class_names: Optional[Sequence[str]] = None) -> None:
-    handles = [Line2D([0], [0], color=class_colour(c), lw=2,
-                      label=class_names[c] if class_names and c < len(class_names) else f"class {c}")
-               for c in range(1, n_classes)]
+    """The class colours, below the image (never over it)."""
+    handles = class_handles(n_classes, class_names)
     if handles:
-        ax.legend(handles=handles, fontsize=6, loc="lower right", framealpha=0.6)
+        ax.legend(handles=handles, fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.02),
+                  ncol=min(len(handles), 4), frameon=False)
 
 
 def overlay_figure(image: np.ndarray, label: np.ndarray, n_classes: int, title: str = "") -> Figure:
@@ -149,6 +155,20 @@ def _case_dice(record: dict[str, Any], case_id: str) -> Optional[float]:
     return None
 
 
+def cases_to_show(cases: Sequence[Any], n_cases: int) -> list:
+    """The labelled cases with the most foreground classes, then the most foreground pixels (ties: dataset
+    order), shown in dataset order, so that the overlays show the structures rather than empty slices."""
+    labelled = [(i, c) for i, c in enumerate(cases) if c.label is not None]
+
+    def content(item: tuple[int, Any]) -> tuple[int, int, int]:
+        i, case = item
+        valid = case.label[case.label != IGNORE_INDEX]
+        return (-len(np.setdiff1d(np.unique(valid), [0])), -int((valid > 0).sum()), i)
+
+    chosen = sorted(sorted(labelled, key=content)[:n_cases], key=lambda item: item[0])
+    return [case for _, case in chosen]
+
+
 def plot_overlay_grid(results_dir: str | Path, records: Sequence[dict[str, Any]], n_cases: int = 3,
                       run_ids: Optional[Sequence[str]] = None, max_runs: int = 5) -> tuple[Figure, str]:
     """Image | ground truth | prediction of each chosen run, for the first ``n_cases`` test cases.
@@ -169,7 +189,7 @@ def plot_overlay_grid(results_dir: str | Path, records: Sequence[dict[str, Any]]
         data = load_data(data_config)
     except MedxferError as exc:
         raise SkipFigure(f"cannot load the test data of run {runs[0].get('run_id')}: {exc}") from None
-    cases = [c for c in data.test if c.label is not None][:n_cases]
+    cases = cases_to_show(data.test, n_cases)
     if not cases:
         raise SkipFigure(f"dataset {data.name} has no labelled test case")
 
@@ -207,6 +227,9 @@ def plot_overlay_grid(results_dir: str | Path, records: Sequence[dict[str, Any]]
         if r == 0:
             axes[r, 0].set_title("image", fontsize=7)
             axes[r, 1].set_title("ground truth", fontsize=7)
-    class_legend(axes[0, 1], data.n_classes, data.class_names)
+    handles = class_handles(data.n_classes, data.class_names)
+    if handles:
+        figure.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=8,
+                      frameon=False)
     seed = columns[0][2].get("seed")
     return figure, f"{data.name}, seed {seed}: {len(columns)} run(s) on {len(cases)} test case(s)"

@@ -22,6 +22,9 @@ from medxfer.report.tables import VALUE, arm_label, deepest_level, default_varia
 log = logging.getLogger(__name__)
 
 PANEL_SIZE = (4.2, 3.3)  # inches per panel
+MAX_LEGEND_ENTRIES = 6  # more lines than this in one panel are split into more panels
+MIN_DICE_SPAN = 0.1  # a Dice axis spans at least this much, so that seed noise of 0.0001 is not blown up
+MIN_SCORE_SPAN = 0.05  # the same for the robustness score
 
 
 class SkipFigure(Exception):
@@ -64,12 +67,37 @@ def _length_axis(ax, lengths: np.ndarray) -> None:
     ax.set_xlabel("pretraining length")
 
 
-def _finish(ax, ylabel: str, title: str) -> None:
+def _finish(ax, ylabel: str, title: str, min_span: Optional[float] = MIN_DICE_SPAN,
+            limits: Optional[tuple[float, float]] = (0.0, 1.0)) -> None:
+    """Labels, grid, a y-axis at least ``min_span`` wide (inside ``limits``), and the legend outside the
+    axes (below them), so that it never covers data."""
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
+    if min_span is not None:
+        widen_axis(ax, min_span, limits)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, frameon=False)
+
+
+def widen_axis(ax, min_span: float, limits: Optional[tuple[float, float]] = None) -> None:
+    """Widen the y-axis to at least ``min_span`` around its data, kept inside ``limits`` where possible."""
+    low, high = ax.get_ylim()
+    if high - low >= min_span:
+        return
+    centre = (low + high) / 2
+    low, high = centre - min_span / 2, centre + min_span / 2
+    if limits is not None:
+        if low < limits[0]:
+            low, high = limits[0], limits[0] + min_span
+        if high > limits[1]:
+            low, high = limits[1] - min_span, limits[1]
+    ax.set_ylim(low, high)
+
+
+def chunks(items: list, size: int = MAX_LEGEND_ENTRIES) -> list[list]:
+    """``items`` in consecutive groups of at most ``size`` (one panel each); at least one, maybe empty."""
+    return [items[i:i + size] for i in range(0, len(items), size)] or [[]]
 
 
 def _several(values) -> bool:
@@ -92,11 +120,24 @@ def scratch_as_full_at_length_zero(data: pd.DataFrame) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------ the figures
+def _panel_grid(n_panels: int, max_cols: int = 3) -> tuple[Figure, list]:
+    cols = min(max_cols, max(1, n_panels))
+    rows = math.ceil(max(1, n_panels) / cols)
+    figure, axes = new_figure(rows, cols)
+    flat = list(axes.ravel())
+    for ax in flat[n_panels:]:
+        ax.set_visible(False)
+    return figure, flat[:n_panels]
+
+
 def plot_dice_vs_pretraining_length(table: pd.DataFrame) -> Figure:
-    """Downstream Dice vs pretraining length: panels per dataset (rows) and frozen vs fine-tuned encoder
-    (columns); a line per model / strategy / n images, mean ± sd over seeds. Scratch runs are the
-    length-0 point of full fine-tuning, and a dashed reference line in the panels of other strategies."""
+    """Downstream Dice vs pretraining length: panels per dataset and frozen vs fine-tuned encoder (split
+    further when a panel would hold more than ``MAX_LEGEND_ENTRIES`` lines); a line per model / strategy /
+    n images with two or more lengths, mean ± sd over seeds. Scratch runs are the length-0 point of full
+    fine-tuning, and a grey dashed line in the panels of other strategies; starting points without a length
+    (imported weights such as ImageNet) are dashed horizontal lines at their mean."""
     data = _target_rows(table)
+    unlengthed = data[data["pretraining length"].isna() & (data["strategy"] != "scratch")]
     data = data[data["pretraining length"].notna()]
     pretrained = data[data["strategy"] != "scratch"]
     if pretrained.empty or data["pretraining length"].nunique() < 2:
@@ -104,43 +145,66 @@ def plot_dice_vs_pretraining_length(table: pd.DataFrame) -> Figure:
     scratch = data[data["strategy"] == "scratch"]
     lines = scratch_as_full_at_length_zero(data)
     lines = lines[lines["strategy"] != "scratch"]
-    datasets = sorted(pretrained["dataset"].unique())
-    frozen_states = sorted(pretrained["freeze encoder"].unique())
-    figure, axes = new_figure(len(datasets), len(frozen_states))
-    for r, dataset in enumerate(datasets):
-        for c, frozen in enumerate(frozen_states):
-            ax = axes[r, c]
+    keys = ["model", "strategy", "n train images"]
+    panels = []
+    for dataset in sorted(pretrained["dataset"].unique()):
+        for frozen in sorted(pretrained[pretrained["dataset"] == dataset]["freeze encoder"].unique()):
             panel = lines[(lines["dataset"] == dataset) & (lines["freeze encoder"] == frozen)]
-            for (model, strategy, n_images), rows in panel.groupby(["model", "strategy", "n train images"]):
-                label = f"{model}, {strategy}, n={n_images}"
-                _draw_line(ax, _mean_sd(rows, "pretraining length"), "pretraining length", label)
-                if strategy != "full":
-                    reference = scratch[(scratch["dataset"] == dataset) & (scratch["model"] == model)
-                                        & (scratch["n train images"] == n_images)][VALUE]
-                    if not reference.empty:
-                        ax.axhline(reference.mean(), linestyle="--", linewidth=1, color="grey")
-                        ax.text(0.01, reference.mean(), f" scratch, n={n_images}", fontsize=6, color="grey",
-                                va="bottom", transform=ax.get_yaxis_transform())
-            _length_axis(ax, data["pretraining length"].to_numpy(float))
-            _finish(ax, "Dice (target test)", f"{dataset}: {'frozen' if frozen else 'fine-tuned'} encoder")
+            drawn = [key for key, rows in panel.groupby(keys) if rows["pretraining length"].nunique() >= 2]
+            for part in chunks(drawn, max(1, MAX_LEGEND_ENTRIES // 2)):  # room for each line's references
+                if part:
+                    panels.append((dataset, frozen, panel, part))
+    if not panels:
+        raise SkipFigure("no starting point was fine-tuned at two or more pretraining lengths")
+    show_model = _several(lines["model"])
+    figure, axes = _panel_grid(len(panels))
+    for ax, (dataset, frozen, panel, part) in zip(axes, panels):
+        for model, strategy, n_images in part:
+            rows = panel[(panel["model"] == model) & (panel["strategy"] == strategy)
+                         & (panel["n train images"] == n_images)]
+            label = (f"{model}, " if show_model else "") + f"{strategy}, n={n_images}"
+            _draw_line(ax, _mean_sd(rows, "pretraining length"), "pretraining length", label)
+            same = lambda frame: frame[(frame["dataset"] == dataset) & (frame["model"] == model)  # noqa: E731
+                                       & (frame["n train images"] == n_images)]
+            if strategy != "full":
+                reference = same(scratch)[VALUE]
+                if not reference.empty:
+                    ax.axhline(reference.mean(), linestyle="--", linewidth=1, color="grey",
+                               label=f"scratch, n={n_images}")
+            for (arm_strategy, scheme), arm in same(unlengthed).groupby(["strategy", "pretraining scheme"]):
+                ax.axhline(arm[VALUE].mean(), linestyle="--", linewidth=1.2,
+                           color="black" if arm_strategy == "full" else "dimgrey",
+                           label=f"{arm_label(arm_strategy, None, scheme)}, n={n_images}")
+        _length_axis(ax, data["pretraining length"].to_numpy(float))
+        _finish(ax, "Dice (target test)", f"{dataset}: {'frozen' if frozen else 'fine-tuned'} encoder")
     return figure
 
 
 def plot_dice_vs_n_images(table: pd.DataFrame) -> Figure:
-    """Data-scarcity curve: Dice vs number of target training images, a line per starting point."""
+    """Data-scarcity curve: Dice vs number of target training images, a line per starting point run with
+    two or more numbers of images (at most ``MAX_LEGEND_ENTRIES`` per panel; scratch in every panel)."""
     data = _target_rows(table)
     if data["n train images"].nunique() < 2:
         raise SkipFigure("needs target-test runs with two or more numbers of training images")
-    datasets = sorted(data["dataset"].unique())
-    figure, axes = new_figure(1, len(datasets))
+    keys = ["model", "strategy", "pretraining length", "pretraining scheme"]
     show_model = _several(data["model"])
-    for c, dataset in enumerate(datasets):
-        ax = axes[0, c]
+    panels = []
+    for dataset in sorted(data["dataset"].unique()):
         panel = data[data["dataset"] == dataset]
-        keys = ["model", "strategy", "pretraining length", "pretraining scheme"]
-        for (model, strategy, length, scheme), rows in panel.groupby(keys, dropna=False):
+        arms = [(key, rows) for key, rows in panel.groupby(keys, dropna=False) if rows["n train images"].nunique() >= 2]
+        scratch = [arm for arm in arms if arm[0][1] == "scratch"]
+        others = [arm for arm in arms if arm[0][1] != "scratch"]
+        for part in chunks(others, MAX_LEGEND_ENTRIES - len(scratch)):
+            if part or scratch:
+                panels.append((dataset, scratch + part))
+    if not panels:
+        raise SkipFigure("no starting point was run with two or more numbers of training images")
+    figure, axes = _panel_grid(len(panels))
+    for ax, (dataset, arms) in zip(axes, panels):
+        for (model, strategy, length, scheme), rows in arms:
             label = (f"{model}, " if show_model else "") + arm_label(strategy, length, scheme)
-            _draw_line(ax, _mean_sd(rows, "n train images"), "n train images", label)
+            style = {"color": "black", "linestyle": "--"} if strategy == "scratch" else {}
+            _draw_line(ax, _mean_sd(rows, "n train images"), "n train images", label, **style)
         ax.set_xlabel("target training images")
         _finish(ax, "Dice (target test)", str(dataset))
     return figure
@@ -170,6 +234,10 @@ def plot_source_vs_target(table: pd.DataFrame) -> Figure:
                         color=points.get_facecolor()[0])
         ax.set_xlabel("Dice, target test")
         _finish(ax, "Dice, source test", f"{dataset}: source kept after fine-tuning")
+        low, high = ax.get_xlim()
+        if high - low < MIN_DICE_SPAN:
+            centre = min(max((low + high) / 2, MIN_DICE_SPAN / 2), 1 - MIN_DICE_SPAN / 2)
+            ax.set_xlim(centre - MIN_DICE_SPAN / 2, centre + MIN_DICE_SPAN / 2)
     return figure
 
 
@@ -181,17 +249,17 @@ def plot_transferability_vs_length(robustness: Optional[pd.DataFrame]) -> tuple[
     variant = variant[variant["robustness"].notna() & variant["pretraining_length"].notna()]
     if variant["pretraining_length"].nunique() < 2:
         raise SkipFigure("robustness.csv has fewer than two pretraining lengths for the default variant")
-    datasets = sorted(variant["dataset"].astype(str).unique())
-    figure, axes = new_figure(1, len(datasets))
-    for c, dataset in enumerate(datasets):
-        ax = axes[0, c]
-        panel = variant[variant["dataset"].astype(str) == dataset]
-        for (encoder, scheme, level), rows in panel.groupby(["encoder", "pretraining_scheme", "level"], dropna=False):
+    keys = ["dataset", "encoder", "pretraining_scheme"]
+    variant = variant.assign(dataset=variant["dataset"].astype(str))
+    groups = list(variant.groupby(keys, dropna=False, sort=True))
+    figure, axes = _panel_grid(len(groups))
+    for ax, ((dataset, encoder, scheme), panel) in zip(axes, groups):
+        for level, rows in panel.groupby("level", dropna=False):
             stats = rows.groupby("pretraining_length")["robustness"].mean().sort_index()
-            label = f"{encoder} {scheme}".strip() + f", level {level}"
-            ax.plot(stats.index.to_numpy(float), stats.to_numpy(float), marker="o", label=label)
+            ax.plot(stats.index.to_numpy(float), stats.to_numpy(float), marker="o", label=f"level {level}")
         _length_axis(ax, variant["pretraining_length"].to_numpy(float))
-        _finish(ax, "robustness score", f"{dataset} ({description})")
+        title = f"{dataset}: {encoder} {scheme}".strip()
+        _finish(ax, "robustness score", f"{title}\n({description})", min_span=MIN_SCORE_SPAN, limits=None)
     return figure, description
 
 
@@ -264,6 +332,10 @@ def plot_score_vs_dice(table: pd.DataFrame, robustness: Optional[pd.DataFrame]) 
                             fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("robustness score (deepest level)")
         _finish(ax, "mean Dice (target test)", f"{dataset} (point labels: pretraining length)")
+        low, high = ax.get_xlim()
+        if high - low < MIN_SCORE_SPAN:
+            centre = (low + high) / 2
+            ax.set_xlim(centre - MIN_SCORE_SPAN / 2, centre + MIN_SCORE_SPAN / 2)
     return figure
 
 
