@@ -16,7 +16,8 @@ validation, test, test, test from bottom to top: 20 training, 3 validation and 9
 
 Two intensity domains of the same anatomy and labels (``options.domain``):
 - ``t1``: the real T1 image.
-- ``t2like``: a fixed, stated transform of it that mimics a T2-weighted contrast: inside the head, intensities
+- ``t2like``: a fixed, stated transform of it that mimics a T2-weighted contrast: inside the head (voxels
+  above 10% of the maximum, holes filled), intensities
   scaled to [0, 1] by the 99th percentile are inverted (``1 - x``: CSF bright, white matter dark), raised to the
   power 1.5, multiplied by a smooth bias field ``exp(0.25 cos(2 pi i / 181) cos(2 pi j / 217))`` (i, j: voxel
   indices), plus Gaussian noise (sd 0.02, fixed seed). The head mask and the percentile come from the slices
@@ -111,9 +112,9 @@ def _volumes(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def t2like(t1: np.ndarray) -> np.ndarray:
     """The stated T1 -> "T2-like" transform (see the module docstring) of a volume or slab; deterministic."""
-    from scipy.ndimage import gaussian_filter
+    from scipy.ndimage import binary_fill_holes
 
-    head = gaussian_filter(t1, 2.0) > 0.1 * float(t1.max())
+    head = binary_fill_holes(t1 > 0.1 * float(t1.max()))
     scale = float(np.percentile(t1[head], 99))
     x = np.clip(t1 / scale, 0.0, 1.0)
     inverted = np.where(head, (1.0 - x) ** 1.5, 0.0)
