@@ -1,0 +1,89 @@
+"""What makes the report readable at a glance: vs-scratch intervals, legends, axis spans, overlay cases."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from medxfer.data.base import Case
+from medxfer.report import plots
+from medxfer.report.overlays import cases_to_show
+from medxfer.report.tables import format_difference, versus_scratch
+
+
+def rows(strategy, length, scheme, n_images, values):
+    return [{"dataset": "d", "model": "m", "n train images": n_images, "test set": "target", "strategy": strategy,
+             "pretraining length": length, "pretraining scheme": scheme, "freeze encoder": strategy == "frozen_encoder",
+             "seed": seed, "dice": value} for seed, value in enumerate(values)]
+
+
+def test_versus_scratch_pairs_by_seed_with_a_t_interval_and_an_honest_verdict():
+    table = pd.DataFrame(rows("scratch", 0.0, "", 5, [0.50, 0.52, 0.48])
+                         + rows("full", math.nan, "imagenet", 5, [0.60, 0.65, 0.58])
+                         + rows("frozen_encoder", math.nan, "imagenet", 5, [0.49, 0.55, 0.47])
+                         + rows("scratch", 0.0, "", 20, [0.7]) + rows("full", math.nan, "imagenet", 20, [0.75]))
+    result = versus_scratch(table).set_index(["n train images", "starting point"])
+    full = result.loc[(5, "full (imagenet)")]
+    diff = np.array([0.10, 0.13, 0.10])
+    half = stats.t.ppf(0.975, 2) * diff.std(ddof=1) / math.sqrt(3)
+    assert full["difference"] == pytest.approx(diff.mean())
+    assert (full["95% CI low"], full["95% CI high"]) == pytest.approx((diff.mean() - half, diff.mean() + half))
+    assert full["verdict"] == "better than scratch" and full["n seeds"] == 3
+    assert result.loc[(5, "frozen_encoder (imagenet)"), "verdict"] == "within seed noise"
+    one = result.loc[(20, "full (imagenet)")]
+    assert one["verdict"] == "1 seed: no interval" and math.isnan(one["95% CI low"])
+    assert format_difference(one) == "+0.050"
+    assert format_difference(full) == f"{diff.mean():+.3f} [{diff.mean() - half:+.3f}, {diff.mean() + half:+.3f}]"
+
+
+def test_a_tiny_difference_is_not_blown_up_to_fill_the_axis():
+    table = pd.DataFrame(rows("scratch", 0.0, "", 5, [0.5000, 0.5001]) + rows("scratch", 0.0, "", 10, [0.5001, 0.5002]))
+    ax = plots.plot_dice_vs_n_images(table).axes[0]
+    low, high = ax.get_ylim()
+    assert high - low >= plots.MIN_DICE_SPAN - 1e-9 and low <= 0.5 <= high
+
+
+def legend_sizes(figure):
+    return [len(ax.get_legend().get_texts()) for ax in figure.axes if ax.get_legend() is not None]
+
+
+def test_many_starting_points_are_split_into_panels_of_at_most_six_lines_with_scratch_in_each():
+    table = pd.DataFrame(sum((rows("full", float(length), "simple", n, [0.5 + 0.01 * length])
+                              for length in range(1, 10) for n in (5, 10)), [])
+                         + rows("scratch", 0.0, "", 5, [0.4]) + rows("scratch", 0.0, "", 10, [0.45]))
+    figure = plots.plot_dice_vs_n_images(table)
+    sizes = legend_sizes(figure)
+    assert len(sizes) == 2 and max(sizes) <= plots.MAX_LEGEND_ENTRIES and sum(sizes) == 9 + 2
+    for ax in figure.axes:
+        if ax.get_legend() is not None:
+            assert "scratch" in [t.get_text() for t in ax.get_legend().get_texts()]
+            # the legend sits below the axes, never over the data
+            assert ax.get_legend().get_window_extent().y1 <= ax.get_window_extent().y0 + 1
+
+
+def test_length_plot_draws_imported_weights_as_reference_lines_and_drops_single_point_lines():
+    table = pd.DataFrame(rows("scratch", 0.0, "", 5, [0.4, 0.42]) + rows("scratch", 0.0, "", 20, [0.6])
+                         + rows("full", 50.0, "simple", 5, [0.45, 0.47]) + rows("full", 100.0, "simple", 5, [0.5, 0.5])
+                         + rows("full", math.nan, "imagenet", 5, [0.55, 0.57])
+                         + rows("full", math.nan, "imagenet", 20, [0.7]))
+    figure = plots.plot_dice_vs_pretraining_length(table)
+    (ax,) = [a for a in figure.axes if a.get_visible()]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert sorted(labels) == ["full (imagenet), n=5", "full, n=5"]  # no one-point line for n=20
+    reference = [line for line in ax.get_lines() if line.get_label() == "full (imagenet), n=5"][0]
+    assert reference.get_ydata()[0] == pytest.approx(0.56)
+
+
+def test_overlays_show_the_test_slices_with_the_most_structures_in_dataset_order():
+    def case(name, label):
+        return Case(image=np.zeros((1, 4, 4), np.float32), label=np.array(label), case_id=name)
+
+    empty = case("empty", np.zeros((4, 4), int))
+    one = case("one", np.pad([[1, 1]], ((0, 3), (0, 2))))
+    two_small = case("two-small", np.pad([[1, 2]], ((0, 3), (0, 2))))
+    two_big = case("two-big", np.pad([[1, 2], [2, 2]], ((0, 2), (0, 2))))
+    chosen = cases_to_show([empty, two_small, one, two_big], 2)
+    assert [c.case_id for c in chosen] == ["two-small", "two-big"]
+    assert [c.case_id for c in cases_to_show([empty, one], 5)] == ["empty", "one"]
