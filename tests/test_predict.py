@@ -72,7 +72,8 @@ def test_predict_2d_folder_writes_masks_in_the_input_format(tmp_path):
     assert masks["a"].shape == png.shape and masks["b"].shape == rgb.shape[:2]
     assert masks["c"].shape == tif.shape and masks["d"].shape == npy.shape
     for stem, mask in masks.items():
-        assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+        # PNG masks are 0/255 (visible in an image viewer); the other formats hold class indices
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) <= ({0, 255} if stem in "ab" else {0, 1})
         overlay = (out / f"{stem}_overlay.png").read_bytes()
         assert overlay[:8] == PNG_SIGNATURE
         Image.open(out / f"{stem}_overlay.png").load()
@@ -80,6 +81,7 @@ def test_predict_2d_folder_writes_masks_in_the_input_format(tmp_path):
     with torch.no_grad():
         probs = torch.softmax(model(torch.from_numpy(x)[None, None]), dim=1)[0, 1].numpy()
     np.testing.assert_array_equal(masks["d"], (probs > 0.5).astype(np.uint8))
+    assert summary["png_scale"] == 255
     assert 0 < masks["d"].mean() < 1
     written = json.loads((out / "predict_summary.json").read_text())
     assert written["failed"] == summary["failed"] and len(written["written"]) == 4

@@ -10,7 +10,9 @@ defaults (with a warning).
 
 Outputs, per input ``<stem>``: ``<stem>_mask.<ext>`` holding class indices (0 = background, uint8) in the
 input's format (PNG for png/jpg, TIFF for tif, npy for npy, NIfTI with the input's affine, header and
-voxel axes for NIfTI) and ``<stem>_overlay.png`` (contours per class; for a volume the slice with most
+voxel axes for NIfTI; PNG masks are scaled to be visible in an image viewer: class k is written as
+``k * png_scale`` with ``png_scale = 255 // (n_classes - 1)``, so a binary mask is 0/255; the summary records
+``png_scale``) and ``<stem>_overlay.png`` (contours per class; for a volume the slice with most
 foreground), plus ``predict_summary.json`` (per input: its spacing in mm when the file has one, and
 whether it lies outside the training data's spacing, which is then also logged as a warning with both).
 A file that cannot be read or predicted, for whatever reason, is logged, listed with the reason under
@@ -110,6 +112,11 @@ def _fit_channels(image: np.ndarray, in_channels: int, path: Path) -> np.ndarray
     raise DataError(f"{path}: image has {image.shape[0]} channels, the model takes {in_channels}")
 
 
+def png_scale(n_classes: int) -> int:
+    """Factor PNG masks are multiplied by so that classes are visible grey levels (binary: 0/255)."""
+    return max(1, 255 // max(1, n_classes - 1))
+
+
 def _mask_bytes(mask: np.ndarray, meta: dict[str, Any], path: Path) -> tuple[bytes, str, tuple[int, ...]]:
     """The encoded mask file, its suffix and the shape stored in it, in the input's format."""
     buffer = io.BytesIO()
@@ -132,7 +139,10 @@ def _mask_bytes(mask: np.ndarray, meta: dict[str, Any], path: Path) -> tuple[byt
     if kind == "npy":
         np.save(buffer, mask, allow_pickle=False)
         return buffer.getvalue(), ".npy", mask.shape
-    Image.fromarray(mask).save(buffer, format="PNG")  # png also for jpg inputs: masks must be lossless
+    scale = png_scale(int(meta.get("n_classes", 2)))
+    visible = mask.astype(np.uint16) * scale if scale > 1 else mask
+    # png also for jpg inputs: masks must be lossless
+    Image.fromarray(visible.astype(np.uint8 if int(visible.max(initial=0)) <= 255 else np.uint16)).save(buffer, format="PNG")
     return buffer.getvalue(), ".png", mask.shape
 
 
@@ -183,7 +193,7 @@ def predict(model_path_or_run_dir: str | Path, inputs: str | Path, out_dir: str 
                 raise DataError(f"{path}: a {spatial_dims}D model cannot take an image of shape {image.shape}")
             else:
                 mask = label_map(probabilities(model, image, settings), settings["threshold"]).astype(mask_dtype)
-            data, suffix, stored_shape = _mask_bytes(mask, meta, path)
+            data, suffix, stored_shape = _mask_bytes(mask, {**meta, "n_classes": model.n_classes}, path)
             mask_path = out_dir / f"{stem}_mask{suffix}"
             atomic_write_bytes(mask_path, data)
             entry = {"input": str(path), "mask": str(mask_path), "shape": list(stored_shape),
@@ -201,6 +211,7 @@ def predict(model_path_or_run_dir: str | Path, inputs: str | Path, out_dir: str 
     summary = {"model": info["model_path"], "settings": {k: (list(v) if isinstance(v, tuple) else v)
                                                            for k, v in settings.items()},
                "train_spacing": trained_spacing,
+               "png_scale": png_scale(model.n_classes),
                "out_dir": str(out_dir), "written": written, "failed": failed}
     atomic_write_json(out_dir / "predict_summary.json", summary)
     log.info("predict: %d mask(s) written to %s, %d input(s) failed", len(written), out_dir, len(failed))
