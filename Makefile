@@ -1,11 +1,16 @@
-# Two commands do all set-up: `make demo` and `make test` (each creates .venv and installs medxfer first).
+# Two commands do all set-up: `make demo` and `make test` (each creates .venv, installs medxfer and the demo's
+# Debian data packages first).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medxfer-installed
 DEMO_OUT ?= demo_out
 
-.PHONY: install demo test test-ray bench clean
+# Real data the demo (and its test) read: Colin27 + AAL (mricron-data) and Fashion-MNIST (dataset-fashion-mnist).
+DEBIAN_DATA := /usr/share/mricron/templates/ch2.nii.gz /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+DEBIAN_PACKAGES := mricron-data dataset-fashion-mnist
+
+.PHONY: install data demo test test-ray bench clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,10 +20,17 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 
 install: $(STAMP)
 
-demo: $(STAMP)
+# apt-get install when run as root and a file is missing; otherwise say what to install (nothing else is needed).
+data:
+	@missing=0; for f in $(DEBIAN_DATA); do test -f $$f || missing=1; done; \
+	if [ $$missing = 0 ]; then echo "demo data present ($(DEBIAN_PACKAGES))"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES); \
+	else echo "demo data missing and not root: run 'sudo apt-get install $(DEBIAN_PACKAGES)' (the demo test is skipped until then)"; fi
+
+demo: $(STAMP) data
 	$(BIN)/medxfer demo --out $(DEMO_OUT)
 
-test: $(STAMP)
+test: $(STAMP) data
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
