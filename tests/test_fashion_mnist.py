@@ -60,7 +60,7 @@ def test_loader_takes_a_seeded_training_subset_and_the_first_test_images(tmp_pat
 
 
 def test_pretraining_on_fashion_mnist_learns_above_chance(tmp_path):
-    from medxfer.pretrain import run_pretraining
+    from medxfer.pretraining import run_pretraining
 
     root = write_fashion(tmp_path / "fm", n_train=200, n_test=50, compress=False)
     config = parse_config({

