@@ -275,3 +275,22 @@ def test_optimizers_are_fused_on_the_cpu_and_step_like_the_default(name):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
         make_optimizer("lamb", [{"params": list(a.parameters())}], lr=0.1)
+
+
+@pytest.mark.parametrize("every, expected", [(None, 6), (3, 2)])
+def test_validation_runs_every_n_steps_when_asked(tmp_path, every, expected):
+    class CountValidations(L.Callback):
+        calls: list = []
+
+        def on_validation_end(self, trainer, pl_module):
+            self.calls.append(trainer.global_step)
+
+    counter = CountValidations()
+    counter.calls = []
+    # 4 training images, batch 4: one step per epoch, so per-epoch validation runs after every step
+    config = tiny_config(max_steps=6, batch_size=4, val_every_n_steps=every)
+    config = config.model_copy(update={"data": config.data.model_copy(update={"train_images": 4})})
+    run_finetune(config, tmp_path, callbacks=[counter])
+    assert len(counter.calls) == expected
+    if every:
+        assert counter.calls == [3, 6]

@@ -133,6 +133,9 @@ class TrainConfig(StrictModel):
     max_steps: int = -1  # > 0 overrides max_epochs
     batch_size: int = Field(8, ge=1)
     early_stopping_patience: Optional[int] = Field(None, ge=1)  # epochs without validation Dice improvement
+    # validate every N optimizer steps instead of after every epoch (few-image epochs are a step or two long,
+    # and validating that often can cost more than the training); None = every epoch
+    val_every_n_steps: Optional[int] = Field(None, ge=1)
     # how often the resume checkpoint (weights + optimizer state) is written: every N seconds of training,
     # or None = at every epoch end. Few-image epochs are short, and writing a large model's checkpoint can
     # take longer than a training step, so the default is by time.

