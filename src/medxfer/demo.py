@@ -205,6 +205,16 @@ def _seeds(n: int) -> str:
     return f"{n} seed{'s' if n != 1 else ''}"
 
 
+def _uncertainty(row: Any) -> str:
+    """How a comparison's interval is described: over how many seeds, or that one seed gives none."""
+    from medxfer.report.tables import format_difference
+
+    n = int(row["n seeds"])
+    if n < 2:
+        return f"{format_difference(row)} (1 seed, no interval)"
+    return f"{format_difference(row)} (95% t-interval over {_seeds(n)}): {row['verdict']}"
+
+
 def study_answer(out: str | Path, quick: bool = False) -> dict[str, Any]:
     """The study's answers from the run records: headline sentences, the short answer table (each starting
     point vs scratch at the fewest and most training images), the ladder and the transfer tables."""
@@ -230,10 +240,8 @@ def study_answer(out: str | Path, quick: bool = False) -> dict[str, Any]:
                          "Dice scratch": row["dice scratch"], "Dice": row["dice"],
                          "difference [95% CI]": format_difference(row), "verdict": row["verdict"]})
             if size == fewest:
-                headline.append(
-                    f"{name} vs scratch with {size} training slices: Dice {row['dice']:.3f} vs "
-                    f"{row['dice scratch']:.3f}, difference {format_difference(row)} "
-                    f"(95% t-interval over {_seeds(int(row['n seeds']))}): {row['verdict']}.")
+                headline.append(f"{name} vs scratch with {size} training slices: Dice {row['dice']:.3f} vs "
+                                f"{row['dice scratch']:.3f}, difference {_uncertainty(row)}.")
     ladder = ladder_table(out, table, load_robustness(out / "robustness.csv"), min(s["ladder_sizes"]))
     recommendation = _recommendation(out)
     if recommendation is not None and not ladder.empty:
@@ -262,8 +270,7 @@ def study_answer(out: str | Path, quick: bool = False) -> dict[str, Any]:
         row = second.sort_values("n train images").iloc[0]
         headline.append(
             f"T1 model fine-tuned on the T2-like domain with {row['n train images']:g} slices vs scratch there: "
-            f"Dice {row['dice']:.3f} vs {row['dice scratch']:.3f}, difference {format_difference(row)} "
-            f"({_seeds(int(row['n seeds']))}): {row['verdict']}.")
+            f"Dice {row['dice']:.3f} vs {row['dice scratch']:.3f}, difference {_uncertainty(row)}.")
         rows.append({"question": "T1 model -> T2-like vs scratch", "training slices": int(row["n train images"]),
                      "seeds": int(row["n seeds"]), "Dice scratch": row["dice scratch"], "Dice": row["dice"],
                      "difference [95% CI]": format_difference(row), "verdict": row["verdict"]})
