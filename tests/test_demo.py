@@ -20,10 +20,11 @@ ROBUSTNESS_COLUMNS = ["dataset", "metric", "margin", "encoder", "pretraining_sch
 # T2-like {scratch, T1 model fine-tuned} x 5 slices; one seed
 N_RUNS = 3 * 2 + 2 + 2
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.timeout(900), pytest.mark.skipif(
     not (colin27.TEMPLATES / colin27.IMAGE_FILE).is_file()
     or not (FASHION_MNIST_ROOT / "train-images-idx3-ubyte.gz").is_file(),
-    reason="needs the Debian packages mricron-data and dataset-fashion-mnist (make test installs them as root)")
+    reason="needs the Debian packages mricron-data and dataset-fashion-mnist (make test installs them as root)")]
+# (the timeout: --quick takes about 1.5 min of CPU; on a busy shared machine its wall time is several times that)
 
 
 @pytest.fixture(scope="module")
