@@ -109,3 +109,45 @@ def test_3d_benchmark_measures_every_side_and_profiles_unet3d(tmp_path, monkeypa
     assert any("convolution" in op for op, _ in data["profile"])
     assert sum(share for _, share in data["profile"]) <= 1.0 + 1e-9
     assert [r["target"] for r in rows[:3]] == [">= 0.5", ">= 0.5", "-"]
+
+
+def test_loss_selection_benchmark_runs_auto_and_every_fixed_loss_on_one_tiny_task():
+    import bench_losses
+
+    results = bench_losses.run_tasks([("rare_class_few_cases", 2)], seeds=[0], workers=1,
+                                     shape={2: (24, 24)}, steps={2: 2}, width=2)
+    (result,) = results
+    assert set(result["summary"]) == {"auto"} | set(bench_losses.fixed_losses(bench_losses.make_task(
+        "rare_class_few_cases", 2, shape=(24, 24))))
+    assert result["auto"]["loss"] and result["auto"]["reason"]
+    for summary in result["summary"].values():
+        assert 0.0 <= summary["dice"] <= 1.0 and summary["fg_ratio"] >= 0.0
+    assert result["best_fixed"] != "auto"
+    assert result["gap"] == result["summary"]["auto"]["dice"] - result["summary"][result["best_fixed"]]["dice"]
+    table = bench_losses.markdown_table(results)
+    assert "| rare_class_few_cases 2D |" in table and table.count("\n") == 3
+
+
+def test_loss_benchmark_tasks_hold_their_regimes_and_score_by_hand():
+    import bench_losses
+
+    rare = bench_losses.make_task("rare_class_few_cases", 2)
+    assert [int((label == 2).any()) for label in rare.train_labels] == [1, 1, 0, 0, 0, 0, 0, 0]
+    small = bench_losses.make_task("small_objects", 3)
+    assert all(0 < np.mean(label == 1) < 0.005 for label in small.train_labels)
+    sparse = bench_losses.make_task("sparse_labels", 2)
+    assert all(not (label == 2).any() for label, entry in zip(sparse.train_labels, sparse.annotated) if entry)
+    # Pooled Dice and the collapse rule by hand: class 1 right, class 2 predicted on 3x its share.
+    truth = np.zeros((1, 10, 10), dtype=np.int64)
+    truth[0, :5] = 1
+    truth[0, 9, :2] = 2
+    predicted = truth.copy()
+    predicted[0, 9, :2] = 0
+    predicted[0, 8, :6] = 2
+    scored = bench_losses.score(predicted, truth, 3)
+    assert scored["class_dice"] == [1.0, 0.0] and scored["collapsed"]
+    assert scored["pred_fraction"] == [0.5, 0.06] and scored["fg_ratio"] == pytest.approx(56 / 52)
+    predicted[0, 8, :6] = 0
+    predicted[0, 9, :3] = 2  # 1.5x the true share, Dice 0.8: no collapse
+    scored = bench_losses.score(predicted, truth, 3)
+    assert scored["class_dice"] == [1.0, 0.8] and not scored["collapsed"]
