@@ -178,7 +178,7 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = False,
     names = {"encoder": {PRESET: ENCODER_KEY, "tf_efficientnet_lite0": ENCODER_KEY}}
     analysis = analyze(out / "results.csv", out / "robustness.csv", names=names, out_dir=out / "analysis")
     answer = study_answer(out, quick)
-    report = write_report(out, headline=answer["headline"], answer=answer["answer_table"])
+    report = write_report(out, headline=answer["headline"], answer=answer["answer_table"], names=names)
     return {**answer, "best_rule": analysis.best_rule, "counts": sweep.counts(), "report": report,
             "n_records": len(list(iter_records(out, kind="finetune"))),
             "results_csv": out / "results.csv", "robustness_csv": out / "robustness.csv",

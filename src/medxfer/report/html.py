@@ -239,12 +239,13 @@ def _figure_jobs(results_dir: Path, records: list[dict], table: pd.DataFrame,
 
 def write_report(results_dir: str | Path, *, overlay_runs: Optional[Sequence[str]] = None,
                  overlay_cases: int = 3, headline: Optional[Sequence[str]] = None,
-                 answer: Optional[pd.DataFrame] = None) -> Path:
+                 answer: Optional[pd.DataFrame] = None, names: Any = None) -> Path:
     """Write ``RESULTS_DIR/report/report.html`` (+ one PNG per figure and the CSV tables); return its path.
 
     ``overlay_runs``: run ids for the overlay grid (default: chosen by ``select_overlay_runs``).
     ``headline``/``answer``: a study's own opening sentences and its short answer table (``medxfer demo``
-    passes them); by default the report opens with :func:`findings`.
+    passes them); by default the report opens with :func:`findings`. ``names``: the name map ``medxfer analyze``
+    was given (model and encoder names that mean the same), for the data-quality section.
     Raises DataError when the folder has neither run records nor a robustness.csv.
     """
     results_dir = Path(results_dir)
@@ -283,7 +284,7 @@ def write_report(results_dir: str | Path, *, overlay_runs: Optional[Sequence[str
         atomic_write_bytes(png_path, data)
         figures.append((name, png_path, data, detail))
 
-    quality = _quality_lines(table, robustness)
+    quality = _quality_lines(table, robustness, names)
     html_path = out / REPORT_FILE
     if answer is not None and not answer.empty:
         write_csv(answer, out / ANSWER_CSV)
@@ -293,7 +294,7 @@ def write_report(results_dir: str | Path, *, overlay_runs: Optional[Sequence[str
     return html_path
 
 
-def _quality_lines(table: pd.DataFrame, robustness: Optional[pd.DataFrame]) -> list[str]:
+def _quality_lines(table: pd.DataFrame, robustness: Optional[pd.DataFrame], names: Any = None) -> list[str]:
     """What ``medxfer analyze`` finds wrong with this folder's tables (copied blocks, duplicates, ...)."""
     from medxfer.report.analyze import input_findings
     from medxfer.report.quality import summary_lines
@@ -301,7 +302,7 @@ def _quality_lines(table: pd.DataFrame, robustness: Optional[pd.DataFrame]) -> l
     target = table[(table["test set"] == "target") & (table["strategy"] != "scratch")]  # scratch: no length
     if target.empty:
         return []
-    return summary_lines(input_findings(target, robustness))
+    return summary_lines(input_findings(target, robustness, names))
 
 
 def _render(results_dir: Path, records: list[dict], table: pd.DataFrame, robustness: Optional[pd.DataFrame],
