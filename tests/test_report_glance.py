@@ -87,3 +87,12 @@ def test_overlays_show_the_test_slices_with_the_most_structures_in_dataset_order
     chosen = cases_to_show([empty, two_small, one, two_big], 2)
     assert [c.case_id for c in chosen] == ["two-small", "two-big"]
     assert [c.case_id for c in cases_to_show([empty, one], 5)] == ["empty", "one"]
+
+
+def test_table_cells_format_a_whole_number_column_as_integers_and_dice_with_three_decimals():
+    from medxfer.report.html import table_html
+
+    table = pd.DataFrame({"pretraining length": [0.0, 50.0, math.nan], "dice": [0.5, 1.0, 0.0],
+                          "p value": [0.0012, 0.5, 1.0]})
+    cells = [c.split("<")[0] for c in table_html(table).split("<td>")[1:]]
+    assert cells == ["0", "0.500", "0.0012", "50", "1.000", "0.500", "n/a", "0.000", "1.000"]

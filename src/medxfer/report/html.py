@@ -194,24 +194,36 @@ th{background:#f0f0f0} td{text-align:right} .note{font-size:.9em;color:#555}
 """
 
 FIGURE_CAPTIONS = {
-    "dice_vs_pretraining_length": "Downstream Dice vs pretraining length (mean ± sd over seeds; scratch = length 0).",
+    "dice_vs_pretraining_length": ("Downstream Dice vs pretraining length (mean ± sd over seeds). Scratch is the "
+                                   "length-0 point of full fine-tuning, and a grey dashed line in frozen-encoder "
+                                   "panels (a frozen random encoder is not scratch); starting points without a "
+                                   "length (imported ImageNet weights) are dashed horizontal lines."),
     "transferability_vs_pretraining_length": "Robustness score vs pretraining length.",
     "score_vs_dice": ("Robustness score (deepest level) vs mean downstream Dice (scratch runs count as full "
                       "fine-tuning at length 0); legend: Spearman rank correlation."),
-    "dice_vs_n_images": "Data-scarcity curve: Dice vs number of target training images (mean ± sd over seeds).",
+    "dice_vs_n_images": ("Data-scarcity curve: Dice vs number of target training images (mean ± sd over seeds); "
+                         "scratch (black, dashed) in every panel."),
     "source_vs_target": "What is kept of the source task: source-test vs target-test Dice after fine-tuning.",
     "overlays": "Image, ground truth and the predictions of chosen runs (contours coloured per class).",
 }
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, whole: bool = False) -> str:
+    """A table cell: ``whole`` columns (every value a whole number: lengths, counts) as integers, other floats
+    with 3 decimals (3 significant digits below 0.01), NaN as n/a."""
     if isinstance(value, (float, np.floating)):
         if math.isnan(value):
             return "n/a"
-        if float(value).is_integer() and abs(value) >= 1:
-            return str(int(value))  # pretraining lengths, counts
+        if whole:
+            return str(int(value))
         return f"{value:.3g}" if abs(value) < 0.01 and value != 0 else f"{value:.3f}"
     return html.escape(str(value))
+
+
+def _whole_column(values: pd.Series) -> bool:
+    numbers = pd.to_numeric(values, errors="coerce").dropna()
+    return (pd.api.types.is_numeric_dtype(values) and not numbers.empty
+            and bool((numbers == numbers.round()).all()))
 
 
 def table_html(table: pd.DataFrame, columns: Optional[Sequence[str]] = None) -> str:
@@ -219,7 +231,8 @@ def table_html(table: pd.DataFrame, columns: Optional[Sequence[str]] = None) -> 
         return "<p class='note'>no rows</p>"
     columns = [c for c in (columns or table.columns) if c in table.columns]
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(row[c])}</td>" for c in columns) + "</tr>"
+    whole = {c: _whole_column(table[c]) for c in columns}
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(row[c], whole[c])}</td>" for c in columns) + "</tr>"
                    for _, row in table.iterrows())
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
