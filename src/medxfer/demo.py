@@ -250,9 +250,14 @@ def study_answer(out: str | Path, quick: bool = False) -> dict[str, Any]:
         dice_at = dict(zip(ladder["pretraining length"], ladder["dice mean"]))
         best = ladder.dropna(subset=["dice mean"]).sort_values(["dice mean", "pretraining length"],
                                                              ascending=[False, True])
-        text = (f"Fashion-MNIST pretraining ladder ({', '.join(str(v) for v in ladder['pretraining length'])} "
-                f"steps): the robustness score (rule {recommendation['rule']}) would have stopped pretraining at "
-                f"{stopped:g} steps and chosen the checkpoint at {chosen:g} steps")
+        lengths = ", ".join(str(v) for v in ladder["pretraining length"])
+        rule = f"the robustness score (rule {recommendation['rule']})"
+        if recommendation.get("fired", True):
+            text = (f"Fashion-MNIST pretraining ladder ({lengths} steps): {rule} would have stopped pretraining at "
+                    f"{stopped:g} steps and chosen the checkpoint at {chosen:g} steps")
+        else:
+            text = (f"Fashion-MNIST pretraining ladder ({lengths} steps): {rule} never fired, so pretraining would "
+                    f"have run to the last checkpoint ({stopped:g} steps); it chose the checkpoint at {chosen:g} steps")
         if chosen in dice_at and not best.empty:
             text += (f" (Dice {dice_at[chosen]:.3f} with {min(s['ladder_sizes'])} slices; best checkpoint "
                      f"{best.iloc[0]['pretraining length']:g} steps, Dice {best.iloc[0]['dice mean']:.3f})")
@@ -260,7 +265,8 @@ def study_answer(out: str | Path, quick: bool = False) -> dict[str, Any]:
         rows.append({"question": "where would the score have stopped pretraining", "training slices":
                      min(s["ladder_sizes"]), "seeds": int(ladder["n seeds"].max()),
                      "Dice scratch": dice_at.get(0.0, math.nan), "Dice": dice_at.get(chosen, math.nan),
-                     "difference [95% CI]": f"stopped at {stopped:g}, chose {chosen:g} steps",
+                     "difference [95% CI]": (f"stopped at {stopped:g}, chose {chosen:g} steps"
+                                             + ("" if recommendation.get("fired", True) else " (rule never fired)")),
                      "verdict": f"best by Dice: {best.iloc[0]['pretraining length']:g} steps" if not best.empty
                      else "no Dice"})
     transfer = transfer_table(table)
