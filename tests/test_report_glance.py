@@ -96,3 +96,15 @@ def test_table_cells_format_a_whole_number_column_as_integers_and_dice_with_thre
                           "p value": [0.0012, 0.5, 1.0]})
     cells = [c.split("<")[0] for c in table_html(table).split("<td>")[1:]]
     assert cells == ["0", "0.500", "0.0012", "50", "1.000", "0.500", "n/a", "0.000", "1.000"]
+
+
+def test_score_plot_leaves_out_sizes_with_a_single_length():
+    robustness = pd.DataFrame([{"dataset": "d", "metric": "cosine", "margin": 0.5, "encoder": "e",
+                                "pretraining_scheme": "simple", "pooled": True, "level": 4,
+                                "pretraining_length": float(length), "robustness": 0.5 - 0.01 * length}
+                               for length in (0, 50, 100)])
+    table = pd.DataFrame(rows("scratch", 0.0, "", 5, [0.4, 0.42]) + rows("scratch", 0.0, "", 20, [0.6])
+                         + rows("full", 50.0, "simple", 5, [0.45]) + rows("full", 100.0, "simple", 5, [0.5]))
+    figure = plots.plot_score_vs_dice(table, robustness)
+    labels = [t.get_text() for ax in figure.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert len(labels) == 1 and labels[0].startswith("full, n=5")

@@ -322,6 +322,8 @@ def plot_score_vs_dice(table: pd.DataFrame, robustness: Optional[pd.DataFrame]) 
         ax = axes[0, c]
         panel = pairs[pairs["dataset"] == dataset]
         for key, rows in panel.groupby(["dataset", "model", "strategy", "n train images"]):
+            if len(rows) < 2:  # one length (e.g. scratch alone at a size no checkpoint was run with): no curve
+                continue
             rho = correlations.loc[key, "spearman rho"]
             rho_text = "n/a" if math.isnan(rho) else f"{rho:+.2f}"
             label = (f"{key[1]}, " if show_model else "") + f"{key[2]}, n={key[3]}: rho {rho_text}"
