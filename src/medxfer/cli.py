@@ -183,7 +183,7 @@ def weights_import(
 
 
 @data_app.command("check")
-def data_check(name: str = typer.Argument(..., help="Dataset layout: acdc, covidqu, idrid, folders, msd, demo."),
+def data_check(name: str = typer.Argument(..., help="Dataset layout: acdc, covidqu, idrid, folders, msd, colin27, demo."),
                root: Optional[Path] = typer.Argument(None, help="Dataset folder as distributed."),
                dims: int = typer.Option(2, "--dims", help="2 (slices/images) or 3 (volumes)."),
                option: list[str] = typer.Option([], "--option", "-o",
