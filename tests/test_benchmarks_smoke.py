@@ -137,7 +137,7 @@ def test_loss_benchmark_tasks_hold_their_regimes_and_score_by_hand():
     assert all(0 < np.mean(label == 1) < 0.005 for label in small.train_labels)
     sparse = bench_losses.make_task("sparse_labels", 2)
     assert all(not (label == 2).any() for label, entry in zip(sparse.train_labels, sparse.annotated) if entry)
-    # Pooled Dice and the collapse rule by hand: class 1 right, class 2 predicted on 3x its share.
+    # Pooled Dice and the collapse rule by hand: class 1 right, class 2 (2 px) predicted on 6 px elsewhere.
     truth = np.zeros((1, 10, 10), dtype=np.int64)
     truth[0, :5] = 1
     truth[0, 9, :2] = 2
@@ -145,9 +145,11 @@ def test_loss_benchmark_tasks_hold_their_regimes_and_score_by_hand():
     predicted[0, 9, :2] = 0
     predicted[0, 8, :6] = 2
     scored = bench_losses.score(predicted, truth, 3)
-    assert scored["class_dice"] == [1.0, 0.0] and scored["collapsed"]
-    assert scored["pred_fraction"] == [0.5, 0.06] and scored["fg_ratio"] == pytest.approx(56 / 52)
-    predicted[0, 8, :6] = 0
-    predicted[0, 9, :3] = 2  # 1.5x the true share, Dice 0.8: no collapse
+    assert scored["class_dice"] == [1.0, 0.0] and scored["pred_fraction"] == [0.5, 0.06]
+    assert scored["fg_ratio"] == pytest.approx(56 / 52) and not scored["collapsed"]  # foreground within 2x
+    predicted[0, 5:] = 2  # the rare class on the background: foreground 100 / 52 px, Dice 2 * 2 / 52
     scored = bench_losses.score(predicted, truth, 3)
-    assert scored["class_dice"] == [1.0, 0.8] and not scored["collapsed"]
+    assert scored["class_dice"] == [1.0, pytest.approx(4 / 52)] and scored["pred_fraction"][1] == 0.5
+    assert scored["fg_ratio"] == pytest.approx(100 / 52) and not scored["collapsed"]
+    truth[0, :4] = 0  # foreground 12 px, predicted 100: a collapse
+    assert bench_losses.score(predicted, truth, 3)["collapsed"]

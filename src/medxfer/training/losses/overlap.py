@@ -56,8 +56,8 @@ class _OverlapLoss(SegmentationLoss):
 def class_present(inputs: LossInputs) -> Tensor:
     """Bool ``(N, C)``: class ``k`` is in case ``n``'s target or in its hard prediction (argmax), at valid pixels.
 
-    A class absent from both has soft Dice ~0 (loss ~1) however small its probabilities are, and the same
-    value whether it is absent or predicted everywhere; it is left out of the class average instead.
+    Left in, a class absent from both would have soft Dice ~0 (loss ~1) however small its probabilities,
+    the same value as when it is predicted everywhere; the overlap losses leave it out of the class average.
     """
     n_classes = inputs.n_classes
     predicted = inputs.logits.detach().argmax(dim=1)
