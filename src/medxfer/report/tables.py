@@ -142,6 +142,13 @@ def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     return result
 
 
+def _with_arms(table: pd.DataFrame, value: str) -> tuple[list[str], pd.DataFrame]:
+    """The context columns to group by, and the rows with a ``value`` labelled by their arm."""
+    data = table[table[value].notna()].copy()
+    data["arm"] = [arm_label(*row) for row in data[ARM_COLUMNS].itertuples(index=False, name=None)]
+    return _group_keys(table, CONTEXT_COLUMNS), data
+
+
 def paired_comparison(table: pd.DataFrame, value: str = VALUE,
                       reference: Optional[str] = None) -> pd.DataFrame:
     """Every pair of arms within each (dataset, model, n train images, test set), paired by seed.
@@ -149,9 +156,7 @@ def paired_comparison(table: pd.DataFrame, value: str = VALUE,
     ``reference`` (an arm label such as "scratch") restricts the comparisons to arm vs reference.
     Rows with fewer than 2 common seeds are left out.
     """
-    keys = _group_keys(table, CONTEXT_COLUMNS)
-    data = table[table[value].notna()].copy()
-    data["arm"] = [arm_label(*row) for row in data[ARM_COLUMNS].itertuples(index=False, name=None)]
+    keys, data = _with_arms(table, value)
     rows = []
     for key, group in data.groupby(keys, dropna=False, sort=True):
         # one value per (arm, seed); repeated runs of one configuration are averaged
@@ -259,9 +264,7 @@ def versus_scratch(table: pd.DataFrame, value: str = VALUE) -> pd.DataFrame:
     """Each pretrained starting point against scratch on the same dataset, model, number of training images
     and test set, paired by seed: both means, the mean difference with its 95% t-interval over seeds, and a
     verdict that says "within seed noise" when the interval covers 0 (and "1 seed: no interval" with one)."""
-    keys = _group_keys(table, CONTEXT_COLUMNS)
-    data = table[table[value].notna()].copy()
-    data["arm"] = [arm_label(*row) for row in data[ARM_COLUMNS].itertuples(index=False, name=None)]
+    keys, data = _with_arms(table, value)
     rows = []
     for key, group in data.groupby(keys, dropna=False, sort=True):
         by_seed = group.groupby(["arm", "seed"])[value].mean().unstack("seed")
