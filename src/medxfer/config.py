@@ -57,27 +57,35 @@ def _check_max_steps(value: int) -> int:
 class DataConfig(StrictModel):
     """Which dataset, which part of it, and how images are prepared."""
 
-    name: DatasetName = "demo"
-    root: Optional[Path] = None  # dataset folder as distributed; not used by "demo"
-    # The dataset's name in records, tables and reports (a sweep sets it to the grid's key for the dataset).
-    # Default: see dataset_name. A name changes no result, so it is left out of run ids (exclude).
-    label: Optional[str] = Field(None, exclude=True)
-    # Dataset-specific choices: demo {"domain": "A"|"B"}; colin27 {"domain": "t1"|"t2like"};
-    # covidqu {"masks": "infection"|"lung"};
-    # idrid {"lesions": [...]}; acdc {"frames": ["ED", "ES"]}; msd {"task": ...}. Each loader checks its own.
-    options: dict[str, Any] = Field(default_factory=dict)
-    spatial_dims: Literal[2, 3] = 2
-    train_images: Optional[Union[int, float]] = None  # n images (int) or a fraction (float); None = all
-    subset: Literal["random", "first"] = "random"
-    # share of the labelled training pool held out for validation; None = the dataset's own split
-    # (its official validation set where it has one, else 0.2)
-    val_fraction: Optional[float] = Field(None, ge=0.0, lt=1.0)
-    resize: Optional[list[Side]] = None  # resize whole images to this size (e.g. IDRiD); None = keep
-    normalization: Normalization = "zscore"
-    percentile_clip: tuple[float, float] = (0.5, 99.5)
-    patch_size: Optional[list[Side]] = None  # train on random patches of this size; None = whole images
-    foreground_ratio: float = Field(0.5, ge=0.0, le=1.0)  # share of patches centred on foreground
-    augment: bool = True
+    name: DatasetName = Field("demo", description="Dataset layout (its loader); see the dataset layouts page.")
+    root: Optional[Path] = Field(None, description='Dataset folder as distributed; not used by "demo". '
+                                 "Relative to the config file.")
+    # A name changes no result, so it is left out of run ids (exclude).
+    label: Optional[str] = Field(None, exclude=True, description=(
+        "The dataset's name in records, tables and reports; a sweep sets it to the grid's key for the dataset. "
+        "None = the loader's name where it says more than the layout (demo-nuclei-B, covidqu-infection), "
+        "else the root folder's name. Not part of the run id."))
+    options: dict[str, Any] = Field(default_factory=dict, description=(
+        'Dataset-specific choices: demo {"domain": "A"|"B"}; colin27 {"domain": "t1"|"t2like"}; '
+        'covidqu {"masks": "infection"|"lung"}; idrid {"lesions": [...]}; acdc {"frames": ["ED", "ES"]}; '
+        'msd {"task": ...}. Each loader checks its own.'))
+    spatial_dims: Literal[2, 3] = Field(2, description="2D or 3D images.")
+    train_images: Optional[Union[int, float]] = Field(None, description=(
+        "Training images used: n images (int) or a fraction of the pool (float); None = all."))
+    subset: Literal["random", "first"] = Field("random", description=(
+        "How the training subset is chosen: random (seeded, nested across sizes) or the first n."))
+    val_fraction: Optional[float] = Field(None, ge=0.0, lt=1.0, description=(
+        "Share of the labelled training pool held out for validation; None = the dataset's own split "
+        "(its official validation set where it has one, else 0.2)."))
+    resize: Optional[list[Side]] = Field(None, description=(
+        "Resize whole images to this size, one size per spatial axis (e.g. [512, 512] for IDRiD); None = keep."))
+    normalization: Normalization = Field("zscore", description="Intensity normalisation of each image.")
+    percentile_clip: tuple[float, float] = Field((0.5, 99.5), description=(
+        'Low and high percentiles, 0 <= low < high <= 100, for normalization "percentile".'))
+    patch_size: Optional[list[Side]] = Field(None, description=(
+        "Train on random patches of this size (and predict by sliding window); None = whole images."))
+    foreground_ratio: float = Field(0.5, ge=0.0, le=1.0, description="Share of patches centred on foreground.")
+    augment: bool = Field(True, description="Random training augmentation.")
 
     @field_validator("percentile_clip")
     @classmethod
@@ -100,53 +108,64 @@ class DataConfig(StrictModel):
 class ModelConfig(StrictModel):
     """A segmentation model preset (see ``medxfer models``) and its size."""
 
-    preset: str = "unet"
-    in_channels: Optional[int] = None  # None = from the data
-    n_classes: Optional[int] = None  # including background; None = from the data
-    width: int = Field(32, ge=1, le=MAX_WIDTH)  # channels of the first level (classic U-Net encoders)
-    depth: int = Field(5, ge=2, le=6)  # number of encoder levels
-    options: dict[str, Any] = Field(default_factory=dict)
+    preset: str = Field("unet", description="Model preset; `medxfer models` lists them.")
+    in_channels: Optional[int] = Field(None, description="Input channels; None = from the data (or the pretrained encoder).")
+    n_classes: Optional[int] = Field(None, description="Output classes, including background; None = from the data.")
+    width: int = Field(32, ge=1, le=MAX_WIDTH, description="Channels of the first level (classic U-Net encoders).")
+    depth: int = Field(5, ge=2, le=6, description="Number of encoder levels.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Preset-specific options.")
 
 
 class PretrainedConfig(StrictModel):
     """Where the starting weights come from (None of these = random init)."""
 
-    checkpoint: Optional[Path] = None  # an encoder checkpoint file, or a checkpoint folder with `length`
-    length: Optional[int] = None  # pretraining length to pick from a checkpoint folder
-    load: Literal["encoder", "full", "encoder_decoder"] = "encoder"
-    scheme: Optional[str] = None  # recorded only: "simple" | "advanced" | ...
+    checkpoint: Optional[Path] = Field(None, description=(
+        "An encoder checkpoint file, a model.pt of a run, a checkpoint folder (with `length`), an imported "
+        "folder (`medxfer weights import`) or a raw torchvision/timm file; None = random init. "
+        "Relative to the config file."))
+    length: Optional[int] = Field(None, description="Pretraining length to pick from a checkpoint folder.")
+    load: Literal["encoder", "full", "encoder_decoder"] = Field("encoder", description="Which weights are loaded.")
+    scheme: Optional[str] = Field(None, description='Recorded only: the pretraining scheme ("simple", "advanced", ...).')
 
 
 Strategy = Literal["scratch", "full", "frozen_encoder", "partial", "discriminative"]
 
 
 class TrainConfig(StrictModel):
-    strategy: Strategy = "full"
-    frozen_levels: int = Field(0, ge=0)  # for "partial": first k encoder levels frozen
-    encoder_lr_factor: float = Field(0.1, gt=0.0)  # for "discriminative": encoder lr = lr * factor
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    momentum: float = 0.9
-    scheduler: Literal["none", "cosine", "step"] = "cosine"
-    max_epochs: int = Field(10, ge=1)
-    max_steps: int = -1  # > 0 overrides max_epochs
-    batch_size: int = Field(8, ge=1)
-    early_stopping_patience: Optional[int] = Field(None, ge=1)  # epochs without validation Dice improvement
-    # validate every N optimizer steps instead of after every epoch (few-image epochs are a step or two long,
-    # and validating that often can cost more than the training); None = every epoch
-    val_every_n_steps: Optional[int] = Field(None, ge=1)
-    # how often the resume checkpoint (weights + optimizer state) is written: every N seconds of training,
-    # or None = at every epoch end. Few-image epochs are short, and writing a large model's checkpoint can
-    # take longer than a training step, so the default is by time.
-    checkpoint_every_s: Optional[float] = Field(60.0, gt=0.0)
-    loss: str = "auto"  # "auto" | "dice" | "ce" | "dice_ce" | "focal" | "tversky" | "dice_focal"
-    # (each also as "partial_<name>" for sparse annotations; see medxfer.training.losses)
-    loss_options: dict[str, Any] = Field(default_factory=dict)  # build_loss options; unused with loss "auto"
-    precision: str = "auto"  # "auto": bf16/16 mixed precision on a GPU, fp32 on the CPU; or any Lightning value
-    num_workers: int = Field(0, ge=0)
-    accelerator: str = "auto"  # auto | cpu | gpu | cuda | mps | tpu | hpu (a GPU one must be present at run time)
-    log_every_n_steps: int = Field(10, ge=1)
+    strategy: Strategy = Field("full", description=(
+        "How the model is trained: scratch, full fine-tuning, frozen_encoder, partial (first levels frozen) or "
+        "discriminative (smaller encoder lr); all but scratch and full need pretrained.checkpoint."))
+    frozen_levels: int = Field(0, ge=0, description='For "partial": the first k encoder levels are frozen.')
+    encoder_lr_factor: float = Field(0.1, gt=0.0, description='For "discriminative": encoder lr = lr * factor.')
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="Optimizer.")
+    lr: float = Field(1e-3, gt=0.0, description="Learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="Weight decay.")
+    momentum: float = Field(0.9, description="SGD momentum.")
+    scheduler: Literal["none", "cosine", "step"] = Field("cosine", description="Learning-rate schedule.")
+    max_epochs: int = Field(10, ge=1, description="Training length in epochs (unless max_steps is set).")
+    max_steps: int = Field(-1, description="Training length in optimizer steps; > 0 overrides max_epochs, -1 = use max_epochs.")
+    batch_size: int = Field(8, ge=1, description="Images (or patches) per optimizer step.")
+    early_stopping_patience: Optional[int] = Field(None, ge=1, description=(
+        "Stop after this many validations without validation Dice improvement; None = never stop early."))
+    val_every_n_steps: Optional[int] = Field(None, ge=1, description=(
+        "Validate every N optimizer steps instead of after every epoch (few-image epochs are a step or two "
+        "long, and validating that often can cost more than the training); None = every epoch."))
+    checkpoint_every_s: Optional[float] = Field(60.0, gt=0.0, description=(
+        "How often the resume checkpoint (weights + optimizer state) is written: every N seconds of training, "
+        "or None = at every epoch end. Few-image epochs are short, and writing a large model's checkpoint can "
+        "take longer than a training step, so the default is by time."))
+    loss: str = Field("auto", description=(
+        '"auto" | "dice" | "ce" | "dice_ce" | "focal" | "tversky" | "dice_focal", each also as '
+        '"partial_<name>" for sparse annotations; see the losses page.'))
+    loss_options: dict[str, Any] = Field(default_factory=dict, description=(
+        "build_loss options, e.g. {lambda_ce: 0.5}; unused with loss auto."))
+    precision: str = Field("auto", description=(
+        '"auto": bf16/16 mixed precision on a GPU, fp32 on the CPU; or any Lightning value '
+        "(32-true, 16-mixed, bf16-mixed, ...)."))
+    num_workers: int = Field(0, ge=0, description="Data-loader worker processes.")
+    accelerator: str = Field("auto", description=(
+        "auto | cpu | gpu | cuda | mps | tpu | hpu (a GPU one must be present at run time)."))
+    log_every_n_steps: int = Field(10, ge=1, description="Logging interval in optimizer steps.")
 
     _max_steps = field_validator("max_steps")(_check_max_steps)
     _precision = field_validator("precision", mode="before")(_check_precision)
@@ -154,24 +173,28 @@ class TrainConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    threshold: float = Field(0.5, gt=0.0, lt=1.0)  # binary tasks: probability threshold
-    nsd_tolerance: float = Field(1.0, ge=0.0)  # NSD tau: mm when the data has a spacing, else pixels
-    sw_overlap: float = Field(0.25, ge=0.0, lt=1.0)  # sliding-window overlap (patch-trained models)
-    sw_batch_size: int = Field(4, ge=1)
-    max_overlays: int = Field(4, ge=0)
-    source_test: Optional[DataConfig] = None  # also evaluate here (forgetting of the source task)
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Binary tasks: probability threshold.")
+    nsd_tolerance: float = Field(1.0, ge=0.0, description=(
+        "Tolerance tau of the normalised surface Dice: mm when the data has a spacing, else pixels."))
+    sw_overlap: float = Field(0.25, ge=0.0, lt=1.0, description="Sliding-window overlap (patch-trained models).")
+    sw_batch_size: int = Field(4, ge=1, description="Windows per forward pass in sliding-window inference.")
+    max_overlays: int = Field(4, ge=0, description=(
+        "Not used by any code at present (overlays come from `medxfer report` and `medxfer predict`); "
+        "accepted so existing configs still load."))
+    source_test: Optional[DataConfig] = Field(None, description=(
+        "A data section: also evaluate here (forgetting of the source task)."))
 
 
 class RunConfig(StrictModel):
     """One downstream run: data + model + starting weights + training + evaluation."""
 
-    name: str = "run"
-    seed: Seed = 0
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    pretrained: PretrainedConfig = Field(default_factory=PretrainedConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    evaluation: EvalConfig = Field(default_factory=EvalConfig)
+    name: str = Field("run", description="The run's name.")
+    seed: Seed = Field(0, description="Seeds Python, NumPy, torch and chooses the training subset.")
+    data: DataConfig = Field(default_factory=DataConfig, description="The target dataset.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The segmentation model.")
+    pretrained: PretrainedConfig = Field(default_factory=PretrainedConfig, description="The starting weights.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Fine-tuning.")
+    evaluation: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation on the test split.")
 
     @model_validator(mode="after")
     def _strategy_needs_weights(self) -> "RunConfig":
@@ -196,62 +219,70 @@ class AugmentConfig(StrictModel):
     Saturation and hue act on RGB (3-channel 2D) images only; ``noise`` (Gaussian std) on the others.
     """
 
-    brightness: float = Field(0.1, ge=0.0, lt=1.0)
-    contrast: float = Field(0.05, ge=0.0, lt=1.0)
-    saturation: float = Field(0.1, ge=0.0, lt=1.0)
-    hue: float = Field(0.05, ge=0.0, le=0.5)
-    noise: float = Field(0.02, ge=0.0)
+    brightness: float = Field(0.1, ge=0.0, lt=1.0, description="Brightness factor drawn in [1 - v, 1 + v].")
+    contrast: float = Field(0.05, ge=0.0, lt=1.0, description="Contrast factor drawn in [1 - v, 1 + v].")
+    saturation: float = Field(0.1, ge=0.0, lt=1.0, description="Saturation factor drawn in [1 - v, 1 + v] (RGB only).")
+    hue: float = Field(0.05, ge=0.0, le=0.5, description="Hue shift drawn in [-v, v] (RGB only).")
+    noise: float = Field(0.02, ge=0.0, description="Gaussian noise std (images that are not RGB).")
 
 
 class StopConfig(StrictModel):
     """Which score variant decides when pretraining could stop, and the rule applied to it."""
 
-    # "recommended": the online rule `medxfer analyze` recommends (rule_file, else the built-in one);
-    # "argmin" / "patience": on the variant below
-    rule: Literal["recommended", "argmin", "patience"] = "recommended"
-    rule_file: Optional[Path] = None  # "recommended": a recommended_rule.json written by `medxfer analyze`
-    patience: int = Field(2, ge=1)  # "patience": checkpoints without improvement before stopping
-    min_delta: float = Field(0.0, ge=0.0)  # an improvement must lower the score by more than this
-    metric: ScoreMetric = "cosine"
-    margin: float = Field(0.5, ge=0.0)
-    level: int = -1  # encoder level; negative counts from the deepest
-    pooled: bool = True
+    rule: Literal["recommended", "argmin", "patience"] = Field("recommended", description=(
+        '"recommended": the online rule `medxfer analyze` recommends (rule_file, else the built-in one); '
+        '"argmin" / "patience": applied to the score variant below.'))
+    rule_file: Optional[Path] = Field(None, description=(
+        '"recommended": a recommended_rule.json written by `medxfer analyze`.'))
+    patience: int = Field(2, ge=1, description='"patience": checkpoints without improvement before stopping.')
+    min_delta: float = Field(0.0, ge=0.0, description="An improvement must lower the score by more than this.")
+    metric: ScoreMetric = Field("cosine", description="The variant's distance metric.")
+    margin: float = Field(0.5, ge=0.0, description="The variant's margin.")
+    level: int = Field(-1, description="The variant's encoder level; negative counts from the deepest.")
+    pooled: bool = Field(True, description="The variant's features: spatial mean (true) or flattened maps.")
 
 
 class ScoreConfig(StrictModel):
     """Transferability of every checkpoint of a pretraining run on the target's training images."""
 
-    name: str = "score"
-    seed: Seed = 0  # seeds the image subset, the augmentations, the negative pairing and the bootstrap
-    data: DataConfig = Field(default_factory=DataConfig)
-    checkpoints: Path  # a folder of encoder checkpoints (one per pretraining length) or one checkpoint file
-    # the architecture of a checkpoint file without a manifest (a raw torchvision/timm state dict): its preset
-    # (in_channels None = the images'); checkpoints with a manifest rebuild their own encoder
-    model: Optional[ModelConfig] = None
-    out: Path = Path("score_out")  # robustness.csv (+ baselines.csv, recommendation.json) land here
-    n_images: Optional[int] = Field(None, ge=2)  # training images scored; None = all
-    crop_size: Optional[list[Side]] = None  # centre crop / zero-pad every image to this size; None = keep
-    metrics: list[ScoreMetric] = Field(default_factory=lambda: ["cosine", "l2", "pearson"])
-    margins: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    levels: Optional[list[int]] = None  # encoder levels scored; None = all
-    pooled: list[bool] = Field(default_factory=lambda: [True, False])  # spatial mean and/or flattened maps
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    # "medxfer": per-image jitter in each image's own range, negatives one seeded cycle; "reference": the
-    # reference code's protocol (one ColorJitter per view, negatives i -> (N+1-i) mod N, levels 1..5)
-    protocol: Literal["medxfer", "reference"] = "medxfer"
-    batch_size: int = Field(16, ge=1)
-    bootstrap: int = Field(1000, ge=0)  # bootstrap resamples over images for the interval; 0 = none
-    confidence: float = Field(0.95, gt=0.0, lt=1.0)
-    device: str = "auto"  # "auto" = CUDA when available, else CPU
-    encoder_name: Optional[str] = None  # the `encoder` column; None = the checkpoint's architecture name
-    pretraining_scheme: Optional[str] = None  # None = the checkpoint manifest's scheme
-    # other transferability estimators (transferability/baselines.py) -> baselines.csv
-    baselines: list[Literal["logme", "hscore", "linear_probe", "knn", "gbc", "ccfv"]] = Field(default_factory=list)
-    baseline_pixels: int = Field(20000, ge=10)  # pixels sampled (seeded) for LogME / H-score / kNN / GBC / CC-FV
-    knn_k: int = Field(20, ge=1)  # neighbours of the kNN probe
-    probe_steps: int = Field(300, ge=1)  # linear-probe training steps
-    probe_level: Optional[int] = None  # None = the level whose stride is closest to 4
-    stop: StopConfig = Field(default_factory=StopConfig)
+    name: str = Field("score", description="The score run's name.")
+    seed: Seed = Field(0, description="Seeds the image subset, the augmentations, the negative pairing and the bootstrap.")
+    data: DataConfig = Field(default_factory=DataConfig, description="The target dataset (its training split is scored).")
+    checkpoints: Path = Field(description=(
+        "A folder of encoder checkpoints (one per pretraining length) or one checkpoint file. Required."))
+    model: Optional[ModelConfig] = Field(None, description=(
+        "The architecture of a checkpoint file without a manifest (a raw torchvision/timm state dict): its "
+        "preset (in_channels None = the images'); checkpoints with a manifest rebuild their own encoder."))
+    out: Path = Field(Path("score_out"), description=(
+        "Output folder: robustness.csv (+ baselines.csv, recommendation.json) land here."))
+    n_images: Optional[int] = Field(None, ge=2, description="Training images scored; None = all.")
+    crop_size: Optional[list[Side]] = Field(None, description=(
+        "Centre crop / zero-pad every image to this size; None = keep."))
+    metrics: list[ScoreMetric] = Field(default_factory=lambda: ["cosine", "l2", "pearson"],
+                                       description="Distance metrics scored.")
+    margins: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
+                                 description="Margins scored (each >= 0).")
+    levels: Optional[list[int]] = Field(None, description="Encoder levels scored; None = all.")
+    pooled: list[bool] = Field(default_factory=lambda: [True, False],
+                               description="Features scored: spatial mean (true) and/or flattened maps (false).")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Photometric jitter of the score.")
+    protocol: Literal["medxfer", "reference"] = Field("medxfer", description=(
+        '"medxfer": per-image jitter in each image\'s own range, negatives one seeded cycle; "reference": the '
+        "reference code's protocol (one ColorJitter per view, negatives i -> (N+1-i) mod N, levels 1..5)."))
+    batch_size: int = Field(16, ge=1, description="Images per forward pass.")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples over images for the interval; 0 = none.")
+    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="Confidence level of the bootstrap interval.")
+    device: str = Field("auto", description='"auto" = CUDA when available, else CPU.')
+    encoder_name: Optional[str] = Field(None, description=(
+        "The `encoder` column; None = the checkpoint's architecture name."))
+    pretraining_scheme: Optional[str] = Field(None, description="The `scheme` column; None = the checkpoint manifest's scheme.")
+    baselines: list[Literal["logme", "hscore", "linear_probe", "knn", "gbc", "ccfv"]] = Field(
+        default_factory=list, description="Other transferability estimators, written to baselines.csv.")
+    baseline_pixels: int = Field(20000, ge=10, description="Pixels sampled (seeded) for LogME / H-score / kNN / GBC / CC-FV.")
+    knn_k: int = Field(20, ge=1, description="Neighbours of the kNN probe.")
+    probe_steps: int = Field(300, ge=1, description="Linear-probe training steps.")
+    probe_level: Optional[int] = Field(None, description="Level of the probes; None = the level whose stride is closest to 4.")
+    stop: StopConfig = Field(default_factory=StopConfig, description="When pretraining could stop.")
 
     @property
     def level_offset(self) -> int:
@@ -275,9 +306,9 @@ class ScoreConfig(StrictModel):
 class NameMapConfig(StrictModel):
     """Raw name -> canonical key, per kind, for joining downstream results with scores (``analyze``)."""
 
-    encoder: dict[str, str] = Field(default_factory=dict)  # model or encoder name -> encoder key
-    dataset: dict[str, str] = Field(default_factory=dict)
-    scheme: dict[str, str] = Field(default_factory=dict)
+    encoder: dict[str, str] = Field(default_factory=dict, description="Model or encoder name -> encoder key.")
+    dataset: dict[str, str] = Field(default_factory=dict, description="Dataset name -> dataset key.")
+    scheme: dict[str, str] = Field(default_factory=dict, description="Pretraining scheme name -> scheme key.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,8 +318,9 @@ class NameMapConfig(StrictModel):
 class ScheduleConfig(StrictModel):
     """Pretraining lengths at which checkpoints are saved; 0 = the random initialisation."""
 
-    unit: Literal["epoch", "step"] = "epoch"
-    lengths: list[int] = Field(default_factory=lambda: [0, 1, 2, 5], min_length=1)
+    unit: Literal["epoch", "step"] = Field("epoch", description="Unit of the lengths.")
+    lengths: list[int] = Field(default_factory=lambda: [0, 1, 2, 5], min_length=1, description=(
+        "Pretraining lengths with a checkpoint (>= 0, no repeats; sorted); 0 = the random initialisation."))
 
     @field_validator("lengths")
     @classmethod
@@ -303,43 +335,49 @@ class ScheduleConfig(StrictModel):
 class ClassificationDataConfig(StrictModel):
     """Images for classification pretraining: the embedded stand-in, Fashion-MNIST, or an ImageNet ``.npy`` copy."""
 
-    source: Literal["natural", "imagenet", "fashion-mnist"] = "natural"
-    # imagenet: folder with labels.json and data/<name>.npy; fashion-mnist: folder with the *-idx*-ubyte.gz
-    # files (default /usr/share/datasets/fashion-mnist, from Debian's dataset-fashion-mnist)
-    root: Optional[Path] = None
-    labels_file: str = "labels.json"  # imagenet: relative to root
-    n_classes: int = Field(1000, ge=2)  # imagenet: labels.json holds 1..n_classes
-    # imagenet, fashion-mnist: seeded subset of the training split (n or fraction); None = all
-    train_images: Optional[Union[int, float]] = None
-    # imagenet: first n validation files by name; fashion-mnist: first n test images; None = all
-    val_images: Optional[int] = Field(None, ge=1)
-    n_per_class: int = Field(100, ge=1)  # natural: training crops per class
-    val_per_class: int = Field(20, ge=1)  # natural: validation crops per class
-    image_size: int = Field(32, ge=8, le=MAX_SIDE)  # natural: side of the generated crops
-    data_seed: Seed = 0  # natural: which crops (fixed per dataset, not per run)
-    input_size: int = Field(32, ge=8, le=MAX_SIDE)  # network input side: training crops and validation centre crops
+    source: Literal["natural", "imagenet", "fashion-mnist"] = Field("natural", description=(
+        "natural: the embedded stand-in; imagenet: an ImageNet .npy copy; fashion-mnist: Debian's Fashion-MNIST."))
+    root: Optional[Path] = Field(None, description=(
+        "imagenet: folder with labels.json and data/<name>.npy; fashion-mnist: folder with the *-idx*-ubyte.gz "
+        "files (default /usr/share/datasets/fashion-mnist, from Debian's dataset-fashion-mnist)."))
+    labels_file: str = Field("labels.json", description="imagenet: the labels file, relative to root.")
+    n_classes: int = Field(1000, ge=2, description="imagenet: labels.json holds 1..n_classes.")
+    train_images: Optional[Union[int, float]] = Field(None, description=(
+        "imagenet, fashion-mnist: seeded subset of the training split (n or fraction); None = all."))
+    val_images: Optional[int] = Field(None, ge=1, description=(
+        "imagenet: first n validation files by name; fashion-mnist: first n test images; None = all."))
+    n_per_class: int = Field(100, ge=1, description="natural: training crops per class.")
+    val_per_class: int = Field(20, ge=1, description="natural: validation crops per class.")
+    image_size: int = Field(32, ge=8, le=MAX_SIDE, description="natural: side of the generated crops (pixels).")
+    data_seed: Seed = Field(0, description="natural: which crops (fixed per dataset, not per run).")
+    input_size: int = Field(32, ge=8, le=MAX_SIDE, description=(
+        "Network input side (pixels): training crops and validation centre crops."))
 
 
 class PretrainTrainConfig(StrictModel):
     """Optimisation and augmentation of pretraining; ``None`` = the scheme's default."""
 
-    optimizer: Optional[Literal["sgd", "adam", "adamw"]] = None
-    lr: Optional[float] = Field(None, gt=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd only
-    weight_decay: Optional[float] = Field(None, ge=0.0)
-    scheduler: Optional[Literal["none", "step", "cosine"]] = None  # per optimizer step, after any warm-up
-    warmup_fraction: Optional[float] = Field(None, ge=0.0, lt=1.0)  # share of all steps with linear warm-up
-    label_smoothing: Optional[float] = Field(None, ge=0.0, lt=1.0)  # classification only
-    crop_scale: Optional[tuple[float, float]] = None  # advanced: RandomResizedCrop area range
-    color_jitter: Optional[float] = Field(None, ge=0.0)  # advanced: brightness/contrast/saturation
-    auto_augment: Optional[Literal["none", "trivial", "randaugment"]] = None  # advanced
-    batch_size: int = Field(64, ge=1)
-    loss: str = "partial_dice_ce"  # segmentation only; partial_* never counts missing classes as background
-    num_workers: int = Field(0, ge=0)
-    precision: str = "auto"  # "auto": bf16/16 mixed precision on a GPU, fp32 on the CPU; or any Lightning value
-    accelerator: str = "auto"
-    log_every_n_steps: int = Field(10, ge=1)
-    resume_every_n_steps: int = Field(100, ge=1)  # step schedules: Lightning resume checkpoint interval
+    optimizer: Optional[Literal["sgd", "adam", "adamw"]] = Field(None, description="Optimizer; None = the scheme's.")
+    lr: Optional[float] = Field(None, gt=0.0, description="Learning rate; None = the scheme's.")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (sgd only).")
+    weight_decay: Optional[float] = Field(None, ge=0.0, description="Weight decay; None = the scheme's.")
+    scheduler: Optional[Literal["none", "step", "cosine"]] = Field(None, description=(
+        "Learning-rate schedule, per optimizer step, after any warm-up; None = the scheme's."))
+    warmup_fraction: Optional[float] = Field(None, ge=0.0, lt=1.0, description=(
+        "Share of all steps with linear warm-up; None = the scheme's."))
+    label_smoothing: Optional[float] = Field(None, ge=0.0, lt=1.0, description="Classification only; None = the scheme's.")
+    crop_scale: Optional[tuple[float, float]] = Field(None, description="advanced: RandomResizedCrop area range.")
+    color_jitter: Optional[float] = Field(None, ge=0.0, description="advanced: brightness/contrast/saturation jitter.")
+    auto_augment: Optional[Literal["none", "trivial", "randaugment"]] = Field(None, description="advanced: automatic augmentation policy.")
+    batch_size: int = Field(64, ge=1, description="Images per optimizer step.")
+    loss: str = Field("partial_dice_ce", description=(
+        "Segmentation only; partial_* never counts missing classes as background."))
+    num_workers: int = Field(0, ge=0, description="Data-loader worker processes.")
+    precision: str = Field("auto", description=(
+        '"auto": bf16/16 mixed precision on a GPU, fp32 on the CPU; or any Lightning value.'))
+    accelerator: str = Field("auto", description="auto | cpu | gpu | cuda | mps | tpu | hpu.")
+    log_every_n_steps: int = Field(10, ge=1, description="Logging interval in optimizer steps.")
+    resume_every_n_steps: int = Field(100, ge=1, description="Step schedules: Lightning resume checkpoint interval.")
 
     _precision = field_validator("precision", mode="before")(_check_precision)
     _accelerator = field_validator("accelerator")(_check_accelerator)
@@ -348,29 +386,34 @@ class PretrainTrainConfig(StrictModel):
 class OnlineScoreConfig(StrictModel):
     """The transferability score computed on target images at every scheduled pretraining checkpoint."""
 
-    data: DataConfig  # the target dataset (its training split is scored)
-    stop_early: bool = True  # False: log the score into the manifests only, never stop pretraining
-    # any other key of a score config (n_images, metrics, margins, levels, pooled, augment, stop, ...)
-    settings: dict[str, Any] = Field(default_factory=dict)
+    data: DataConfig = Field(description="The target dataset (its training split is scored). Required.")
+    stop_early: bool = Field(True, description=(
+        "False: log the score into the manifests only, never stop pretraining."))
+    settings: dict[str, Any] = Field(default_factory=dict, description=(
+        "Any other key of a score config (n_images, metrics, margins, levels, pooled, augment, stop, ...)."))
 
 
 class PretrainConfig(StrictModel):
     """One pretraining run: encoder (model preset), data, scheme, checkpoint schedule."""
 
-    name: str = "pretrain"
-    seed: Seed = 0
-    task: Literal["classification", "segmentation"] = "classification"
-    scheme: Literal["simple", "advanced"] = "simple"
-    # classification: the preset's encoder (+ pooled linear head); segmentation: the whole preset
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    classification: ClassificationDataConfig = Field(default_factory=ClassificationDataConfig)
-    data: Optional[DataConfig] = None  # segmentation: any medxfer dataset (sparse labels via Case.annotated)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    train: PretrainTrainConfig = Field(default_factory=PretrainTrainConfig)
-    online_score: Optional[OnlineScoreConfig] = None  # score each checkpoint on the target while pretraining
-    # continue pretraining from an encoder (an imported ImageNet folder, a raw file, another run's checkpoint);
-    # None = random init. Left out of the run identity when None, so existing folders keep theirs.
-    pretrained: Optional[PretrainedConfig] = None
+    name: str = Field("pretrain", description="The pretraining run's name.")
+    seed: Seed = Field(0, description="Seeds Python, NumPy and torch.")
+    task: Literal["classification", "segmentation"] = Field("classification", description="Pretraining task.")
+    scheme: Literal["simple", "advanced"] = Field("simple", description="Pretraining recipe (defaults of the train section).")
+    model: ModelConfig = Field(default_factory=ModelConfig, description=(
+        "classification: the preset's encoder (+ pooled linear head); segmentation: the whole preset."))
+    classification: ClassificationDataConfig = Field(default_factory=ClassificationDataConfig,
+                                                     description="Classification images.")
+    data: Optional[DataConfig] = Field(None, description=(
+        "segmentation: any medxfer dataset (sparse labels via Case.annotated)."))
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Checkpoint schedule.")
+    train: PretrainTrainConfig = Field(default_factory=PretrainTrainConfig, description="Optimisation and augmentation.")
+    online_score: Optional[OnlineScoreConfig] = Field(None, description=(
+        "Score each checkpoint on the target while pretraining."))
+    # Left out of the run identity when None, so existing folders keep theirs.
+    pretrained: Optional[PretrainedConfig] = Field(None, description=(
+        "Continue pretraining from an encoder (an imported ImageNet folder, a raw file, another run's "
+        "checkpoint); None = random init."))
 
     @model_validator(mode="after")
     def _segmentation_needs_data(self) -> "PretrainConfig":
