@@ -41,6 +41,9 @@ def evaluate_cases(model: torch.nn.Module, cases: Sequence[Case], n_classes: int
                    class_names: Optional[Sequence[str]] = None, **predict_kwargs) -> Evaluation:
     """Run the model on each case and compute the metric suite (distances in mm when spacing is known).
 
+    Only the classes a case annotates (``Case.annotated``) are scored in it (see
+    ``medxfer.evaluation.metrics``, "Sparse annotation"); its ``per_image`` row then lists them.
+
     ``class_names`` (background first) name the per-class metric keys; ``summary["provenance"]`` says
     which implementation and convention produced each metric."""
     was_training = model.training
@@ -55,9 +58,9 @@ def evaluate_cases(model: torch.nn.Module, cases: Sequence[Case], n_classes: int
             probs = predict_probabilities(model, case, **predict_kwargs)
             result = segmentation_metrics(probs, case.label, n_classes=n_classes, spacing=case.spacing,
                                           threshold=threshold, nsd_tolerance=nsd_tolerance,
-                                          class_names=class_names)
+                                          class_names=class_names, annotated=case.annotated)
             accumulator.add(result)
-            per_image.append({"case_id": case.case_id, **_flat(result)})
+            per_image.append({"case_id": case.case_id, **_flat(result), **_annotation(case, n_classes, class_names)})
             if i < keep_predictions:
                 predictions[case.case_id] = _label_map(probs, threshold)
     finally:
@@ -71,6 +74,14 @@ def _label_map(probs: np.ndarray, threshold: float) -> np.ndarray:
     if probs.shape[0] == 2:
         return (probs[1] > threshold).astype(np.int64)  # strict, as in the metric suite
     return probs.argmax(0).astype(np.int64)
+
+
+def _annotation(case: Case, n_classes: int, class_names: Optional[Sequence[str]]) -> dict:
+    """A sparsely annotated case names the classes it annotates (the only ones scored in it)."""
+    if case.annotated is None:
+        return {}
+    keys = class_keys(n_classes, class_names)
+    return {"annotated": [keys[c] for c in sorted(int(c) for c in case.annotated)]}
 
 
 def _flat(result: dict) -> dict:

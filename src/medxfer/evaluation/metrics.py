@@ -53,6 +53,16 @@ the foreground class, plus ``"mean dice index"`` / ``"mean jaccard index"`` (equ
 Aggregation over images (``MetricAccumulator``): ``per_image_mean`` = NaN-skipping mean per key, with
 ``nan_counts`` saying how many images were skipped; ``pooled`` = confusion counts summed over images,
 then the confusion metrics (distances and AUC/AP are per image only).
+
+Sparse annotation (``annotated``: the foreground classes a case annotates, ``Case.annotated``): in a case that
+does not annotate class ``c``, its pixels are labelled background although some may be ``c``, so nothing
+about ``c`` can be scored there. Such a (case, class) cell is left out of every metric: its per-class
+values are NaN (and out of the class means), its confusion counts are 0 (so pooled values sum only the
+annotated cells), and ``result["annotated"]`` = ``{"class_<c>": bool}`` says which cells are scored. Any
+aggregation must skip cells marked False (``MetricAccumulator`` does; its ``nan_counts`` leave them out and
+``annotation`` counts them). The annotated classes themselves are scored as usual: a pixel of an
+unannotated structure predicted as annotated class ``c`` is a false positive of ``c`` (it is not ``c``).
+This is the rule of pretraining validation (``medxfer.pretraining.segmentation.sparse_dice``).
 """
 
 from __future__ import annotations
@@ -76,6 +86,7 @@ RANKING_METRICS = ("area under roc", "average precision score")
 METRIC_NAMES = CONFUSION_METRICS + SURFACE_METRICS + RANKING_METRICS
 DEFAULT_NSD_TOLERANCE = 1.0  # tau of the NSD in the unit of the spacing: 1 mm (1 pixel when no spacing)
 CONFUSION_KEY = "confusion"  # per-class {"tp","fp","fn","tn"} counts inside a segmentation_metrics result
+ANNOTATED_KEY = "annotated"  # per-class bool inside a segmentation_metrics result: is the (case, class) cell scored
 
 # Surface distances. Most boundary voxels have their partner within a few voxels, so each one first
 # looks at the other boundary at every offset up to _SHELL_RADIUS voxels (physical radius
@@ -482,7 +493,8 @@ def _class_mean(values: list[float]) -> float:
 def segmentation_metrics(probs: np.ndarray, target: np.ndarray, n_classes: int,
                          spacing: Optional[Sequence[float]] = None, threshold: float = 0.5,
                          ignore_index: Optional[int] = 255, nsd_tolerance: float = DEFAULT_NSD_TOLERANCE,
-                         class_names: Optional[Sequence[str]] = None) -> dict[str, Any]:
+                         class_names: Optional[Sequence[str]] = None,
+                         annotated: Optional[Sequence[int]] = None) -> dict[str, Any]:
     """The metric suite of one image, per foreground class and mean, plus its confusion counts.
 
     ``probs``: softmax ``(n_classes, *S)``; for binary tasks also ``(1, *S)`` or ``(*S)`` foreground
@@ -490,7 +502,9 @@ def segmentation_metrics(probs: np.ndarray, target: np.ndarray, n_classes: int,
     ``ignore_index`` are left out of every metric. ``class_names`` (one per class, background first)
     name the per-class keys of multi-class tasks. Returns float values under the keys described in
     the module docstring, and ``result["confusion"] = {"class_<c>": {"tp", "fp", "fn", "tn"}}``
-    (ints) for pooling with ``MetricAccumulator``.
+    (ints) for pooling with ``MetricAccumulator``. ``annotated``: the foreground classes this image
+    annotates (``Case.annotated``; None = all): the others are not scored (module docstring, "Sparse
+    annotation"); ``result["annotated"] = {"class_<c>": bool}``.
     """
     if n_classes < 2:
         raise DataError(f"n_classes must be at least 2 (background + foreground), got {n_classes}")
@@ -509,6 +523,7 @@ def segmentation_metrics(probs: np.ndarray, target: np.ndarray, n_classes: int,
         raise DataError(f"probabilities of shape {probs.shape} do not fit target {spatial} with "
                         f"n_classes={n_classes} (expected ({n_classes}, *S), (1, *S) or (*S))")
     spacing = _as_spacing(spacing, target.ndim)
+    scored = _annotated_classes(annotated, n_classes)
 
     valid = None
     # The label range first: two passes, and the per-pixel checks only where the range asks for them.
@@ -535,12 +550,28 @@ def segmentation_metrics(probs: np.ndarray, target: np.ndarray, n_classes: int,
     confusion: dict[str, dict[str, int]] = {}
     per_class: dict[int, dict[str, float]] = {}
     for c, score in foreground_scores.items():
-        metrics, counts = _mask_metrics(score, predicted[c], target == c, valid, spacing, nsd_tolerance)
+        if c in scored:
+            metrics, counts = _mask_metrics(score, predicted[c], target == c, valid, spacing, nsd_tolerance)
+        else:  # not annotated in this image: nothing about c can be scored here
+            metrics, counts = dict.fromkeys(METRIC_NAMES, float("nan")), np.zeros(4, dtype=np.int64)
         per_class[c] = metrics
         confusion[f"class_{c}"] = dict(zip(("tp", "fp", "fn", "tn"), (int(v) for v in counts)))
     result.update(_layout(per_class, n_classes, METRIC_NAMES, class_keys(n_classes, class_names)))
     result[CONFUSION_KEY] = confusion
+    result[ANNOTATED_KEY] = {f"class_{c}": c in scored for c in foreground_scores}
     return result
+
+
+def _annotated_classes(annotated: Optional[Sequence[int]], n_classes: int) -> set[int]:
+    """The foreground classes scored in an image: ``annotated`` checked, None = all."""
+    if annotated is None:
+        return set(range(1, n_classes))
+    classes = set()
+    for c in annotated:
+        if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer)) or not 0 < int(c) < n_classes:
+            raise DataError(f"annotated classes must be foreground classes 1..{n_classes - 1}, got {list(annotated)}")
+        classes.add(int(c))
+    return classes
 
 
 def class_keys(n_classes: int, class_names: Optional[Sequence[str]] = None) -> list[str]:
@@ -625,15 +656,21 @@ class MetricAccumulator:
     """Collects ``segmentation_metrics`` results of many images; ``summary()`` aggregates them.
 
     ``summary()`` = ``{"per_image_mean": {key: NaN-skipping mean over images}, "pooled": {confusion
-    metrics of the counts summed over images}, "nan_counts": {key: images where it was NaN},
-    "n_images": N}``. Pooled values use the same key layout as a per-image result (``class_names`` as
-    given to ``segmentation_metrics``), without the surface and AUC/AP keys (per image only).
+    metrics of the counts summed over images}, "nan_counts": {key: annotated images where it was NaN},
+    "n_images": N, "annotation": {"images_annotating": {class key: n}, "partially_annotated_images": n}}``.
+    Cells a case does not annotate (``result["annotated"]``) are NaN with zero counts, so neither the means
+    nor the pooled sums see them; they are counted in ``annotation``, not in ``nan_counts``. Pooled values
+    use the same key layout as a per-image result (``class_names`` as given to ``segmentation_metrics``),
+    without the surface and AUC/AP keys (per image only).
     """
 
     def __init__(self, class_names: Optional[Sequence[str]] = None) -> None:
         self._class_names = None if class_names is None else list(class_names)
         self._values: dict[str, list[float]] = {}
         self._counts: dict[str, np.ndarray] = {}
+        self._unannotated: dict[str, int] = {}  # key -> images where it is NaN because a class is unannotated
+        self._images_annotating: dict[str, int] = {}  # class_<c> -> images that annotate it
+        self._partial_images = 0
         self._n_images = 0
 
     def add(self, result: dict[str, Any]) -> None:
@@ -645,12 +682,30 @@ class MetricAccumulator:
             raise DataError(f"a metric result needs its {CONFUSION_KEY!r} counts to be pooled")
         if self._n_images and (set(floats) != set(self._values) or set(confusion) != set(self._counts)):
             raise DataError("metric results of different tasks (different keys) cannot be aggregated")
+        annotated = result.get(ANNOTATED_KEY) or dict.fromkeys(confusion, True)
         for key, value in floats.items():
             self._values.setdefault(key, []).append(value)
+        for key in self._unannotated_keys(floats, annotated):
+            self._unannotated[key] = self._unannotated.get(key, 0) + 1
         for name, counts in confusion.items():
             vector = np.array([counts["tp"], counts["fp"], counts["fn"], counts["tn"]], dtype=np.int64)
+            if not annotated.get(name, True):
+                vector = np.zeros(4, dtype=np.int64)  # an unannotated cell never enters the pooled sums
             self._counts[name] = self._counts.get(name, 0) + vector
+            self._images_annotating[name] = self._images_annotating.get(name, 0) + bool(annotated.get(name, True))
+        self._partial_images += not all(annotated.values())
         self._n_images += 1
+
+    def _unannotated_keys(self, floats: dict[str, float], annotated: dict[str, bool]) -> list[str]:
+        """The keys of one result that are NaN only because their class is not annotated in the image."""
+        skipped = [name for name, scored in annotated.items() if not scored]
+        if not skipped:
+            return []
+        if len(skipped) == len(annotated):  # nothing scored in this image: every key
+            return list(floats)
+        keys = class_keys(len(annotated) + 1, self._class_names)
+        suffixes = tuple(f"/{keys[int(name.split('_', 1)[1])]}" for name in skipped)
+        return [key for key in floats if key.endswith(suffixes)]
 
     def summary(self) -> dict[str, Any]:
         per_image_mean, nan_counts = {}, {}
@@ -658,7 +713,7 @@ class MetricAccumulator:
             arr = np.asarray(values, dtype=np.float64)
             defined = arr[~np.isnan(arr)]
             per_image_mean[key] = float(defined.mean()) if defined.size else float("nan")
-            nan_counts[key] = int(arr.size - defined.size)
+            nan_counts[key] = int(arr.size - defined.size) - self._unannotated.get(key, 0)
         per_class = {}
         for name, counts in self._counts.items():
             per_class[int(name.split("_", 1)[1])] = {k: float(v) for k, v in metrics_from_counts(counts).items()}
@@ -668,5 +723,9 @@ class MetricAccumulator:
         if any(v for v in nan_counts.values()):
             log.info("metrics undefined (NaN) in some images and left out of the mean: %s",
                      {k: v for k, v in nan_counts.items() if v})
+        names = keys or class_keys(n_classes, self._class_names)
+        annotation = {"images_annotating": {names[int(name.split("_", 1)[1])]: n
+                                            for name, n in sorted(self._images_annotating.items())},
+                      "partially_annotated_images": self._partial_images}
         return {"per_image_mean": per_image_mean, "pooled": pooled, "nan_counts": nan_counts,
-                "n_images": self._n_images}
+                "n_images": self._n_images, "annotation": annotation}
