@@ -13,13 +13,12 @@ from medxfer.cli import main
 from medxfer.errors import DataError
 from medxfer.report.analyze import (
     IMAGENET_PREDICTOR,
-    _row_kendall_b,
-    _row_pearson,
     analyze,
     dataset_key,
     encoder_key,
     scheme_key,
 )
+from medxfer.report.analyze.statistics import _row_kendall_b, _row_pearson
 from medxfer.report.rules import (
     DECISION_COLUMNS,
     Decision,

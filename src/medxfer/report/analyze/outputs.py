@@ -1,0 +1,78 @@
+"""The analysis outputs: the CSV tables and ``recommended_rule.json`` written to the output folder, and the
+tables ``medxfer analyze`` prints."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from medxfer.report.analyze.figures import write_figures
+from medxfer.report.analyze.result import AnalysisResult
+from medxfer.report.analyze.statistics import IMAGENET_PREDICTOR, SINGLE_VARIANT, bootstrap_interval
+from medxfer.report.quality import findings_frame
+from medxfer.report.rules import IN_SAMPLE
+
+
+def write_outputs(result: AnalysisResult, out: Path, figures: bool = True) -> dict[str, Path]:
+    from medxfer.io import atomic_write_text
+
+    tables = {"decisions": ("decisions.csv", result.decisions), "summary": ("analysis_summary.csv", result.summary),
+              "correlations": ("correlations.csv", result.correlations), "claims": ("claims.csv", result.claims),
+              "data_quality": ("data_quality.csv", findings_frame(result.quality)),
+              "lodo": ("lodo.csv", result.lodo)}
+    paths = {}
+    for key, (name, table) in tables.items():
+        paths[key] = out / name
+        atomic_write_text(paths[key], table.to_csv(index=False))
+    if result.recommended_rule is not None:
+        from medxfer.io import atomic_write_json
+
+        paths["recommended_rule"] = out / "recommended_rule.json"
+        atomic_write_json(paths["recommended_rule"], result.recommended_rule)
+    if figures:
+        paths.update(write_figures(result, out / "figures"))
+    return paths
+
+
+def summary_for_print(result: AnalysisResult, top: int = 5) -> pd.DataFrame:
+    """Every rule that is not one of many single-variant rules (baselines, oracles, ImageNet rules, selected
+    variants, added rules), the recommended one, and the ``top`` best single-variant rules of each coverage
+    set (best of many: in-sample), as text columns."""
+    s = result.summary
+    key = s[~s["family"].isin(SINGLE_VARIANT) | s["recommended"]]
+    singles = s[~s.index.isin(key.index)].sort_values(["regret_mean", "rule"]).groupby("coverage").head(top)
+    rows = []
+    for _, r in pd.concat([key, singles]).iterrows():
+        rows.append({
+            "rule": ("* " if r["recommended"] else "") + r["rule"], "groups": r["coverage"],
+            "regret [95% CI]": f"{r['regret_mean']:.4f} [{r['regret_ci_low']:.4f}, {r['regret_ci_high']:.4f}]",
+            "saved": f"{r['saved_mean']:.0%}", "vs longest W/T/L": f"{r['wins']}/{r['ties']}/{r['losses']}",
+            "Spearman": "" if math.isnan(r["spearman_mean"]) else f"{r['spearman_mean']:+.2f}",
+            "note": ("oracle (knows the Dice)" if r["bound"] else "chosen in-sample" if r["evaluation"] == IN_SAMPLE
+                     else "best of many: in-sample" if r["family"] in SINGLE_VARIANT else "")})
+    return pd.DataFrame(rows)
+
+
+def correlation_summary(result: AnalysisResult, top: int = 5) -> pd.DataFrame:
+    """Mean correlations over groups with a bootstrap interval of the mean Spearman: ImageNet accuracy and the
+    ``top`` variants by mean Spearman among those scored on every group."""
+    table = result.correlations
+    if table.empty:
+        return pd.DataFrame()
+    agg = table.groupby("predictor").agg(n_groups=("spearman", "count"), pearson=("pearson", "mean"),
+                                         spearman=("spearman", "mean"), kendall=("kendall", "mean"),
+                                         weighted_tau=("weighted_tau", "mean"))
+    agg = agg[agg["n_groups"] > 0]
+    if agg.empty:
+        return pd.DataFrame()
+    full = agg[agg["n_groups"] == agg["n_groups"].max()]
+    chosen = list(dict.fromkeys([IMAGENET_PREDICTOR] * (IMAGENET_PREDICTOR in agg.index)
+                                + list(full.drop(index=IMAGENET_PREDICTOR, errors="ignore")
+                                       .sort_values("spearman", ascending=False).index[:top])))
+    rows = []
+    for name in chosen:
+        low, high = bootstrap_interval(table.loc[table["predictor"] == name, "spearman"])
+        rows.append({"predictor": name, **agg.loc[name].to_dict(), "spearman_ci_low": low, "spearman_ci_high": high})
+    return pd.DataFrame(rows)
