@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from medxfer.errors import DataError, MedxferError
-from medxfer.io import check_output_dir
+from medxfer.io import check_folder_free, check_output_dir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="medxfer: transfer learning for medical image segmentation "
@@ -27,15 +27,26 @@ weights_app = typer.Typer(no_args_is_help=True, help="Bring in encoder weights m
 app.add_typer(weights_app, name="weights")
 
 console = Console(width=None if sys.stdout.isatty() else 160)  # wide tables in logs and pipes
-_state = {"debug": False}
+_state = {"debug": False, "allow_any_out": False}
 
 
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
-          verbose: bool = typer.Option(False, "--verbose", "-v", help="Show info logs.")) -> None:
+          verbose: bool = typer.Option(False, "--verbose", "-v", help="Show info logs."),
+          allow_any_out: bool = typer.Option(False, "--allow-any-out", help="Accept / or the home folder as "
+                                             "an output folder (refused by default: runs would fill it).")) -> None:
     _state["debug"] = debug
+    _state["allow_any_out"] = allow_any_out
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _check_out(out: Path, locked_as: Optional[str] = None) -> None:
+    """The output folder is usable, and (``locked_as``: the command locks it) no other process holds it.
+    Called before a command imports torch: a refusal costs a moment, not the start-up of the libraries."""
+    check_output_dir(out, allow_top_level=_state["allow_any_out"])
+    if locked_as is not None:
+        check_folder_free(out, locked_as)
 
 
 def _quiet_training_libraries() -> None:
@@ -78,7 +89,7 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder
     intensity domain. Resumable: a second run reuses finished work."""
     from medxfer.demo import run_demo
 
-    check_output_dir(out)
+    _check_out(out)
     _quiet_training_libraries()
     summary = run_demo(out, quick=quick, progress=sys.stderr.isatty(), workers=workers)
     for name, frame in [("the study's answer (Colin27 T1: caudate, putamen, thalamus)", summary["answer_table"]),
@@ -99,11 +110,11 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder
 def finetune(config: Path = typer.Argument(..., help="Run config (YAML)."),
              out: Path = typer.Option(Path("runs_out"), "--out", help="Output folder.")) -> None:
     """Fine-tune (or train from scratch) one model and evaluate it; writes runs/<id>/result.json."""
+    _check_out(out, "output folder")
     from medxfer.config import RunConfig, load_config
     from medxfer.finetune import run_finetune, summary_dice
     from medxfer.io import folder_lock
 
-    check_output_dir(out)
     _quiet_training_libraries()
     from medxfer.records import collect
 
@@ -129,7 +140,7 @@ def collect(directory: Path = typer.Argument(..., help="A results folder (with r
     if not directory.is_dir():  # never create it: a mistyped folder would get an empty results.csv
         raise DataError(f"{directory}: results folder not found" if not directory.exists()
                         else f"{directory}: not a folder (give a results folder with runs/)")
-    check_output_dir(directory)
+    _check_out(directory)
     tables = collect_all(directory)
     for path in tables.values():
         if path is not None:
@@ -189,10 +200,12 @@ def data_check(name: str = typer.Argument(..., help="Dataset layout: acdc, covid
                option: list[str] = typer.Option([], "--option", "-o",
                                                 help="Dataset option KEY=VALUE (YAML value), repeatable.")) -> None:
     """Validate a dataset layout; print counts, shapes, classes and intensity ranges."""
-    from medxfer.config import DataConfig
+    from medxfer.config import DataConfig, parse_config
     from medxfer.data.check import check_dataset, check_report_lines
 
-    report = check_dataset(DataConfig(name=name, root=root, spatial_dims=dims, options=_parse_options(option)))
+    config = parse_config({"name": name, "root": root, "spatial_dims": dims, "options": _parse_options(option)},
+                          DataConfig, source="data check")  # a bad name or --dims: one line, not a traceback
+    report = check_dataset(config)
     for line in check_report_lines(report):
         console.print(line, highlight=False, soft_wrap=True)
 
@@ -201,10 +214,10 @@ def data_check(name: str = typer.Argument(..., help="Dataset layout: acdc, covid
 def pretrain(config: Path = typer.Argument(..., help="Pretraining config (YAML)."),
              out: Path = typer.Option(Path("pretrain_out"), "--out", help="Output folder.")) -> None:
     """Pretrain an encoder, saving checkpoints at the scheduled pretraining lengths."""
+    _check_out(out, "pretraining folder")
     from medxfer.config import PretrainConfig, load_config
     from medxfer.pretraining import run_pretraining
 
-    check_output_dir(out)
     _quiet_training_libraries()
     result = run_pretraining(load_config(config, PretrainConfig), out, progress=sys.stderr.isatty())
     rows = []
@@ -228,7 +241,7 @@ def score(config: Path = typer.Argument(..., help="Score config (YAML)."),
     from medxfer.transferability.scoring import load_score_config, run_score
 
     score_config = load_score_config(config)
-    check_output_dir(out if out is not None else score_config.out)
+    _check_out(out if out is not None else score_config.out)
     result = run_score(score_config, out, progress=sys.stderr.isatty())
     _print_frame("robustness of each checkpoint (stop variant; lower = more robust)",
                  result.summary(score_config.stop))
@@ -261,7 +274,7 @@ def analyze(downstream: Path = typer.Option(..., "--downstream", help="results.c
     from medxfer.report.analyze import analyze as run_analysis, correlation_summary, seeds_text, summary_for_print
     from medxfer.report.quality import summary_lines
 
-    check_output_dir(out)
+    _check_out(out)
     result = run_analysis(downstream, robustness, baselines=baselines, names=names, patience=patience,
                           keep_copies=keep_copies, out_dir=out)
     console.print(f"{len(result.groups)} groups (model x dataset x scheme x frozen); Dice: {seeds_text(result.groups)}")
@@ -300,11 +313,11 @@ def sweep(grid: Path = typer.Argument(..., help="Grid file (YAML): base config, 
           dry_run: bool = typer.Option(False, "--dry-run", help="List the runs (id, axis values, state); run nothing."),
           ) -> None:
     """Run a grid of fine-tuning runs, resumably: finished runs are skipped, interrupted ones redone."""
+    if not dry_run:
+        _check_out(out, "sweep folder")
     from medxfer.errors import MedxferError
     from medxfer.sweep.runner import run_sweep
 
-    if not dry_run:
-        check_output_dir(out)
     _quiet_training_libraries()
     summary = run_sweep(grid, out, backend=backend, workers=workers, address=address,
                         retry_failed=retry_failed, dry_run=dry_run, progress=sys.stderr.isatty())
@@ -334,7 +347,7 @@ def report(results_dir: Path = typer.Argument(..., help="A results folder (runs/
     from medxfer.report import write_report
 
     if results_dir.is_dir():  # (a missing folder is write_report's one-line error)
-        check_output_dir(results_dir / "report")
+        _check_out(results_dir / "report")
     console.print(f"wrote {write_report(results_dir, overlay_runs=run or None)}")
 
 
@@ -346,7 +359,7 @@ def predict(run: Path = typer.Argument(..., help="A run folder or its model.pt."
     """Apply a trained model to new images or volumes; masks in the input's format plus overlays."""
     from medxfer.predict import predict as run_predict
 
-    check_output_dir(out)
+    _check_out(out)
     summary = run_predict(run, inputs, out, overlays=overlays)
     console.print(f"{len(summary['written'])} mask(s) written to {out}")
     if summary["failed"]:  # each skipped input was already logged with its reason

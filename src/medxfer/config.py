@@ -500,7 +500,8 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
 
 def safe_load_yaml(stream: Any, source: str = "<yaml>") -> Any:
     """Safe YAML loading that refuses duplicate keys and documents whose aliases expand past
-    ``MAX_YAML_NODES`` nodes (a "billion laughs" bomb is small on disk and unbounded once expanded)."""
+    ``MAX_YAML_NODES`` nodes (a "billion laughs" bomb is small on disk and unbounded once expanded).
+    Invalid YAML and nesting too deep for Python's parser are one-line ``ConfigError``s naming ``source``."""
     loader = StrictSafeLoader(stream)
     try:
         node = loader.get_single_node()
@@ -511,6 +512,13 @@ def safe_load_yaml(stream: Any, source: str = "<yaml>") -> Any:
             raise ConfigError(f"{source}: YAML aliases expand to over {MAX_YAML_NODES} values (an alias bomb?); "
                               "write the values out")
         return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{source}:{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: YAML nested too deeply (a config needs a few levels)") from None
     finally:
         loader.dispose()
 
@@ -522,11 +530,6 @@ def read_yaml(path: str | os.PathLike) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
             return safe_load_yaml(f, str(path))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}:{where}: {problem}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config: {exc}") from None
 

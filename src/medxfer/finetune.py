@@ -246,12 +246,6 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
                                              size_multiple)
         eval_s = time.perf_counter() - eval_started
 
-        save_model_weights(model, directory / "model.pt", manifest={
-            "model": config_to_dict(config.model.model_copy(update={
-                "in_channels": in_channels, "n_classes": data.n_classes})),
-            "run_id": run_id, "source": f"finetune:{data.name}", "length": pretraining["length"],
-            "data": config_to_dict(config.data), "train_spacing": spacing_summary(train_cases),
-        })
         record = {
             "kind": "finetune",
             "status": "done",
@@ -278,7 +272,18 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
             "finished": datetime.now(timezone.utc).isoformat(),
             **(extra_record or {}),
         }
-        write_record(directory, record)
+        try:  # model.pt, model.json and the record are one set: a full disk leaves none of them
+            save_model_weights(model, directory / "model.pt", manifest={
+                "model": config_to_dict(config.model.model_copy(update={
+                    "in_channels": in_channels, "n_classes": data.n_classes})),
+                "run_id": run_id, "source": f"finetune:{data.name}", "length": pretraining["length"],
+                "data": config_to_dict(config.data), "train_spacing": spacing_summary(train_cases),
+            })
+            write_record(directory, record)
+        except Exception:
+            for name in ("model.pt", "model.json"):
+                (directory / name).unlink(missing_ok=True)
+            raise
         shutil.rmtree(checkpoints, ignore_errors=True)  # the record and model.pt are what a finished run keeps
         return RunResult(run_id, directory, record)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from medxfer.errors import FolderInUse
+from medxfer.errors import DiskFull, FolderInUse
 
 
 _UMASK_LOCK = threading.Lock()
@@ -35,29 +36,64 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     A killed process leaves at most a ``.tmp`` file that no reader looks at, never a half-written target.
     The result gets the permissions a plain ``open`` would give (``0666 & ~umask``): ``mkstemp`` creates
-    0600, which would hide results from colleagues on a shared filesystem.
+    0600, which would hide results from colleagues on a shared filesystem. A full disk (ENOSPC/EDQUOT,
+    also when ``torch.save`` wraps it in a RuntimeError) becomes :class:`DiskFull` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _disk_full(exc, path) or exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, path)
+    except Exception as exc:
+        full = _disk_full(exc, path)
+        if full is None:
+            raise
+        raise full from exc
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def check_output_dir(path: str | os.PathLike) -> Path:
+def is_disk_full(exc: Optional[BaseException]) -> bool:
+    """Whether ``exc`` or an exception it was raised from is ENOSPC / EDQUOT (``torch.save`` raises a
+    RuntimeError "unexpected pos" while the OSError it hit is only its context)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, DiskFull) or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _disk_full(exc: BaseException, path: Path) -> Optional[DiskFull]:
+    if isinstance(exc, DiskFull) or not is_disk_full(exc):
+        return None
+    return DiskFull(f"{path}: no space left on the device while writing it (nothing half-written kept); "
+                    "free space and run the command again")
+
+
+def check_output_dir(path: str | os.PathLike, *, allow_top_level: bool = False) -> Path:
     """Fail early, with one line, when ``path`` cannot become an output folder: it (or a folder above it)
-    is an existing file, or the nearest existing folder is not writable. Creates nothing, so a command
+    is an existing file, or the nearest existing folder is not writable, or (unless ``allow_top_level``)
+    it is ``/`` or the home folder, which a run would fill with its files. Creates nothing, so a command
     that then fails on its input leaves no empty folder behind."""
     from medxfer.errors import OutputError
 
     path = Path(path)
+    if not allow_top_level:
+        resolved = path.expanduser().resolve()
+        if resolved in {Path("/").resolve(), Path.home().resolve()}:
+            raise OutputError(f"{path}: refusing the {'root' if resolved == Path('/').resolve() else 'home'} "
+                              "folder as an output folder (it would be filled with run files); give a "
+                              "subfolder, or pass --allow-any-out")
     existing = path
     while not existing.exists() and existing.parent != existing:
         existing = existing.parent
@@ -163,6 +199,29 @@ def folder_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[Non
                 folder.rmdir()
 
 
+def check_folder_free(folder: str | os.PathLike, what: str = "folder") -> None:
+    """Raise :class:`FolderInUse` now if another process holds the lock of ``folder``; creates nothing.
+
+    Only a quick look (the command takes the lock itself later, with :func:`folder_lock`): the CLI calls it
+    before importing torch, so a refused second process answers in a moment instead of after its start-up.
+    """
+    import fcntl
+
+    path = Path(folder) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # no lock file (no holder), or unreadable: folder_lock decides later
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _in_use(folder, what, _read_holder(fd)) from None
+    except OSError:  # a filesystem without locks: folder_lock warns later
+        pass
+    finally:
+        os.close(fd)  # closing releases a lock we took
+
+
 def _acquire(path: Path, folder: Path, what: str) -> Optional[int]:
     """The locked descriptor of ``path``; None where the filesystem cannot lock."""
     import fcntl
@@ -175,8 +234,7 @@ def _acquire(path: Path, folder: Path, what: str) -> Optional[int]:
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise FolderInUse(f"{folder}: {what} in use by another medxfer process ({holder}); wait for it to end "
-                              "or use another output folder") from None
+            raise _in_use(folder, what, holder) from None
         except OSError as exc:  # ENOLCK / EOPNOTSUPP: a filesystem without locks
             os.close(fd)
             logging.getLogger(__name__).warning("%s: cannot lock (%s); going on without a lock", folder, exc.strerror)
@@ -189,6 +247,11 @@ def _acquire(path: Path, folder: Path, what: str) -> Optional[int]:
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+def _in_use(folder: str | os.PathLike, what: str, holder: str) -> FolderInUse:
+    return FolderInUse(f"{folder}: {what} in use by another medxfer process ({holder}); wait for it to end "
+                       "or use another output folder")
 
 
 def _read_holder(fd: int) -> str:

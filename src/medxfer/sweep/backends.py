@@ -17,7 +17,6 @@ from __future__ import annotations
 import concurrent.futures as futures
 import contextlib
 import dataclasses
-import errno
 import logging
 import multiprocessing
 import os
@@ -33,6 +32,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from medxfer.config import RunConfig, config_to_dict
 from medxfer.errors import ConfigError, DiskFull, FolderInUse
+from medxfer.io import is_disk_full
 from medxfer.records import is_done, run_dir, write_error
 
 log = logging.getLogger(__name__)
@@ -62,17 +62,6 @@ class RunOutcome:
     seconds: float
     error: Optional[str] = None  # one line; the traceback is in runs/<id>/error.json
     disk_full: bool = False  # the run failed for lack of space: the sweep stops (every next run would fail too)
-
-
-def is_disk_full(exc: Optional[BaseException]) -> bool:
-    """Whether ``exc`` or an exception it was raised from is ENOSPC / EDQUOT."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def default_run_fn(config: RunConfig, out_dir: Path) -> Any:
