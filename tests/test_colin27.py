@@ -1,4 +1,4 @@
-"""Colin27/AAL slices (the demo's target): blocked split with gaps, labels, the stated T2-like transform."""
+"""Colin27/AAL slices (the demo's target): interleaved split with gaps, labels, the stated T2-like transform."""
 
 import numpy as np
 import pytest
@@ -13,12 +13,16 @@ installed = pytest.mark.skipif(
     reason="needs the Debian package mricron-data (make test installs it when run as root)")
 
 
-def test_split_blocks_leave_a_gap_around_every_held_out_slice():
+def test_split_interleaves_held_out_slices_with_a_gap_around_each():
     roles = {z: colin27.split_of_slice(z) for z in range(0, 181)}
     train = [z for z, r in roles.items() if r == "train"]
     held_out = [z for z, r in roles.items() if r in ("val", "test")]
-    assert (len(train), sum(r == "val" for r in roles.values()), sum(r == "test" for r in roles.values())) == (20, 3, 9)
+    test = [z for z, r in roles.items() if r == "test"]
+    assert (len(train), sum(r == "val" for r in roles.values()), len(test)) == (20, 3, 6)
     assert min(abs(z - t) for z in held_out for t in train) == 2  # never a neighbour (1 mm) of a training slice
+    assert min(train) < min(held_out) and max(held_out) < max(train)  # no held-out slice asks for extrapolation
+    for z in test:  # a training slice on each side, within one period
+        assert any(z - 5 < t < z for t in train) and any(z < t < z + 5 for t in train)
     assert all(r is None for z, r in roles.items() if not colin27.Z_RANGE[0] <= z < colin27.Z_RANGE[1])
 
 
@@ -57,7 +61,7 @@ def test_missing_files_say_what_to_install(tmp_path):
 def test_real_slices_hold_the_three_structures_in_both_domains():
     t1 = load_data(DataConfig(name="colin27", options={"domain": "t1"}))
     t2 = load_data(DataConfig(name="colin27", options={"domain": "t2like"}))
-    assert (len(t1.train), len(t1.val), len(t1.test)) == (20, 3, 9)
+    assert (len(t1.train), len(t1.val), len(t1.test)) == (20, 3, 6)
     assert t1.class_names == ["background", "caudate", "putamen", "thalamus"] and t1.n_classes == 4
     for a, b in zip(t1.train + t1.test, t2.train + t2.test):
         assert a.image.shape == (1, colin27.SIZE, colin27.SIZE)
@@ -65,7 +69,10 @@ def test_real_slices_hold_the_three_structures_in_both_domains():
         assert a.meta["z"] == b.meta["z"] and a.case_id != b.case_id
     test_labels = np.stack([c.label for c in t1.test])
     assert set(np.unique(test_labels)) == {0, 1, 2, 3}
-    assert all((c.label > 0).any() for c in t1.test)  # every test slice shows a structure
+    # absent classes are tested and validated: empty test slices, and validation slices missing a structure
+    assert sum(not (c.label > 0).any() for c in t1.test) == 2
+    assert all((c.label > 0).any() for c in t1.val) and any(set(np.unique(c.label)) != {0, 1, 2, 3} for c in t1.val)
+    assert set(np.unique(np.stack([c.label for c in t1.val]))) == {0, 1, 2, 3}
     # the three structures are each a few per cent of the crop, not empty and not everything
     fractions = np.bincount(np.stack([c.label for c in t1.train]).ravel(), minlength=4) / test_labels[0].size / 20
     assert all(0.01 < f < 0.15 for f in fractions[1:])

@@ -9,11 +9,14 @@ Task: segment three deep grey-matter structures, left and right merged: caudate,
 (4 classes with background). Each image is one axial slice, cropped to the 96 x 96 mm square around the
 structures and resampled to 64 x 64 (1.5 mm pixels; anterior up, patient left on the left).
 
-Splits keep test slices away from training slices: the slices z = 58..97 (where the structures are) form
-blocks of 5; blocks alternate held out / training, and a held-out block drops its first and last slice, so every
-test or validation slice is at least 2 mm from every training slice (never a neighbour). Held-out blocks are
-test, test, validation, test from bottom to top (the validation block shows all three structures): 20 training,
-3 validation and 9 test slices.
+Splits interleave held-out slices with the training slices and keep them apart: the slices z = 55..101 run in
+periods of 5 (train, train, gap, held out, gap), so every held-out slice lies between two training pairs, 2 mm
+from the nearest (never a neighbour), and no test slice asks for extrapolation beyond the training range. The
+range reaches 3-4 mm past the structures at both ends, so some slices hold no structure and others only one or
+two: a model is tested (and selected) on predicting nothing where nothing is. Held-out slices are test, test,
+validation, test, test, validation, test, validation, test from bottom to top (the validation slices show caudate
++ putamen, all three, and caudate alone): 20 training, 3 validation and 6 test slices (2 of the test slices and 4
+of the training slices are empty).
 
 Two intensity domains of the same anatomy and labels (``options.domain``):
 - ``t1``: the real T1 image.
@@ -52,10 +55,10 @@ DOMAINS = ("t1", "t2like")
 CROP_X = (43, 139)  # voxel ranges of the 96 x 96 mm crop (x: left-right, y: posterior-anterior)
 CROP_Y = (76, 172)
 SIZE = 64  # pixels per side after resampling (1.5 mm)
-Z_RANGE = (58, 98)  # axial slices used (z = 58..97)
-BLOCK = 5
-# Role of each block of 5 slices, bottom to top; held-out blocks lose their first and last slice (the gap).
-BLOCK_ROLES = ("test", "train", "test", "train", "val", "train", "test", "train")
+Z_RANGE = (55, 102)  # axial slices used (z = 55..101)
+PERIOD = ("train", "train", None, "held", None)  # role by (z - Z_RANGE[0]) % 5; None = a gap slice
+# Role of each held-out slice, bottom to top (z = 58, 63, ..., 98)
+HELD_OUT_ROLES = ("test", "test", "val", "test", "test", "val", "test", "val", "test")
 _NOISE_SEED = 27  # fixes the t2like noise; not a run seed
 _SLAB_MARGIN = 8  # slices around Z_RANGE that the t2like head mask and percentile see
 
@@ -130,11 +133,9 @@ def split_of_slice(z: int) -> Optional[str]:
     """"train", "val", "test", or None for a gap slice or a slice outside ``Z_RANGE``."""
     if not Z_RANGE[0] <= z < Z_RANGE[1]:
         return None
-    block, position = divmod(z - Z_RANGE[0], BLOCK)
-    role = BLOCK_ROLES[block]
-    if role != "train" and position in (0, BLOCK - 1):
-        return None
-    return role
+    period, position = divmod(z - Z_RANGE[0], len(PERIOD))
+    role = PERIOD[position]
+    return HELD_OUT_ROLES[period] if role == "held" else role
 
 
 def _slice_2d(volume: np.ndarray, z: int, order: int) -> np.ndarray:
