@@ -17,6 +17,7 @@ from rich.table import Table
 
 from medxfer.errors import DataError, MedxferError
 from medxfer.io import check_folder_free, check_output_dir
+from medxfer.progress import interactive, plain_progress_off, plain_progress_to
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="medxfer: transfer learning for medical image segmentation "
@@ -39,6 +40,7 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and
     _state["allow_any_out"] = allow_any_out
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    plain_progress_to(sys.stdout)  # into a log file or pipe: plain progress lines instead of bars
 
 
 def _check_out(out: Path, locked_as: Optional[str] = None) -> None:
@@ -91,7 +93,7 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder
 
     _check_out(out)
     _quiet_training_libraries()
-    summary = run_demo(out, quick=quick, progress=sys.stderr.isatty(), workers=workers)
+    summary = run_demo(out, quick=quick, progress=interactive(), workers=workers)
     for name, frame in [("the study's answer (Colin27 T1: caudate, putamen, thalamus)", summary["answer_table"]),
                         ("pretraining-length ladder (Fashion-MNIST steps; length 0 = scratch)", summary["ladder"]),
                         ("source -> second domain (T1 model fine-tuned on T2-like)", summary["transfer"])]:
@@ -121,7 +123,7 @@ def finetune(config: Path = typer.Argument(..., help="Run config (YAML)."),
     run_config = load_config(config, RunConfig)
     with folder_lock(out, "output folder"):  # no sweep or other finetune writes here meanwhile
         try:
-            run = run_finetune(run_config, out, progress=sys.stderr.isatty())
+            run = run_finetune(run_config, out, progress=interactive())
         except KeyboardInterrupt:  # the run resumes from its checkpoint next time; the table stays true
             if (out / "runs").is_dir():
                 collect(out)
@@ -219,7 +221,7 @@ def pretrain(config: Path = typer.Argument(..., help="Pretraining config (YAML).
     from medxfer.pretraining import run_pretraining
 
     _quiet_training_libraries()
-    result = run_pretraining(load_config(config, PretrainConfig), out, progress=sys.stderr.isatty())
+    result = run_pretraining(load_config(config, PretrainConfig), out, progress=interactive())
     rows = []
     for entry in result.checkpoints:
         accuracy, dice = entry.manifest.get("val_accuracy"), entry.manifest.get("val_dice")
@@ -242,7 +244,7 @@ def score(config: Path = typer.Argument(..., help="Score config (YAML)."),
 
     score_config = load_score_config(config)
     _check_out(out if out is not None else score_config.out)
-    result = run_score(score_config, out, progress=sys.stderr.isatty())
+    result = run_score(score_config, out, progress=interactive())
     _print_frame("robustness of each checkpoint (stop variant; lower = more robust)",
                  result.summary(score_config.stop))
     if result.recommendation is not None:
@@ -320,7 +322,7 @@ def sweep(grid: Path = typer.Argument(..., help="Grid file (YAML): base config, 
 
     _quiet_training_libraries()
     summary = run_sweep(grid, out, backend=backend, workers=workers, address=address,
-                        retry_failed=retry_failed, dry_run=dry_run, progress=sys.stderr.isatty())
+                        retry_failed=retry_failed, dry_run=dry_run, progress=interactive())
     if dry_run:
         columns, rows = summary.runs_table()
         _print_table(f"sweep {summary.name}: {len(summary.runs)} runs (dry run)", columns[:-2] + columns[-1:],
@@ -369,6 +371,13 @@ def predict(run: Path = typer.Argument(..., help="A run folder or its model.pt."
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: run the app; turn library errors into one line on stderr and exit code 2."""
+    try:
+        return _run(argv)
+    finally:
+        plain_progress_off()  # the progress lines' stream may not outlive the command (tests, embedding)
+
+
+def _run(argv: Optional[list[str]]) -> int:
     try:
         code = app(args=argv, standalone_mode=False)  # returns the exit code of typer.Exit
     except MedxferError as exc:

@@ -38,6 +38,7 @@ import yaml
 from medxfer.config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
 from medxfer.finetune import run_finetune
 from medxfer.io import atomic_write_text
+from medxfer.progress import ProgressLog
 
 log = logging.getLogger(__name__)
 
@@ -166,19 +167,25 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = False,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or min(2, os.cpu_count() or 1)
+    stages = ProgressLog("demo", 5)
+    stages.note("importing the ImageNet encoder, training the source model (stage 1 of 5)")
     imagenet = import_imagenet_encoder(out)
-    source = run_finetune(source_config(quick), out / SOURCE_DIR)
+    source = run_finetune(source_config(quick), out / SOURCE_DIR, progress=progress)
+    stages.step("stages done: source model ready; the sweep follows")
     grid = demo_grid(quick, (source.run_dir / "model.pt").resolve(), imagenet)  # absolute: the grid is reusable
     atomic_write_text(out / GRID_FILE, yaml.dump(grid, Dumper=_PlainDumper, sort_keys=False))
     sweep = run_sweep(grid, out, workers=workers, progress=progress)
+    stages.step("stages done: sweep finished; analysis follows")
     if sweep.failed:
         log.warning("%d demo run(s) failed; see runs/*/error.json", len(sweep.failed))
 
     # the run records name the preset, the score table its timm encoder: one key for both
     names = {"encoder": {PRESET: ENCODER_KEY, "tf_efficientnet_lite0": ENCODER_KEY}}
     analysis = analyze(out / "results.csv", out / "robustness.csv", names=names, out_dir=out / "analysis")
+    stages.step("stages done: analysis written; the report follows")
     answer = study_answer(out, quick)
     report = write_report(out, headline=answer["headline"], answer=answer["answer_table"], names=names)
+    stages.step("stages done: report written")
     return {**answer, "best_rule": analysis.best_rule, "counts": sweep.counts(), "report": report,
             "n_records": len(list(iter_records(out, kind="finetune"))),
             "results_csv": out / "results.csv", "robustness_csv": out / "robustness.csv",

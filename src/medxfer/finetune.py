@@ -19,6 +19,7 @@ from medxfer.data.base import SegmentationData, spacing_summary
 from medxfer.errors import ConfigError, FolderInUse, TrainingDiverged
 from medxfer.evaluation.metrics import class_keys
 from medxfer.io import environment_info, folder_lock, seed_everything, set_aside, stable_hash
+from medxfer.progress import training_progress_callback
 from medxfer.records import (
     RESULT_FILE,
     load_record,
@@ -211,6 +212,8 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
         resume = resume_checkpoint(checkpoints, t.checkpoint_every_s)
         best = BestWeights("val_dice") if val_loader is not None else None
         callbacks = [resume, *([best] if best else []), *(callbacks or [])]
+        if not progress:  # no bar: plain lines, shown when the CLI's stdout is a file or a pipe
+            callbacks.append(training_progress_callback(f"run {run_id}", total_steps))
         if val_loader is not None and t.early_stopping_patience:
             callbacks.append(EarlyStopping(monitor="val_dice", mode="max", patience=t.early_stopping_patience))
         trainer = L.Trainer(

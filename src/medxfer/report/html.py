@@ -20,6 +20,7 @@ import pandas as pd
 
 from medxfer.errors import DataError
 from medxfer.io import atomic_write_bytes, atomic_write_text
+from medxfer.progress import ProgressLog
 from medxfer.report import plots
 from medxfer.report.overlays import plot_overlay_grid
 from medxfer.report.plots import SkipFigure, png_bytes, score_dice_correlations, score_dice_pairs
@@ -282,7 +283,10 @@ def write_report(results_dir: str | Path, *, overlay_runs: Optional[Sequence[str
         write_csv(correlations, out / CORRELATION_CSV)
 
     figures, skipped = [], []
-    for name, make in _figure_jobs(results_dir, records, table, robustness, overlay_runs, overlay_cases):
+    jobs = _figure_jobs(results_dir, records, table, robustness, overlay_runs, overlay_cases)
+    lines = ProgressLog("report", len(jobs))
+    lines.note(f"{len(records)} run record(s); drawing {len(jobs)} figures")
+    for name, make in jobs:
         png_path = out / f"{name}.png"
         try:
             result = make()
@@ -291,11 +295,13 @@ def write_report(results_dir: str | Path, *, overlay_runs: Optional[Sequence[str
             if png_path.exists():  # a figure of an earlier report whose data are gone
                 png_path.unlink()
             log.info("report: %s skipped: %s", name, reason)
+            lines.step(f"figures ({name} skipped)")
             continue
         figure, detail = result if isinstance(result, tuple) else (result, "")
         data = png_bytes(figure)
         atomic_write_bytes(png_path, data)
         figures.append((name, png_path, data, detail))
+        lines.step(f"figures ({name})")
 
     quality = _quality_lines(table, robustness, names)
     html_path = out / REPORT_FILE

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional, Union
 from medxfer.config import PretrainConfig, ScoreConfig, config_to_dict, parse_config
 from medxfer.errors import ConfigError, FolderInUse
 from medxfer.io import atomic_write_json, folder_lock, stable_hash
+from medxfer.progress import ProgressLog
 from medxfer import records
 from medxfer.sweep.backends import (
     RunFn,
@@ -276,9 +277,14 @@ class _Progress:
         task = None
         if self.bar is not None and total:
             task = self.bar.add_task(description, total=total, done=0, failed=0, remaining=total)
+        lines = ProgressLog(f"sweep {description}", total) if self.bar is None else None
+        if lines is not None and total:
+            lines.note(f"{total} to run")
 
         def advance(outcome: RunOutcome) -> None:
             counts["done" if outcome.status == "done" else "failed"] += 1
+            if lines is not None:  # no bar (stdout is a file or pipe): a plain line per outcome, throttled
+                lines.step(f"finished ({counts['failed']} failed; last {outcome.run_id}: {outcome.status})")
             if task is not None:
                 finished = counts["done"] + counts["failed"]
                 self.bar.update(task, advance=1, done=counts["done"], failed=counts["failed"],
