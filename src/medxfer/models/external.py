@@ -37,7 +37,7 @@ class KnownSource:
     filename: str  # the file inside the package folder
     sha256_prefix: str  # first hex digits of the file's SHA-256 (in its name, torch hub style): recognises a copy
     timm_model: str  # the timm architecture the file fits (after the key mapping)
-    presets: str  # the medxfer presets it fits (for messages and the README)
+    presets: str  # the medxfer presets it fits (for messages and docs/weights.md)
     licence: str
     imagenet_top1: float  # ImageNet-1k validation top-1 (%), as published with the weights
     top1_reference: str

@@ -50,7 +50,7 @@ class Preset:
     spatial_dims: int
     options: tuple[str, ...] = _DECODER_OPTIONS
     default_options: Mapping[str, Any] = field(default_factory=dict)
-    # Starting weights it takes besides medxfer's own encoder checkpoints (README's presets table).
+    # Starting weights it takes besides medxfer's own encoder checkpoints (the presets table of docs/weights.md).
     weights: str = "none (medxfer checkpoints only)"
 
 

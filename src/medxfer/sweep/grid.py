@@ -1,6 +1,6 @@
 """Grid files: a base run config plus axes to cross -> planned runs with stable ids.
 
-A grid file (see the README, "Sweep grid files") has a ``base`` RunConfig, ``axes`` whose names are dotted
+A grid file (see docs/sweeps.md) has a ``base`` RunConfig, ``axes`` whose names are dotted
 RunConfig paths or short aliases, ``include``/``exclude`` rules, named ``datasets``, and optional
 ``pretraining``/``score`` sections for the work that runs share. Expansion is deterministic (axes are crossed
 in file order) and each run's id is :func:`medxfer.finetune.run_id_for` of its resolved config, so the
@@ -27,7 +27,7 @@ from medxfer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# Short axis names -> dotted RunConfig paths (documented in the README).
+# Short axis names -> dotted RunConfig paths (documented in docs/sweeps.md).
 AXIS_ALIASES: dict[str, str] = {
     "model": "model.preset",
     "strategy": "train.strategy",
@@ -47,35 +47,42 @@ PATH_KEYS = ("root", "checkpoint")
 class ResourcesConfig(StrictModel):
     """What one run asks of the Ray scheduler (the local backend derives threads from ``--workers``)."""
 
-    cpus: float = Field(1.0, gt=0)
-    gpus: float = Field(0.0, ge=0)
+    cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each run.")
+    gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves for each run (fractions share one).")
 
 
 class ScoreSection(StrictModel):
     """Transferability scoring, once per (checkpoint folder, dataset); see ``medxfer.config.ScoreConfig``."""
 
-    # names of entries of the grid's ``datasets`` section, or data mappings; empty = every dataset
-    # the runs of the grid use
-    datasets: list[Union[str, dict[str, Any]]] = Field(default_factory=list)
-    # pretraining entries whose checkpoint folders are scored (names); empty = all of them
-    pretraining: list[str] = Field(default_factory=list)
-    checkpoints: list[Path] = Field(default_factory=list)  # other checkpoint folders to score as well
-    # every other ScoreConfig key (seed, n_images, metrics, margins, bootstrap, baselines, ...)
-    settings: dict[str, Any] = Field(default_factory=dict)
+    datasets: list[Union[str, dict[str, Any]]] = Field(default_factory=list, description=(
+        "Names of entries of the grid's `datasets` section, or data mappings; empty = every dataset the runs "
+        "of the grid use."))
+    pretraining: list[str] = Field(default_factory=list, description=(
+        "Pretraining entries whose checkpoint folders are scored (names); empty = all of them."))
+    checkpoints: list[Path] = Field(default_factory=list, description="Other checkpoint folders to score as well.")
+    settings: dict[str, Any] = Field(default_factory=dict, description=(
+        "Every other score-config key (seed, n_images, metrics, margins, bootstrap, baselines, ...)."))
 
 
 class SweepConfig(StrictModel):
-    """A grid file. ``base`` and values are partial RunConfigs; see the README for every key."""
+    """A grid file. ``base`` and values are partial RunConfigs; see docs/sweeps.md for the rules."""
 
-    name: str = "sweep"
-    base: dict[str, Any] = Field(default_factory=dict)  # a partial RunConfig every run starts from
-    datasets: dict[str, dict[str, Any]] = Field(default_factory=dict)  # named data sections
-    axes: dict[str, list[Any]] = Field(default_factory=dict)  # crossed in file order
-    exclude: list[dict[str, Any]] = Field(default_factory=list)  # drop crossed combinations matching one
-    include: list[dict[str, Any]] = Field(default_factory=list)  # extra runs; unnamed axes are crossed
-    pretraining: list[PretrainConfig] = Field(default_factory=list)  # run first; referred to by `name`
-    score: Optional[ScoreSection] = None
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    name: str = Field("sweep", description="Names OUT/sweeps/<name>.json, the planned runs with their axis values.")
+    base: dict[str, Any] = Field(default_factory=dict, description=(
+        "A partial run config every run starts from, or the path of a run config."))
+    datasets: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
+        "Named data sections, for the `dataset` axis."))
+    axes: dict[str, list[Any]] = Field(default_factory=dict, description=(
+        "Axis name (a dotted run-config path or an alias) -> its values; crossed in file order."))
+    exclude: list[dict[str, Any]] = Field(default_factory=list, description=(
+        "Drop crossed combinations that match every key of one rule (a list value means any of these)."))
+    include: list[dict[str, Any]] = Field(default_factory=list, description=(
+        "Extra runs: the keys given are fixed, the axes not named are crossed."))
+    pretraining: list[PretrainConfig] = Field(default_factory=list, description=(
+        "Pretraining runs, run first, once; runs refer to them by `name` (`pretrained: {from: NAME}`)."))
+    score: Optional[ScoreSection] = Field(None, description=(
+        "Transferability scores, once per (checkpoint folder, dataset); null = none."))
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per run, for the Ray scheduler.")
 
     _source: str = PrivateAttr("<grid>")
 

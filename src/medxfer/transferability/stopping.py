@@ -525,8 +525,8 @@ def rule_from_dict(saved: Mapping[str, Any]) -> StopRule:
 # The recommended rule, applied by `medxfer score` and the online pretraining callback
 
 # What `medxfer analyze` recommends on the reference study's published tables (development seeds 123124-6,
-# all 36 groups; README, "When to stop pretraining"): the lowest out-of-sample regret among online rules
-# saving >= 50% of pretraining. It does not reach issue #15's goal (see the README for how far it is).
+# all 36 groups; docs/analyze.md, "Stop rules on the reference tables"): the lowest out-of-sample regret
+# among online rules saving >= 50% of pretraining. It does not reach issue #15's goal (see docs/analyze.md for how far it is).
 RECOMMENDED_RULE: dict[str, Any] = {"kind": "ImageNet plateau", "min_gain": 0.10}
 
 

@@ -151,7 +151,7 @@ def select_loss(label_stats: Mapping[str, Any]) -> tuple[str, dict[str, Any], st
     on ties), the imbalance ratio ``r`` and the cases each class occurs in. Whenever an overlap term is
     chosen, a voxel-wise term (cross-entropy) goes with it: an overlap loss alone gives a class absent from
     the target no gradient against its false positives, and learnt "that class everywhere" in training
-    (issue 22). The rules and their measured effect are in the README (loss-selection benchmark):
+    (issue 22). The rules and their measured effect are in docs/losses.md (loss-selection benchmark):
 
     1. ``f >= 0.05`` (SMALL_FOREGROUND_FRACTION) and ``r <= 3`` (BALANCED_IMBALANCE_RATIO): ``ce``:
        balanced classes; every loss reached the same Dice, and cross-entropy is the calibrated one.
