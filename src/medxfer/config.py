@@ -188,7 +188,8 @@ class EvalConfig(StrictModel):
 class RunConfig(StrictModel):
     """One downstream run: data + model + starting weights + training + evaluation."""
 
-    name: str = Field("run", description="The run's name.")
+    name: str = Field("run", description="The run's name, for people: no part of the run id (a renamed run "
+                                         "reuses its record; a sweep's run and the same `finetune` are one run).")
     seed: Seed = Field(0, description="Seeds Python, NumPy, torch and chooses the training subset.")
     data: DataConfig = Field(default_factory=DataConfig, description="The target dataset.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The segmentation model.")

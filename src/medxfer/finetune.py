@@ -48,8 +48,13 @@ class RunResult:
 
 def run_id_for(config: RunConfig) -> str:
     """Stable id: the hash of the canonical resolved config. Key order is irrelevant; every default is
-    included, so two configs share an id exactly when they describe the same run."""
-    return stable_hash(config_to_dict(config))
+    included, so two configs share an id exactly when they describe the same run. Names change no result
+    and are left out (``name`` here, ``data.label`` by its field), so one run from ``finetune`` and from a
+    sweep is computed once. (Ids from before names were left out differ: such old records are not reused.)"""
+    return stable_hash({key: value for key, value in config_to_dict(config).items() if key not in ID_EXCLUDED})
+
+
+ID_EXCLUDED = ("name",)  # RunConfig keys that name a run without changing it
 
 
 def _load_starting_weights(model: torch.nn.Module, config: RunConfig) -> dict[str, Any]:
