@@ -135,6 +135,34 @@ def finetune(config: Path = typer.Argument(..., help="Run config (YAML)."),
 
 
 @app.command()
+def evaluate(model: Path = typer.Argument(..., help="A fine-tuning run folder or its model.pt, a whole-model "
+                                                    "checkpoint, or a segmentation pretraining folder (with --length)."),
+             config: Path = typer.Argument(..., help="Data config (YAML): a data section, an evaluate config, or a "
+                                                     "run config (its data and evaluation sections)."),
+             out: Path = typer.Option(Path("evaluate_out"), "--out", help="Output folder (evaluations/<id>/)."),
+             length: Optional[int] = typer.Option(None, "--length", help="Pretraining length of the model "
+                                                  "(a pretraining folder)."),
+             split: Optional[str] = typer.Option(None, "--split", help="test (default) | val | train."),
+             test_set: Optional[str] = typer.Option(None, "--test-set", help="Key of the metrics in the record "
+                                                    "(target, or source for a forgetting baseline).")) -> None:
+    """Evaluate a trained model on a dataset without training: writes the metrics record a run writes
+    (the base model's source Dice, its zero-shot Dice on a new domain, the forgetting baseline)."""
+    from medxfer.finetune import summary_dice
+    from medxfer.model_evaluation import load_evaluate_config, run_evaluation
+    from medxfer.records import collect_evaluations
+
+    check_output_dir(out)
+    evaluate_config = load_evaluate_config(config, split=split, test_set=test_set)
+    record = run_evaluation(model, evaluate_config, out, length=length)
+    collect_evaluations(out)
+    rows = [[name, summary_dice(record, name), result.get("n_images")] for name, result in record["metrics"].items()]
+    _print_table(f"evaluation {record['evaluation_id']} ({record['dataset']}, {record['split']} split)",
+                 ["test set", "dice", "images"], rows)
+    console.print(f"model: {record['evaluated']['path']}\nrecord: "
+                  f"{out / 'evaluations' / record['evaluation_id'] / 'result.json'}", highlight=False)
+
+
+@app.command()
 def collect(directory: Path = typer.Argument(..., help="A results folder (with runs/).")) -> None:
     """Aggregate the run records of a folder into results.csv (and its scores into robustness.csv)."""
     from medxfer.records import collect_all

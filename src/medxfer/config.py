@@ -208,6 +208,23 @@ class RunConfig(StrictModel):
         return self
 
 
+class EvaluateConfig(StrictModel):
+    """``medxfer evaluate``: one trained model on one dataset, without training (e.g. the base model's own
+    source Dice, its zero-shot Dice on a new domain: the forgetting baseline)."""
+
+    name: str = Field("evaluate", description="The evaluation's name (recorded only).")
+    data: DataConfig = Field(..., description=(
+        "The dataset to evaluate on; its preprocessing keys (normalization, percentile_clip, patch_size) "
+        "are applied as in fine-tuning, so give the ones the model was trained with."))
+    split: Literal["test", "val", "train"] = Field("test", description=(
+        "Which split of the dataset is evaluated; test = the split fine-tuning runs report."))
+    test_set: str = Field("target", min_length=1, description=(
+        'The key of the metrics in the record ("target" like a run\'s own test set, "source" like '
+        "evaluation.source_test), so tables put it beside the matching fine-tuning column."))
+    evaluation: EvalConfig = Field(default_factory=EvalConfig, description=(
+        "Threshold, NSD tolerance and sliding-window settings (source_test is not used here)."))
+
+
 # --- transferability scoring (``medxfer score``) and its validation (``medxfer analyze``) ------------
 
 ScoreMetric = Literal["cosine", "l2", "pearson"]

@@ -135,19 +135,13 @@ def _loaders(config: RunConfig, train_cases, val_cases, n_classes: int, in_chann
 def _evaluate_on(model, data_config: DataConfig, config: RunConfig, in_channels: int, size_multiple: int,
                  cases=None, n_classes: Optional[int] = None,
                  class_names: Optional[list[str]] = None) -> dict[str, Any]:
-    from medxfer.evaluation.evaluate import evaluate_cases
+    from medxfer.evaluation.evaluate import evaluate_test_set
 
     if cases is None:
         data = load_data(data_config)
         cases, n_classes, class_names = data.test, data.n_classes, data.class_names
-    evaluation = evaluate_cases(
-        model, cases, n_classes, threshold=config.evaluation.threshold,
-        nsd_tolerance=config.evaluation.nsd_tolerance, class_names=class_names,
-        normalization=data_config.normalization, percentiles=data_config.percentile_clip,
-        in_channels=in_channels, patch_size=data_config.patch_size, size_multiple=size_multiple,
-        overlap=config.evaluation.sw_overlap, sw_batch_size=config.evaluation.sw_batch_size,
-    )
-    return {**evaluation.summary, "per_image": evaluation.per_image}
+    return evaluate_test_set(model, cases, n_classes, class_names, data_config, config.evaluation,
+                             in_channels=in_channels, size_multiple=size_multiple)
 
 
 def resume_checkpoint(directory: Path, every_s: Optional[float]):

@@ -268,6 +268,15 @@ def stable_hash(obj: Any, length: int = 12) -> str:
     return hashlib.sha1(canonical.encode("utf-8")).hexdigest()[:length]
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks): what a record says about the weights it used."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA). Loader workers are seeded by Lightning."""
     import torch

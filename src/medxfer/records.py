@@ -43,6 +43,26 @@ def run_dir(root: str | Path, run_id: str) -> Path:
     return Path(root) / "runs" / run_id
 
 
+EVALUATIONS_DIR = "evaluations"  # `medxfer evaluate` records: <out>/evaluations/<id>/result.json
+
+
+def evaluation_dir(root: str | Path, evaluation_id: str) -> Path:
+    return Path(root) / EVALUATIONS_DIR / evaluation_id
+
+
+def iter_evaluations(root: str | Path) -> Iterable[dict[str, Any]]:
+    """Finished ``medxfer evaluate`` records under ``root/evaluations`` (kind "evaluate"), in id order.
+    They hold a model's metrics without training (a base model's own source Dice, its zero-shot Dice):
+    kept apart from ``runs/`` so that no table counts them as fine-tuning runs."""
+    folder = Path(root) / EVALUATIONS_DIR
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob(f"*/{RESULT_FILE}")):
+        record = load_record(path)
+        if record is not None and record.get("kind") == "evaluate":
+            yield record
+
+
 def is_done(root: str | Path, run_id: str) -> bool:
     return (run_dir(root, run_id) / RESULT_FILE).is_file()
 
@@ -262,6 +282,26 @@ def collect_robustness(root: str | Path) -> Optional[Path]:
     return write_csv(pd.concat(tables, ignore_index=True, sort=False), Path(root) / ROBUSTNESS_FILE)
 
 
+EVALUATIONS_FILE = "evaluations.csv"
+
+
+def collect_evaluations(root: str | Path) -> Optional[Path]:
+    """The ``medxfer evaluate`` records under ``root/evaluations`` as ``root/evaluations.csv``: the columns of
+    results.csv (strategy empty: nothing was trained) plus the evaluated weights. None (and no file) when
+    there are none."""
+    rows = []
+    for record in iter_evaluations(root):
+        evaluated = record.get("evaluated") or {}
+        for row in record_rows(record):
+            rows.append({**row, "evaluation id": record.get("evaluation_id"), "split": record.get("split"),
+                         "model file": evaluated.get("path"), "model source": evaluated.get("source"),
+                         "model run id": evaluated.get("run_id")})
+    if not rows:
+        return None
+    return write_csv(pd.DataFrame(rows), Path(root) / EVALUATIONS_FILE)
+
+
 def collect_all(root: str | Path) -> dict[str, Optional[Path]]:
-    """``collect`` + ``collect_robustness``: the tables ``medxfer collect DIR`` and a sweep's end write."""
-    return {"results": collect(root), "robustness": collect_robustness(root)}
+    """``collect`` + ``collect_robustness`` + ``collect_evaluations``: the tables ``medxfer collect DIR`` and a
+    sweep's end write."""
+    return {"results": collect(root), "robustness": collect_robustness(root), "evaluations": collect_evaluations(root)}

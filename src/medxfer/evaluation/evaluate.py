@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from medxfer.config import DataConfig, EvalConfig
 from medxfer.data.base import Case
 from medxfer.data.patches import predict_logits
 from medxfer.data.transforms import match_channels, normalize_image
@@ -68,6 +69,24 @@ def evaluate_cases(model: torch.nn.Module, cases: Sequence[Case], n_classes: int
     spacing_known = bool(cases) and all(case.spacing is not None for case in cases)
     summary = {**accumulator.summary(), "provenance": metric_provenance(nsd_tolerance, spacing_known)}
     return Evaluation(summary=summary, per_image=per_image, predictions=predictions)
+
+
+def evaluate_test_set(model: torch.nn.Module, cases: Sequence[Case], n_classes: int,
+                      class_names: Optional[Sequence[str]], data_config: DataConfig,
+                      eval_config: EvalConfig, in_channels: Optional[int] = None,
+                      size_multiple: Optional[int] = None) -> dict:
+    """The metrics entry of a run record (``summary`` + ``per_image``) for ``cases``, preprocessed as
+    ``data_config`` says and evaluated as ``eval_config`` says: what fine-tuning writes for its test sets and
+    ``medxfer evaluate`` for a model on its own. ``in_channels`` / ``size_multiple`` default to the model's
+    encoder input channels and total stride."""
+    evaluation = evaluate_cases(
+        model, cases, n_classes, threshold=eval_config.threshold, nsd_tolerance=eval_config.nsd_tolerance,
+        class_names=class_names, normalization=data_config.normalization, percentiles=data_config.percentile_clip,
+        in_channels=model.encoder.in_channels if in_channels is None else in_channels,
+        patch_size=data_config.patch_size,
+        size_multiple=int(model.required_multiple) if size_multiple is None else size_multiple, overlap=eval_config.sw_overlap,
+        sw_batch_size=eval_config.sw_batch_size)
+    return {**evaluation.summary, "per_image": evaluation.per_image}
 
 
 def _label_map(probs: np.ndarray, threshold: float) -> np.ndarray:

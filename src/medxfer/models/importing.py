@@ -9,13 +9,13 @@ how the first convolution was adapted to the input channels.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from medxfer.errors import CheckpointError, ConfigError
+from medxfer.io import file_sha256
 from medxfer.models.external import (
     KNOWN_SOURCES,
     KnownSource,
@@ -29,14 +29,6 @@ from medxfer.models.weights import import_state_dict, list_checkpoints, read_man
 logger = logging.getLogger(__name__)
 
 IMPORTED_NAME = "encoder.pt"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _timm_model_name(source: str) -> Optional[str]:
@@ -66,14 +58,14 @@ def resolve_source(source: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     text = str(source)
     path = Path(text)
     if path.is_file():
-        digest = _sha256(path)
+        digest = file_sha256(path)
         known = known_source_by_digest(digest)
         about = {"source": str(path.resolve()), "source_sha256": digest}
         return path, ({**_known_fields(known), **about} if known else about)
     if text in KNOWN_SOURCES:
         known = KNOWN_SOURCES[text]
         file = known_source_path(text)
-        return file, {"source": f"{known.name} (PyPI {known.pip}: {file.name})", "source_sha256": _sha256(file),
+        return file, {"source": f"{known.name} (PyPI {known.pip}: {file.name})", "source_sha256": file_sha256(file),
                       **_known_fields(known)}
     model_name = _timm_model_name(text)
     if model_name is not None:
@@ -81,7 +73,7 @@ def resolve_source(source: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
         if file is None:
             raise CheckpointError(f"{text}: timm's weights are not in the local hub cache ({where}) and medxfer does "
                                   "not download; fetch them once where there is internet, or import a file")
-        return file, {"source": f"timm {model_name} ({where}, local cache)", "source_sha256": _sha256(file)}
+        return file, {"source": f"timm {model_name} ({where}, local cache)", "source_sha256": file_sha256(file)}
     if path.suffix or os.sep in text:
         raise CheckpointError(f"{path}: weights file not found")
     raise CheckpointError(f"{text}: not a file, a known weights name ({', '.join(KNOWN_SOURCES)}) "
