@@ -87,7 +87,7 @@ def test_second_demo_reuses_finished_work_and_prints_the_answers(demo_out, capsy
     assert "report:" in out and "the study's answer" in out and "pretraining-length ladder" in out
     flat = " ".join(out.split())  # rich wraps long lines
     headline = re.search(r"finding: ImageNet, fine-tuned vs scratch with 5 training slices: Dice ([\d.]+) vs "
-                         r"([\d.]+), difference ([+-][\d.]+) \(1 seed, no interval\)", flat)
+                         r"([\d.]+), difference ([+-][\d.]+) \(1 seed: no interval\)", flat)
     assert headline, flat
     imagenet, scratch, difference = (float(v) for v in headline.groups())
     assert 0 <= imagenet <= 1 and 0 <= scratch <= 1

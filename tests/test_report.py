@@ -132,15 +132,14 @@ def test_full_report_has_every_figure_embedded_and_valid(results):
     assert width > height
 
     # The opening sentence: the best of the 4 pretrained arms vs scratch with 5 images, paired over the 2
-    # seeds, said to be the best of 4; with 2 seeds its t interval holds 0: within seed noise.
+    # seeds, said to be the best of 4; 2 seeds give no interval (a t-interval on 1 degree of freedom).
     differences = [fake_dice("full", 5, 5, seed) - fake_dice("scratch", 0, 5, seed) for seed in (0, 1)]
-    half = stats.t.ppf(0.975, 1) * np.std(differences, ddof=1) / np.sqrt(2)
     finding = html_module.unescape(re.search(r"<p class='finding'>([^<]+)</p>", html).group(1))
     assert finding.startswith("Best of 4 pretrained set-ups compared with scratch")
-    assert "Fine-tuning from the pretrained encoder (pretraining length 5) (simple) is within seed noise of " \
-           f"training from scratch: {np.mean(differences):+.3f} Dice [95% CI {np.mean(differences) - half:+.3f}, " \
-           f"{np.mean(differences) + half:+.3f}]" in finding
-    assert "5 target images, 2 seeds" in finding and "0 of the 4 set-ups beat scratch beyond seed noise" in finding
+    assert "Fine-tuning from the pretrained encoder (pretraining length 5) (simple) differs from training from " \
+           f"scratch by {np.mean(differences):+.3f} Dice" in finding
+    assert "5 target images, 2 seeds" in finding and "2 seeds: no interval, too few to tell it from seed noise" \
+        in finding and "CI" not in finding
     # The transferability sentence: the score rises with length, and so does Dice for full fine-tuning.
     assert "Spearman" in html
     corr = pd.read_csv(root / "report" / "score_dice_correlation.csv")

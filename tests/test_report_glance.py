@@ -35,6 +35,9 @@ def test_versus_scratch_pairs_by_seed_with_a_t_interval_and_an_honest_verdict():
     one = result.loc[(20, "full (imagenet)")]
     assert one["verdict"] == "1 seed: no interval" and math.isnan(one["95% CI low"])
     assert format_difference(one) == "+0.050"
+    two = versus_scratch(pd.DataFrame(rows("scratch", 0.0, "", 5, [0.40, 0.60]) + rows("full", 1.0, "", 5, [0.10, 0.95])))
+    # a 2-seed t-interval would be [-8.2, +8.6] Dice: none is given
+    assert two.iloc[0]["verdict"] == "2 seeds: no interval" and math.isnan(two.iloc[0]["95% CI high"])
     assert format_difference(full) == f"{diff.mean():+.3f} [{diff.mean() - half:+.3f}, {diff.mean() + half:+.3f}]"
 
 
@@ -108,3 +111,22 @@ def test_score_plot_leaves_out_sizes_with_a_single_length():
     figure = plots.plot_score_vs_dice(table, robustness)
     labels = [t.get_text() for ax in figure.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
     assert len(labels) == 1 and labels[0].startswith("full, n=5")
+
+
+def test_the_ladder_verdict_says_when_the_best_length_is_within_seed_noise():
+    from medxfer.demo import LADDER_SCHEME, TARGET_NAME, ladder_verdict
+
+    def arm(length, values):
+        strategy = "scratch" if length == 0 else "full"
+        return [{**r, "dataset": TARGET_NAME, "pretraining scheme": "" if length == 0 else LADDER_SCHEME}
+                for r in rows(strategy, float(length), "", 5, values)]
+
+    noisy = pd.DataFrame(arm(0, [0.40, 0.50, 0.45]) + arm(50, [0.48, 0.44, 0.49]) + arm(100, [0.43, 0.47, 0.44]))
+    best = pd.DataFrame({"pretraining length": [50, 0, 100]})  # by mean Dice
+    p = stats.ttest_rel([0.48, 0.44, 0.49], [0.40, 0.50, 0.45]).pvalue
+    assert ladder_verdict(noisy, best, 5) == \
+        f"best by mean Dice: 50 steps, within seed noise of 0 steps (paired t-test p = {p:.2f}, 3 seeds)"
+    clear = pd.DataFrame(arm(0, [0.40, 0.41, 0.42]) + arm(50, [0.60, 0.62, 0.63]))
+    assert "ahead of 0 steps beyond seed noise" in ladder_verdict(clear, best.iloc[:2], 5)
+    one = pd.DataFrame(arm(0, [0.40]) + arm(50, [0.60]))
+    assert ladder_verdict(one, best.iloc[:2], 5).endswith("1 seed, so not told apart from 0 steps (seed noise unknown)")

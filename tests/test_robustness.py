@@ -298,3 +298,19 @@ def test_score_with_reference_protocol_numbers_levels_from_one(tmp_path):
     assert set(table["level"]) == {2} and set(table["protocol"]) == {"reference"}
     assert set(table["stride"]) == {2}  # published level 2 = the encoder's second level (index 1)
     assert result.recommendation is not None and result.recommendation.variant["level"] == 2
+
+
+def test_score_on_one_checkpoint_says_there_is_nothing_to_choose(tmp_path, capsys):
+    from medxfer.cli import main
+
+    _tiny_checkpoints(tmp_path / "checkpoints", lengths=(5,))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "recommendation.json").write_text('{"length": 3}')  # an earlier run's
+    (tmp_path / "score.yaml").write_text(
+        "data: {name: demo, options: {domain: B}}\ncheckpoints: checkpoints/encoder_len0005.pt\n"
+        "n_images: 4\ncrop_size: [32, 32]\nbootstrap: 0\nmetrics: [cosine]\nmargins: [0.5]\npooled: [true]\n")
+    assert main(["score", str(tmp_path / "score.yaml"), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "one checkpoint: nothing to choose" in out and "nan" not in out.lower()
+    assert not (tmp_path / "out" / "recommendation.json").exists()
+    assert pd.read_csv(tmp_path / "out" / "robustness.csv")["pretraining_length"].unique().tolist() == [5]

@@ -275,6 +275,8 @@ def score(config: Path = typer.Argument(..., help="Score config (YAML)."),
     result = run_score(score_config, out, progress=interactive())
     _print_frame("robustness of each checkpoint (stop variant; lower = more robust)",
                  result.summary(score_config.stop))
+    if result.n_checkpoints == 1:
+        console.print("one checkpoint: nothing to choose (no recommended pretraining length)", markup=False)
     if result.recommendation is not None:
         rec = result.recommendation
         if rec.stop_rule:  # the online rule: where it stopped is the recommendation

@@ -214,11 +214,11 @@ def _seeds(n: int) -> str:
 
 def _uncertainty(row: Any) -> str:
     """How a comparison's interval is described: over how many seeds, or that one seed gives none."""
-    from medxfer.report.tables import format_difference
+    from medxfer.report.tables import MIN_INTERVAL_SEEDS, format_difference, no_interval_text
 
     n = int(row["n seeds"])
-    if n < 2:
-        return f"{format_difference(row)} (1 seed, no interval)"
+    if n < MIN_INTERVAL_SEEDS:
+        return f"{format_difference(row)} ({no_interval_text(n)})"
     return f"{format_difference(row)} (95% t-interval over {_seeds(n)}): {row['verdict']}"
 
 
@@ -274,7 +274,7 @@ def study_answer(out: str | Path, quick: bool = False) -> dict[str, Any]:
                      "Dice scratch": dice_at.get(0.0, math.nan), "Dice": dice_at.get(chosen, math.nan),
                      "difference [95% CI]": (f"stopped at {stopped:g}, chose {chosen:g} steps"
                                              + ("" if recommendation.get("fired", True) else " (rule never fired)")),
-                     "verdict": f"best by Dice: {best.iloc[0]['pretraining length']:g} steps" if not best.empty
+                     "verdict": ladder_verdict(table, best, min(s["ladder_sizes"])) if not best.empty
                      else "no Dice"})
     transfer = transfer_table(table)
     second = versus_scratch(table[(table["dataset"] == SECOND_NAME) & (table["test set"] == "target")])
@@ -291,6 +291,31 @@ def study_answer(out: str | Path, quick: bool = False) -> dict[str, Any]:
         headline = ["No finished runs to answer the study's questions yet."]
     return {"headline": headline, "answer_table": pd.DataFrame(rows), "ladder": ladder, "transfer": transfer,
             "recommendation": recommendation}
+
+
+def ladder_verdict(table: pd.DataFrame, best: pd.DataFrame, size: int) -> str:
+    """``best by mean Dice: 50 steps``, qualified by seed noise: the best length against the runner-up,
+    paired by seed (paired t-test or Wilcoxon, as in the report's paired comparison)."""
+    from medxfer.report.tables import paired_test
+
+    top = float(best.iloc[0]["pretraining length"])
+    text = f"best by mean Dice: {top:g} steps"
+    if len(best) < 2:
+        return text
+    second = float(best.iloc[1]["pretraining length"])
+    target = table[(table["dataset"] == TARGET_NAME) & (table["test set"] == "target")
+                   & (table["n train images"] == size)]
+    ladder = target[(target["strategy"] == "scratch") | (target["pretraining scheme"] == LADDER_SCHEME)]
+    by_seed = ladder.groupby(["pretraining length", "seed"])["dice"].mean().unstack("seed")
+    both = by_seed.loc[[top, second]].dropna(axis=1) if {top, second} <= set(by_seed.index) else by_seed.iloc[0:0]
+    n = both.shape[1]
+    if n < 2:
+        return f"{text}; {_seeds(n)}, so not told apart from {second:g} steps (seed noise unknown)"
+    test = paired_test(both.loc[top].to_numpy(), both.loc[second].to_numpy())
+    p = test["p value"]
+    if not p < 0.05:  # NaN (no spread) counts as not shown
+        return f"{text}, within seed noise of {second:g} steps ({test['test']} p = {p:.2f}, {_seeds(n)})"
+    return f"{text}, ahead of {second:g} steps beyond seed noise ({test['test']} p = {p:.3f}, {_seeds(n)})"
 
 
 def ladder_table(out: Path, table: pd.DataFrame, robustness: Optional[pd.DataFrame], size: int) -> pd.DataFrame:

@@ -25,6 +25,7 @@ from medxfer.report import plots
 from medxfer.report.overlays import plot_overlay_grid
 from medxfer.report.plots import SkipFigure, png_bytes, score_dice_correlations, score_dice_pairs
 from medxfer.report.tables import (
+    MIN_INTERVAL_SEEDS,
     VALUE,
     WILCOXON_MIN_PAIRS,
     arm_label,
@@ -32,6 +33,7 @@ from medxfer.report.tables import (
     default_variant,
     downstream_table,
     load_robustness,
+    no_interval_text,
     paired_comparison,
     summary_table,
 )
@@ -70,11 +72,11 @@ def _arm_text(strategy: Any, length: Any, scheme: Any) -> str:
 
 
 def paired_interval(differences: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
-    """t interval of the mean paired difference (scipy); NaN with fewer than two pairs."""
+    """t interval of the mean paired difference (scipy); NaN with fewer than ``MIN_INTERVAL_SEEDS`` pairs."""
     from scipy import stats
 
     values = np.asarray(differences, dtype=float)
-    if len(values) < 2:
+    if len(values) < MIN_INTERVAL_SEEDS:
         return math.nan, math.nan
     if np.ptp(values) == 0:  # no spread: the interval is the value (scipy would give NaN)
         return float(values[0]), float(values[0])
@@ -119,11 +121,14 @@ def scratch_finding(table: pd.DataFrame) -> Optional[str]:
              f"{n_seeds} seed{'s' if n_seeds != 1 else ''}; mean Dice {arm_mean:.3f} vs {scratch_mean:.3f}")
     subject = _arm_text(strategy, length, scheme)
     if k > 1:
-        beyond = sum(1 for _, d, _, _ in arms if len(d) >= 2 and paired_interval(d)[0] > 0)
+        beyond = sum(1 for _, d, _, _ in arms if len(d) >= MIN_INTERVAL_SEEDS and paired_interval(d)[0] > 0)
         subject = f"Best of {k} pretrained set-ups compared with scratch (chosen for its lead, so it overstates it): {subject}"
     if n_seeds < 2:
         return (f"One seed only, so seed noise is unknown and no difference below it can be told apart. "
                 f"{subject} differs from training from scratch by {difference:+.3f} Dice ({where}).")
+    if n_seeds < MIN_INTERVAL_SEEDS:  # a 2-seed t-interval runs past +-1: none is given
+        return (f"{subject} differs from training from scratch by {difference:+.3f} Dice ({where}, paired by "
+                f"seed); {no_interval_text(n_seeds)}, too few to tell it from seed noise.")
     interval = f"[95% CI {low:+.3f}, {high:+.3f}]"
     if low <= 0 <= high:
         verdict = f"is within seed noise of training from scratch: {difference:+.3f} Dice {interval}"

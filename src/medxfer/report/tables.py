@@ -249,12 +249,23 @@ def deepest_level(variant: pd.DataFrame) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------- vs scratch
+# A t-interval from 2 seeds has 1 degree of freedom (t = 12.7): it runs past the possible +-1 of a Dice
+# difference and says nothing, so fewer seeds than this give "no interval".
+MIN_INTERVAL_SEEDS = 3
+
+
+def no_interval_text(n_seeds: int) -> str:
+    """What the report says instead of an interval: ``2 seeds: no interval``."""
+    return f"{n_seeds} seed{'s' if n_seeds != 1 else ''}: no interval"
+
+
 def t_interval(differences: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Two-sided t confidence interval of the mean of paired differences; NaNs with fewer than 2."""
+    """Two-sided t confidence interval of the mean of paired differences; NaNs with fewer than
+    ``MIN_INTERVAL_SEEDS``."""
     from scipy import stats
 
     d = np.asarray(differences, dtype=float)
-    if len(d) < 2:
+    if len(d) < MIN_INTERVAL_SEEDS:
         return math.nan, math.nan
     half = float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
     return float(d.mean()) - half, float(d.mean()) + half
@@ -263,7 +274,8 @@ def t_interval(differences: Sequence[float], confidence: float = 0.95) -> tuple[
 def versus_scratch(table: pd.DataFrame, value: str = VALUE) -> pd.DataFrame:
     """Each pretrained starting point against scratch on the same dataset, model, number of training images
     and test set, paired by seed: both means, the mean difference with its 95% t-interval over seeds, and a
-    verdict that says "within seed noise" when the interval covers 0 (and "1 seed: no interval" with one)."""
+    verdict that says "within seed noise" when the interval covers 0 (and "2 seeds: no interval" with fewer
+    than ``MIN_INTERVAL_SEEDS``)."""
     keys, data = _with_arms(table, value)
     rows = []
     for key, group in data.groupby(keys, dropna=False, sort=True):
@@ -278,8 +290,8 @@ def versus_scratch(table: pd.DataFrame, value: str = VALUE) -> pd.DataFrame:
                 continue
             diff = both.loc[arm].to_numpy() - both.loc["scratch"].to_numpy()
             low, high = t_interval(diff)
-            if len(diff) < 2:
-                verdict = "1 seed: no interval"
+            if len(diff) < MIN_INTERVAL_SEEDS:
+                verdict = no_interval_text(len(diff))
             elif low > 0:
                 verdict = "better than scratch"
             elif high < 0:

@@ -113,8 +113,9 @@ class ScoreResult:
     table: pd.DataFrame  # robustness.csv
     csv_path: Optional[Path]
     baselines: Optional[pd.DataFrame] = None  # baselines.csv
-    recommendation: Optional[Recommendation] = None
+    recommendation: Optional[Recommendation] = None  # None with one checkpoint: nothing to choose
     paths: dict[str, Path] = field(default_factory=dict)
+    n_checkpoints: int = 0
 
     def summary(self, stop=None) -> pd.DataFrame:
         """Per checkpoint: the stop variant's score and interval (what the CLI prints)."""
@@ -222,7 +223,13 @@ def run_score(config: ScoreConfig, out_dir: str | Path | None = None, *, progres
         result.baselines = baselines
         result.paths["baselines"] = out / "baselines.csv"
         atomic_write_text(result.paths["baselines"], baselines.to_csv(index=False))
-    if len(checkpoints) > 0:
+    result.n_checkpoints = len(checkpoints)
+    if len(checkpoints) == 1:  # nothing to choose: no recommendation (its length would be NaN, not JSON)
+        log.info("one checkpoint: nothing to choose; no recommendation written")
+        stale = out / "recommendation.json"
+        if stale.exists():  # an earlier run's recommendation would no longer describe this table
+            stale.unlink()
+    elif len(checkpoints) > 1:
         try:
             recommendation = recommend_from_table(result_table, config.stop, accuracy)
         except ConfigError as exc:  # e.g. the stop variant is not among those scored
