@@ -188,9 +188,20 @@ class EvalConfig(StrictModel):
 class RunConfig(StrictModel):
     """One downstream run: data + model + starting weights + training + evaluation."""
 
+    @property
+    def subset_seed(self) -> int:
+        """The seed that chooses the training subset: ``data_seed``, else ``seed``."""
+        return self.seed if self.data_seed is None else self.data_seed
+
     name: str = Field("run", description="The run's name, for people: no part of the run id (a renamed run "
                                          "reuses its record; a sweep's run and the same `finetune` are one run).")
-    seed: Seed = Field(0, description="Seeds Python, NumPy, torch and chooses the training subset.")
+    seed: Seed = Field(0, description=(
+        "Seeds Python, NumPy and torch (initialisation, batch order, augmentation) and, unless data_seed is "
+        "set, chooses the training subset."))
+    data_seed: Optional[Seed] = Field(None, description=(
+        "Chooses the training subset (data.train_images) instead of seed; None = seed. Fix it and vary seed "
+        "for 'same volumes, different initialisation', or vary it alone for 'different volumes'. Left out of "
+        "the run id when None."))
     data: DataConfig = Field(default_factory=DataConfig, description="The target dataset.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The segmentation model.")
     pretrained: PretrainedConfig = Field(default_factory=PretrainedConfig, description="The starting weights.")
@@ -414,8 +425,17 @@ class OnlineScoreConfig(StrictModel):
 class PretrainConfig(StrictModel):
     """One pretraining run: encoder (model preset), data, scheme, checkpoint schedule."""
 
+    @property
+    def subset_seed(self) -> int:
+        """The seed that chooses the training subset: ``data_seed``, else ``seed``."""
+        return self.seed if self.data_seed is None else self.data_seed
+
     name: str = Field("pretrain", description="The pretraining run's name.")
-    seed: Seed = Field(0, description="Seeds Python, NumPy and torch.")
+    seed: Seed = Field(0, description=(
+        "Seeds Python, NumPy and torch and, unless data_seed is set, chooses the training subset."))
+    data_seed: Optional[Seed] = Field(None, description=(
+        "Chooses the training subset (data.train_images; classification.train_images of imagenet and "
+        "fashion-mnist) instead of seed; None = seed. Left out of the run identity when None."))
     task: Literal["classification", "segmentation"] = Field("classification", description="Pretraining task.")
     scheme: Literal["simple", "advanced"] = Field("simple", description="Pretraining recipe (defaults of the train section).")
     model: ModelConfig = Field(default_factory=ModelConfig, description=(

@@ -51,7 +51,10 @@ def run_id_for(config: RunConfig) -> str:
     included, so two configs share an id exactly when they describe the same run. Names change no result
     and are left out (``name`` here, ``data.label`` by its field), so one run from ``finetune`` and from a
     sweep is computed once. (Ids from before names were left out differ: such old records are not reused.)"""
-    return stable_hash({key: value for key, value in config_to_dict(config).items() if key not in ID_EXCLUDED})
+    data = {key: value for key, value in config_to_dict(config).items() if key not in ID_EXCLUDED}
+    if data.get("data_seed") is None:
+        data.pop("data_seed", None)  # None = seed: the same run as before data_seed existed, the same id
+    return stable_hash(data)
 
 
 ID_EXCLUDED = ("name",)  # RunConfig keys that name a run without changing it
@@ -177,7 +180,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
 
     data = load_data(config.data)
     class_keys(data.n_classes, data.class_names)  # unusable class names fail now, not after training
-    train_cases = select_subset(data.train, config.data.train_images, config.seed, config.data.subset)
+    train_cases = select_subset(data.train, config.data.train_images, config.subset_seed, config.data.subset)
     model = build_model(config, data)
     pretraining = _load_starting_weights(model, config)
     in_channels = model.encoder.in_channels
@@ -260,6 +263,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
             "strategy": t.strategy,
             "freeze_encoder": t.strategy in ("frozen_encoder", "partial"),
             "seed": config.seed,
+            "data_seed": config.subset_seed,  # chose train_case_ids (= seed unless data_seed was set)
             "n_train_images": len(train_cases),
             "train_case_ids": [c.case_id for c in train_cases],
             "train_spacing": spacing_summary(train_cases),  # mm per spatial axis; predict checks inputs against it

@@ -57,6 +57,8 @@ def _split_summary(cases: list[Case], data: SegmentationData) -> dict[str, Any]:
     count = 0
     voxels = np.zeros(data.n_classes, dtype=np.int64)
     cases_with = np.zeros(data.n_classes, dtype=np.int64)
+    annotating = np.zeros(data.n_classes, dtype=np.int64)  # labelled cases that annotate each class
+    partial = 0
     ignored = 0
     unlabelled = 0
     spacings = []
@@ -72,6 +74,9 @@ def _split_summary(cases: list[Case], data: SegmentationData) -> dict[str, Any]:
         if case.label is None:
             unlabelled += 1
             continue
+        classes = set(range(1, data.n_classes)) if case.annotated is None else {int(c) for c in case.annotated}
+        annotating[sorted(classes)] += 1
+        partial += len(classes) < data.n_classes - 1
         counts = np.bincount(case.label.ravel(), minlength=IGNORE_INDEX + 1)
         voxels += counts[: data.n_classes]
         cases_with += counts[: data.n_classes] > 0
@@ -88,6 +93,11 @@ def _split_summary(cases: list[Case], data: SegmentationData) -> dict[str, Any]:
             name: {"voxels": int(voxels[k]), "cases": int(cases_with[k])} for k, name in enumerate(data.class_names)
         },
         "ignored_voxels": ignored,
+        # sparse labels (Case.annotated): how many labelled cases annotate each foreground class, how many
+        # annotate only some of them
+        "annotation": {"cases_annotating": {name: int(annotating[k]) for k, name in enumerate(data.class_names)
+                                            if k > 0},
+                       "partially_annotated_cases": partial},
         "intensity": [
             {"channel": c, "min": float(lo[c]), "max": float(hi[c]), "mean": float(total[c] / count)}
             for c in range(n_channels)
@@ -115,8 +125,13 @@ def check_dataset(config) -> dict[str, Any]:
     }
     warnings = []
     for k, name in enumerate(data.class_names[1:], start=1):
-        if splits["train"]["classes"][name]["voxels"] == 0:
+        if splits["train"]["annotation"]["cases_annotating"][name] == 0:
+            warnings.append(f"class {k} ({name}) is annotated in no training case (sparse labels)")
+        elif splits["train"]["classes"][name]["voxels"] == 0:
             warnings.append(f"class {k} ({name}) never occurs in the training split")
+        if (splits["test"]["cases"] > splits["test"]["unlabelled"]
+                and splits["test"]["annotation"]["cases_annotating"][name] == 0):
+            warnings.append(f"class {k} ({name}) is annotated in no test case: it cannot be evaluated")
     if splits["test"]["cases"] == 0:
         warnings.append("no test cases")
     elif splits["test"]["unlabelled"]:
@@ -174,6 +189,12 @@ def check_report_lines(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"    voxels per class: {present}; ignored {s['ignored_voxels']}; unlabelled cases {s['unlabelled']}"
         )
+        sparse = s["annotation"]
+        if sparse["partially_annotated_cases"]:
+            labelled = s["cases"] - s["unlabelled"]
+            per_class = ", ".join(f"{n}={v}" for n, v in sparse["cases_annotating"].items())
+            lines.append(f"    sparse labels: {sparse['partially_annotated_cases']} of {labelled} labelled cases "
+                         f"annotate only some classes; cases annotating each class: {per_class}")
         lines.append(f"    intensity: {ranges}")
         if s["spacing"]:
             lines.append(f"    spacing: {s['spacing']['min']}..{s['spacing']['max']}")

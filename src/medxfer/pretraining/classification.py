@@ -27,10 +27,10 @@ def classification_setup(config: PretrainConfig, recipe: dict[str, Any], data=No
                 raise ConfigError("classification.root: required for source 'imagenet' (the folder with labels.json)")
             data = load_imagenet(c.root, input_size=c.input_size, recipe=augmentation, labels_file=c.labels_file,
                                  n_classes=c.n_classes, train_images=c.train_images, val_images=c.val_images,
-                                 seed=config.seed)
+                                 seed=config.subset_seed)
         elif c.source == "fashion-mnist":
             data = load_fashion_mnist(c.root, input_size=c.input_size, recipe=augmentation,
-                                      train_images=c.train_images, val_images=c.val_images, seed=config.seed)
+                                      train_images=c.train_images, val_images=c.val_images, seed=config.subset_seed)
         else:
             data = load_natural(input_size=c.input_size, recipe=augmentation, n_per_class=c.n_per_class,
                                 val_per_class=c.val_per_class, image_size=c.image_size, data_seed=c.data_seed)

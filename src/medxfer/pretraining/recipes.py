@@ -48,8 +48,9 @@ def config_identity(config: PretrainConfig) -> str:
     for name in RUNTIME_FIELDS:
         data["train"].pop(name, None)
     data.pop("name", None)
-    if data.get("pretrained") is None:
-        data.pop("pretrained", None)  # the key came later: runs without it keep their identity
+    for key in ("pretrained", "data_seed"):
+        if data.get(key) is None:
+            data.pop(key, None)  # keys that came later: runs without them keep their identity
     return stable_hash(data)
 
 
