@@ -36,6 +36,9 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("Pretraining (`medxfer pretrain CONFIG`)", cfg.PretrainConfig,
      "One pretraining run; also each entry of a sweep grid's `pretraining` list. `null` under `train` = the "
      "scheme's default."),
+    ("Stand-alone evaluation (`medxfer evaluate MODEL CONFIG`)", cfg.EvaluateConfig,
+     "A trained model on one split of a dataset, without training. The file may also be a bare data section "
+     "or a fine-tuning run config (its `data` and `evaluation` sections are used)."),
     ("Transferability (`medxfer score CONFIG`)", cfg.ScoreConfig,
      "Scores every checkpoint of a pretraining run on the target's training images; also the `settings` of "
      "a sweep grid's `score` section and of a pretraining config's `online_score`."),
