@@ -68,7 +68,9 @@ class DataConfig(StrictModel):
     options: dict[str, Any] = Field(default_factory=dict, description=(
         'Dataset-specific choices: demo {"domain": "A"|"B"}; colin27 {"domain": "t1"|"t2like"}; '
         'covidqu {"masks": "infection"|"lung"}; idrid {"lesions": [...]}; acdc {"frames": ["ED", "ES"]}; '
-        'msd {"task": ...}. Each loader checks its own.'))
+        'msd {"task": ...}; folders {"n_classes": n, "class_names": [...], "test_fraction": f, "spacing": mm or '
+        '[row mm, column mm]} (spacing: the pixel size, so HD95/HD/ASSD and the NSD tolerance are in mm; default '
+        'unknown = pixels). Each loader checks its own.'))
     spatial_dims: Literal[2, 3] = Field(2, description="2D or 3D images.")
     train_images: Optional[Union[int, float]] = Field(None, description=(
         "Training images used: n images (int) or a fraction of the pool (float); None = all."))

@@ -15,7 +15,7 @@ import torch
 
 from medxfer.config import DataConfig, RunConfig, config_to_dict
 from medxfer.data import load_data, select_subset
-from medxfer.data.base import SegmentationData, spacing_summary
+from medxfer.data.base import SegmentationData, content_fingerprint, spacing_summary
 from medxfer.errors import ConfigError, FolderInUse, TrainingDiverged
 from medxfer.evaluation.metrics import class_keys
 from medxfer.io import environment_info, folder_lock, seed_everything, set_aside, stable_hash
@@ -258,6 +258,9 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
             "config": config_to_dict(config),
             "model": config.model.preset,
             "dataset": data.name,  # named by medxfer.config.dataset_name (load_data)
+            # what the dataset is (never its name alone): two datasets of one name are told apart by it
+            "dataset_identity": {"fingerprint": content_fingerprint(data),
+                                 "root": str(Path(config.data.root).resolve()) if config.data.root else None},
             "n_classes": data.n_classes,
             "class_names": list(data.class_names),
             "strategy": t.strategy,

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Optional
 import pandas as pd
 
 from medxfer.config import dataset_name as config_dataset_name
-from medxfer.io import atomic_write_json, atomic_write_text
+from medxfer.io import atomic_write_json, atomic_write_text, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ REFERENCE_METRICS = REFERENCE_COLUMNS[7:]
 OWN_COLUMNS = [
     "hd95", "hausdorff distance", "assd", "nsd", "strategy", "n train images", "test set", "loss", "run id",
     "train time s", "eval time s", "total time s", "metric averaging", "nan count", "dataset layout", "n classes",
-    "class names",
+    "class names", "dataset id", "dataset root",
 ]
 
 
@@ -128,6 +128,20 @@ def dataset_name(record: dict[str, Any]) -> str:
     return config_dataset_name(layout, str(record.get("dataset") or ""), data.get("root"))
 
 
+def dataset_identity(record: dict[str, Any]) -> tuple[str, str]:
+    """(id, resolved root) of a run's dataset: the content fingerprint its record carries, else (records
+    from before fingerprints) a hash of the layout, resolved root and options; the root may be empty."""
+    identity = record.get("dataset_identity") or {}
+    data = (record.get("config") or {}).get("data") or {}
+    root = identity.get("root") or data.get("root") or ""
+    if identity.get("fingerprint"):
+        return str(identity["fingerprint"]), str(root)
+    if root:
+        root = str(Path(str(root)).resolve())
+    return "cfg-" + stable_hash({"layout": data.get("name"), "root": root, "options": data.get("options") or {},
+                                 "dataset": record.get("dataset")})[:8], str(root)
+
+
 def label_set(record: dict[str, Any], metrics: dict[str, Any]) -> tuple[Any, str]:
     """(number of classes with background, foreground class names) of a run: from the record where it says
     (``n_classes``, ``class_names``), else from the per-class metric keys (binary tasks have none)."""
@@ -149,6 +163,7 @@ def record_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     (``metric averaging`` says so); dataset-pooled values stay in the JSON record."""
     rows = []
     pre = record.get("pretraining") or {}
+    identity, root = dataset_identity(record)
     for test_set, result in (record.get("metrics") or {}).items():
         values = result.get("per_image_mean", {})
         n_classes, class_names = label_set(record, values)
@@ -178,6 +193,8 @@ def record_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
             "dataset layout": (record.get("config") or {}).get("data", {}).get("name"),
             "n classes": n_classes,
             "class names": class_names,
+            "dataset id": identity,
+            "dataset root": root,
         })
         # Multi-class runs: every per-class ("dice index/LV", named as the dataset names its classes) and
         # class-mean value too, after the fixed columns.
@@ -194,7 +211,40 @@ def results_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
         if column not in table.columns:
             table[column] = pd.Series(dtype="float64")
     extra = [c for c in table.columns if c not in columns]
-    return _split_label_sets(table[columns + extra])
+    return _split_label_sets(_split_identities(table[columns + extra]))
+
+
+def _distinguishing_names(roots: list[str]) -> Optional[list[str]]:
+    """The shortest trailing parts of the paths ``roots`` that tell them apart (``a/hippo`` vs ``b/hippo``);
+    None when two are equal or empty."""
+    if len(set(roots)) != len(roots) or not all(roots):
+        return None
+    parts = [Path(r).parts for r in roots]
+    for k in range(1, max(len(p) for p in parts) + 1):
+        tails = ["/".join(p[-k:]) for p in parts]
+        if len(set(tails)) == len(tails):
+            return tails
+    return None
+
+
+def _split_identities(table: pd.DataFrame) -> pd.DataFrame:
+    """One dataset name, one dataset: where runs of one name used different data (two ``folders`` roots of
+    one folder name, one root whose files changed), each gets its distinguishing root path (else its
+    dataset id) appended, so they are never pooled as extra seeds of one set-up."""
+    if table.empty:
+        return table
+    table = table.copy()
+    for name, group in table.groupby("dataset", sort=True, dropna=False):
+        ids = list(dict.fromkeys(group["dataset id"].astype(str)))
+        if len(ids) < 2:
+            continue
+        roots = [str(group.loc[group["dataset id"].astype(str) == i, "dataset root"].iloc[0] or "") for i in ids]
+        tails = _distinguishing_names(roots) or [f"data {i}" for i in ids]
+        for identity, tail in zip(ids, tails):
+            rows = (table["dataset"] == name) & (table["dataset id"].astype(str) == identity)
+            table.loc[rows, "dataset"] = f"{name} ({tail})"
+        log.warning("runs named %s used %d different datasets: named apart (%s)", name, len(ids), ", ".join(tails))
+    return table
 
 
 def _split_label_sets(table: pd.DataFrame) -> pd.DataFrame:

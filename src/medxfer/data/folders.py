@@ -17,9 +17,11 @@ an RGB mask is accepted only if its channels are equal. If every mask holds only
 ignore index. Masks must agree on the encoding: 0/255 masks mixed with class-index masks, or a
 largest label value held by a single mask with unused classes below it (a stray value, e.g. one {0, 1, 7}
 among 0/1 masks, when ``n_classes`` is inferred) are errors naming the file. ``options``: ``n_classes`` (default: largest label + 1), ``class_names``,
-``test_fraction`` (share of the pool held out as test when there is no ``test/`` folder; default 0.2).
+``test_fraction`` (share of the pool held out as test when there is no ``test/`` folder; default 0.2),
+``spacing`` (the pixel size in mm: one number, or [row mm, column mm]; default unknown).
 Validation: ``data.val_fraction`` of the remaining pool (default 0.2), fixed seed.
-Spacing is unknown (``None``). ``data.resize: [H, W]`` resizes images bilinearly, masks nearest.
+With ``spacing`` HD95, HD and ASSD are in mm and the NSD tolerance is in mm; without it, all are in pixels.
+``data.resize: [H, W]`` resizes images bilinearly, masks nearest (the spacing scales with the pixel size).
 """
 
 from __future__ import annotations
@@ -264,13 +266,29 @@ def check_mask_encoding(mask_values: dict[Path, set[int]], n_classes: Optional[i
         )
 
 
+def _pixel_spacing(value: Any) -> Optional[tuple[float, float]]:
+    """``options.spacing``: the pixel size in mm, one number (square pixels) or [rows, columns]; None = unknown."""
+    if value is None:
+        return None
+    values = [value, value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    try:
+        spacing = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        spacing = ()
+    if len(spacing) != 2 or not all(np.isfinite(v) and v > 0 for v in spacing):
+        raise DataError(f"dataset 'folders': options.spacing must be a positive number or [row mm, column mm], "
+                        f"got {value!r}")
+    return spacing  # type: ignore[return-value]
+
+
 def load_folders(config) -> SegmentationData:
     """Loader entry point for ``data.name: folders`` (a :class:`medxfer.config.DataConfig`)."""
     require_2d(config, "folders")
     root = require_root(config, "folders")
     opts = take_options(
-        config.options, {"n_classes": None, "class_names": None, "test_fraction": None}, "folders"
+        config.options, {"n_classes": None, "class_names": None, "test_fraction": None, "spacing": None}, "folders"
     )
+    pixel_spacing = _pixel_spacing(opts["spacing"])
     pool_pairs = _pairs(require_dir(root / "images"), require_dir(root / "masks"))
     if not pool_pairs:
         raise DataError(f"{root / 'images'}: empty dataset: no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -325,7 +343,7 @@ def load_folders(config) -> SegmentationData:
                 label = raw_masks[mask_path]
                 if binary_255:
                     label = (label == 255).astype(np.int64)
-            spacing = None
+            spacing = pixel_spacing
             if config.resize is not None:
                 image, label, spacing = resize_case_arrays(image, label, config.resize, spacing)
             case = Case(

@@ -35,6 +35,7 @@ from medxfer.report.tables import (
     load_robustness,
     no_interval_text,
     paired_comparison,
+    repeated_seeds,
     summary_table,
 )
 from medxfer.records import iter_records, write_csv
@@ -220,6 +221,8 @@ def _fmt(value: Any, whole: bool = False) -> str:
     if isinstance(value, (float, np.floating)):
         if math.isnan(value):
             return "n/a"
+        if math.isinf(value):  # e.g. Cohen's d_z of a constant difference
+            return "inf" if value > 0 else "-inf"
         if whole:
             return str(int(value))
         return f"{value:.3g}" if abs(value) < 0.01 and value != 0 else f"{value:.3f}"
@@ -319,14 +322,32 @@ def write_report(results_dir: str | Path, *, overlay_runs: Optional[Sequence[str
 
 
 def _quality_lines(table: pd.DataFrame, robustness: Optional[pd.DataFrame], names: Any = None) -> list[str]:
-    """What ``medxfer analyze`` finds wrong with this folder's tables (copied blocks, duplicates, ...)."""
+    """What is wrong with this folder's tables: repeated seeds within a configuration (errors), then what
+    ``medxfer analyze`` finds (copied blocks, duplicates, ...). A study without a pretraining-length ladder
+    gets no length checks (they do not apply; :func:`_quality_scope` says so)."""
     from medxfer.report.analyze import input_findings
     from medxfer.report.quality import summary_lines
 
+    found = repeated_seeds(table)
     target = table[(table["test set"] == "target") & (table["strategy"] != "scratch")]  # scratch: no length
-    if target.empty:
-        return []
-    return summary_lines(input_findings(target, robustness, names))
+    if _has_ladder(table):
+        found += input_findings(target, robustness, names)
+    return summary_lines(found)
+
+
+def _has_ladder(table: pd.DataFrame) -> bool:
+    """Whether some pretrained runs have a pretraining length (the analyze checks are about lengths)."""
+    target = table[(table["test set"] == "target") & (table["strategy"] != "scratch")]
+    return bool(pd.to_numeric(target["pretraining length"], errors="coerce").notna().any())
+
+
+def _quality_scope(table: pd.DataFrame, robustness: Optional[pd.DataFrame]) -> str:
+    checks = "repeated seeds within a configuration"
+    if _has_ladder(table):
+        return (f"{checks}, duplicates, copied blocks, constant score variants, missing lengths "
+                f"(run records{' and robustness.csv' if robustness is not None else ''})")
+    return (f"{checks}; no pretrained run has a pretraining length (no ladder), so the length checks of "
+            "medxfer analyze do not apply")
 
 
 def _render(results_dir: Path, records: list[dict], table: pd.DataFrame, robustness: Optional[pd.DataFrame],
@@ -349,8 +370,9 @@ def _render(results_dir: Path, records: list[dict], table: pd.DataFrame, robustn
     parts += [
         "<h2>Data quality</h2>",
         ("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in quality) + "</ul>" if quality
-         else "<p class='note'>No problem found in the run records and robustness.csv (duplicates, copied "
-              "blocks, constant score variants, missing lengths).</p>"),
+         else "<p class='note'>No problem found.</p>"),
+        f"<p class='note'>Checked: {html.escape(_quality_scope(table, robustness)) if not table.empty else 'no runs'}."
+        "</p>",
         "<h2>Figures</h2>",
     ]
     if not figures:

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from medxfer.records import iter_records, results_table
+from medxfer.report.quality import Finding
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,29 @@ def summary_table(table: pd.DataFrame, value: str = VALUE) -> pd.DataFrame:
         rows.append(row)
     columns = keys + ["n seeds", "seeds", f"{value} mean", f"{value} sd", f"{value} mean ± sd"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def repeated_seeds(table: pd.DataFrame) -> list[Finding]:
+    """Data-quality errors: one seed run twice (two run ids) within one configuration of the summary table.
+    Such runs differ in something the table does not show (a setting, the data), so they are not two seeds;
+    each finding names both runs."""
+    keys = _group_keys(table, CONFIG_COLUMNS)
+    found = []
+    if table.empty or "run id" not in table.columns:
+        return found
+    for key, group in table.groupby(keys, dropna=False, sort=True):
+        context = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        for seed, runs in group.groupby("seed", sort=True):
+            ids = sorted(set(runs["run id"].astype(str)))
+            if len(ids) < 2:
+                continue
+            where = (f"{context.get('dataset')}, {context.get('model')}, "
+                     f"{arm_label(context.get('strategy'), context.get('pretraining length'), context.get('pretraining scheme'))}, "
+                     f"{_number(context.get('n train images'))} images, test set {context.get('test set')}: seed {seed}")
+            found.append(Finding("repeated seed", "run records", where, "error: counted as more seeds than were run",
+                                 f"runs {' and '.join(ids)} differ in a setting or dataset the table does not show; "
+                                 "give them different data.label or seeds, or separate output folders"))
+    return found
 
 
 def format_mean_sd(mean: float, sd: float, digits: int = 3) -> str:

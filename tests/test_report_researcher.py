@@ -1,0 +1,122 @@
+"""The report a researcher reads (issue 26): datasets that can never pool, repeated seeds, data-quality
+wording without a ladder, pixel spacing of the folders layout. End-to-end cases run on small real slices of
+Colin27 + AAL (hippocampus, amygdala; tests/colin_folders.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+import colin_folders
+from medxfer.config import DataConfig, RunConfig, parse_config
+from medxfer.data import load_data
+from medxfer.errors import DataError
+from medxfer.records import results_table
+from medxfer.report.tables import downstream_table, repeated_seeds, summary_table
+
+needs_colin = pytest.mark.skipif(not colin_folders.available(), reason="mricron-data is not installed")
+TINY = {"model": {"preset": "unet", "width": 4, "depth": 3},
+        "train": {"strategy": "scratch", "max_steps": 2, "batch_size": 4, "val_every_n_steps": 1}}
+
+
+def folders_config(root, seed=0, **train):
+    return parse_config({**TINY, "seed": seed, "train": {**TINY["train"], **train},
+                         "data": {"name": "folders", "root": str(root),
+                                  "options": {"class_names": colin_folders.CLASS_NAMES, "spacing": 3.0}}},
+                        RunConfig)
+
+
+@needs_colin
+@pytest.mark.slow
+def test_two_folders_of_one_name_are_two_datasets_end_to_end(tmp_path):
+    """The reported case: a/hippo_folders (coronal) and b/hippo_folders (axial), same classes, no data.label,
+    fine-tuned into one output folder, used to be one row 'seeds 0 0 1 1' with no data-quality problem."""
+    from medxfer.finetune import run_finetune
+    from medxfer.report import write_report
+
+    coronal = colin_folders.write_folders(tmp_path / "a" / "hippo_folders", "coronal")
+    axial = colin_folders.write_folders(tmp_path / "b" / "hippo_folders", "axial")
+    out = tmp_path / "out"
+    records = [run_finetune(folders_config(root, seed), out).record for root in (coronal, axial) for seed in (0, 1)]
+    assert len({r["dataset_identity"]["fingerprint"] for r in records}) == 2
+    table = downstream_table(records)
+    assert sorted(table["dataset"].unique()) == ["hippo_folders (a/hippo_folders)", "hippo_folders (b/hippo_folders)"]
+    summary = summary_table(table[table["test set"] == "target"])
+    assert len(summary) == 2 and list(summary["seeds"]) == ["0 1", "0 1"]
+    html = write_report(out).read_text(encoding="utf-8")
+    assert "hippo_folders (a/hippo_folders)" in html and "repeated seed:" not in html
+
+
+def record_of(root, seed, run_id, dice, fingerprint=None):
+    record = {"kind": "finetune", "run_id": run_id, "model": "unet", "dataset": "hippo_folders",
+              "strategy": "scratch", "freeze_encoder": False, "seed": seed, "n_train_images": 6,
+              "config": {"data": {"name": "folders", "root": root, "options": {}}},
+              "pretraining": {"length": None, "scheme": None},
+              "metrics": {"target": {"per_image_mean": {"dice index": dice, "mean dice index": dice}}}}
+    if fingerprint:
+        record["dataset_identity"] = {"fingerprint": fingerprint, "root": root}
+    return record
+
+
+def test_one_root_with_changed_files_is_named_apart_by_its_fingerprint():
+    records = [record_of("/d/hippo_folders", 0, "r1", 0.5, "aaaa"), record_of("/d/hippo_folders", 0, "r2", 0.6, "bbbb")]
+    assert sorted(results_table(records)["dataset"]) == ["hippo_folders (data aaaa)", "hippo_folders (data bbbb)"]
+    # old records (no fingerprint) are told apart by their roots
+    old = [record_of("/x/a/hippo_folders", 0, "r1", 0.5), record_of("/x/b/hippo_folders", 0, "r2", 0.6)]
+    assert sorted(results_table(old)["dataset"]) == ["hippo_folders (a/hippo_folders)", "hippo_folders (b/hippo_folders)"]
+    same = [record_of("/x/a/hippo_folders", s, f"r{s}", 0.5, "cccc") for s in (0, 1)]
+    assert set(results_table(same)["dataset"]) == {"hippo_folders"}
+
+
+def test_a_repeated_seed_in_one_configuration_is_an_error_naming_both_runs():
+    records = [record_of("/d/h", 0, "run_lr_1e-3", 0.5, "aaaa"), record_of("/d/h", 0, "run_lr_1e-2", 0.7, "aaaa"),
+               record_of("/d/h", 1, "run_seed1", 0.6, "aaaa")]
+    (finding,) = repeated_seeds(downstream_table(records))
+    assert finding.check == "repeated seed" and finding.action.startswith("error")
+    assert "seed 0" in finding.where and "run_lr_1e-2 and run_lr_1e-3" in finding.detail
+
+
+def test_data_quality_without_a_ladder_reads_as_no_problem(tmp_path):
+    from medxfer.records import write_record
+    from medxfer.report import write_report
+    from test_report import make_record
+
+    for seed in (0, 1, 2):
+        for strategy in ("scratch", "full"):
+            record = make_record(strategy, 1, 5, seed, source=False)
+            if strategy == "full":  # imported weights: no pretraining length
+                record["pretraining"].update(length=None, scheme="imagenet")
+            write_record(tmp_path / "runs" / record["run_id"], record)
+    html = write_report(tmp_path).read_text(encoding="utf-8")
+    section = html.split("<h2>Data quality</h2>", 1)[1].split("<h2>", 1)[0]
+    assert "No problem found." in section and "not analysable" not in section
+    assert "no ladder" in section and "length checks of medxfer analyze do not apply" in section
+
+
+@needs_colin
+def test_folders_spacing_option_gives_mm(tmp_path):
+    root = colin_folders.write_folders(tmp_path / "hippo", "axial", n_pool=6, n_test=2)
+    config = DataConfig(name="folders", root=root, options={"spacing": [3.0, 1.5]})
+    data = load_data(config)
+    assert all(case.spacing == (3.0, 1.5) for case in data.train + data.test)
+    resized = load_data(config.model_copy(update={"resize": [16, 16]}))
+    assert resized.train[0].spacing == pytest.approx((6.0, 3.0))
+    assert load_data(DataConfig(name="folders", root=root)).train[0].spacing is None
+    for bad in (-1, [1.0], "x", [0, 1]):
+        with pytest.raises(DataError, match="options.spacing"):
+            load_data(DataConfig(name="folders", root=root, options={"spacing": bad}))
+
+
+def test_surface_distances_follow_the_spacing():
+    from medxfer.evaluation.metrics import segmentation_metrics
+
+    label = np.zeros((20, 20), dtype=np.int64)
+    label[5:10, 5:10] = 1
+    pred = np.zeros((2, 20, 20), dtype=np.float32)
+    pred[1, 5:10, 7:12] = 1.0  # shifted 2 pixels along the columns
+    pred[0] = 1.0 - pred[1]
+    in_pixels = segmentation_metrics(pred, label, n_classes=2)["hausdorff distance"]
+    in_mm = segmentation_metrics(pred, label, n_classes=2, spacing=(3.0, 1.5))["hausdorff distance"]
+    assert in_pixels == pytest.approx(2.0) and in_mm == pytest.approx(3.0)
