@@ -5,6 +5,7 @@ short front page. (``make docs`` builds the site with ``mkdocs build --strict`` 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import re
 import typing
 import unicodedata
@@ -124,3 +125,148 @@ def test_every_page_is_in_the_nav_and_every_nav_entry_exists():
 
     walk(config["nav"])
     assert sorted(entries) == sorted(p.name for p in PAGES)
+
+
+# --- Figures quoted in the docs come from the files the benchmarks and the demo write -----------------------
+# The convention (docs/contributing.md): a marker `<!-- from FILE: PATH -->` right after a number says which
+# value of which JSON file it quotes (optionally `<!-- from FILE: PATH * 100 -->` for a percentage); a marker
+# alone on a line before a fenced block or a table quotes a whole text value. PATH is dotted keys with list
+# items as `[3]` or `[key=value]` / `[key^=prefix]` (the one item whose key equals / starts with it; `[^=prefix]`
+# for a list of strings; `[k1=v1,k2=v2]` for several keys).
+
+MARKER = re.compile(r"<!--\s*from\s+(?P<file>[^\s:]+):\s*(?P<path>.+?)(?:\s*\*\s*(?P<scale>[\d.]+))?\s*-->")
+NUMBER_BEFORE = re.compile(r"(?P<number>(?:(?<![\w.])[-+])?(?<![\d.])\d[\d,]*(?:\.\d+)?)(?:\s?(?:x|%|s|ms|MB|GB))?\s*$")
+
+
+def path_parts(path: str) -> list[str]:
+    """`rows[what^=unet 256x256].ratio` -> ['rows', '[what^=unet 256x256]', 'ratio'] (dots inside [] kept)."""
+    parts, token, depth = [], "", 0
+    for char in path:
+        if char == "[" and depth == 0:
+            if token:
+                parts.append(token)
+            token, depth = "[", 1
+        elif char == "]" and depth == 1:
+            parts.append(token + "]")
+            token, depth = "", 0
+        elif char in "[]":  # brackets inside a selector's value (`[rule=learned gain [in-sample]]`)
+            token += char
+            depth += 1 if char == "[" else -1
+        elif char == "." and depth == 0:
+            if token:
+                parts.append(token)
+            token = ""
+        else:
+            token += char
+    if token:
+        parts.append(token)
+    return parts
+
+
+def resolve(data: typing.Any, path: str) -> typing.Any:
+    for part in path_parts(path):
+        if part.startswith("["):
+            selector = part[1:-1]
+            if selector.lstrip("-").isdigit():
+                data = data[int(selector)]
+                continue
+            conditions = [re.match(r"(.*?)(\^=|=)(.*)", condition).groups() for condition in re.split(r",(?=\w+\^?=)", selector)]
+
+            def fits(item: typing.Any) -> bool:
+                for key, op, value in conditions:
+                    if not (isinstance(item, dict) if key else isinstance(item, str)):
+                        return False
+                    text = str(item.get(key, "")) if key else item
+                    if not (text == value or op == "^=" and text.startswith(value)):
+                        return False
+                return True
+
+            matches = [item for item in data if fits(item)]
+            assert len(matches) == 1, f"[{selector}] matches {len(matches)} items, not one"
+            data = matches[0]
+        else:
+            data = data[part]
+    return data
+
+
+def quoted_figures(page: Path) -> list[tuple[int, str, typing.Any, str | None]]:
+    """(line, what the page says, the file's value, scale) for every marker of a page."""
+    import json
+
+    lines = page.read_text(encoding="utf-8").splitlines()
+    found = []
+    for index, line in enumerate(lines):
+        for marker in MARKER.finditer(line):
+            file = ROOT / marker["file"]
+            assert file.is_file(), f"{page.name}:{index + 1}: {marker['file']} does not exist"
+            value = resolve(json.loads(file.read_text(encoding="utf-8")), marker["path"])
+            before = line[:marker.start()]
+            if before.strip() == "" and line[marker.end():].strip() == "":  # a block: a fence or a table
+                block, rest = [], lines[index + 1:]
+                if rest and rest[0].startswith("```"):
+                    block = list(itertools.takewhile(lambda text: not text.startswith("```"), rest[1:]))
+                else:
+                    block = list(itertools.takewhile(lambda text: text.strip() != "", rest))
+                found.append((index + 1, "\n".join(block), value, None))
+            else:
+                number = NUMBER_BEFORE.search(before)
+                assert number, f"{page.name}:{index + 1}: no number right before {marker.group(0)}"
+                found.append((index + 1, number["number"], value, marker["scale"]))
+    return found
+
+
+def agrees(said: str, value: typing.Any, scale: str | None) -> bool:
+    if "\n" in said or isinstance(value, str) and not re.fullmatch(r"[-+]?[\d,]+(\.\d+)?", said):
+        text = value if isinstance(value, str) else str(value)
+        return [l.rstrip() for l in said.strip("\n").splitlines()] == [l.rstrip() for l in text.strip("\n").splitlines()]
+    if isinstance(value, str):  # a number quoted from a printed text: it must appear there as written
+        return re.search(rf"(?<![\d.]){re.escape(said)}(?!\d)", value) is not None
+    decimals = len(said.split(".")[1]) if "." in said else 0
+    number = float(said.replace(",", ""))
+    return abs(float(value) * float(scale or 1) - number) <= 0.5 * 10 ** -decimals + 1e-9
+
+
+FIGURE_PAGES = [README, *PAGES]
+
+
+@pytest.mark.parametrize("page", FIGURE_PAGES, ids=lambda p: p.name)
+def test_quoted_figures_match_their_files(page):
+    wrong = [f"line {line}: the page says {said!r}, the file {value!r}" + (f" (x {scale})" if scale else "")
+             for line, said, value, scale in quoted_figures(page) if not agrees(said, value, scale)]
+    assert not wrong, f"{page.name}: figures that differ from their results files: {wrong}"
+
+
+@pytest.mark.parametrize("page", FIGURE_PAGES, ids=lambda p: p.name)
+def test_measured_ratios_name_their_file(page):
+    """In a table with a `ratio` column (measured ratios), every number of that column carries a marker."""
+    unmarked = []
+    lines = page.read_text(encoding="utf-8").splitlines()
+    column = None
+    for number, line in enumerate(lines, 1):
+        if not line.startswith("|"):
+            column = None
+            continue
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if column is None:
+            column = next((i for i, cell in enumerate(cells) if cell.lower().startswith("ratio")), -1)
+            continue
+        if column < 0 or set(line) <= set("|-: ") or column >= len(cells):
+            continue
+        text = MARKER.sub("<marked>", cells[column])
+        for figure in re.finditer(r"(?<![\w.])\d+(?:\.\d+)?(?:x|%)?(?![\w.%])", text):
+            if not text[figure.end():].startswith("<marked>"):
+                unmarked.append(f"line {number}: {figure.group(0)}")
+    assert not unmarked, f"{page.name}: measured ratios without a results file: {unmarked}"
+
+
+def test_the_figure_checks_catch_a_wrong_figure(tmp_path):
+    """The checker itself: a right figure passes, a wrong one, a wrong block and a missing marker do not."""
+    data = {"rows": [{"what": "a step", "ratio": 1.234}, {"what": "b step", "ratio": 0.5}], "printed": "x 0.25\ny",
+            "notes": ["a: 3 s", "b: 4 s"]}
+    assert resolve(data, "rows[what^=a st].ratio") == 1.234 and resolve(data, "rows[1].ratio") == 0.5
+    assert resolve(data, "notes[^=b:]") == "b: 4 s" and resolve(data, "rows[what^=b,ratio=0.5].ratio") == 0.5
+    assert agrees("1.23", 1.234, None) and not agrees("1.25", 1.234, None) and agrees("50", 0.5, "100")
+    assert agrees("0.25", data["printed"], None) and not agrees("0.26", data["printed"], None)
+    assert agrees("x 0.25\ny", data["printed"], None) and not agrees("x 0.25", data["printed"], None)
+    with pytest.raises(AssertionError):
+        resolve(data, "rows[what^=].ratio")  # ambiguous: matches both rows

@@ -1,0 +1,95 @@
+"""`medxfer analyze` on the reference study's published tables -> benchmarks/results/reference_study.json.
+
+The tables (Hidy, Bakos, Lukacs, arXiv 2410.18677; its repository's `results/` folder) are not shipped with
+medxfer (no licence), so this is not part of `make bench`: give their paths.
+
+    python benchmarks/reference_study.py DOWNSTREAM_CSV ROBUSTNESS_CSV
+
+The JSON holds what the docs quote about them (docs/analyze.md): the inputs (file names, SHA-256, rows), what
+the input checks found, the seeds, every rule that is not a single score variant (regret, pretraining saved,
+their bootstrap intervals, wins/ties/losses against always longest) also as a markdown table, the
+leave-one-dataset-out folds, the claims, the recommended rule, and the CPU time and load of the analysis.
+Nothing of the tables themselves is copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import write_result  # noqa: E402
+
+from medxfer.io import file_sha256  # noqa: E402
+from medxfer.report.analyze import analyze  # noqa: E402
+from medxfer.report.analyze.curves import seeds_text  # noqa: E402
+
+# The 300 single-variant score rules are summarised by the selected ones ("best variant ...").
+PER_VARIANT_FAMILY = "score"
+
+
+def interval(mean: float, low: float, high: float, digits: int, percent: bool = False) -> str:
+    if percent:
+        text = f"{mean:.0%}"
+        return text if abs(high - low) < 0.005 else f"{text} [{low:.0%}, {high:.0%}]"
+    text = f"{mean:.{digits}f}"
+    return text if abs(high - low) < 10 ** -digits else f"{text} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def rules_table(summary) -> str:
+    lines = ["| rule | covers | regret [95% CI] | saved [95% CI] | W/T/L vs longest |", "|---|---|---|---|---|"]
+    for row in summary.itertuples():
+        rule = row.rule.replace("|", "\\|")  # a table cell
+        name = f"**{rule} (recommended)**" if row.recommended else rule
+        lines.append(f"| {name} | {row.coverage} | {interval(row.regret_mean, row.regret_ci_low, row.regret_ci_high, 4)}"
+                     f" | {interval(row.saved_mean, row.saved_ci_low, row.saved_ci_high, 0, percent=True)}"
+                     f" | {row.wins}/{row.ties}/{row.losses} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("downstream", type=Path)
+    parser.add_argument("robustness", type=Path)
+    args = parser.parse_args(argv)
+    load_before = os.getloadavg()
+    start = time.process_time()
+    result = analyze(args.downstream, args.robustness, figures=False)
+    cpu_s = time.process_time() - start
+    load_after = os.getloadavg()
+    headline = result.summary[result.summary["family"] != PER_VARIANT_FAMILY]
+    columns = ["rule", "family", "evaluation", "online", "recommended", "coverage", "n_groups", "regret_mean",
+               "regret_ci_low", "regret_ci_high", "saved_mean", "saved_ci_low", "saved_ci_high", "wins", "ties",
+               "losses"]
+    inputs = {}
+    for kind, path in (("downstream", args.downstream), ("robustness", args.robustness)):
+        with open(path, encoding="utf-8") as f:
+            inputs[kind] = {"file": path.name, "sha256": file_sha256(path), "rows": sum(1 for _ in f) - 1}
+    write_result("reference_study", [], {
+        "inputs": inputs,
+        "findings": dict(Counter(finding.check for finding in result.quality)),
+        "n_groups": len(result.groups),
+        "seeds": seeds_text(result.groups),
+        "recommended": result.recommended,
+        "best_variant": result.best_variant,
+        "rules": headline[columns].to_dict(orient="records"),
+        "table": rules_table(headline),
+        "lodo": result.lodo.to_dict(orient="records"),
+        "claims": result.claims.to_dict(orient="records"),
+        "cpu_s": cpu_s,
+        "load": {"before": list(load_before), "after": list(load_after)},
+        "notes": [f"medxfer analyze on {inputs['downstream']['file']} ({inputs['downstream']['rows']} rows) and "
+                  f"{inputs['robustness']['file']} ({inputs['robustness']['rows']} rows): {len(result.groups)} "
+                  f"groups, {seeds_text(result.groups)}; recommended: {result.recommended}; {cpu_s:.0f} s of CPU "
+                  f"(load average {load_before[0]:.1f} -> {load_after[0]:.1f})."],
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
