@@ -251,10 +251,10 @@ def test_an_unexpected_error_in_one_file_skips_only_that_file(tmp_path, monkeypa
         np.save(inputs / f"{name}.npy", np.random.default_rng(7).random((16, 16)).astype(np.float32))
     real = predict_module._fit_channels
 
-    def fails_on_a(image, in_channels, path):
+    def fails_on_a(image, in_channels, path, **options):
         if path.name == "a.npy":
             raise ZeroDivisionError("unexpected")
-        return real(image, in_channels, path)
+        return real(image, in_channels, path, **options)
 
     monkeypatch.setattr(predict_module, "_fit_channels", fails_on_a)
     summary = predict(tmp_path / "run", inputs, tmp_path / "out")

@@ -6,14 +6,18 @@ tmpfs (needs root; skipped elsewhere) or an injected ENOSPC.
 
 import errno
 import json
+import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from medxfer.cli import main
 from medxfer.errors import ConfigError, DiskFull
@@ -150,3 +154,194 @@ def test_the_root_and_home_folders_are_refused_as_output(where, tmp_path, capsys
     # forced: the folder passes, and the command goes on to its next check (here: the missing config)
     assert main(["--allow-any-out", "finetune", str(tmp_path / "missing.yaml"), "--out", out]) == 2
     assert "missing.yaml: config file not found" in one_error_line(capsys)
+
+
+# --- item 2: huge finite values; item 3: a 4D NIfTI; item 8: a pixel bomb; item 15: 10^9 classes -------
+
+
+def test_zscore_of_huge_finite_values_is_the_zscore_of_the_scaled_image():
+    """Item 2: a float32 image around 1e30 overflowed the z-score and became all zeros."""
+    from medxfer.data.transforms import normalize_image
+
+    image = np.random.default_rng(0).random((1, 16, 16)).astype(np.float32)
+    for method in ("zscore", "minmax", "percentile"):
+        huge = normalize_image(image * np.float32(1e30), method)
+        assert np.isfinite(huge).all() and huge.std() > 0.1
+        np.testing.assert_allclose(huge, normalize_image(image, method), atol=1e-4)
+
+
+def _save_tiny_run(run_dir: Path, preset: str = "unet", spatial_dims: int = 2) -> None:
+    from medxfer.config import RunConfig, config_to_dict, parse_config
+    from medxfer.models import build_segmenter
+    from medxfer.models.weights import save_model_weights
+    from medxfer.records import write_record
+
+    spec = {"preset": preset, "width": 4, "depth": 3, "in_channels": 1, "n_classes": 2, "options": {}}
+    save_model_weights(build_segmenter(spec).eval(), run_dir / "model.pt", manifest={"model": spec})
+    config = parse_config({"data": {"spatial_dims": spatial_dims}, "model": {"preset": preset, "width": 4,
+                                                                            "depth": 3}}, RunConfig)
+    write_record(run_dir, {"kind": "finetune", "status": "done", "run_id": "tiny", "config": config_to_dict(config)})
+
+
+def test_predict_refuses_a_4d_nifti_instead_of_averaging_its_volumes(tmp_path):
+    """Item 3: 3 volumes in one NIfTI were averaged into one and segmented, with only an INFO line."""
+    import nibabel as nib
+
+    from medxfer.predict import predict
+
+    _save_tiny_run(tmp_path / "run", "unet3d", 3)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    nib.save(nib.Nifti1Image(rng.random((16, 16, 8, 3)).astype(np.float32), np.eye(4)), inputs / "three.nii.gz")
+    nib.save(nib.Nifti1Image(rng.random((16, 16, 8)).astype(np.float32), np.eye(4)), inputs / "one.nii.gz")
+    summary = predict(tmp_path / "run", inputs, tmp_path / "out", overlays=False)
+    assert [Path(w["input"]).name for w in summary["written"]] == ["one.nii.gz"]
+    assert summary["failed"][0]["input"].endswith("three.nii.gz")
+    assert "holds 3 volumes" in summary["failed"][0]["error"]
+    assert not (tmp_path / "out" / "three_mask.nii.gz").exists()
+
+
+def _pixel_bomb(path: Path) -> None:
+    Image.new("1", (12000, 12000)).save(path)  # 17 KB on disk, 144 Mpx decoded
+
+
+def test_a_pixel_bomb_png_is_refused_from_its_header(tmp_path, capsys):
+    """Item 8: a 1-bit 12000 x 12000 PNG made predict take 19.6 GB and data check 65 s."""
+    from medxfer.predict import predict
+
+    _save_tiny_run(tmp_path / "run")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    _pixel_bomb(inputs / "bomb.png")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(inputs / "good.png")
+    started = time.perf_counter()
+    summary = predict(tmp_path / "run", inputs, tmp_path / "out", overlays=False)
+    assert time.perf_counter() - started < 10
+    assert [Path(w["input"]).name for w in summary["written"]] == ["good.png"]
+    assert "bomb.png: image of 12000 x 12000 = 144,000,000 pixels exceeds the limit" in summary["failed"][0]["error"]
+    # data check: one line, at once
+    root = tmp_path / "tiles"
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    _pixel_bomb(root / "images" / "a.png")
+    Image.new("L", (16, 16)).save(root / "masks" / "a.png")
+    assert main(["data", "check", "folders", str(root)]) == 2
+    assert "a.png: image of 12000 x 12000" in one_error_line(capsys)
+
+
+def test_npy_and_nifti_headers_claiming_too_many_voxels_are_refused_before_reading(tmp_path):
+    """Item 8 for the other formats: the shape comes from the header; the data is never read."""
+    import nibabel as nib
+
+    from medxfer.data.folders import read_raster
+    from medxfer.data.msd import read_nifti
+    from medxfer.errors import DataError
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((2048, 2048, 512))
+    header.set_data_dtype(np.uint8)
+    nifti = tmp_path / "huge.nii"
+    nifti.write_bytes(header.binaryblock + b"\0" * 4)  # the header alone: 2 G voxels claimed, none stored
+    with pytest.raises(DataError, match=r"huge\.nii: image of 512 x 2048 x 2048|huge\.nii: image of 2048 x 2048 x 512"):
+        read_nifti(nifti)
+    npy = tmp_path / "huge.npy"
+    with open(npy, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (12000, 12000)})
+    with pytest.raises(DataError, match=r"huge\.npy: image of 12000 x 12000"):
+        read_raster(npy)
+
+
+def test_a_model_manifest_claiming_a_billion_classes_is_one_line(tmp_path):
+    """Item 15: predict tried to allocate 32 GB for the head."""
+    from medxfer.errors import CheckpointError
+    from medxfer.inference import load_trained_model
+
+    run = tmp_path / "run"
+    _save_tiny_run(run)
+    manifest = json.loads((run / "model.json").read_text())
+    manifest["model"]["n_classes"] = 10**9
+    (run / "model.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"model\.json: n_classes: .*less than or equal to 255"):
+        load_trained_model(run)
+
+
+# --- item 4: booleans for numbers; item 5: data.resize everywhere ---------------------------------------
+
+
+def test_a_boolean_for_a_number_is_refused_everywhere_in_the_config(tmp_path):
+    """Item 4: `lr: yes` trained with lr = 1.0."""
+    from medxfer.config import PretrainConfig, RunConfig, load_config, parse_config
+
+    config = tmp_path / "run.yaml"
+    config.write_text("data: {name: demo}\ntrain: {lr: yes}\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: train\.lr: .*a boolean where a number"):
+        load_config(config, RunConfig)
+    for bad in ({"data": {"train_images": True}}, {"data": {"resize": [True, 8]}}, {"seed": False},
+                {"model": {"width": True}}, {"evaluation": {"threshold": True}}):
+        with pytest.raises(ConfigError, match="a boolean where a number"):
+            parse_config(bad, RunConfig)
+    with pytest.raises(ConfigError, match=r"train\.lr: .*a boolean"):
+        parse_config({"train": {"lr": True}}, PretrainConfig)
+    # what stays accepted: ints for floats, YAML's "1e-3" (a string to PyYAML), real booleans
+    accepted = parse_config({"train": {"lr": 1, "encoder_lr_factor": "1e-3"}, "data": {"augment": False}}, RunConfig)
+    assert accepted.train.lr == 1.0 and accepted.train.encoder_lr_factor == 1e-3 and accepted.data.augment is False
+
+
+@pytest.mark.parametrize("name", ["demo", "colin27"])
+def test_data_resize_is_applied_by_every_loader(name):
+    """Item 5: the demo and colin27 loaders ignored data.resize (same metrics, new run id)."""
+    from medxfer.config import DataConfig
+    from medxfer.data import load_data
+
+    data = load_data(DataConfig(name=name, resize=[24, 40]))
+    cases = data.train + data.val + data.test
+    assert cases and {c.spatial_shape for c in cases} == {(24, 40)}
+    assert {c.label.shape for c in cases if c.label is not None} == {(24, 40)}
+    assert all(c.label.dtype == np.int64 and c.image.dtype == np.float32 for c in cases)
+    assert {c.spatial_shape for c in load_data(DataConfig(name=name)).train} != {(24, 40)}  # the cache is untouched
+
+
+# --- item 19: one image of another size; item 20: a one-image dataset ----------------------------------
+
+
+def _tiles(root: Path, shapes) -> Path:
+    rng = np.random.default_rng(0)
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    for i, shape in enumerate(shapes):
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(root / "images" / f"t{i}.png")
+        mask = np.zeros(shape, np.uint8)
+        mask[2:8, 4:12] = 1
+        Image.fromarray(mask).save(root / "masks" / f"t{i}.png")
+    return root
+
+
+def test_an_image_of_another_size_is_named_by_finetune_and_data_check(tmp_path, capsys):
+    """Item 19: "training images differ in size" named no file, and data check passed silently."""
+    root = _tiles(tmp_path / "tiles", [(16, 16)] * 9 + [(16, 24)])
+    config = write_yaml(tmp_path / "run.yaml", {**TINY_RUN, "data": {"name": "folders", "root": str(root),
+                                                                       "val_fraction": 0.0,
+                                                                       "options": {"test_fraction": 0.0}}})
+    assert main(["finetune", str(config), "--out", str(tmp_path / "out")]) == 2
+    line = one_error_line(capsys)
+    assert "training images differ in size: 9 are 16 x 16, but" in line and "t9.png is 16 x 24" in line
+    assert main(["data", "check", "folders", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "warning: training images differ in size" in out and "t9.png is 16 x 24" in out
+
+
+def test_a_run_without_validation_or_test_images_says_so_and_records_it(tmp_path, caplog):
+    """Item 20: one image/mask pair trained with no validation and no test, recorded n_images 0 silently."""
+    from medxfer.config import RunConfig, parse_config
+    from medxfer.finetune import run_finetune
+
+    root = _tiles(tmp_path / "one", [(16, 16)])
+    config = parse_config({**TINY_RUN, "data": {"name": "folders", "root": str(root)},
+                           "train": {**TINY_RUN["train"], "max_steps": 1}}, RunConfig)
+    with caplog.at_level(logging.WARNING, logger="medxfer.finetune"):
+        record = run_finetune(config, tmp_path / "out").record
+    assert record["n_train_images"] == 1
+    assert any("no validation images (1 training)" in w for w in record["warnings"])
+    assert any("no labelled test images" in w for w in record["warnings"])
+    assert "no labelled test images" in caplog.text and "no validation images" in caplog.text

@@ -8,16 +8,45 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, TypeVar, Union
+from typing import Annotated, Any, Literal, Optional, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from medxfer.errors import ConfigError
 
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """Strict numbers: pydantic reads ``lr: yes`` (YAML's true) as 1.0, so a boolean is refused wherever
+        the field takes no boolean. Numbers stay lax otherwise: YAML reads ``1e-3`` as a string."""
+        if _contains_bool(value) and not _accepts_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"a boolean where a number or text belongs ({value!r}; YAML reads yes/no/on/off "
+                             "as booleans)")
+        return value
+
+
+def _contains_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    return isinstance(value, (list, tuple)) and any(_contains_bool(v) for v in value)
+
+
+def _accepts_bool(annotation: Any) -> bool:
+    """Whether a field's type takes a boolean anywhere (``bool``, ``Any``, a model, ``list[bool]``...)."""
+    if annotation is bool or annotation is Any or isinstance(annotation, TypeVar):
+        return True
+    if isinstance(annotation, type):
+        return issubclass(annotation, BaseModel)
+    args = get_args(annotation)
+    if get_origin(annotation) is Literal:
+        return any(isinstance(a, bool) for a in args)
+    return any(_accepts_bool(a) for a in args if not isinstance(a, (str, int, float)) or isinstance(a, type))
 
 
 DatasetName = Literal["demo", "colin27", "acdc", "covidqu", "idrid", "folders", "msd"]
@@ -27,6 +56,8 @@ Normalization = Literal["zscore", "minmax", "percentile", "none"]
 SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit
 MAX_SIDE = 8192  # pixels/voxels along one axis of a resize or patch (IDRiD, the largest layout, is 2848 x 4288)
 MAX_WIDTH = 1024  # channels of a model's first level (the presets use 16..64)
+MAX_CLASSES = 255  # label maps hold class indices below 255, the ignore index
+MAX_IN_CHANNELS = 256  # image channels (modalities, colours; MSD's most is 4)
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 Side = Annotated[int, Field(ge=1, le=MAX_SIDE)]
 # Lightning's names (https://lightning.ai/docs/pytorch/stable/common/trainer.html), plus our "auto"
@@ -111,8 +142,10 @@ class ModelConfig(StrictModel):
     """A segmentation model preset (see ``medxfer models``) and its size."""
 
     preset: str = Field("unet", description="Model preset; `medxfer models` lists them.")
-    in_channels: Optional[int] = Field(None, description="Input channels; None = from the data (or the pretrained encoder).")
-    n_classes: Optional[int] = Field(None, description="Output classes, including background; None = from the data.")
+    in_channels: Optional[int] = Field(None, ge=1, le=MAX_IN_CHANNELS, description=(
+        "Input channels (at most 256); None = from the data (or the pretrained encoder)."))
+    n_classes: Optional[int] = Field(None, ge=2, le=MAX_CLASSES, description=(
+        "Output classes, including background (2..255: label 255 is the ignore index); None = from the data."))
     width: int = Field(32, ge=1, le=MAX_WIDTH, description="Channels of the first level (classic U-Net encoders).")
     depth: int = Field(5, ge=2, le=6, description="Number of encoder levels.")
     options: dict[str, Any] = Field(default_factory=dict, description="Preset-specific options.")

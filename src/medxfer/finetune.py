@@ -15,7 +15,7 @@ import torch
 
 from medxfer.config import DataConfig, RunConfig, config_to_dict
 from medxfer.data import load_data, select_subset
-from medxfer.data.base import SegmentationData, content_fingerprint, spacing_summary
+from medxfer.data.base import SegmentationData, content_fingerprint, size_mismatch, spacing_summary
 from medxfer.errors import ConfigError, FolderInUse, TrainingDiverged
 from medxfer.evaluation.metrics import class_keys
 from medxfer.io import environment_info, folder_lock, seed_everything, set_aside, stable_hash
@@ -123,8 +123,9 @@ def _loaders(config: RunConfig, train_cases, val_cases, n_classes: int, in_chann
     common = dict(n_classes=n_classes, normalization=d.normalization, percentiles=d.percentile_clip,
                   in_channels=in_channels)
     train_ds = CaseDataset(train_cases, transform=augmentation, **common)
-    if d.patch_size is None and len({c.spatial_shape for c in train_cases}) > 1:
-        raise ConfigError("data: training images differ in size; set data.patch_size or data.resize")
+    mismatch = size_mismatch(train_cases) if d.patch_size is None else None
+    if mismatch:
+        raise ConfigError(f"data: {mismatch}")
     generator = torch.Generator().manual_seed(config.seed)
     train_loader = DataLoader(train_ds, batch_size=min(config.train.batch_size, len(train_ds)), shuffle=True,
                               num_workers=config.train.num_workers, generator=generator, drop_last=False)
@@ -181,6 +182,9 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
     data = load_data(config.data)
     class_keys(data.n_classes, data.class_names)  # unusable class names fail now, not after training
     train_cases = select_subset(data.train, config.data.train_images, config.subset_seed, config.data.subset)
+    warnings = split_warnings(data, train_cases)
+    for warning in warnings:
+        log.warning("run %s: %s", run_id, warning)
     model = build_model(config, data)
     pretraining = _load_starting_weights(model, config)
     in_channels = model.encoder.in_channels
@@ -276,6 +280,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
             "best_val_dice": None if best is None else best.best_score,
             "steps_trained": int(trainer.global_step),
             "metrics": metrics,
+            "warnings": warnings,
             "timings": {"train_s": train_s, "eval_s": eval_s, "total_s": time.perf_counter() - started},
             "environment": environment_info(),
             "finished": datetime.now(timezone.utc).isoformat(),
@@ -295,6 +300,19 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
             raise
         shutil.rmtree(checkpoints, ignore_errors=True)  # the record and model.pt are what a finished run keeps
         return RunResult(run_id, directory, record)
+
+
+def split_warnings(data: SegmentationData, train_cases) -> list[str]:
+    """What a run on ``data`` lacks (said before training, and kept in the record): without validation
+    images the last weights are evaluated, without labelled test images there is no test metric."""
+    found = []
+    if not data.val:
+        found.append(f"dataset {data.name}: no validation images ({len(train_cases)} training); the last "
+                     "weights are evaluated, not the best by validation Dice")
+    if not any(case.label is not None for case in data.test):
+        found.append(f"dataset {data.name}: no labelled test images; the record will have no test metrics "
+                     "(Dice n/a): add test images or more images for the split")
+    return found
 
 
 def _finished(run_id: str, directory: Path) -> RunResult:

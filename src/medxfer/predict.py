@@ -103,9 +103,15 @@ def read_input(path: Path, spatial_dims: int) -> tuple[np.ndarray, dict[str, Any
     return np.ascontiguousarray(image, dtype=np.float32), meta
 
 
-def _fit_channels(image: np.ndarray, in_channels: int, path: Path) -> np.ndarray:
+def _fit_channels(image: np.ndarray, in_channels: int, path: Path, colour: bool) -> np.ndarray:
+    """The image with the model's channels; ``colour``: the channels are an RGB(A) picture's, which a grey
+    model sees averaged. Several volumes in one file (a 4D NIfTI, a (C, D, H, W) array) are refused: their
+    mean is no image the model was trained on."""
     if image.shape[0] == in_channels or image.shape[0] == 1:
         return image  # equal, or grey repeated to the model's channels by match_channels
+    if not colour:
+        raise DataError(f"{path}: the file holds {image.shape[0]} volumes (a 4D image); the model takes "
+                        f"{in_channels} channel(s): split it into one file per volume")
     if in_channels == 1:
         log.info("%s: %d channels averaged to grey for a 1-channel model", path, image.shape[0])
         return image.mean(axis=0, keepdims=True)
@@ -185,7 +191,8 @@ def predict(model_path_or_run_dir: str | Path, inputs: str | Path, out_dir: str 
                             "model sees structures at another scale: resample the input to the training spacing",
                             path, _mm(spacing), _mm(trained_spacing["median"]), _mm(trained_spacing["min"]),
                             _mm(trained_spacing["max"]))
-            image = _fit_channels(image, model.encoder.in_channels, path)
+            image = _fit_channels(image, model.encoder.in_channels, path,
+                                  colour=meta["format"] != "nifti" and image.ndim == 3)
             if meta.get("slicewise"):
                 mask = np.stack([label_map(probabilities(model, image[:, d], settings), settings["threshold"])
                                  for d in range(image.shape[1])]).astype(mask_dtype)

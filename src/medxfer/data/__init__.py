@@ -51,7 +51,22 @@ def load_data(config) -> SegmentationData:
     """Load the dataset a :class:`medxfer.config.DataConfig` names (all splits, no subsetting)."""
     data = get_loader(config.name)(config)
     data.name = dataset_name(config.name, data.name, config.root, config.label)
+    if config.resize is not None:  # for every layout: loaders that resize while reading leave nothing to do
+        size = tuple(config.resize)
+        for split in ("train", "val", "test"):
+            setattr(data, split, [_resized(case, size) for case in getattr(data, split)])
     return data
+
+
+def _resized(case: Case, size: tuple[int, ...]) -> Case:
+    import dataclasses
+
+    from medxfer.data.folders import resize_case_arrays
+
+    if case.spatial_shape == size:
+        return case
+    image, label, spacing = resize_case_arrays(case.image, case.label, size, case.spacing)
+    return dataclasses.replace(case, image=image, label=label, spacing=spacing)  # a new case: loaders may cache
 
 
 __all__ = ["Case", "SegmentationData", "IGNORE_INDEX", "select_subset", "split_train_val", "load_data", "LOADERS",

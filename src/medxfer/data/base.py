@@ -13,6 +13,22 @@ from medxfer.errors import DataError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255  # label value of unannotated pixels/voxels
+# Largest image a file may hold, checked from its header before decoding: a 17 KB 1-bit PNG can claim
+# 12000 x 12000 pixels and take 20 GB once decoded and segmented. 2D: 8192 x 8192 (config.MAX_SIDE squared;
+# IDRiD, the largest layout, is 12 Mpx); volumes: 1024^3 voxels (4 GiB as float32).
+MAX_IMAGE_PIXELS = 8192 * 8192
+MAX_VOLUME_VOXELS = 1024**3
+
+
+def check_pixel_count(path: Any, spatial_shape: Sequence[int]) -> None:
+    """Refuse, with one line naming ``path``, an image whose header claims more pixels/voxels than medxfer
+    reads safely (``spatial_shape``: the spatial axes only, channels left out)."""
+    count = int(np.prod([int(s) for s in spatial_shape], dtype=object))
+    limit = MAX_IMAGE_PIXELS if len(spatial_shape) <= 2 else MAX_VOLUME_VOXELS
+    if count > limit:
+        kind = "pixels" if len(spatial_shape) <= 2 else "voxels"
+        raise DataError(f"{path}: image of {' x '.join(str(int(s)) for s in spatial_shape)} = {count:,} {kind} "
+                        f"exceeds the limit of {limit:,} {kind}; downsample it first")
 
 
 @dataclass
@@ -195,6 +211,23 @@ def check_case(
                 f"{label_source}: mask contains classes {extra} that are not in its annotated classes "
                 f"{sorted(annotated)}"
             )
+
+
+def size_mismatch(cases: Sequence[Case], what: str = "training images") -> Optional[str]:
+    """None when all ``cases`` have one spatial shape; else one line naming the images of another shape
+    than most (whole-image training batches them together, so it needs ``data.patch_size`` or ``resize``)."""
+    from collections import Counter
+
+    shapes = Counter(c.spatial_shape for c in cases)
+    if len(shapes) <= 1:
+        return None
+    common, n_common = shapes.most_common(1)[0]
+    odd = [c for c in cases if c.spatial_shape != common]
+    named = ", ".join(f"{c.meta.get('image_path') or c.case_id} is {' x '.join(map(str, c.spatial_shape))}"
+                      for c in odd[:3])
+    more = f" (and {len(odd) - 3} more)" if len(odd) > 3 else ""
+    return (f"{what} differ in size: {n_common} are {' x '.join(map(str, common))}, but {named}{more}; "
+            "set data.patch_size or data.resize")
 
 
 def spacing_summary(cases: Sequence[Case]) -> Optional[dict[str, list[float]]]:

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import numpy as np
 
 from medxfer.data import load_data, mask_variants
-from medxfer.data.base import IGNORE_INDEX, Case, SegmentationData, check_case
+from medxfer.data.base import IGNORE_INDEX, Case, SegmentationData, check_case, size_mismatch
 from medxfer.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,9 @@ def check_dataset(config) -> dict[str, Any]:
         if (splits["test"]["cases"] > splits["test"]["unlabelled"]
                 and splits["test"]["annotation"]["cases_annotating"][name] == 0):
             warnings.append(f"class {k} ({name}) is annotated in no test case: it cannot be evaluated")
+    mismatch = size_mismatch(data.train + data.val) if config.patch_size is None else None
+    if mismatch:
+        warnings.append(f"{mismatch} before fine-tuning on whole images")
     if splits["test"]["cases"] == 0:
         warnings.append("no test cases")
     elif splits["test"]["unlabelled"]:

@@ -27,12 +27,13 @@ With ``spacing`` HD95, HD and ASSD are in mm and the NSD tolerance is in mm; wit
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from medxfer.data.base import IGNORE_INDEX, Case, SegmentationData, check_case, split_train_val
+from medxfer.data.base import IGNORE_INDEX, Case, SegmentationData, check_case, check_pixel_count, split_train_val
 from medxfer.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -100,13 +101,24 @@ def read_raster(path: Path) -> tuple[np.ndarray, str]:
     path = Path(path)
     if path.suffix.lower() == ".npy":
         try:
+            with open(path, "rb") as f:  # the header first: the shape, before any data is read
+                major, _ = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape = read_header(f)[0]
+            check_pixel_count(path, _spatial_shape(shape))
             return np.load(path, allow_pickle=False), ""
+        except DataError:
+            raise
         except Exception as exc:  # truncated, pickled, not an npy file: all "unreadable"
             raise DataError(f"{path}: cannot read npy file: {exc}") from None
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # Pillow's own bomb warning: check_pixel_count says it in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)  # reads the header only
+        with img:
+            check_pixel_count(path, (img.height, img.width))
             img.load()  # decode now: a truncated file fails here, not later
             mode = img.mode
             if mode in ("CMYK", "YCbCr", "LAB", "HSV"):
@@ -120,10 +132,26 @@ def read_raster(path: Path) -> tuple[np.ndarray, str]:
             try:  # float / many-channel tifs Pillow cannot open
                 import tifffile
 
-                return np.asarray(tifffile.imread(path)), ""
+                with tifffile.TiffFile(path) as tif:
+                    shape = tif.series[0].shape  # from the header
+                    check_pixel_count(path, _spatial_shape(shape))
+                    return np.asarray(tif.asarray()), ""
+            except DataError:
+                raise
             except Exception:
                 pass
         raise DataError(f"{path}: cannot read image: {pil_exc}") from None
+
+
+def _spatial_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """The spatial axes of an array as ``read_raster`` returns it: a channel axis (<= 4 long, first or last
+    of a 3-axis array) left out."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 3 and shape[-1] <= 4:
+        return shape[:-1]
+    if len(shape) >= 3 and shape[0] <= 4:
+        return shape[1:]
+    return shape
 
 
 def read_image_2d(path: Path) -> np.ndarray:

@@ -46,6 +46,7 @@ from medxfer.data.base import (
     Case,
     SegmentationData,
     check_case,
+    check_pixel_count,
     split_train_val_grouped,
 )
 from medxfer.data.folders import as_label_array, require_dir, require_root, resize_case_arrays, take_options
@@ -86,8 +87,11 @@ def read_nifti(path: Path, label: bool = False) -> tuple[np.ndarray, tuple[float
         raise DataError(f"{path}: file not found")
     try:
         img = nib.load(str(path))
+        check_pixel_count(path, [s for s in img.shape[:3]])  # the header's shape: nothing decoded yet
         data = np.asanyarray(img.dataobj)
         zooms = tuple(round(float(z), 6) for z in img.header.get_zooms())  # float32 header: 0.7 not 0.69999999
+    except DataError:
+        raise
     except Exception as exc:  # truncated gzip, bad header, not NIfTI: all "unreadable"
         why = str(exc).replace(str(path), path.name)
         raise DataError(f"{path}: cannot read NIfTI file: {type(exc).__name__}: {why}") from None

@@ -17,13 +17,14 @@ def normalize_image(
     """Per-image, per-channel intensity normalisation of a ``(C, *spatial)`` array -> float32.
 
     zscore: (x - mean) / std; minmax: to [0, 1]; percentile: clip to the given percentiles, then
-    z-score (the usual CT/MR recipe); none: unchanged. Constant channels map to 0, never NaN.
+    z-score (the usual CT/MR recipe); none: unchanged. Constant channels map to 0, never NaN. Computed in
+    float64: float32 squares overflow for values beyond ~1e19 (a float TIFF holding 1e30 became all zeros).
     """
     x = image.astype(np.float32, copy=True)
     if method == "none":
         return x
     for c in range(x.shape[0]):
-        ch = x[c]
+        ch = np.asarray(image[c], dtype=np.float64)
         if method == "percentile":
             lo, hi = np.percentile(ch, percentiles)
             ch = np.clip(ch, lo, hi)
