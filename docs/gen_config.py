@@ -56,8 +56,8 @@ Every key is optional unless marked **required**; a key medxfer does not know, a
 out-of-range value is a one-line error naming the file and the key path (`run.yaml: train.lerning_rate:
 unknown key`), exit 2. An empty config file, a key given twice in one mapping, and YAML aliases that expand
 to more than {max_nodes} values are errors too. Relative paths (`root`, `checkpoint`) are relative to the
-config file. A run's id is the hash of its resolved config (every default included), so the same run is
-never computed twice.
+config file. A run's id is the hash of its resolved config (every default included; names such as `name`
+and `data.label` left out), so the same run is never computed twice.
 """
 
 

@@ -167,6 +167,8 @@ Strategy = Literal["scratch", "full", "frozen_encoder", "partial", "discriminati
 
 
 class TrainConfig(StrictModel):
+    """How the model is fine-tuned: strategy, optimisation, loss, precision and device."""
+
     strategy: Strategy = Field("full", description=(
         "How the model is trained: scratch, full fine-tuning, frozen_encoder, partial (first levels frozen) or "
         "discriminative (smaller encoder lr); all but scratch and full need pretrained.checkpoint."))
@@ -208,6 +210,8 @@ class TrainConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
+    """How the trained model is evaluated on the test split (and, optionally, on a source test set)."""
+
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Binary tasks: probability threshold.")
     nsd_tolerance: float = Field(1.0, ge=0.0, description=(
         "Tolerance tau of the normalised surface Dice: mm when the data has a spacing, else pixels."))
