@@ -145,13 +145,14 @@ def _pixels_with_known_separability(separation: float, n_images=10, per_class=60
     return np.concatenate(feats), np.concatenate(labels), np.concatenate(owners)
 
 
-@pytest.mark.parametrize("estimator", ["knn", "gbc", "ccfv"])
+@pytest.mark.parametrize("estimator", ["knn", "gbc", "gbc_diagonal", "ccfv_ratio"])
 def test_new_estimators_rank_separated_classes_above_overlapping_ones(estimator):
-    from medxfer.transferability.baselines import cc_fv, gbc, knn_accuracy
+    from medxfer.transferability.baselines import cc_fv_ratio, gbc, knn_accuracy
 
     score = {"knn": lambda f, y, g: knn_accuracy(f, y, g, k=10),
              "gbc": lambda f, y, g: gbc(f, y),
-             "ccfv": lambda f, y, g: cc_fv(f, y, g)}[estimator]
+             "gbc_diagonal": lambda f, y, g: gbc(f, y, covariance="diagonal"),
+             "ccfv_ratio": lambda f, y, g: cc_fv_ratio(f, y, g)}[estimator]
     separated = score(*_pixels_with_known_separability(6.0))
     middle = score(*_pixels_with_known_separability(1.5))
     overlapping = score(*_pixels_with_known_separability(0.0))
@@ -182,8 +183,8 @@ def test_gbc_is_zero_for_far_apart_classes_and_minus_two_for_identical_ones():
     assert gbc(same, labels) == pytest.approx(-2.0)
 
 
-def test_cc_fv_by_hand_and_free_of_the_feature_scale():
-    from medxfer.transferability.baselines import cc_fv
+def test_cc_fv_ratio_by_hand_and_free_of_the_feature_scale():
+    from medxfer.transferability.baselines import cc_fv_ratio as cc_fv
 
     # Two images. Class 1 is e0 in image 0 and e1 in image 1 (Gaussians sqrt(2) apart, no spread);
     # class 0 is e2 in both (distance 0): consistency = sqrt(2) / 2.
@@ -200,6 +201,111 @@ def test_cc_fv_by_hand_and_free_of_the_feature_scale():
         cc_fv(feats, labels, np.zeros(16, int))
 
 
+# Independent implementations of the papers' formulas (matrix square roots, determinants, explicit sums).
+def _regularised_h_score_by_formula(features, labels):
+    """Ibrahim et al.: tr(((1 - a) S + a mu I)^-1 (1 - a) S_between), a from sklearn's ledoit_wolf_shrinkage."""
+    from sklearn.covariance import ledoit_wolf_shrinkage
+
+    f = features - features.mean(axis=0)
+    n, dim = f.shape
+    sample = f.T @ f / n
+    alpha = ledoit_wolf_shrinkage(f, assume_centered=True)
+    shrunk = (1 - alpha) * sample + alpha * np.trace(sample) / dim * np.eye(dim)
+    between = sum((labels == c).mean() * np.outer(f[labels == c].mean(0), f[labels == c].mean(0))
+                  for c in np.unique(labels))
+    return float(np.trace(np.linalg.inv(shrunk) @ ((1 - alpha) * between))), alpha
+
+
+def test_h_score_with_shrinkage_is_ibrahim_et_al_regularised_h_score():
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 3, 120)
+    # few samples for 40 dimensions: a large shrinkage, where the (1 - alpha) factor matters
+    features = rng.normal(size=(120, 40)) + 0.8 * np.eye(40)[labels * 7] + rng.normal(size=40)
+    expected, alpha = _regularised_h_score_by_formula(features, labels)
+    assert alpha > 0.1
+    assert h_score(features, labels, shrinkage=True) == pytest.approx(expected, rel=1e-8)
+    plain = np.cov(features.T, bias=True)
+    between = np.cov(np.stack([features[labels == c].mean(0) for c in labels]).T, bias=True)
+    assert h_score(features, labels, shrinkage=False) == pytest.approx(np.trace(np.linalg.pinv(plain) @ between),
+                                                                       rel=1e-6)
+
+
+def _bhattacharyya_by_formula(mean_a, cov_a, mean_b, cov_b):
+    pooled = (cov_a + cov_b) / 2
+    diff = mean_a - mean_b
+    return (diff @ np.linalg.solve(pooled, diff) / 8
+            + 0.5 * (np.linalg.slogdet(pooled)[1] - 0.5 * (np.linalg.slogdet(cov_a)[1] + np.linalg.slogdet(cov_b)[1])))
+
+
+@pytest.mark.parametrize("covariance", ["spherical", "diagonal"])
+def test_gbc_follows_the_papers_bhattacharyya_distance(covariance):
+    from medxfer.transferability.baselines import gbc
+
+    rng = np.random.default_rng(6)
+    labels = np.repeat([0, 1, 2], 80)
+    features = rng.normal(size=(240, 5)) * (1 + labels[:, None] * np.arange(5)) / 2 + 1.5 * labels[:, None]
+    stats = []
+    for c in range(3):
+        rows = features[labels == c]
+        var = rows.var(axis=0)
+        cov = np.eye(5) * (var.mean() if covariance == "spherical" else var)
+        stats.append((rows.mean(axis=0), cov))
+    expected = -sum(math.exp(-_bhattacharyya_by_formula(*stats[i], *stats[j]))
+                    for i in range(3) for j in range(3) if i != j)
+    assert gbc(features, labels, covariance=covariance) == pytest.approx(expected, rel=1e-9)
+    assert gbc(features, labels, covariance="spherical") != pytest.approx(gbc(features, labels, covariance="diagonal"))
+    with pytest.raises(Exception, match="unknown covariance"):
+        gbc(features, labels, covariance="full")
+
+
+def _w2_by_formula(rows_a, rows_b):
+    from scipy.linalg import sqrtm
+
+    cov_a, cov_b = np.cov(rows_a.T), np.cov(rows_b.T)
+    root_a = sqrtm(cov_a)
+    cross = np.real(np.trace(sqrtm(root_a @ cov_b @ root_a)))
+    squared = np.sum((rows_a.mean(0) - rows_b.mean(0)) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * cross
+    return math.sqrt(max(squared, 0.0))
+
+
+def _cc_fv_by_formula(features, labels, owners):
+    """Yang et al.: log(F_v / C_cons), C_cons over foreground classes, F_v from the images' mean features."""
+    images = np.unique(owners)
+    consistency = []
+    for c in np.unique(labels[labels != 0]):
+        per_image = [features[(labels == c) & (owners == i)] for i in images]
+        consistency.append(np.mean([_w2_by_formula(a, b) for k, a in enumerate(per_image) for b in per_image[k + 1:]]))
+    centres = [features[owners == i].mean(0) for i in images]
+    variety = np.mean([1 / math.sqrt(np.sum((a - b) ** 2) + 1e-3) for k, a in enumerate(centres)
+                       for b in centres[k + 1:]])
+    return math.log(variety / np.mean(consistency))
+
+
+@pytest.mark.parametrize("per_class", [6, 30])  # fewer rows than dimensions (low-rank covariances), and more
+def test_cc_fv_is_the_papers_log_ratio(per_class):
+    from medxfer.transferability.baselines import cc_fv
+
+    feats, labels, owners = _pixels_with_known_separability(1.5, n_images=5, per_class=per_class, dim=12)
+    assert cc_fv(feats, labels, owners) == pytest.approx(_cc_fv_by_formula(feats, labels, owners), rel=1e-6)
+
+
+def test_cc_fv_rewards_classes_that_look_alike_across_images():
+    from medxfer.transferability.baselines import cc_fv
+
+    rng = np.random.default_rng(7)
+    labels = np.tile(np.repeat([0, 1], 40), 6)
+    owners = np.repeat(np.arange(6), 80)
+    signal = np.where(labels[:, None] == 1, 3.0, 0.0) * np.eye(8)[0] + 0.3 * rng.normal(size=(480, 8))
+    shift = rng.normal(size=(6, 8))[owners] * np.where(labels[:, None] == 1, 1.0, 0.0)  # foreground moves per image
+    consistent, shifted = cc_fv(signal, labels, owners), cc_fv(signal + shift, labels, owners)
+    assert consistent > shifted
+    # background is left out of the consistency: moving it alone changes only the variety term
+    background_only = signal + rng.normal(size=(6, 8))[owners] * np.where(labels[:, None] == 0, 1.0, 0.0)
+    assert _cc_fv_by_formula(background_only, labels, owners) == pytest.approx(cc_fv(background_only, labels, owners))
+    with pytest.raises(DataError, match="foreground class"):
+        cc_fv(signal, np.where(owners == 0, labels, 0), owners)  # the foreground class in one image only
+
+
 def test_balanced_sampling_gives_each_class_its_share():
     images, labels = _segmentation_toy(True)
     uniform = pixel_features(MaskEncoder(), images, labels, levels=[0], max_pixels=400, device="cpu")[0][1]
@@ -213,11 +319,12 @@ def test_balanced_sampling_gives_each_class_its_share():
 def test_baseline_scores_rows_for_the_new_estimators():
     good_images, labels = _segmentation_toy(True)
     bad_images, _ = _segmentation_toy(False)
-    kwargs = dict(methods=("knn", "gbc", "ccfv"), levels=[0], max_pixels=800, device="cpu")
+    kwargs = dict(methods=("knn", "gbc", "gbc_diagonal", "ccfv_ratio", "ccfv"), levels=[0], max_pixels=800,
+                  device="cpu")
     good = {r["metric"]: r for r in baseline_scores(MaskEncoder(), good_images, labels, 2, **kwargs)}
     bad = {r["metric"]: r for r in baseline_scores(MaskEncoder(), bad_images, labels, 2, **kwargs)}
-    assert set(good) == {"knn_accuracy", "gbc", "cc_fv"}
-    for metric in good:
+    assert set(good) == {"knn_accuracy", "gbc", "gbc_diagonal", "cc_fv_ratio", "cc_fv"}
+    for metric in set(good) - {"cc_fv"}:  # CC-FV measures consistency across images, not class separation
         assert good[metric]["score"] > bad[metric]["score"], metric
         assert good[metric]["time_s"] > 0 and good[metric]["higher_is_better"]
     with pytest.raises(Exception, match="unknown method"):

@@ -264,6 +264,29 @@ def test_nsd_matches_deepminds_surface_distance_package(ndim):
         assert surface_dice(pred, gt, spacing, tau) == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("step", [0.3, 0.7])
+def test_nsd_matches_deepmind_when_tau_is_a_distance_that_occurs(ndim, step):
+    # Boxes several voxels apart: their distances reach past the shell search into the KD-tree, and at
+    # spacings that are not binary fractions i * s - j * s differs from (i - j) * s in the last bit; with
+    # tau equal to such a distance that bit decides whether whole surfel rows count (3e-3 to 3e-2 here; the
+    # tolerance 1e-6 is that of the test above: MONAI's 3-D surfel areas are single precision).
+    deepmind = pytest.importorskip("surface_distance")
+    rng = np.random.default_rng(int(step * 10) + ndim)
+    shape = (30, 32) if ndim == 2 else (14, 16, 15)
+    for spacing in ((step,) * ndim, (step, 2 * step) + (step,) * (ndim - 2)):
+        gt, pred = np.zeros(shape, bool), np.zeros(shape, bool)
+        corner = rng.integers(2, 5, ndim)
+        gt[tuple(slice(c, c + 6) for c in corner)] = True
+        shift = rng.integers(3, 6, ndim)
+        pred[tuple(slice(c + s, c + s + 5) for c, s in zip(corner, shift))] = True
+        distances = deepmind.compute_surface_distances(gt, pred, spacing)
+        occurring = np.unique(np.concatenate([distances["distances_gt_to_pred"], distances["distances_pred_to_gt"]]))
+        for tau in occurring[::3]:
+            expected = deepmind.compute_surface_dice_at_tolerance(distances, float(tau))
+            assert surface_dice(pred, gt, spacing, float(tau)) == pytest.approx(expected, abs=1e-6), (spacing, tau)
+
+
 def test_single_voxels_apart_exact_answers_with_anisotropic_spacing():
     # Two single voxels two slices apart along an axis of spacing 0.5 mm: both boundaries are one voxel,
     # 1 mm apart. Surfels: the 8 corners of each voxel, all of equal area (one voxel inside each corner

@@ -344,8 +344,11 @@ class ScoreConfig(StrictModel):
     encoder_name: Optional[str] = Field(None, description=(
         "The `encoder` column; None = the checkpoint's architecture name."))
     pretraining_scheme: Optional[str] = Field(None, description="The `scheme` column; None = the checkpoint manifest's scheme.")
-    baselines: list[Literal["logme", "hscore", "linear_probe", "knn", "gbc", "ccfv"]] = Field(
-        default_factory=list, description="Other transferability estimators, written to baselines.csv.")
+    baselines: list[Literal["logme", "hscore", "linear_probe", "knn", "gbc", "gbc_diagonal", "ccfv", "ccfv_ratio"]] = Field(
+        default_factory=list, description=(
+            "Other transferability estimators, written to baselines.csv: gbc = spherical Gaussians (the authors' "
+            "default), gbc_diagonal = diagonal ones; ccfv = the paper's log(F_v / C_cons), ccfv_ratio = medxfer's "
+            "earlier variant (diagonal, background included, minus a ratio)."))
     baseline_pixels: int = Field(20000, ge=10, description="Pixels sampled (seeded) for LogME / H-score / kNN / GBC / CC-FV.")
     knn_k: int = Field(20, ge=1, description="Neighbours of the kNN probe.")
     probe_steps: int = Field(300, ge=1, description="Linear-probe training steps.")

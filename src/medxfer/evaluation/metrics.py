@@ -313,9 +313,14 @@ def _directed_distances(source: np.ndarray, target: np.ndarray, scale: np.ndarra
             distances[remaining[hit]] = lengths[start]
             remaining, flat_index = remaining[~hit], flat_index[~hit]
     if remaining.size:
-        tree = cKDTree(np.argwhere(target) * scale, balanced_tree=False, compact_nodes=False)
+        target_points = np.argwhere(target)
+        tree = cKDTree(target_points * scale, balanced_tree=False, compact_nodes=False)
         points = np.stack(np.unravel_index(flat_index, target.shape), axis=1)
-        distances[remaining] = tree.query(points * scale, workers=1)[0]
+        nearest = tree.query(points * scale, workers=1)[1]
+        # The distance from the integer index difference, (i - j) * s, as the shell above and scipy's
+        # distance_transform_edt (DeepMind's NSD) compute it: i * s - j * s differs from it in the last bit
+        # when s is not a binary fraction (0.3, 0.7 mm), which flips "distance <= tau" when tau is a distance.
+        distances[remaining] = np.sqrt((((points - target_points[nearest]) * scale) ** 2).sum(axis=1))
     return distances
 
 

@@ -16,7 +16,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "baselines": ("baseline_scores", "cc_fv", "gbc", "h_score", "knn_accuracy", "linear_probe_dice", "logme"),
+    "baselines": ("baseline_scores", "cc_fv", "cc_fv_ratio", "gbc", "h_score", "knn_accuracy", "linear_probe_dice",
+                  "logme"),
     "robustness": ("METRICS", "PairDistances", "pair_distances", "reference_pair_distances", "robustness_naive",
                    "score_checkpoint", "variant_table"),
     "scoring": ("RobustnessEarlyStopping", "ScoreResult", "load_score_config", "recommend_for_folder", "run_score",

@@ -5,10 +5,11 @@
   maximised over its prior precision alpha and noise precision beta by the paper's fixed-point iteration,
   per class (one-hot target), divided by the number of samples and averaged over classes. Higher = better.
 - **H-score** (Bao, Li, Huang, Ma, Wang, Zheng: "An Information-Theoretic Approach to Transferability
-  in Task Transfer Learning", ICIP 2019): ``tr(cov(f)^-1 cov(E[f | y]))``; by default with a Ledoit-Wolf
-  shrunk feature covariance, as recommended for high-dimensional features by Ibrahim, Ponomareva,
-  Mazumder: "Newer is not always better: Rethinking transferability metrics, their peculiarities,
-  stability and performance" (ECML-PKDD 2022). Higher = better.
+  in Task Transfer Learning", ICIP 2019): ``tr(cov(f)^-1 cov(E[f | y]))``. By default the regularised
+  H-score of Ibrahim, Ponomareva, Mazumder: "Newer is not always better: Rethinking transferability
+  metrics, their peculiarities, stability and performance" (ECML-PKDD 2022), as they define it:
+  ``H_alpha = tr(cov_alpha(f)^-1 (1 - alpha) cov(E[f | y]))``, ``cov_alpha`` the Ledoit-Wolf estimate with
+  its own shrinkage ``alpha``. Higher = better.
 - **Linear-probe Dice**: a 1x1 convolution trained on frozen features of one level, upsampled to the
   mask, evaluated by Dice on held-out images. Higher = better.
 - **kNN probe** (Sorkhei, Matsoukas, Fredin Haslum, Smith: "k-NN as a Simple and Effective Estimator of
@@ -16,11 +17,15 @@
   pixels of held-out images, neighbours from the other images. Higher = better.
 - **GBC** (Pandy, Agostinelli, Uijlings, Ferrari, Mensink: "Transferability Estimation using Bhattacharyya
   Class Separability", CVPR 2022): minus the sum of the Bhattacharyya coefficients between the per-class
-  diagonal Gaussians of the PCA-reduced features. Higher (closer to 0) = better separated classes.
+  Gaussians of the PCA-reduced features. ``gbc``: spherical Gaussians (one variance per class), the
+  authors' default; ``gbc_diagonal``: diagonal ones (one variance per class and dimension), their other
+  option. Higher (closer to 0) = better separated classes.
 - **CC-FV** (Yang, Wei, He, Yang, Ye, Gu: "Pick the Best Pre-trained Model: Towards Transferability
-  Estimation for Medical Image Segmentation", MICCAI 2023): class consistency (a class's features should
-  look alike from image to image, Wasserstein distance between per-image class Gaussians) relative to
-  feature variety (the spread of the features). Higher = better.
+  Estimation for Medical Image Segmentation", MICCAI 2023), as the paper and the authors' code define it:
+  ``log(F_v / C_cons)``; class consistency ``C_cons`` = the mean 2-Wasserstein distance between the
+  (full-covariance) Gaussians of a foreground class in two images; feature variety ``F_v`` = the mean
+  inverse distance between the images' mean features. Higher = better. ``ccfv_ratio`` is medxfer's earlier
+  variant under its own name (see :func:`cc_fv_ratio`).
 
 Segmentation adaptation: every pixel of a level's feature map is a sample, its label the mask
 downsampled (nearest) to that map; unannotated pixels (``IGNORE_INDEX``) are dropped; a seeded, capped
@@ -45,9 +50,11 @@ from medxfer.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
-METHODS = ("logme", "hscore", "linear_probe", "knn", "gbc", "ccfv")
-PIXEL_METHODS = {"logme": "logme", "hscore": "hscore", "knn": "knn_accuracy", "gbc": "gbc", "ccfv": "cc_fv"}
-BALANCED_METHODS = ("knn", "gbc", "ccfv")  # the estimators that use the class-balanced pixel sample
+METHODS = ("logme", "hscore", "linear_probe", "knn", "gbc", "gbc_diagonal", "ccfv", "ccfv_ratio")
+PIXEL_METHODS = {"logme": "logme", "hscore": "hscore", "knn": "knn_accuracy", "gbc": "gbc",
+                 "gbc_diagonal": "gbc_diagonal", "ccfv": "cc_fv", "ccfv_ratio": "cc_fv_ratio"}
+# the estimators that use the class-balanced pixel sample
+BALANCED_METHODS = ("knn", "gbc", "gbc_diagonal", "ccfv", "ccfv_ratio")
 BASELINE_COLUMNS = ["dataset", "metric", "encoder", "pretraining_scheme", "level", "pretraining_length",
                     "score", "higher_is_better", "n_samples", "checkpoint", "seed"]
 
@@ -126,27 +133,34 @@ def logme(features: np.ndarray, labels: np.ndarray, max_iter: int = 100, tol: fl
 
 
 def h_score(features: np.ndarray, labels: np.ndarray, shrinkage: bool = True) -> float:
-    """H-score ``tr(cov(f)^-1 cov(E[f|y]))`` (Bao et al., ICIP 2019).
+    """H-score of ``features`` ``(n, D)`` for integer ``labels`` ``(n,)``.
 
-    ``shrinkage=True`` inverts a Ledoit-Wolf shrunk covariance (sklearn; stable when D is large or
-    features are collinear), ``False`` the pseudo-inverse of the sample covariance as in the paper.
+    ``shrinkage=True``: Ibrahim et al.'s regularised H-score (ECML-PKDD 2022),
+    ``H_alpha = tr(cov_alpha(f)^-1 (1 - alpha) cov(E[f|y]))`` with ``cov_alpha = (1 - alpha) cov(f) + alpha
+    (tr cov(f) / D) I`` the Ledoit-Wolf estimate (sklearn) and ``alpha`` its shrinkage. The ``(1 - alpha)``
+    factor shrinks the between-class covariance as much as the feature covariance, so the score is not
+    inflated when alpha is large. ``False``: Bao et al.'s H-score (ICIP 2019) with the pseudo-inverse of the
+    sample covariance. Covariances are normalised by ``n`` (the authors' code uses ``n - 1`` for
+    ``cov(E[f|y])``: a factor ``n / (n - 1)``, immaterial for pixel samples).
     """
     f = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels).reshape(-1)
     if f.ndim != 2 or len(f) != len(y):
         raise DataError(f"h_score: features must be (n, D) with one label per row, got {f.shape} and {y.shape}")
     f = f - f.mean(axis=0, keepdims=True)
+    between_weight = 1.0
     if shrinkage:
         from sklearn.covariance import LedoitWolf
 
-        cov = LedoitWolf(assume_centered=True).fit(f).covariance_
+        estimate = LedoitWolf(assume_centered=True).fit(f)
+        cov, between_weight = estimate.covariance_, 1.0 - float(estimate.shrinkage_)
     else:
         cov = f.T @ f / len(f)
     class_means = np.zeros_like(f)
     for cls in np.unique(y):
         rows = y == cls
         class_means[rows] = f[rows].mean(axis=0)
-    cov_between = class_means.T @ class_means / len(f)
+    cov_between = between_weight * (class_means.T @ class_means) / len(f)
     return float(np.trace(np.linalg.pinv(cov, rcond=1e-10, hermitian=True) @ cov_between))
 
 
@@ -208,20 +222,37 @@ def knn_accuracy(features: np.ndarray, labels: np.ndarray, image_index: np.ndarr
     return float(np.mean(recalls))
 
 
-def gbc(features: np.ndarray, labels: np.ndarray, n_components: int = 64, seed: int = 0) -> float:
+GBC_COVARIANCES = ("spherical", "diagonal")
+
+
+def gbc(features: np.ndarray, labels: np.ndarray, n_components: int = 64, seed: int = 0,
+        covariance: str = "spherical") -> float:
     """Gaussian Bhattacharyya coefficient (Pandy et al., CVPR 2022): features reduced by PCA to
-    ``n_components`` dimensions, one diagonal Gaussian per class, and minus the sum over ordered class
-    pairs of ``BC = exp(-D_B)``, D_B the Bhattacharyya distance. 0 = perfectly separated classes."""
+    ``n_components`` dimensions, one Gaussian per class, and minus the sum over ordered class pairs of
+    ``BC = exp(-D_B)``, with the paper's Bhattacharyya distance
+    ``D_B = (mu_i - mu_j)^T S^-1 (mu_i - mu_j) / 8 + ln(det S / sqrt(det S_i det S_j)) / 2``, ``S = (S_i + S_j) / 2``.
+    0 = perfectly separated classes.
+
+    ``covariance``: ``"spherical"`` (the authors' default: ``S_c = s_c I``, ``s_c`` the class's variance
+    averaged over dimensions) or ``"diagonal"`` (``S_c`` = the class's per-dimension variances). Variances are
+    population variances (as the authors' code), floored at 1e-4 (their floor) times the mean feature
+    variance, so that the floor does not depend on the feature scale. For spherical Gaussians the
+    log-determinant term is the paper's ``D/2 * ln(...)``; the authors' code adds it once, not D times.
+    """
     from sklearn.decomposition import PCA
 
+    if covariance not in GBC_COVARIANCES:
+        raise ConfigError(f"gbc: unknown covariance {covariance!r}; use {', '.join(GBC_COVARIANCES)}")
     f, y, _ = _check_samples("gbc", features, labels)
     dims = min(int(n_components), f.shape[1], len(f) - 1)
     if dims < f.shape[1]:
         f = PCA(n_components=dims, random_state=int(seed)).fit_transform(f)
     classes = np.unique(y)
     means = np.stack([f[y == c].mean(axis=0) for c in classes])
-    # The variance floor keeps a class with one sample (or a constant feature) finite.
-    variances = np.stack([f[y == c].var(axis=0) for c in classes]) + 1e-6 * (f.var(axis=0).mean() + 1e-12)
+    floor = 1e-4 * (f.var(axis=0).mean() + 1e-12)
+    variances = np.maximum(np.stack([f[y == c].var(axis=0) for c in classes]), floor)
+    if covariance == "spherical":
+        variances = np.repeat(variances.mean(axis=1, keepdims=True), f.shape[1], axis=1)
     total = 0.0
     for i in range(len(classes)):
         for j in range(i + 1, len(classes)):
@@ -232,40 +263,105 @@ def gbc(features: np.ndarray, labels: np.ndarray, n_components: int = 64, seed: 
     return -total
 
 
-def cc_fv(features: np.ndarray, labels: np.ndarray, image_index: np.ndarray) -> float:
-    """CC-FV after Yang et al. (MICCAI 2023): class consistency relative to feature variety.
+def _class_image_samples(f: np.ndarray, y: np.ndarray, groups: np.ndarray, cls) -> list[np.ndarray]:
+    """The feature rows of class ``cls`` in each image that has at least 2 of them."""
+    rows = [f[(y == cls) & (groups == image)] for image in np.unique(groups[y == cls])]
+    return [r for r in rows if len(r) >= 2]
 
-    Class consistency: for each class, a diagonal Gaussian of its pixel features in each image (images
-    with at least 2 pixels of the class), and the mean 2-Wasserstein distance between the Gaussians of
-    two images, ``sqrt(|mu_a - mu_b|^2 + |sigma_a - sigma_b|^2)``, over all pairs of images; averaged
-    over classes (0 = the class looks the same in every image). Feature variety: the spread of all
-    sampled features, ``sqrt(trace(cov))`` (0 = collapsed features). Score = ``-consistency / variety``:
-    higher = better, 0 at best.
 
-    medxfer's adaptation: the two terms are combined as a ratio rather than the paper's weighted sum,
-    so that the score does not depend on the scale of the features (which differs by orders of
-    magnitude between encoders and pretraining lengths); its values are therefore not the paper's.
+def _covariance_factor(rows: np.ndarray) -> np.ndarray:
+    """A matrix ``F`` with ``F^T F = cov(rows)`` (sample covariance, ``n - 1``): the centred rows scaled
+    (``n`` x D) when there are fewer rows than dimensions, else the symmetric square root (D x D)."""
+    centred = (rows - rows.mean(axis=0)) / math.sqrt(len(rows) - 1)
+    if len(rows) <= rows.shape[1]:
+        return centred
+    values, vectors = np.linalg.eigh(centred.T @ centred)
+    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+
+
+def gaussian_w2(mean_a: np.ndarray, factor_a: np.ndarray, mean_b: np.ndarray, factor_b: np.ndarray) -> float:
+    """2-Wasserstein distance between ``N(mean_a, A)`` and ``N(mean_b, B)``, ``A = factor_a^T factor_a``:
+    ``sqrt(|mu_a - mu_b|^2 + tr A + tr B - 2 tr (A^1/2 B A^1/2)^1/2)``. The last trace is the nuclear norm of
+    ``factor_a factor_b^T`` (its squared singular values are the eigenvalues of ``A B``), which avoids a
+    D x D matrix square root when the factors have few rows."""
+    cross = np.linalg.svd(factor_a @ factor_b.T, compute_uv=False).sum()
+    squared = float(np.sum((mean_a - mean_b) ** 2) + np.sum(factor_a ** 2) + np.sum(factor_b ** 2) - 2.0 * cross)
+    return math.sqrt(max(squared, 0.0))
+
+
+# The authors' code adds 1e-3 to every squared distance between mean features before the inverse root.
+CCFV_VARIETY_EPS = 1e-3
+
+
+def cc_fv(features: np.ndarray, labels: np.ndarray, image_index: np.ndarray, background: int = 0) -> float:
+    """CC-FV (Yang et al., MICCAI 2023) as the paper and the authors' code define it: ``log(F_v / C_cons)``.
+
+    - Class consistency ``C_cons``: for each foreground class (``background`` excluded), a Gaussian with full
+      covariance of its pixel features in each image that has at least 2 of them, and the mean 2-Wasserstein
+      distance (:func:`gaussian_w2`) over all pairs of images; averaged over classes.
+    - Feature variety ``F_v``: each image's mean feature over its sampled pixels (every class), and the mean
+      over image pairs of ``1 / sqrt(|g_a - g_b|^2 + 1e-3)`` (the authors' code: a potential energy, s = 1).
+
+    Higher = better. The paper sums the log-ratio over encoder levels; medxfer reports it per level. The
+    authors' code adds each class's mean distance to the running sum instead of taking the mean (a slip);
+    this follows the paper's mean. The value depends on the feature scale (as the paper's does).
     """
     f, y, groups = _check_samples("ccfv", features, labels, image_index)
     distances = []
     for cls in np.unique(y):
-        stats = []
-        for image in np.unique(groups[y == cls]):
-            rows = f[(y == cls) & (groups == image)]
-            if len(rows) >= 2:
-                stats.append((rows.mean(axis=0), rows.std(axis=0)))
-        if len(stats) < 2:
+        if cls == background:
             continue
-        mu = np.stack([m for m, _ in stats])
-        sd = np.stack([d for _, d in stats])
-        upper = np.triu_indices(len(stats), k=1)
+        samples = _class_image_samples(f, y, groups, cls)
+        if len(samples) < 2:
+            continue
+        moments = [(rows.mean(axis=0), _covariance_factor(rows)) for rows in samples]
+        pairs = [gaussian_w2(*moments[a], *moments[b])
+                 for a in range(len(moments)) for b in range(a + 1, len(moments))]
+        distances.append(float(np.mean(pairs)))
+    if not distances:
+        raise DataError("ccfv: no foreground class has at least 2 pixels in at least 2 images")
+    consistency = float(np.mean(distances))
+    images = np.unique(groups)
+    if len(images) < 2:
+        raise DataError("ccfv: needs pixels of at least 2 images")
+    centres = np.stack([f[groups == image].mean(axis=0) for image in images])
+    squared = ((centres[:, None] - centres[None]) ** 2).sum(-1)[np.triu_indices(len(images), k=1)]
+    variety = float(np.mean(1.0 / np.sqrt(squared + CCFV_VARIETY_EPS)))
+    if consistency <= 0:
+        raise DataError("ccfv: every foreground class has identical Gaussians in every image (consistency 0)")
+    return math.log(variety / consistency)
+
+
+def cc_fv_ratio(features: np.ndarray, labels: np.ndarray, image_index: np.ndarray) -> float:
+    """medxfer's earlier CC-FV variant (``ccfv_ratio``), kept under its own name; it is not the paper's.
+
+    Class consistency: for each class, background included, a diagonal Gaussian of its pixel features in each
+    image (images with at least 2 pixels of the class), and the mean 2-Wasserstein distance between the
+    Gaussians of two images, ``sqrt(|mu_a - mu_b|^2 + |sigma_a - sigma_b|^2)``, over all pairs of images;
+    averaged over classes (0 = the class looks the same in every image). Feature variety: the spread of all
+    sampled features, ``sqrt(trace(cov))`` (0 = collapsed features). Score = ``-consistency / variety``:
+    higher = better, 0 at best, free of the feature scale.
+
+    Differences from the paper (:func:`cc_fv`): diagonal instead of full covariances, background included,
+    variety as the spread of the pixels rather than the inverse distances between the images' mean features,
+    and minus a ratio instead of a log-ratio.
+    """
+    f, y, groups = _check_samples("ccfv_ratio", features, labels, image_index)
+    distances = []
+    for cls in np.unique(y):
+        samples = _class_image_samples(f, y, groups, cls)
+        if len(samples) < 2:
+            continue
+        mu = np.stack([rows.mean(axis=0) for rows in samples])
+        sd = np.stack([rows.std(axis=0) for rows in samples])
+        upper = np.triu_indices(len(samples), k=1)
         pair = (((mu[:, None] - mu[None]) ** 2).sum(-1) + ((sd[:, None] - sd[None]) ** 2).sum(-1))[upper]
         distances.append(float(np.sqrt(pair).mean()))
     if not distances:
-        raise DataError("ccfv: no class has at least 2 pixels in at least 2 images")
+        raise DataError("ccfv_ratio: no class has at least 2 pixels in at least 2 images")
     variety = float(np.sqrt(f.var(axis=0).sum()))
     if variety <= 0:
-        raise DataError("ccfv: the features are constant (no variety)")
+        raise DataError("ccfv_ratio: the features are constant (no variety)")
     return -float(np.mean(distances)) / variety
 
 
@@ -446,8 +542,10 @@ def _pixel_estimate(method: str, feats: np.ndarray, labs: np.ndarray, owners: np
         return h_score(feats, labs)
     if method == "knn":
         return knn_accuracy(feats, labs, owners, k=knn_k, seed=seed)
-    if method == "gbc":
-        return gbc(feats, labs, seed=seed)
+    if method in ("gbc", "gbc_diagonal"):
+        return gbc(feats, labs, seed=seed, covariance="diagonal" if method == "gbc_diagonal" else "spherical")
+    if method == "ccfv_ratio":
+        return cc_fv_ratio(feats, labs, owners)
     return cc_fv(feats, labs, owners)
 
 
