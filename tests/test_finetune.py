@@ -37,11 +37,16 @@ def test_run_beats_an_untrained_model_and_writes_its_record(tmp_path):
     data = load_data(config.data)
     seed_everything(config.seed)
     untrained = evaluate_cases(build_model(config, data), data.test, data.n_classes, size_multiple=4)
-    assert dice > untrained.summary["per_image_mean"]["dice index"] + 0.1
+    assert dice > untrained.summary["headline"]["value"] + 0.1
+    # the headline is the pooled Dice, named in the record, and the first thing the table gives after its own
+    assert record["headline"] == {**record["metrics"]["target"]["headline"], "test_set": "target"}
+    assert record["headline"]["metric"] == "pooled dice index" and record["headline"]["value"] == dice
+    assert dice == record["metrics"]["target"]["class_aggregated"]["pooled dice index"]
     assert (run.run_dir / "model.pt").is_file() and not (run.run_dir / "checkpoints").exists()
     table = collect(tmp_path)
     header = table.read_text().splitlines()[0].split(",")
     assert header[: len(REFERENCE_COLUMNS)] == REFERENCE_COLUMNS
+    assert {"headline metric", "headline dice", "absent-image false-positive rate"} <= set(header)
     # Same config again: the finished record is reused, not retrained.
     again = run_finetune(config, tmp_path)
     assert again.record["finished"] == record["finished"]

@@ -114,6 +114,7 @@ def finetune(config: Path = typer.Argument(..., help="Run config (YAML)."),
     """Fine-tune (or train from scratch) one model and evaluate it; writes runs/<id>/result.json."""
     _check_out(out, "output folder")
     from medxfer.config import RunConfig, load_config
+    from medxfer.evaluation.metrics import ABSENT_FP_RATE, PRESENT_DICE
     from medxfer.finetune import run_finetune, summary_dice
     from medxfer.io import folder_lock
 
@@ -129,8 +130,12 @@ def finetune(config: Path = typer.Argument(..., help="Run config (YAML)."),
                 collect(out)
             raise
         collect(out)
-    rows = [[name, summary_dice(run.record, name)] for name in run.record["metrics"]]
-    _print_table(f"run {run.run_id}", ["test set", "dice"], rows)
+    metrics = run.record["metrics"]
+    headline = (metrics["target"].get("headline") or {}).get("metric", "dice")
+    rows = [[name, summary_dice(run.record, name),
+             *((metrics[name].get("class_aggregated") or {}).get(key, float("nan")) for key in (PRESENT_DICE, ABSENT_FP_RATE))]
+            for name in metrics]
+    _print_table(f"run {run.run_id} (headline: {headline})", ["test set", headline, PRESENT_DICE, ABSENT_FP_RATE], rows)
     console.print(f"record: {run.run_dir / 'result.json'}")
 
 
@@ -156,8 +161,9 @@ def evaluate(model: Path = typer.Argument(..., help="A fine-tuning run folder or
     record = run_evaluation(model, evaluate_config, out, length=length)
     collect_evaluations(out)
     rows = [[name, summary_dice(record, name), result.get("n_images")] for name, result in record["metrics"].items()]
+    headline = next(iter(record["metrics"].values()), {}).get("headline", {}).get("metric", "dice")
     _print_table(f"evaluation {record['evaluation_id']} ({record['dataset']}, {record['split']} split)",
-                 ["test set", "dice", "images"], rows)
+                 ["test set", headline, "images"], rows)
     console.print(f"model: {record['evaluated']['path']}\nrecord: "
                   f"{out / 'evaluations' / record['evaluation_id'] / 'result.json'}", highlight=False)
 

@@ -222,6 +222,12 @@ class EvalConfig(StrictModel):
         "accepted so existing configs still load."))
     source_test: Optional[DataConfig] = Field(None, description=(
         "A data section: also evaluate here (forgetting of the source task)."))
+    headline: Literal["pooled", "per_image"] = Field(
+        "pooled", description="The headline Dice, used for model selection on the validation set and "
+        "reported first: 'pooled' = per foreground class 2*sum(tp) / (2*sum(tp) + sum(fp) + sum(fn)) over "
+        "all images, then the mean over classes (predicting nothing scores 0); 'per_image' = the older "
+        "per-image mean over classes with a class absent from both truth and prediction scoring 1 "
+        "(rewards predicting nothing when classes are often absent).")
 
 
 class RunConfig(StrictModel):

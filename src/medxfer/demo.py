@@ -289,6 +289,9 @@ def study_answer(out: str | Path, quick: bool = False) -> dict[str, Any]:
                      "difference [95% CI]": format_difference(row), "verdict": row["verdict"]})
     if not headline:
         headline = ["No finished runs to answer the study's questions yet."]
+    elif not target.empty:
+        metrics = ", ".join(sorted(target["headline metric"].dropna().unique(), key=str))
+        headline.append(f"Dice here is the {metrics} of the test slices (evaluation.headline).")
     return {"headline": headline, "answer_table": pd.DataFrame(rows), "ladder": ladder, "transfer": transfer,
             "recommendation": recommendation}
 

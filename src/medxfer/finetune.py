@@ -197,7 +197,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
     total_steps = t.max_steps if t.max_steps > 0 else t.max_epochs * steps_per_epoch
     task = SegmentationTask(model, loss, t, data.n_classes, patch_size=config.data.patch_size,
                             size_multiple=size_multiple, sw_overlap=config.evaluation.sw_overlap,
-                            total_steps=total_steps)
+                            total_steps=total_steps, headline=config.evaluation.headline)
     if prefers_channels_last(config.data.spatial_dims):
         model = model.to(memory_format=torch.channels_last)
     # Only now the folder: bad data or config leave none behind. The run lock keeps a second process
@@ -214,7 +214,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
         remove_partial_files(directory, recursive=True)  # left by a killed attempt; no one else writes here
         checkpoints = directory / CHECKPOINT_DIR
         # last.ckpt (weights + optimizer state) is for resuming only; the weights that are evaluated are the
-        # best by validation Dice, kept in memory by BestWeights (and inside last.ckpt).
+        # best by the validation headline Dice (val_dice), kept in memory by BestWeights (and inside last.ckpt).
         resume = resume_checkpoint(checkpoints, t.checkpoint_every_s)
         best = BestWeights("val_dice") if val_loader is not None else None
         callbacks = [resume, *([best] if best else []), *(callbacks or [])]
@@ -278,6 +278,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
             "loss": loss_info,
             "epochs_trained": int(trainer.current_epoch),
             "best_val_dice": None if best is None else best.best_score,
+            "headline": {**metrics["target"]["headline"], "test_set": "target"},
             "steps_trained": int(trainer.global_step),
             "metrics": metrics,
             "warnings": warnings,
@@ -335,8 +336,12 @@ def tidy_finished_run(directory: Path) -> None:
 
 
 def summary_dice(record: dict[str, Any], test_set: str = "target") -> float:
-    """The headline number: per-image mean Dice (binary) or mean Dice over classes (multi-class)."""
-    values = record["metrics"][test_set]["per_image_mean"]
+    """The headline number of a test set (``metrics[test_set]["headline"]``, whose ``metric`` names it); records
+    written before there was one: per-image mean Dice (binary) or mean Dice over classes (multi-class)."""
+    result = record["metrics"][test_set]
+    if isinstance(result.get("headline"), dict) and "value" in result["headline"]:
+        return float(result["headline"]["value"])
+    values = result["per_image_mean"]
     value = values.get("dice index")
     if value is None or (isinstance(value, float) and np.isnan(value)):
         value = values.get("mean dice index")

@@ -35,8 +35,11 @@ REFERENCE_METRICS = REFERENCE_COLUMNS[7:]
 OWN_COLUMNS = [
     "hd95", "hausdorff distance", "assd", "nsd", "strategy", "n train images", "test set", "loss", "run id",
     "train time s", "eval time s", "total time s", "metric averaging", "nan count", "dataset layout", "n classes",
-    "class names", "dataset id", "dataset root",
+    "class names", "dataset id", "dataset root", "headline metric", "headline dice", "pooled dice index",
+    "present-image dice index", "absent-image false-positive rate",
 ]
+# The headline of records written before runs named theirs (medxfer.evaluation.metrics.HEADLINES["per_image"]).
+OLD_HEADLINE = "per-image mean dice index"
 
 
 def run_dir(root: str | Path, run_id: str) -> Path:
@@ -158,9 +161,24 @@ def _nan_if_none(value: Any) -> Any:
     return math.nan if value is None else value
 
 
+def headline_of(result: dict[str, Any]) -> tuple[str, float]:
+    """(metric name, value) of one test set's headline; records without one had the per-image mean Dice
+    (``dice index`` for binary tasks, else ``mean dice index``)."""
+    headline = result.get("headline")
+    if isinstance(headline, dict) and "value" in headline:
+        return str(headline.get("metric")), _nan_if_none(headline["value"])
+    values = result.get("per_image_mean") or {}
+    value = values.get("dice index")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        value = values.get("mean dice index")
+    return OLD_HEADLINE, _nan_if_none(value)
+
+
 def record_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """One results.csv row per test set of a fine-tuning record. Metric columns are per-image means
-    (``metric averaging`` says so); dataset-pooled values stay in the JSON record."""
+    """One results.csv row per test set of a fine-tuning record. The reference metric columns are per-image
+    means (``metric averaging`` says so); ``headline dice`` is the run's headline (``headline metric`` names
+    it) and the class-aggregated values (pooled Dice, present-image Dice, absent-image false-positive rate)
+    follow, per class too; the remaining dataset-pooled values stay in the JSON record."""
     rows = []
     pre = record.get("pretraining") or {}
     identity, root = dataset_identity(record)
@@ -196,9 +214,13 @@ def record_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
             "dataset id": identity,
             "dataset root": root,
         })
+        row["headline metric"], row["headline dice"] = headline_of(result)
+        aggregated = result.get("class_aggregated") or {}
+        row.update({key: _nan_if_none(aggregated.get(key)) for key in OWN_COLUMNS[-3:]})
         # Multi-class runs: every per-class ("dice index/LV", named as the dataset names its classes) and
         # class-mean value too, after the fixed columns.
         row.update({key: value for key, value in values.items() if key not in row})
+        row.update({key: value for key, value in aggregated.items() if key not in row})
         rows.append(row)
     return rows
 

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Evaluation:
-    summary: dict  # {"per_image_mean", "pooled", "nan_counts", "n_images", "provenance"}
+    summary: dict  # {"per_image_mean", "pooled", "nan_counts", "n_images", "class_aggregated", "headline", "provenance"}
     per_image: list[dict] = field(default_factory=list)
     predictions: dict[str, np.ndarray] = field(default_factory=dict)  # case_id -> label map
 
@@ -39,14 +39,16 @@ def predict_probabilities(model: torch.nn.Module, case: Case, *, normalization: 
 
 def evaluate_cases(model: torch.nn.Module, cases: Sequence[Case], n_classes: int, *,
                    threshold: float = 0.5, keep_predictions: int = 0, nsd_tolerance: float = DEFAULT_NSD_TOLERANCE,
-                   class_names: Optional[Sequence[str]] = None, **predict_kwargs) -> Evaluation:
+                   class_names: Optional[Sequence[str]] = None, headline: str = "pooled",
+                   **predict_kwargs) -> Evaluation:
     """Run the model on each case and compute the metric suite (distances in mm when spacing is known).
 
     Only the classes a case annotates (``Case.annotated``) are scored in it (see
     ``medxfer.evaluation.metrics``, "Sparse annotation"); its ``per_image`` row then lists them.
 
-    ``class_names`` (background first) name the per-class metric keys; ``summary["provenance"]`` says
-    which implementation and convention produced each metric."""
+    ``class_names`` (background first) name the per-class metric keys; ``headline`` is the convention of
+    ``summary["headline"]`` (``metrics.HEADLINES``); ``summary["provenance"]`` says which implementation
+    and convention produced each metric."""
     was_training = model.training
     model.eval()
     class_keys(n_classes, class_names)  # bad names fail before any inference
@@ -67,7 +69,7 @@ def evaluate_cases(model: torch.nn.Module, cases: Sequence[Case], n_classes: int
     finally:
         model.train(was_training)
     spacing_known = bool(cases) and all(case.spacing is not None for case in cases)
-    summary = {**accumulator.summary(), "provenance": metric_provenance(nsd_tolerance, spacing_known)}
+    summary = {**accumulator.summary(headline), "provenance": metric_provenance(nsd_tolerance, spacing_known)}
     return Evaluation(summary=summary, per_image=per_image, predictions=predictions)
 
 
@@ -81,8 +83,8 @@ def evaluate_test_set(model: torch.nn.Module, cases: Sequence[Case], n_classes: 
     encoder input channels and total stride."""
     evaluation = evaluate_cases(
         model, cases, n_classes, threshold=eval_config.threshold, nsd_tolerance=eval_config.nsd_tolerance,
-        class_names=class_names, normalization=data_config.normalization, percentiles=data_config.percentile_clip,
-        in_channels=model.encoder.in_channels if in_channels is None else in_channels,
+        class_names=class_names, headline=eval_config.headline, normalization=data_config.normalization,
+        percentiles=data_config.percentile_clip, in_channels=model.encoder.in_channels if in_channels is None else in_channels,
         patch_size=data_config.patch_size,
         size_multiple=int(model.required_multiple) if size_multiple is None else size_multiple, overlap=eval_config.sw_overlap,
         sw_batch_size=eval_config.sw_batch_size)

@@ -63,6 +63,25 @@ aggregation must skip cells marked False (``MetricAccumulator`` does; its ``nan_
 ``annotation`` counts them). The annotated classes themselves are scored as usual: a pixel of an
 unannotated structure predicted as annotated class ``c`` is a false positive of ``c`` (it is not ``c``).
 This is the rule of pretraining validation (``medxfer.pretraining.segmentation.sparse_dice``).
+
+Class-aggregated Dice and the headline (``class_aggregated_dice``, ``headline_score``; Maier-Hein et al.
+2024, "Metrics Reloaded", on empty references): the per-image mean above scores a class absent from both
+truth and prediction as 1, so on images where most classes are absent "predict nothing" scores high. The
+default headline therefore aggregates per class over the image set, over the (image, class) cells that
+count (all of them, or those whose class is annotated in that image):
+
+- ``pooled dice index/<class>`` = 2 sum(tp) / (2 sum(tp) + sum(fp) + sum(fn)); NaN only when the class is
+  neither present nor predicted anywhere (0/0); a class predicted where it never is scores 0.
+- ``present-image dice index/<class>`` = mean of the per-image Dice over the images where the class is
+  present (tp + fn > 0); NaN when it is present nowhere.
+- ``absent-image false-positive rate/<class>`` = share of the images where the class is absent that have
+  any pixel predicted as it (fp > 0); NaN when it is absent nowhere.
+- each also as the NaN-skipping mean over foreground classes (the key without ``/<class>``), and
+  ``n present images/<class>``, ``n absent images/<class>``.
+
+``HEADLINES`` names the conventions: ``pooled`` (the default: the class mean of the pooled Dice; "predict
+nothing" scores 0, "predict everything" 2|G| / (|G| + n) per class, near 0 for small structures) and
+``per_image`` (the old headline: per-image mean over classes, both-empty = 1, then the mean over images).
 """
 
 from __future__ import annotations
@@ -662,9 +681,11 @@ class MetricAccumulator:
 
     ``summary()`` = ``{"per_image_mean": {key: NaN-skipping mean over images}, "pooled": {confusion
     metrics of the counts summed over images}, "nan_counts": {key: annotated images where it was NaN},
-    "n_images": N, "annotation": {"images_annotating": {class key: n}, "partially_annotated_images": n}}``.
+    "n_images": N, "annotation": {"images_annotating": {class key: n}, "partially_annotated_images": n},
+    "class_aggregated": {class_aggregated_summary}, "headline": {"convention", "metric", "value"}}``.
     Cells a case does not annotate (``result["annotated"]``) are NaN with zero counts, so neither the means
-    nor the pooled sums see them; they are counted in ``annotation``, not in ``nan_counts``. Pooled values
+    nor the pooled sums see them; they are counted in ``annotation``, not in ``nan_counts``, and they do not
+    count in the class-aggregated values. Pooled values
     use the same key layout as a per-image result (``class_names`` as given to ``segmentation_metrics``),
     without the surface and AUC/AP keys (per image only).
     """
@@ -676,10 +697,15 @@ class MetricAccumulator:
         self._unannotated: dict[str, int] = {}  # key -> images where it is NaN because a class is unannotated
         self._images_annotating: dict[str, int] = {}  # class_<c> -> images that annotate it
         self._partial_images = 0
+        self._image_counts: list[np.ndarray] = []  # per image: (K, 4) counts, foreground classes in order
+        self._counted: list[np.ndarray] = []  # per image: (K,) bool, the classes that count in it
         self._n_images = 0
 
-    def add(self, result: dict[str, Any]) -> None:
-        """Add one image's result (a ``segmentation_metrics`` dict, confusion counts included)."""
+    def add(self, result: dict[str, Any], counted: Optional[Sequence[bool]] = None) -> None:
+        """Add one image's result (a ``segmentation_metrics`` dict, confusion counts included).
+
+        ``counted``: one bool per foreground class, False where the class must not count in this image
+        (e.g. not annotated there); used by the class-aggregated values. None = every class counts."""
         floats = {k: float(v) for k, v in result.items()
                   if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)}
         confusion = result.get(CONFUSION_KEY)
@@ -692,14 +718,31 @@ class MetricAccumulator:
             self._values.setdefault(key, []).append(value)
         for key in self._unannotated_keys(floats, annotated):
             self._unannotated[key] = self._unannotated.get(key, 0) + 1
-        for name, counts in confusion.items():
+        names = sorted(confusion, key=lambda name: int(name.split("_", 1)[1]))
+        mask = np.ones(len(names), dtype=bool) if counted is None else np.asarray(counted, dtype=bool)
+        if mask.shape != (len(names),):
+            raise DataError(f"counted: one flag per foreground class ({len(names)}), got {mask.shape}")
+        mask = mask & np.array([bool(annotated.get(name, True)) for name in names])
+        image_counts = []
+        for name in names:
+            counts = confusion[name]
             vector = np.array([counts["tp"], counts["fp"], counts["fn"], counts["tn"]], dtype=np.int64)
             if not annotated.get(name, True):
                 vector = np.zeros(4, dtype=np.int64)  # an unannotated cell never enters the pooled sums
             self._counts[name] = self._counts.get(name, 0) + vector
             self._images_annotating[name] = self._images_annotating.get(name, 0) + bool(annotated.get(name, True))
+            image_counts.append(vector)
+        self._image_counts.append(np.stack(image_counts))
+        self._counted.append(mask)
         self._partial_images += not all(annotated.values())
         self._n_images += 1
+
+    def image_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(counts (n_images, K, 4), counted (n_images, K))`` of the images added so far."""
+        k = len(self._counts)
+        if not self._image_counts:
+            return np.zeros((0, k, 4), dtype=np.int64), np.zeros((0, k), dtype=bool)
+        return np.stack(self._image_counts), np.stack(self._counted)
 
     def _unannotated_keys(self, floats: dict[str, float], annotated: dict[str, bool]) -> list[str]:
         """The keys of one result that are NaN only because their class is not annotated in the image."""
@@ -712,7 +755,11 @@ class MetricAccumulator:
         suffixes = tuple(f"/{keys[int(name.split('_', 1)[1])]}" for name in skipped)
         return [key for key in floats if key.endswith(suffixes)]
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, headline: str = "pooled") -> dict[str, Any]:
+        """The aggregates described in the class docstring; ``headline`` is the convention (a key of
+        ``HEADLINES``) of ``summary["headline"]``."""
+        if headline not in HEADLINES:
+            raise DataError(f"unknown headline convention {headline!r}; one of {', '.join(HEADLINES)}")
         per_image_mean, nan_counts = {}, {}
         for key, values in self._values.items():
             arr = np.asarray(values, dtype=np.float64)
@@ -732,5 +779,95 @@ class MetricAccumulator:
         annotation = {"images_annotating": {names[int(name.split("_", 1)[1])]: n
                                             for name, n in sorted(self._images_annotating.items())},
                       "partially_annotated_images": self._partial_images}
+        counts, counted = self.image_counts()
+        aggregated = class_aggregated_summary(counts, counted, keys[1:]) if per_class else {}
         return {"per_image_mean": per_image_mean, "pooled": pooled, "nan_counts": nan_counts,
-                "n_images": self._n_images, "annotation": annotation}
+                "n_images": self._n_images, "annotation": annotation, "class_aggregated": aggregated,
+                "headline": {"convention": headline, "metric": HEADLINES[headline],
+                             "value": headline_score(counts, counted, headline) if per_class else float("nan")}}
+
+
+# ------------------------------------------------------------------------------- class-aggregated Dice
+POOLED_DICE = "pooled dice index"
+PRESENT_DICE = "present-image dice index"
+ABSENT_FP_RATE = "absent-image false-positive rate"
+# headline convention -> the name of the metric it reports (records, tables and the printed headline say it)
+HEADLINES = {"pooled": POOLED_DICE, "per_image": "per-image mean dice index"}
+
+
+def _as_counts(counts: Any, counted: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 3 or counts.shape[-1] not in (3, 4):
+        raise DataError(f"confusion counts must be (images, foreground classes, [tp, fp, fn(, tn)]), "
+                        f"got shape {counts.shape}")
+    if counted is None:
+        return counts, np.ones(counts.shape[:2], dtype=bool)
+    counted = np.asarray(counted, dtype=bool)
+    if counted.shape != counts.shape[:2]:
+        raise DataError(f"the mask of counted (image, class) cells has shape {counted.shape}, "
+                        f"expected {counts.shape[:2]}")
+    return counts, counted
+
+
+def class_aggregated_dice(counts: Any, counted: Any = None) -> dict[str, np.ndarray]:
+    """Per foreground class (arrays of length K): ``pooled``, ``present``, ``absent_fp_rate``,
+    ``n_present``, ``n_absent`` as defined in the module docstring.
+
+    ``counts``: ``(n_images, K, 3 or 4)`` confusion counts ``[tp, fp, fn(, tn)]`` of each image and class;
+    ``counted``: optional bool ``(n_images, K)``, False for cells that must not count (e.g. a class not
+    annotated in that image).
+    """
+    counts, counted = _as_counts(counts, counted)
+    tp, fp, fn = (np.where(counted, counts[..., i], 0.0) for i in range(3))
+    present = counted & (tp + fn > 0)
+    absent = counted & (tp + fn == 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pooled = 2 * tp.sum(0) / (2 * tp.sum(0) + fp.sum(0) + fn.sum(0))
+        image_dice = 2 * tp / (2 * tp + fp + fn)
+        n_present = present.sum(0)
+        n_absent = absent.sum(0)
+        present_dice = np.where(present, image_dice, 0.0).sum(0) / n_present
+        absent_fp_rate = (absent & (fp > 0)).sum(0) / n_absent
+    return {"pooled": pooled, "present": present_dice, "absent_fp_rate": absent_fp_rate,
+            "n_present": n_present, "n_absent": n_absent}
+
+
+def _nan_mean(values: np.ndarray, axis: Optional[int] = None) -> Any:
+    values = np.asarray(values, dtype=np.float64)
+    defined = ~np.isnan(values)
+    total = np.where(defined, values, 0.0).sum(axis)
+    n = defined.sum(axis)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return total / n
+
+
+def headline_score(counts: Any, counted: Any = None, convention: str = "pooled") -> float:
+    """The headline Dice of an image set under ``convention`` (a key of ``HEADLINES``): ``pooled`` = the
+    mean over foreground classes of the pooled Dice; ``per_image`` = per image, the mean over its counted
+    classes of Dice with both-empty = 1, then the mean over images (the ``mean dice index`` of
+    ``per_image_mean``). NaN when nothing is defined. Validation and test use this one function."""
+    counts, counted = _as_counts(counts, counted)
+    if convention == "pooled":
+        return float(_nan_mean(class_aggregated_dice(counts, counted)["pooled"]))
+    if convention == "per_image":
+        tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            dice = np.where(fp + fn == 0, 1.0, 2 * tp / (2 * tp + fp + fn))
+        return float(_nan_mean(_nan_mean(np.where(counted, dice, np.nan), axis=1)))
+    raise DataError(f"unknown headline convention {convention!r}; one of {', '.join(HEADLINES)}")
+
+
+def class_aggregated_summary(counts: Any, counted: Any = None,
+                             keys: Optional[Sequence[str]] = None) -> dict[str, float]:
+    """:func:`class_aggregated_dice` as record keys: ``"<metric>/<class key>"`` per foreground class (``keys``:
+    one per foreground class, default ``class_<c>``) and ``"<metric>"`` = the NaN-skipping class mean."""
+    values = class_aggregated_dice(counts, counted)
+    n_fg = len(values["pooled"])
+    keys = list(keys) if keys is not None else [f"class_{c}" for c in range(1, n_fg + 1)]
+    out: dict[str, float] = {}
+    for name, field_ in ((POOLED_DICE, "pooled"), (PRESENT_DICE, "present"), (ABSENT_FP_RATE, "absent_fp_rate")):
+        out[name] = float(_nan_mean(values[field_]))
+        out.update({f"{name}/{key}": float(v) for key, v in zip(keys, values[field_])})
+    for field_, label in (("n_present", "n present images"), ("n_absent", "n absent images")):
+        out.update({f"{label}/{key}": int(v) for key, v in zip(keys, values[field_])})
+    return out

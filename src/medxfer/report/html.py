@@ -361,6 +361,7 @@ def _render(results_dir: Path, records: list[dict], table: pd.DataFrame, robustn
         f"<h1>medxfer report: {html.escape(str(results_dir.resolve()))}</h1>",
         f"<p class='finding'>{html.escape(sentences[0])}</p>",
         *(f"<p>{html.escape(s)}</p>" for s in sentences[1:]),
+        "<p class='note'>" + html.escape(headline_note(table)) + "</p>",
         "<p class='note'>" + html.escape(_inventory(records, table, robustness)) + "</p>",
     ]
     if answer is not None and not answer.empty:
@@ -390,8 +391,7 @@ def _render(results_dir: Path, records: list[dict], table: pd.DataFrame, robustn
     value_columns = [c for c in summary.columns if c not in (f"{VALUE} mean", f"{VALUE} sd")]
     parts += [
         "<h2>Dice per configuration (mean ± sd over seeds)</h2>",
-        "<p class='note'>Dice = per-image mean dice index (binary) or mean dice index over classes "
-        "(multi-class); sd is the sample sd (ddof 1). "
+        "<p class='note'>" + html.escape(headline_note(table)) + " sd is the sample sd (ddof 1). "
         f"CSV: <a href='{SUMMARY_CSV}'>{SUMMARY_CSV}</a></p>",
         table_html(summary, value_columns),
         "<h2>Paired comparison of starting points</h2>",
@@ -410,6 +410,23 @@ def _render(results_dir: Path, records: list[dict], table: pd.DataFrame, robustn
     parts.append(f"<p class='note'>Written by medxfer at {stamp} from the run records; do not edit, "
                  "re-run <code>medxfer report</code>.</p></body></html>")
     return "\n".join(parts)
+
+
+HEADLINE_NOTES = {
+    "pooled dice index": "pooled Dice per class over the test images (2 sum tp / (2 sum tp + sum fp + sum fn)), "
+                         "mean over foreground classes; predicting nothing scores 0",
+    "per-image mean dice index": "per-image mean Dice over classes, a class absent from both truth and "
+                                 "prediction scoring 1 (this rewards predicting nothing where classes are often absent)",
+}
+
+
+def headline_note(table: pd.DataFrame) -> str:
+    """Which Dice the report's tables and figures show: the runs' headline metric(s), each explained."""
+    names = sorted(table["headline metric"].dropna().unique(), key=str) if "headline metric" in table else []
+    if not names:
+        return "Dice = the runs' headline metric."
+    return "Dice = " + "; ".join(f"{name} ({HEADLINE_NOTES.get(name, 'as the run records define it')})"
+                                 for name in names) + "."
 
 
 def _inventory(records: list[dict], table: pd.DataFrame, robustness: Optional[pd.DataFrame]) -> str:

@@ -1,7 +1,9 @@
 """Statistics tables derived from the run records: mean ± sd over seeds, and paired comparisons.
 
-The downstream number is ``dice``: the per-image mean ``dice index`` (binary tasks) or, where that is
-empty, the ``mean dice index`` over foreground classes (multi-class tasks).
+The downstream number is ``dice``: each run's headline (``headline dice``; ``headline metric`` names it,
+by default the pooled Dice of ``medxfer.evaluation.metrics``). Records written before runs named their
+headline have the per-image mean ``dice index`` (binary tasks) or ``mean dice index`` (multi-class) there.
+Runs with different headline metrics are never pooled or compared (``headline metric`` is a group key).
 
 Paired comparison of two arms (strategy + pretraining length + scheme) on the same dataset, model,
 number of training images and test set, paired by seed:
@@ -36,20 +38,19 @@ VALUE = "dice"
 # What identifies one configuration; its rows differ only by seed.
 # A dataset is its name plus its label set: runs with different classes are never pooled.
 CONFIG_COLUMNS = ["dataset", "n classes", "class names", "model", "strategy", "freeze encoder", "pretraining scheme", "pretraining length",
-                  "n train images", "test set"]
+                  "n train images", "test set", "headline metric"]
 ARM_COLUMNS = ["strategy", "pretraining length", "pretraining scheme"]
-CONTEXT_COLUMNS = ["dataset", "n classes", "class names", "model", "n train images", "test set"]
+CONTEXT_COLUMNS = ["dataset", "n classes", "class names", "model", "n train images", "test set", "headline metric"]
 WILCOXON_MIN_PAIRS = 6
 
 
 def downstream_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """results.csv rows of the records plus a ``dice`` column (dice index, else mean dice index).
+    """results.csv rows of the records plus a ``dice`` column (the run's ``headline dice``).
 
     A scratch run has, by definition, pretraining length 0 where its record leaves it empty.
     """
     table = results_table(records)
-    dice = pd.to_numeric(table["dice index"], errors="coerce")
-    table[VALUE] = dice.where(dice.notna(), pd.to_numeric(table["mean dice index"], errors="coerce"))
+    table[VALUE] = pd.to_numeric(table["headline dice"], errors="coerce")
     length = pd.to_numeric(table["pretraining length"], errors="coerce")
     table["pretraining length"] = length.where(~(length.isna() & (table["strategy"] == "scratch")), 0.0)
     table["pretraining scheme"] = table["pretraining scheme"].fillna("").astype(str)

@@ -12,6 +12,7 @@ from medxfer.config import TrainConfig
 from medxfer.data.base import IGNORE_INDEX
 from medxfer.data.patches import predict_logits
 from medxfer.errors import TrainingDiverged
+from medxfer.evaluation.metrics import headline_score
 from medxfer.training.strategies import apply_strategy, build_optimizer, build_scheduler, make_optimizer
 
 
@@ -45,6 +46,8 @@ class BestWeights(L.Callback):
         if value is None or trainer.sanity_checking:
             return
         value = float(value)
+        if math.isnan(value):  # undefined (nothing present or predicted): never the best
+            return
         if self.best_score is None or value > self.best_score:
             self.best_score = value
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.model.state_dict().items()}
@@ -127,12 +130,14 @@ class TrainingTask(L.LightningModule):
 
 
 class SegmentationTask(TrainingTask):
-    """Trains a segmenter with the run's loss and strategy; logs ``val_dice`` (pooled mean foreground
-    Dice over the validation images, inferred whole as at test time)."""
+    """Trains a segmenter with the run's loss and strategy; logs ``val_dice``: the headline metric
+    (``headline``, a convention of ``medxfer.evaluation.metrics.HEADLINES``, computed by the same function
+    as at test time) over the validation images, inferred whole as at test time, counting only the
+    classes annotated in each image."""
 
     def __init__(self, model: torch.nn.Module, loss: Callable, train: TrainConfig, n_classes: int,
                  patch_size: Optional[Sequence[int]] = None, size_multiple: int = 1,
-                 sw_overlap: float = 0.25, total_steps: int = 1):
+                 sw_overlap: float = 0.25, total_steps: int = 1, headline: str = "pooled"):
         super().__init__()
         self.model = model
         self.loss_fn = loss
@@ -142,7 +147,9 @@ class SegmentationTask(TrainingTask):
         self.size_multiple = size_multiple
         self.sw_overlap = sw_overlap
         self.total_steps = total_steps
-        self._val_counts: list[torch.Tensor] = []
+        self.headline = headline
+        self._val_counts: list[torch.Tensor] = []  # per validation image: (K, 3) tp, fp, fn
+        self._val_counted: list[torch.Tensor] = []  # per validation image: (K,) bool, the classes that count
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -156,16 +163,21 @@ class SegmentationTask(TrainingTask):
 
     def validation_step(self, batch, batch_idx):
         logits = predict_logits(self.model, batch["image"], self.patch_size, self.size_multiple, self.sw_overlap)
-        self._val_counts.append(foreground_dice_counts(logits, batch["label"], self.n_classes))
+        annotated = batch.get("annotated")
+        for i in range(len(logits)):
+            self._val_counts.append(foreground_dice_counts(logits[i:i + 1], batch["label"][i:i + 1], self.n_classes))
+            self._val_counted.append(torch.ones(self.n_classes - 1, dtype=torch.bool) if annotated is None
+                                     else annotated[i, 1:].detach().cpu().bool())
 
     def on_validation_epoch_end(self):
         if not self._val_counts:
             return
-        tp, fp, fn = torch.stack(self._val_counts).sum(0).unbind(-1)
-        denom = 2 * tp + fp + fn
-        dice = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.ones_like(tp))
-        self.log("val_dice", dice.mean().float(), prog_bar=True)
+        score = headline_score(torch.stack(self._val_counts).numpy(), torch.stack(self._val_counted).numpy(),
+                               self.headline)
+        # NaN (no class present or predicted anywhere) never counts as an improvement
+        self.log("val_dice", torch.tensor(score, dtype=torch.float32), prog_bar=True)
         self._val_counts.clear()
+        self._val_counted.clear()
 
     def configure_optimizers(self):
         groups = apply_strategy(self.model, self.train_cfg)
