@@ -99,6 +99,11 @@ def test_accumulator_honours_counted_cells_and_names_classes():
     assert aggregated[f"{POOLED_DICE}/a"] == pytest.approx(headline_score(counts[:, :1], counted[:, :1]))
     assert aggregated[f"{POOLED_DICE}/b"] == 0.0  # b is predicted nowhere
     assert f"{PRESENT_DICE}/c" in aggregated and "n absent images/a" in aggregated
+    # a class the case does not annotate (Case.annotated) never counts: its stray prediction is no false positive
+    sparse = MetricAccumulator()
+    sparse.add(segmentation_metrics(one_hot(np.full_like(labels[0], 3)), labels[0], N_CLASSES, annotated=(1, 2)))
+    assert sparse.image_counts()[1].tolist() == [[True, True, False]]
+    assert math.isnan(sparse.summary()["class_aggregated"][f"{ABSENT_FP_RATE}/class_3"])
     with pytest.raises(DataError, match="one flag per foreground class"):
         accumulator.add(segmentation_metrics(one_hot(labels[0]), labels[0], N_CLASSES), counted=[True])
 
