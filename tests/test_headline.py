@@ -11,7 +11,7 @@ from medxfer.config import RunConfig, TrainConfig
 from medxfer.errors import DataError
 from medxfer.evaluation.metrics import (ABSENT_FP_RATE, HEADLINES, POOLED_DICE, PRESENT_DICE, MetricAccumulator,
                                         class_aggregated_dice, headline_score, segmentation_metrics)
-from medxfer.records import OLD_HEADLINE, OWN_COLUMNS, record_rows
+from medxfer.records import CLASS_AGGREGATED_COLUMNS, OLD_HEADLINE, OWN_COLUMNS, record_rows
 from medxfer.training.tasks import SegmentationTask
 
 N_CLASSES = 4
@@ -157,7 +157,8 @@ def test_record_rows_name_the_headline_and_old_records_keep_theirs():
     assert (row["headline metric"], row["headline dice"]) == (OLD_HEADLINE, 0.7) == ("per-image mean dice index", 0.7)
     assert OLD_HEADLINE == HEADLINES["per_image"]
     assert math.isnan(row[POOLED_DICE])
-    assert {"headline metric", "headline dice", POOLED_DICE, PRESENT_DICE, ABSENT_FP_RATE} <= set(OWN_COLUMNS)
+    assert CLASS_AGGREGATED_COLUMNS == (POOLED_DICE, PRESENT_DICE, ABSENT_FP_RATE)
+    assert {"headline metric", "headline dice", *CLASS_AGGREGATED_COLUMNS} <= set(OWN_COLUMNS)
 
 
 def test_headline_is_a_config_choice_that_changes_the_run_id():

@@ -38,6 +38,8 @@ OWN_COLUMNS = [
     "class names", "dataset id", "dataset root", "headline metric", "headline dice", "pooled dice index",
     "present-image dice index", "absent-image false-positive rate",
 ]
+# medxfer.evaluation.metrics' class means of POOLED_DICE, PRESENT_DICE, ABSENT_FP_RATE
+CLASS_AGGREGATED_COLUMNS = ("pooled dice index", "present-image dice index", "absent-image false-positive rate")
 # The headline of records written before runs named theirs (medxfer.evaluation.metrics.HEADLINES["per_image"]).
 OLD_HEADLINE = "per-image mean dice index"
 
@@ -216,7 +218,7 @@ def record_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
         })
         row["headline metric"], row["headline dice"] = headline_of(result)
         aggregated = result.get("class_aggregated") or {}
-        row.update({key: _nan_if_none(aggregated.get(key)) for key in OWN_COLUMNS[-3:]})
+        row.update({key: _nan_if_none(aggregated.get(key)) for key in CLASS_AGGREGATED_COLUMNS})
         # Multi-class runs: every per-class ("dice index/LV", named as the dataset names its classes) and
         # class-mean value too, after the fixed columns.
         row.update({key: value for key, value in values.items() if key not in row})
