@@ -345,3 +345,41 @@ def test_a_run_without_validation_or_test_images_says_so_and_records_it(tmp_path
     assert any("no validation images (1 training)" in w for w in record["warnings"])
     assert any("no labelled test images" in w for w in record["warnings"])
     assert "no labelled test images" in caplog.text and "no validation images" in caplog.text
+
+
+# --- item 18: one killed sweep worker ---------------------------------------------------------------------
+
+
+def killed_at_seed_1(config, out_dir):
+    """A stand-in for run_finetune: seed 1 dies as the OOM killer would end it, the others write a record."""
+    import signal
+
+    from medxfer.finetune import run_id_for
+    from medxfer.records import run_dir, write_record
+
+    if config.seed == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.5)  # in progress while the other worker dies
+    write_record(run_dir(out_dir, run_id_for(config)), {"kind": "finetune", "status": "done", "seed": config.seed})
+
+
+@pytest.mark.slow
+def test_one_killed_worker_fails_its_run_with_the_reason_and_the_rest_run(tmp_path):
+    """Item 18: the pool broke: 10 runs "failed" (3 of them had a result.json, none an error.json) and 7
+    queued ones never ran."""
+    from medxfer.config import RunConfig, parse_config
+    from medxfer.finetune import run_id_for
+    from medxfer.records import read_record, run_dir
+    from medxfer.sweep.backends import RunJob, run_process_pool
+
+    configs = [parse_config({**TINY_RUN, "seed": seed}, RunConfig) for seed in range(6)]
+    jobs = [RunJob(run_id_for(c), c, str(tmp_path), run_fn=killed_at_seed_1) for c in configs]
+    outcomes = []
+    run_process_pool(jobs, outcomes.append, workers=2)
+    by_seed = {c.seed: next(o for o in outcomes if o.run_id == run_id_for(c)) for c in configs}
+    assert len(outcomes) == 6
+    assert by_seed[1].status == "failed" and "killed by SIGKILL" in by_seed[1].error
+    error = read_record(run_dir(tmp_path, run_id_for(configs[1])) / "error.json")
+    assert "killed by SIGKILL" in error["error"]
+    assert all(by_seed[s].status == "done" for s in (0, 2, 3, 4, 5))
+    assert all((run_dir(tmp_path, run_id_for(configs[s])) / "result.json").is_file() for s in (0, 2, 3, 4, 5))

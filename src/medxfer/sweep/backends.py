@@ -85,8 +85,13 @@ def _error_line(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
+_STARTED: Any = None  # in a pool worker: the queue on which it says which run it starts (see run_process_pool)
+
+
 def execute_job(job: Any) -> RunOutcome:
     """What a worker (process or Ray task) does with one job."""
+    if _STARTED is not None:
+        _STARTED.put((job.run_id, os.getpid()))
     set_threads(job.threads)
     return job.execute()
 
@@ -174,8 +179,11 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def _init_worker(threads: int, levels: Optional[dict[str, int]] = None, warning_filters: Optional[list] = None,
-                 parent_pid: Optional[int] = None) -> None:
+                 parent_pid: Optional[int] = None, started: Any = None) -> None:
     import warnings
+
+    global _STARTED
+    _STARTED = started
 
     if parent_pid is not None:
         die_with_parent(parent_pid)
@@ -192,26 +200,53 @@ def _init_worker(threads: int, levels: Optional[dict[str, int]] = None, warning_
         warnings.filters[:] = warning_filters
 
 
+MAX_POOL_ATTEMPTS = 3  # a run whose pool broke this often without being the one killed fails anyway
+
+
 def run_process_pool(jobs: Sequence[Any], on_outcome: OnOutcome, workers: int) -> None:
     """``workers`` spawned processes (never forked: torch and fork do not mix), each with its share of cores.
 
-    If a worker process dies (killed, out of memory), the runs it and the pool still held are reported as
-    failed without an ``error.json``: they were not wrong, so the next sweep simply redoes them.
+    A worker process that dies (the OOM killer, a kill -9, a crash) breaks Python's pool: every run it held
+    fails at once. Here the run the dead worker was doing is failed and recorded with the signal that
+    ended it (``error.json``; ``--retry-failed`` redoes it), the pool is rebuilt and every other run still
+    runs (a run that had already finished is found done at once).
     """
     threads = threads_per_worker(workers)
-    jobs = [dataclasses.replace(job, threads=threads) for job in jobs]
+    remaining = [dataclasses.replace(job, threads=threads) for job in jobs]
+    attempts: dict[str, int] = {}
+    while remaining:
+        lost = _pool_round(remaining, on_outcome, workers, threads)
+        remaining = []
+        for job, reason in lost:
+            attempts[job.run_id] = attempts.get(job.run_id, 0) + 1
+            if reason is None and attempts[job.run_id] < MAX_POOL_ATTEMPTS:
+                remaining.append(job)  # not its fault: a victim of another worker's death
+                continue
+            on_outcome(_lost_run(job, reason or f"its worker pool broke {MAX_POOL_ATTEMPTS} times"))
+
+
+def _pool_round(jobs: Sequence[Any], on_outcome: OnOutcome, workers: int, threads: int
+                ) -> list[tuple[Any, Optional[str]]]:
+    """Run ``jobs`` in one pool until all are done or the pool breaks; return the jobs the broken pool lost,
+    each with the reason when it was the run of a worker that died, else None."""
     context = multiprocessing.get_context("spawn")
-    pool = futures.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
-                                       initargs=(threads, *_parent_log_settings(), os.getpid()))
+    started = context.SimpleQueue()
+    pool = futures.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context,
+                                       initializer=_init_worker,
+                                       initargs=(threads, *_parent_log_settings(), os.getpid(), started))
+    lost: list = []
+    finished: set[str] = set()
     try:
         pending = {pool.submit(execute_job, job): job for job in jobs}
+        processes = dict(getattr(pool, "_processes", None) or {})  # all spawned by now; never replaced
         for future in futures.as_completed(pending):
             job = pending[future]
             try:
                 outcome = future.result()
-            except futures.process.BrokenProcessPool as exc:
-                outcome = RunOutcome(job.run_id, "failed", 0.0, f"worker process died ({_error_line(exc)}); "
-                                     "not recorded, the next sweep redoes it")
+            except futures.process.BrokenProcessPool:
+                lost.append(job)
+                continue
+            finished.add(job.run_id)
             on_outcome(outcome)
     except BaseException:  # Ctrl-C, a full disk, a bug: no queued run may start, no worker may outlive us
         # The executor has no public way to stop work in progress: its processes (read before shutdown
@@ -221,6 +256,38 @@ def run_process_pool(jobs: Sequence[Any], on_outcome: OnOutcome, workers: int) -
         stop_workers(processes)
         raise
     pool.shutdown(wait=True)
+    if not lost:
+        return []
+    running: dict[int, str] = {}  # worker pid -> the run it started last
+    while not started.empty():
+        run_id, pid = started.get()
+        running[pid] = run_id
+    # The pool terminates (SIGTERM) the other workers itself once one has died: any other end is the cause.
+    killed = {running.get(pid): _death(process.exitcode) for pid, process in processes.items()
+              if process.exitcode not in (None, 0, -signal.SIGTERM)}
+    return [(job, killed.get(job.run_id) if job.run_id not in finished else None) for job in lost]
+
+
+def _death(exitcode: int) -> str:
+    if exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        hint = " (the out-of-memory killer sends it)" if name == "SIGKILL" else ""
+        return f"its worker process was killed by {name}{hint}"
+    return f"its worker process exited with code {exitcode}"
+
+
+def _lost_run(job: Any, reason: str) -> "RunOutcome":
+    """The failed outcome of a run whose worker died; recorded in error.json where the job is a run's."""
+    message = f"worker process died: {reason}"
+    log.warning("run %s failed: %s", job.run_id, message)
+    if isinstance(job, RunJob):
+        recorded = record_failure(run_dir(job.out_dir, job.run_id), {
+            "kind": "finetune", "status": "failed", "run_id": job.run_id, "config": config_to_dict(job.config),
+            "error": message, "finished": datetime.now(timezone.utc).isoformat(),
+        })
+        if not recorded:
+            message += " (not recorded: no space for error.json)"
+    return RunOutcome(job.run_id, "failed", 0.0, message)
 
 
 def stop_workers(processes: Sequence[Any], grace_s: float = 5.0) -> None:
