@@ -120,3 +120,60 @@ def test_surface_distances_follow_the_spacing():
     in_pixels = segmentation_metrics(pred, label, n_classes=2)["hausdorff distance"]
     in_mm = segmentation_metrics(pred, label, n_classes=2, spacing=(3.0, 1.5))["hausdorff distance"]
     assert in_pixels == pytest.approx(2.0) and in_mm == pytest.approx(3.0)
+
+
+# ------------------------------------------------------------------------------ the forgetting baseline
+def demo_config(domain, **extra):
+    base = {**TINY, "data": {"name": "demo", "options": {"domain": domain}, "train_images": 4}}
+    for key, value in extra.items():
+        section, name = key.split("__")
+        base = {**base, section: {**base.get(section, {}), name: value}}
+    return parse_config(base, RunConfig)
+
+
+@pytest.mark.slow
+def test_the_forgetting_baseline_is_the_starting_models_own_source_score(tmp_path):
+    from medxfer.finetune import run_finetune
+    from medxfer.records import SOURCE_BEFORE
+
+    source = run_finetune(demo_config("A"), tmp_path / "source")
+    start = str(source.run_dir / "model.pt")
+    a_test = {"name": "demo", "options": {"domain": "A"}}
+    run = run_finetune(demo_config("B", train__strategy="full", pretrained__checkpoint=start, pretrained__load="full",
+                                   evaluation__source_test=a_test), tmp_path / "out")
+    before = run.record["metrics"][SOURCE_BEFORE]["per_image_mean"]
+    # the starting model on the source test set = the source run's own score on its test set
+    assert before == pytest.approx(source.record["metrics"]["target"]["per_image_mean"], nan_ok=True)
+    assert run.record["forgetting_baseline"]["computed"] is True
+    # computing it leaves training as it was: the same run without a source test trains identically
+    plain = run_finetune(demo_config("B", train__strategy="full", pretrained__checkpoint=start,
+                                     pretrained__load="full"), tmp_path / "plain")
+    assert plain.record["metrics"]["target"]["per_image_mean"] == \
+        pytest.approx(run.record["metrics"]["target"]["per_image_mean"], nan_ok=True)
+    # an encoder alone carries no head: no baseline, and the record says why
+    encoder_only = run_finetune(demo_config("B", train__strategy="full", pretrained__checkpoint=start,
+                                            pretrained__load="encoder_decoder", evaluation__source_test=a_test),
+                                tmp_path / "out")
+    assert SOURCE_BEFORE not in encoder_only.record["metrics"]
+    assert "no segmentation head" in encoder_only.record["forgetting_baseline"]["reason"]
+
+
+def test_the_report_shows_the_forgetting_baseline_beside_the_source_score(tmp_path):
+    from medxfer.records import SOURCE_BEFORE, write_record
+    from medxfer.report import write_report
+    from medxfer.report.tables import forgetting_table
+    from test_report import make_record
+
+    records = []
+    for seed in (0, 1, 2):
+        record = make_record("full", 5, 5, seed)
+        record["metrics"][SOURCE_BEFORE] = copy.deepcopy(record["metrics"]["source"])
+        record["metrics"][SOURCE_BEFORE]["per_image_mean"].update({"dice index": 0.95, "mean dice index": 0.95})
+        records.append(record)
+        write_record(tmp_path / "runs" / record["run_id"], record)
+    (row,) = forgetting_table(downstream_table(records)).to_dict("records")
+    after = [r["metrics"]["source"]["per_image_mean"]["dice index"] for r in records]
+    assert row["source Dice before fine-tuning"] == pytest.approx(0.95)
+    assert row["change"] == pytest.approx(np.mean(after) - 0.95) and row["n seeds"] == 3
+    html = write_report(tmp_path).read_text(encoding="utf-8")
+    assert "What fine-tuning kept of the source task" in html and "forgetting.csv" in html

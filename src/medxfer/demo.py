@@ -39,6 +39,7 @@ from medxfer.config import DataConfig, EvalConfig, ModelConfig, RunConfig, Train
 from medxfer.finetune import run_finetune
 from medxfer.io import atomic_write_text
 from medxfer.progress import ProgressLog
+from medxfer.records import SOURCE_BEFORE
 
 log = logging.getLogger(__name__)
 
@@ -352,9 +353,10 @@ def transfer_table(table: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (scheme, size), group in second.groupby(["pretraining scheme", "n train images"], sort=True):
         start = "T1 model, fine-tuned" if scheme == TRANSFER_SCHEME else "scratch"
-        on = {test: group[group["test set"] == test]["dice"] for test in ("target", "source")}
+        on = {test: group[group["test set"] == test]["dice"] for test in ("target", "source", SOURCE_BEFORE)}
         rows.append({"starting point": start, "T2-like training slices": int(size),
                      "seeds": int(on["target"].notna().sum()), "Dice on T2-like test": _mean_sd(on["target"]),
-                     "Dice on T1 test": _mean_sd(on["source"])})
+                     "Dice on T1 test": _mean_sd(on["source"]),
+                     "Dice on T1 test before fine-tuning": _mean_sd(on[SOURCE_BEFORE])})
     return pd.DataFrame(rows, columns=["starting point", "T2-like training slices", "seeds", "Dice on T2-like test",
-                                       "Dice on T1 test"])
+                                       "Dice on T1 test", "Dice on T1 test before fine-tuning"])

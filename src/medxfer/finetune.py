@@ -22,6 +22,7 @@ from medxfer.io import environment_info, folder_lock, seed_everything, set_aside
 from medxfer.progress import training_progress_callback
 from medxfer.records import (
     RESULT_FILE,
+    SOURCE_BEFORE,
     load_record,
     read_record,
     remove_partial_files,
@@ -148,6 +149,35 @@ def _evaluate_on(model, data_config: DataConfig, config: RunConfig, in_channels:
                              in_channels=in_channels, size_multiple=size_multiple)
 
 
+def _source_baseline(model, config: RunConfig, data: SegmentationData, in_channels: int,
+                     size_multiple: int) -> tuple[Optional[dict[str, Any]], Optional[dict[str, Any]]]:
+    """The starting model on ``evaluation.source_test`` before fine-tuning, when its segmentation head came
+    with the weights (``pretrained.load: full``) and fits the source's classes; else None and why not.
+    Evaluated through the one evaluation function (as ``medxfer evaluate`` does), with the random state
+    kept, so training is the same with or without it."""
+    import random
+
+    source = config.evaluation.source_test
+    if source is None:
+        return None, None
+    if config.train.strategy == "scratch" or config.pretrained.checkpoint is None or config.pretrained.load != "full":
+        return None, {"computed": False, "reason": "the starting weights carry no segmentation head "
+                                                   "(pretrained.load is not full)"}
+    source_data = load_data(source)
+    if source_data.n_classes != data.n_classes or list(source_data.class_names) != list(data.class_names):
+        return None, {"computed": False, "reason": f"the head's classes ({', '.join(data.class_names)}) differ from "
+                                                   f"the source test set's ({', '.join(source_data.class_names)})"}
+    states = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        was_training = model.training
+        evaluation = _evaluate_on(model.eval(), source, config, in_channels, size_multiple, cases=source_data.test,
+                                  n_classes=source_data.n_classes, class_names=source_data.class_names)
+        model.train(was_training)
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    return evaluation, {"computed": True, "test_set": SOURCE_BEFORE, "checkpoint": str(config.pretrained.checkpoint)}
+
+
 def resume_checkpoint(directory: Path, every_s: Optional[float]):
     """The callback that writes ``last.ckpt`` (weights + optimizer state, for resuming an interrupted run):
     every ``every_s`` seconds of training, or at every epoch end when ``every_s`` is None."""
@@ -189,6 +219,9 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
     pretraining = _load_starting_weights(model, config)
     in_channels = model.encoder.in_channels
     size_multiple = int(model.required_multiple)  # inputs are padded to the total stride
+    # The forgetting baseline: the starting model's own score on the source test set, before any training
+    # (a fine-tuned run's "source" score is read against it).
+    source_before, baseline_info = _source_baseline(model, config, data, in_channels, size_multiple)
     loss, loss_info = _resolve_loss(config, train_cases, data.n_classes)
     train_loader, val_loader = _loaders(config, train_cases, data.val, data.n_classes, in_channels)
 
@@ -253,6 +286,8 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
         if config.evaluation.source_test is not None:
             metrics["source"] = _evaluate_on(model, config.evaluation.source_test, config, in_channels,
                                              size_multiple)
+        if source_before is not None:
+            metrics[SOURCE_BEFORE] = source_before
         eval_s = time.perf_counter() - eval_started
 
         record = {
@@ -276,6 +311,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
             "train_spacing": spacing_summary(train_cases),  # mm per spatial axis; predict checks inputs against it
             "pretraining": pretraining,
             "loss": loss_info,
+            "forgetting_baseline": baseline_info,
             "epochs_trained": int(trainer.current_epoch),
             "best_val_dice": None if best is None else best.best_score,
             "headline": {**metrics["target"]["headline"], "test_set": "target"},

@@ -22,6 +22,8 @@ from medxfer.io import atomic_write_json, atomic_write_text, stable_hash
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
+# The test set of the forgetting baseline (a run's starting model on its source test set, before fine-tuning)
+SOURCE_BEFORE = "source before fine-tuning"
 ERROR_FILE = "error.json"
 
 # The published reference tables' columns, in their order; medxfer's own columns follow.

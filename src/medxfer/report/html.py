@@ -32,6 +32,7 @@ from medxfer.report.tables import (
     deepest_level,
     default_variant,
     downstream_table,
+    forgetting_table,
     load_robustness,
     no_interval_text,
     paired_comparison,
@@ -49,6 +50,7 @@ SUMMARY_CSV = "summary_mean_sd.csv"
 PAIRED_CSV = "paired_comparison.csv"
 CORRELATION_CSV = "score_dice_correlation.csv"
 ANSWER_CSV = "study_answer.csv"
+FORGETTING_CSV = "forgetting.csv"
 
 STRATEGY_PHRASES = {
     "full": "Fine-tuning from the pretrained encoder",
@@ -210,7 +212,9 @@ FIGURE_CAPTIONS = {
                       "fine-tuning at length 0); legend: Spearman rank correlation."),
     "dice_vs_n_images": ("Data-scarcity curve: Dice vs number of target training images (mean ± sd over seeds); "
                          "scratch (black, dashed) in every panel."),
-    "source_vs_target": "What is kept of the source task: source-test vs target-test Dice after fine-tuning.",
+    "source_vs_target": ("What is kept of the source task: source-test vs target-test Dice after fine-tuning; "
+                         "the dotted line is the starting model's own source-test Dice before fine-tuning "
+                         "(the forgetting baseline), where its weights carried a head for the source's classes."),
     "overlays": "Image, ground truth and the predictions of chosen runs (contours coloured per class).",
 }
 
@@ -287,6 +291,9 @@ def write_report(results_dir: str | Path, *, overlay_runs: Optional[Sequence[str
     correlations = score_dice_correlations(score_dice_pairs(table, robustness))
     write_csv(summary, out / SUMMARY_CSV)
     write_csv(paired, out / PAIRED_CSV)
+    forgetting = forgetting_table(table)
+    if not forgetting.empty:
+        write_csv(forgetting, out / FORGETTING_CSV)
     if not correlations.empty:
         write_csv(correlations, out / CORRELATION_CSV)
 
@@ -402,6 +409,13 @@ def _render(results_dir: Path, records: list[dict], table: pd.DataFrame, robustn
         f"CSV: <a href='{PAIRED_CSV}'>{PAIRED_CSV}</a></p>",
         table_html(paired),
     ]
+    forgetting = forgetting_table(table)
+    if not forgetting.empty:
+        parts += ["<h2>What fine-tuning kept of the source task</h2>",
+                  "<p class='note'>Source-test Dice of the starting model before fine-tuning (the forgetting "
+                  "baseline; n/a where the starting weights carried no segmentation head for the source's classes) "
+                  "beside the source-test Dice after fine-tuning (mean ± sd over seeds); change = after - before. "
+                  f"CSV: <a href='{FORGETTING_CSV}'>{FORGETTING_CSV}</a></p>", table_html(forgetting)]
     if not correlations.empty:
         parts += ["<h2>Transferability score vs downstream Dice</h2>",
                   f"<p class='note'>Spearman rank correlation over pretraining lengths. "

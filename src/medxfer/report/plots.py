@@ -17,6 +17,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from medxfer.records import SOURCE_BEFORE
 from medxfer.report.tables import VALUE, arm_label, deepest_level, default_variant
 
 log = logging.getLogger(__name__)
@@ -232,6 +233,10 @@ def plot_source_vs_target(table: pd.DataFrame) -> Figure:
             ax.errorbar(rows["target"].mean(), rows["source"].mean(), xerr=rows["target"].std(ddof=1) or 0.0,
                         yerr=rows["source"].std(ddof=1) or 0.0, marker="x", capsize=3, label=label,
                         color=points.get_facecolor()[0])
+        baseline = table[(table["test set"] == SOURCE_BEFORE) & table["run id"].isin(panel["run id"])][VALUE]
+        if baseline.notna().any():
+            ax.axhline(float(baseline.mean()), linestyle=":", color="black", linewidth=1.5,
+                       label="starting model, before fine-tuning")
         ax.set_xlabel("Dice, target test")
         _finish(ax, "Dice, source test", f"{dataset}: source kept after fine-tuning")
         low, high = ax.get_xlim()

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from medxfer.records import iter_records, results_table
+from medxfer.records import SOURCE_BEFORE, iter_records, results_table
 from medxfer.report.quality import Finding
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,29 @@ def repeated_seeds(table: pd.DataFrame) -> list[Finding]:
                                  f"runs {' and '.join(ids)} differ in a setting or dataset the table does not show; "
                                  "give them different data.label or seeds, or separate output folders"))
     return found
+
+
+def forgetting_table(table: pd.DataFrame, value: str = VALUE) -> pd.DataFrame:
+    """What fine-tuning kept of the source task, beside the baseline that judges it: per configuration with a
+    source test, the starting model's own Dice there before fine-tuning (``SOURCE_BEFORE`` rows; n/a when the
+    starting weights carried no head that fits), the Dice there after fine-tuning (mean ± sd over seeds),
+    and the change (after - before)."""
+    keys = [c for c in CONFIG_COLUMNS if c in table.columns and c != "test set"]
+    after = table[(table["test set"] == "source") & table[value].notna()]
+    before = table[(table["test set"] == SOURCE_BEFORE) & table[value].notna()]
+    rows = []
+    for key, group in after.groupby(keys, dropna=False, sort=True):
+        context = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        base = before[before["run id"].isin(group["run id"])][value]
+        values = group[value].to_numpy(dtype=float)
+        sd = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+        baseline = float(base.mean()) if len(base) else math.nan
+        rows.append({**context, "n seeds": len(values),
+                     "source Dice before fine-tuning": baseline,
+                     "source Dice after fine-tuning": format_mean_sd(float(values.mean()), sd),
+                     "change": float(values.mean()) - baseline})
+    columns = keys + ["n seeds", "source Dice before fine-tuning", "source Dice after fine-tuning", "change"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def format_mean_sd(mean: float, sd: float, digits: int = 3) -> str:
