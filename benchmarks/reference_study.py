@@ -46,8 +46,9 @@ def rules_table(summary) -> str:
     for row in summary.itertuples():
         rule = row.rule.replace("|", "\\|")  # a table cell
         name = f"**{rule} (recommended)**" if row.recommended else rule
-        lines.append(f"| {name} | {row.coverage} | {interval(row.regret_mean, row.regret_ci_low, row.regret_ci_high, 4)}"
-                     f" | {interval(row.saved_mean, row.saved_ci_low, row.saved_ci_high, 0, percent=True)}"
+        regret = interval(row.regret_mean, row.regret_ci_low, row.regret_ci_high, 4)
+        saved = interval(row.saved_mean, row.saved_ci_low, row.saved_ci_high, 0, percent=True)
+        lines.append(f"| {name} | {row.coverage} | {regret} | {saved}"
                      f" | {row.wins}/{row.ties}/{row.losses} |")
     return "\n".join(lines)
 

@@ -170,7 +170,8 @@ def resolve(data: typing.Any, path: str) -> typing.Any:
             if selector.lstrip("-").isdigit():
                 data = data[int(selector)]
                 continue
-            conditions = [re.match(r"(.*?)(\^=|=)(.*)", condition).groups() for condition in re.split(r",(?=\w+\^?=)", selector)]
+            conditions = [re.match(r"(.*?)(\^=|=)(.*)", condition).groups()
+                          for condition in re.split(r",(?=\w+\^?=)", selector)]
 
             def fits(item: typing.Any) -> bool:
                 for key, op, value in conditions:
@@ -218,7 +219,8 @@ def quoted_figures(page: Path) -> list[tuple[int, str, typing.Any, str | None]]:
 def agrees(said: str, value: typing.Any, scale: str | None) -> bool:
     if "\n" in said or isinstance(value, str) and not re.fullmatch(r"[-+]?[\d,]+(\.\d+)?", said):
         text = value if isinstance(value, str) else str(value)
-        return [l.rstrip() for l in said.strip("\n").splitlines()] == [l.rstrip() for l in text.strip("\n").splitlines()]
+        return ([line.rstrip() for line in said.strip("\n").splitlines()]
+                == [line.rstrip() for line in text.strip("\n").splitlines()])
     if isinstance(value, str):  # a number quoted from a printed text: it must appear there as written
         return re.search(rf"(?<![\d.]){re.escape(said)}(?!\d)", value) is not None
     decimals = len(said.split(".")[1]) if "." in said else 0
@@ -287,3 +289,30 @@ def test_troubleshooting_quotes_messages_medxfer_still_prints():
             if part not in sources:
                 missing.append(part)
     assert not missing, f"troubleshooting.md quotes messages medxfer does not print: {missing}"
+
+
+@pytest.mark.slow  # the whole analysis with its learned rules: ~15 s on 2 idle cores
+def test_reference_study_script_writes_what_the_analyze_page_quotes(tmp_path, monkeypatch):
+    """benchmarks/reference_study.py on small planted tables (the published ones are not shipped)."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import common
+    import reference_study
+
+    spec = importlib.util.spec_from_file_location("analyze_tests", ROOT / "tests" / "test_analyze.py")
+    analyze_tests = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(analyze_tests)
+    downstream, robustness, _ = analyze_tests._planted_tables()
+    downstream.to_csv(tmp_path / "down.csv", index=False)
+    robustness.to_csv(tmp_path / "rob.csv", index=False)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    assert reference_study.main([str(tmp_path / "down.csv"), str(tmp_path / "rob.csv")]) == 0
+    data = json.loads((tmp_path / "reference_study.json").read_text())
+    assert data["inputs"]["downstream"]["rows"] == len(downstream)
+    assert data["n_groups"] == 6 and data["recommended"]
+    table = data["table"].splitlines()
+    assert len(table) == 2 + len(data["rules"]) and all(line.count(" | ") == 4 for line in table[2:])
+    assert sum("(recommended)**" in line for line in table) == 1
+    assert resolve(data, "rules[rule=always longest].regret_mean") >= 0
