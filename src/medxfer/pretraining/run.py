@@ -24,8 +24,10 @@ from medxfer.pretraining.checkpoints import (
     make_saver, read_checkpoints,
 )
 from medxfer.pretraining.classification import classification_setup
+from medxfer.pretraining.history import TrainingHistory
 from medxfer.pretraining.online import online_score_hook
-from medxfer.pretraining.recipes import PretrainSetup, config_identity, resolve_recipe
+from medxfer.pretraining.recipes import PretrainSetup, config_identity, resolve_recipe, steps_per_epoch, total_steps
+from medxfer.progress import training_progress_callback
 from medxfer.pretraining.schedule import CheckpointHook, ScheduledCheckpoints, collect_hooks
 from medxfer.pretraining.segmentation import segmentation_setup
 from medxfer.records import load_record, remove_partial_files
@@ -130,6 +132,7 @@ def _pretrain(config: PretrainConfig, out: Path, identity: str, accelerator: str
     lightning_dir = out / LIGHTNING_DIR
     last = usable_resume_checkpoint(lightning_dir / "last.ckpt")
     epochs_trained = steps_trained = 0
+    history = TrainingHistory(config.train.log_every_n_steps)
     train_started = time.perf_counter()
     if longest == 0:
         scheduled.checkpoint(None, setup.module, 0)
@@ -141,10 +144,14 @@ def _pretrain(config: PretrainConfig, out: Path, identity: str, accelerator: str
                                  every_n_epochs=1 if by_epoch else None,
                                  every_n_train_steps=None if by_epoch else t.resume_every_n_steps,
                                  enable_version_counter=False, save_on_train_epoch_end=True)
+        watchers = [history]
+        if not progress:  # no bar: plain "step i/N loss x" lines, shown when the CLI's stdout is a file or pipe
+            watchers.append(training_progress_callback(
+                f"pretraining {config.name}", total_steps(config, steps_per_epoch(setup.train_loader))))
         trainer = L.Trainer(
             default_root_dir=out, max_epochs=longest if by_epoch else -1, max_steps=-1 if by_epoch else longest,
             accelerator=accelerator, devices=1, precision=resolve_precision(t.precision),
-            callbacks=[scheduled, *callbacks, resume],
+            callbacks=[scheduled, *callbacks, *watchers, resume],
             logger=False, enable_progress_bar=progress, enable_model_summary=False,
             log_every_n_steps=t.log_every_n_steps, num_sanity_val_steps=0, limit_val_batches=0,
             deterministic=False, plugins=[AtomicCheckpointIO()],
@@ -191,7 +198,10 @@ def _pretrain(config: PretrainConfig, out: Path, identity: str, accelerator: str
         ],
         "epochs_trained": epochs_trained,
         "steps_trained": steps_trained,
-        "timings": {"train_s": train_s, "total_s": time.perf_counter() - started},
+        # train_s: training time of every invocation of this run (resumes included); total_s: this process
+        "timings": {"train_s": history.train_s, "invocations": history.invocations,
+                    "train_s_this_invocation": train_s, "total_s": time.perf_counter() - started},
+        "train_loss_curve": history.curve,  # mean training loss per train.log_every_n_steps optimizer steps
         "environment": environment_info(),
         "finished": datetime.now(timezone.utc).isoformat(),
         **setup.record,
