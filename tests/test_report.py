@@ -23,7 +23,7 @@ from medxfer.records import iter_records, write_record
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ALL_FIGURES = ["dice_vs_pretraining_length", "transferability_vs_pretraining_length", "score_vs_dice",
-               "dice_vs_n_images", "source_vs_target", "overlays"]
+               "dice_vs_n_images", "per_class_dice_vs_n_images", "source_vs_target", "overlays"]
 ARMS = [("scratch", 0), ("full", 1), ("full", 5), ("frozen_encoder", 1), ("frozen_encoder", 5)]
 
 

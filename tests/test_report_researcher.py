@@ -5,6 +5,7 @@ Colin27 + AAL (hippocampus, amygdala; tests/colin_folders.py)."""
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -177,3 +178,85 @@ def test_the_report_shows_the_forgetting_baseline_beside_the_source_score(tmp_pa
     assert row["change"] == pytest.approx(np.mean(after) - 0.95) and row["n seeds"] == 3
     html = write_report(tmp_path).read_text(encoding="utf-8")
     assert "What fine-tuning kept of the source task" in html and "forgetting.csv" in html
+
+
+# ------------------------------------------------------------------------------------------- per class
+def class_record(n_images, seed, hippo, amyg, *, amyg_absent=9, n_test=15):
+    """A hippocampus/amygdala run: per-class pooled and per-image Dice, the class mean as headline."""
+    mean = (hippo + amyg) / 2
+    aggregated = {"pooled dice index": mean, "pooled dice index/hippocampus": hippo, "pooled dice index/amygdala": amyg,
+                  "present-image dice index/hippocampus": hippo + 0.05, "present-image dice index/amygdala": amyg + 0.1,
+                  "absent-image false-positive rate/hippocampus": math.nan,
+                  "absent-image false-positive rate/amygdala": 0.2 if n_images < 10 else 0.8,
+                  "n present images/hippocampus": n_test, "n absent images/hippocampus": 0,
+                  "n present images/amygdala": n_test - amyg_absent, "n absent images/amygdala": amyg_absent}
+    per_image = {"dice index/hippocampus": hippo, "dice index/amygdala": amyg, "mean dice index": mean,
+                 "hd95/hippocampus": 3.0, "hd95/amygdala": 6.0, "nsd/hippocampus": 0.8, "nsd/amygdala": 0.5,
+                 "assd/hippocampus": 1.0, "assd/amygdala": 2.0}
+    return {"kind": "finetune", "run_id": f"imagenet-{n_images}-{seed}", "model": "efficientnet_lite0_unet",
+            "dataset": "hippo", "n_classes": 3, "class_names": colin_folders.CLASS_NAMES, "strategy": "full",
+            "freeze_encoder": False, "seed": seed, "n_train_images": n_images,
+            "config": {"data": {"name": "folders", "root": "/d/hippo", "options": {}}},
+            "pretraining": {"length": None, "scheme": "imagenet"},
+            "metrics": {"target": {"per_image_mean": per_image, "class_aggregated": aggregated,
+                                   "headline": {"metric": "pooled dice index", "value": mean},
+                                   "provenance": {"hd95": {"unit": "mm (the case spacing)"}}}}}
+
+
+def test_per_class_table_shows_a_class_rising_while_the_mean_falls(tmp_path):
+    from medxfer.records import write_record
+    from medxfer.report import write_report
+    from medxfer.report.tables import ABSENT_CLASS_RULE, per_class_table
+
+    # the reported sweep: the ImageNet arm's mean fell with more images while the hippocampus rose,
+    # because the amygdala (absent from 9 of 15 test slices) collected false positives
+    records = [class_record(5, s, 0.55 + 0.01 * s, 0.362 - 0.01 * s) for s in (0, 1, 2)]
+    records += [class_record(15, s, 0.59 + 0.01 * s, 0.16 - 0.01 * s) for s in (0, 1, 2)]
+    table = downstream_table(records)
+    means = table.groupby("n train images")["dice"].mean()
+    assert means[15] < means[5]
+    per_class = per_class_table(table).set_index(["class", "n train images"])
+    assert per_class.loc[("hippocampus", 15), "pooled Dice mean"] > per_class.loc[("hippocampus", 5), "pooled Dice mean"]
+    assert per_class.loc[("amygdala", 15), "pooled Dice mean"] < per_class.loc[("amygdala", 5), "pooled Dice mean"]
+    assert per_class.loc[("amygdala", 5), "images without"] == 9 and per_class.loc[("amygdala", 5), "images with class"] == 6
+    assert per_class.loc[("hippocampus", 5), "pooled Dice"] == "0.560 ± 0.010"
+    assert per_class.loc[("amygdala", 15), "absent-image FP rate"] == "0.800 ± 0.000"
+    assert per_class.loc[("amygdala", 5), "HD95"] == "6.000 ± 0.000"
+    for record in records:
+        write_record(tmp_path / "runs" / record["run_id"], record)
+    html = write_report(tmp_path).read_text(encoding="utf-8")
+    import html as html_module
+    text = html_module.unescape(html)
+    assert "<h2>Per class (target test)</h2>" in html and ABSENT_CLASS_RULE in text
+    assert "HD95 and ASSD in mm (the case spacing)" in text
+    assert "per_class_dice_vs_n_images.png" in html and (tmp_path / "report" / "per_class.csv").is_file()
+    # constant columns leave the table for its caption; the arm is one column
+    section = html.split("<h2>Per class (target test)</h2>", 1)[1].split("<h2>", 1)[0]
+    assert "Same on every row:" in section and "starting point: full (imagenet)" in section
+    head = section.split("<thead>", 1)[1].split("</thead>", 1)[0]
+    assert "<th>dataset</th>" not in head and "<th>class</th>" in head and "<th>strategy</th>" not in head
+
+
+@needs_colin
+@pytest.mark.slow
+def test_per_class_values_of_real_runs_reach_the_report_end_to_end(tmp_path):
+    from medxfer.finetune import run_finetune
+    from medxfer.report import write_report
+    from medxfer.report.tables import per_class_table
+
+    root = colin_folders.write_folders(tmp_path / "hippo_folders", "coronal")
+    runs = [run_finetune(parse_config({**TINY, "data": {"name": "folders", "root": str(root), "train_images": n,
+                                                        "options": {"class_names": colin_folders.CLASS_NAMES,
+                                                                    "spacing": 3.0}}}, RunConfig), tmp_path / "out")
+            for n in (2, 6)]
+    test = load_data(DataConfig(name="folders", root=root)).test
+    without_amygdala = sum(not (case.label == 2).any() for case in test)
+    table = per_class_table(downstream_table([run.record for run in runs])).set_index(["class", "n train images"])
+    for run in runs:
+        aggregated = run.record["metrics"]["target"]["class_aggregated"]
+        for name in ("hippocampus", "amygdala"):
+            row = table.loc[(name, run.record["n_train_images"])]
+            assert row["pooled Dice mean"] == pytest.approx(aggregated[f"pooled dice index/{name}"], nan_ok=True)
+        assert table.loc[("amygdala", run.record["n_train_images"]), "images without"] == without_amygdala
+    write_report(tmp_path / "out")
+    assert (tmp_path / "out" / "report" / "per_class_dice_vs_n_images.png").is_file()

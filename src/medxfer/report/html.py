@@ -25,6 +25,9 @@ from medxfer.report import plots
 from medxfer.report.overlays import plot_overlay_grid
 from medxfer.report.plots import SkipFigure, png_bytes, score_dice_correlations, score_dice_pairs
 from medxfer.report.tables import (
+    ABSENT_CLASS_RULE,
+    ARM_COLUMNS,
+    CONTEXT_COLUMNS,
     MIN_INTERVAL_SEEDS,
     VALUE,
     WILCOXON_MIN_PAIRS,
@@ -36,6 +39,7 @@ from medxfer.report.tables import (
     load_robustness,
     no_interval_text,
     paired_comparison,
+    per_class_table,
     repeated_seeds,
     summary_table,
 )
@@ -51,6 +55,7 @@ PAIRED_CSV = "paired_comparison.csv"
 CORRELATION_CSV = "score_dice_correlation.csv"
 ANSWER_CSV = "study_answer.csv"
 FORGETTING_CSV = "forgetting.csv"
+PER_CLASS_CSV = "per_class.csv"
 
 STRATEGY_PHRASES = {
     "full": "Fine-tuning from the pretrained encoder",
@@ -212,6 +217,9 @@ FIGURE_CAPTIONS = {
                       "fine-tuning at length 0); legend: Spearman rank correlation."),
     "dice_vs_n_images": ("Data-scarcity curve: Dice vs number of target training images (mean ± sd over seeds); "
                          "scratch (black, dashed) in every panel."),
+    "per_class_dice_vs_n_images": ("Per-class data-scarcity curves: each class's Dice vs number of target training "
+                                   "images (mean ± sd over seeds; scratch black, dashed). A class mean can fall "
+                                   "while a class rises: a class absent from many test images can drive it."),
     "source_vs_target": ("What is kept of the source task: source-test vs target-test Dice after fine-tuning; "
                          "the dotted line is the starting model's own source-test Dice before fine-tuning "
                          "(the forgetting baseline), where its weights carried a head for the source's classes."),
@@ -250,6 +258,37 @@ def table_html(table: pd.DataFrame, columns: Optional[Sequence[str]] = None) -> 
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def compact(table: pd.DataFrame, keep: Sequence[str] = ()) -> tuple[pd.DataFrame, str]:
+    """A table to read on a page: strategy / pretraining length / scheme become one ``starting point``
+    column, and columns with one value on every row (besides ``keep``) leave the table for the caption,
+    which returns them as ``column: value; ...``."""
+    if table.empty:
+        return table, ""
+    frame = table.copy()
+    if set(ARM_COLUMNS) <= set(frame.columns):
+        labels = [arm_label(*row) for row in frame[ARM_COLUMNS].itertuples(index=False, name=None)]
+        position = list(frame.columns).index(ARM_COLUMNS[0])
+        frame = frame.drop(columns=[*ARM_COLUMNS, *(["freeze encoder"] if "freeze encoder" in frame.columns else [])])
+        frame.insert(min(position, len(frame.columns)), "starting point", labels)
+    constant = [c for c in frame.columns if c not in keep and len(frame) > 1
+                and frame[c].astype(str).nunique(dropna=False) == 1]
+    if len(frame) == 1:  # one row: the context columns say it all in the caption
+        constant = [c for c in frame.columns if c in CONTEXT_COLUMNS and c not in keep]
+    caption = "; ".join(f"{c}: {_fmt(frame[c].iloc[0], _whole_column(frame[c]))}" for c in constant)
+    return frame.drop(columns=constant), caption
+
+
+def _with_caption(note: str, caption: str) -> str:
+    return note + (f" Same on every row: {html.escape(caption)}." if caption else "")
+
+
+def _distance_unit(records: list[dict]) -> str:
+    """The unit the records' distances are in (their provenance), for the per-class table's caption."""
+    units = {((test.get("provenance") or {}).get("hd95") or {}).get("unit")
+             for record in records for test in (record.get("metrics") or {}).values()} - {None}
+    return " / ".join(sorted(units)) or "pixels unless the data has a spacing"
+
+
 def _figure_jobs(results_dir: Path, records: list[dict], table: pd.DataFrame,
                  robustness: Optional[pd.DataFrame], overlay_runs: Optional[Sequence[str]],
                  overlay_cases: int) -> list[tuple[str, Callable[[], Any]]]:
@@ -258,6 +297,7 @@ def _figure_jobs(results_dir: Path, records: list[dict], table: pd.DataFrame,
         ("transferability_vs_pretraining_length", lambda: plots.plot_transferability_vs_length(robustness)),
         ("score_vs_dice", lambda: plots.plot_score_vs_dice(table, robustness)),
         ("dice_vs_n_images", lambda: plots.plot_dice_vs_n_images(table)),
+        ("per_class_dice_vs_n_images", lambda: plots.plot_per_class_dice_vs_n_images(table)),
         ("source_vs_target", lambda: plots.plot_source_vs_target(table)),
         ("overlays", lambda: plot_overlay_grid(results_dir, records, n_cases=overlay_cases, run_ids=overlay_runs)),
     ]
@@ -294,6 +334,9 @@ def write_report(results_dir: str | Path, *, overlay_runs: Optional[Sequence[str
     forgetting = forgetting_table(table)
     if not forgetting.empty:
         write_csv(forgetting, out / FORGETTING_CSV)
+    per_class = per_class_table(table)
+    if not per_class.empty:
+        write_csv(per_class, out / PER_CLASS_CSV)
     if not correlations.empty:
         write_csv(correlations, out / CORRELATION_CSV)
 
@@ -396,6 +439,7 @@ def _render(results_dir: Path, records: list[dict], table: pd.DataFrame, robustn
         parts += [f"<li><b>{html.escape(name)}</b>: {html.escape(reason)}</li>" for name, reason in skipped]
         parts.append("</ul>")
     value_columns = [c for c in summary.columns if c not in (f"{VALUE} mean", f"{VALUE} sd")]
+    paired_shown, paired_caption = compact(paired, keep=("a", "b", "p value", "mean difference"))
     parts += [
         "<h2>Dice per configuration (mean ± sd over seeds)</h2>",
         "<p class='note'>" + html.escape(headline_note(table)) + " sd is the sample sd (ddof 1). "
@@ -405,10 +449,21 @@ def _render(results_dir: Path, records: list[dict], table: pd.DataFrame, robustn
         f"<p class='note'>Same dataset, model, number of images and test set, paired by seed; a - b. "
         f"Wilcoxon signed-rank test (effect size: rank-biserial r) with {WILCOXON_MIN_PAIRS} or more pairs, "
         f"paired t-test (effect size: Cohen's d_z) with fewer, since an exact Wilcoxon test on 5 or fewer "
-        f"pairs cannot reach p &lt; 0.05. Two-sided, no correction for multiple comparisons. "
-        f"CSV: <a href='{PAIRED_CSV}'>{PAIRED_CSV}</a></p>",
-        table_html(paired),
+        f"pairs cannot reach p &lt; 0.05. Two-sided, no correction for multiple comparisons."
+        + _with_caption("", paired_caption) + f" CSV: <a href='{PAIRED_CSV}'>{PAIRED_CSV}</a></p>",
+        table_html(paired_shown),
     ]
+    per_class = per_class_table(table[table["test set"] == "target"])
+    if not per_class.empty:
+        shown, caption = compact(per_class, keep=("class",))
+        parts += ["<h2>Per class (target test)</h2>",
+                  "<p class='note'>" + _with_caption(
+                      "Mean ± sd over seeds of each class's pooled Dice, present-image Dice, absent-image "
+                      "false-positive rate and per-image means; HD95 and ASSD in "
+                      f"{html.escape(_distance_unit(records))}, NSD at the run's tolerance. "
+                      + html.escape(ABSENT_CLASS_RULE), caption)
+                  + f" CSV: <a href='{PER_CLASS_CSV}'>{PER_CLASS_CSV}</a></p>",
+                  table_html(shown, [c for c in shown.columns if not c.endswith(" mean")])]
     forgetting = forgetting_table(table)
     if not forgetting.empty:
         parts += ["<h2>What fine-tuning kept of the source task</h2>",

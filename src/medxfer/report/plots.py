@@ -211,6 +211,47 @@ def plot_dice_vs_n_images(table: pd.DataFrame) -> Figure:
     return figure
 
 
+def plot_per_class_dice_vs_n_images(table: pd.DataFrame) -> tuple[Figure, str]:
+    """Per-class data-scarcity curves: each foreground class's Dice (pooled over the test images; the
+    per-image mean for records without it) vs the number of target training images, one panel per dataset
+    and class, a line per starting point run with two or more numbers of images (mean ± sd over seeds).
+    A class mean can fall while a class rises: this figure shows which class moved."""
+    from medxfer.report.tables import per_class_long
+
+    long = per_class_long(table[table["test set"] == "target"])
+    if long.empty or long["n train images"].nunique() < 2:
+        raise SkipFigure("needs target-test runs with two or more numbers of training images")
+    metric = "pooled Dice" if long["pooled Dice"].notna().any() else "per-image Dice"
+    long = long.assign(**{VALUE: long[metric]}).dropna(subset=[VALUE])
+    keys = ["model", "strategy", "pretraining length", "pretraining scheme"]
+    show_model = _several(long["model"])
+    panels = []
+    for (dataset, name), panel in long.groupby(["dataset", "class"], sort=False):
+        arms = [(key, rows) for key, rows in panel.groupby(keys, dropna=False) if rows["n train images"].nunique() >= 2]
+        arms.sort(key=lambda arm: arm[0][1] != "scratch")  # scratch first, in black
+        for part in chunks(arms):
+            if part:
+                panels.append((f"{dataset}: {name}", part))
+    if not panels:
+        raise SkipFigure("no starting point was run with two or more numbers of training images")
+    figure, axes = _panel_grid(len(panels))
+    for ax, (title, arms) in zip(axes, panels):
+        for (model, strategy, length, scheme), rows in arms:
+            label = (f"{model}, " if show_model else "") + arm_label(strategy, length, scheme)
+            style = {"color": "black", "linestyle": "--"} if strategy == "scratch" else {}
+            _draw_line(ax, _mean_sd(rows, "n train images"), "n train images", label, **style)
+        _image_count_axis(ax, long["n train images"])
+        _finish(ax, f"{metric} (target test)", title)
+    return figure, f"y: {metric} per class"
+
+
+def _image_count_axis(ax, counts: pd.Series) -> None:
+    """x: numbers of training images, ticks at the numbers run (never 7.5 images)."""
+    values = sorted({int(v) for v in pd.to_numeric(counts, errors="coerce").dropna()})
+    ax.set_xticks(values)
+    ax.set_xlabel("target training images")
+
+
 def plot_source_vs_target(table: pd.DataFrame) -> Figure:
     """What is kept of the source task: source-test vs target-test Dice of each run (points) and the
     mean ± sd of each starting point (crosses)."""

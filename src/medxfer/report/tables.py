@@ -99,6 +99,84 @@ def summary_table(table: pd.DataFrame, value: str = VALUE) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
+# ------------------------------------------------------------------------------------- per class
+# Per-class columns of the report: (column in the per-class table, key in results.csv, per-image metric?)
+PER_CLASS_METRICS = [
+    ("pooled Dice", "pooled dice index", False),
+    ("present-image Dice", "present-image dice index", False),
+    ("absent-image FP rate", "absent-image false-positive rate", False),
+    ("per-image Dice", "dice index", True),
+    ("HD95", "hd95", True),
+    ("NSD", "nsd", True),
+    ("ASSD", "assd", True),
+]
+PER_CLASS_COUNTS = [("images with class", "n present images"), ("images without", "n absent images")]
+ABSENT_CLASS_RULE = (
+    "How a class absent from a test image counts: pooled Dice sums a class's pixels over all test images, so an "
+    "image without the class adds only its false-positive pixels (and nothing when none is predicted); "
+    "present-image Dice averages over the images that hold the class; the absent-image FP rate is the share "
+    "of the images without it where any pixel is predicted as it. Per-image means (per-image Dice, HD95, NSD, "
+    "ASSD) score an image without the class 1 (Dice, NSD) or 0 (HD95, ASSD) when nothing is predicted, Dice "
+    "and NSD 0 for any false positive, while HD95 and ASSD leave such an image out (undefined, NaN): a class "
+    "that is absent from many images can move the per-image mean Dice without any change where it is present.")
+
+
+def _row_classes(row: Any) -> list[str]:
+    names = str(row.get("class names") or "")
+    return [n for n in names.split(", ") if n] or ["foreground"]
+
+
+def per_class_long(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per (run, test set, foreground class): the class's pooled, present-image and absent-image
+    values and its per-image means (binary runs: the bare metric keys are the foreground class's)."""
+    rows = []
+    keys = [c for c in CONFIG_COLUMNS if c in table.columns] + ["seed", "run id"]
+    for _, row in table.iterrows():
+        classes = _row_classes(row)
+        binary = row.get("n classes") == 2
+        for name in classes:
+            out = {k: row.get(k) for k in keys}
+            out["class"] = name
+            for column, key, per_image in PER_CLASS_METRICS:
+                value = row.get(f"{key}/{name}")
+                if (value is None or (isinstance(value, float) and math.isnan(value))) and per_image and binary:
+                    value = row.get(key)
+                out[column] = pd.to_numeric(value, errors="coerce") if value is not None else math.nan
+            for column, key in PER_CLASS_COUNTS:
+                out[column] = pd.to_numeric(row.get(f"{key}/{name}"), errors="coerce")
+            rows.append(out)
+    columns = keys + ["class"] + [c for c, _, _ in PER_CLASS_METRICS] + [c for c, _ in PER_CLASS_COUNTS]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def per_class_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Per configuration and foreground class: each metric of ``PER_CLASS_METRICS`` as mean ± sd over seeds
+    (columns without any value left out), and how many test images hold / lack the class."""
+    long = per_class_long(table)
+    if long.empty:
+        return long
+    keys = [c for c in CONFIG_COLUMNS if c in long.columns] + ["class"]
+    rows = []
+    for key, group in long.groupby(keys, dropna=False, sort=False):
+        row = dict(zip(keys, key))
+        row["n seeds"] = int(group["seed"].nunique())
+        for column, _, _ in PER_CLASS_METRICS:
+            values = group[column].dropna().to_numpy(dtype=float)
+            sd = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+            row[column] = format_mean_sd(float(values.mean()), sd) if len(values) else "n/a"
+            row[f"{column} mean"] = float(values.mean()) if len(values) else math.nan
+        for column, _ in PER_CLASS_COUNTS:
+            counts = group[column].dropna()
+            row[column] = int(counts.iloc[0]) if len(counts) else math.nan
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    sort = [c for c in ("dataset", "test set", "class", "model", "strategy", "pretraining length", "n train images")
+            if c in frame.columns]
+    frame = frame.sort_values(sort, kind="stable").reset_index(drop=True)
+    empty = [c for c, _, _ in PER_CLASS_METRICS if frame[f"{c} mean"].isna().all()]
+    return frame.drop(columns=empty + [f"{c} mean" for c in empty])
+
+
 def repeated_seeds(table: pd.DataFrame) -> list[Finding]:
     """Data-quality errors: one seed run twice (two run ids) within one configuration of the summary table.
     Such runs differ in something the table does not show (a setting, the data), so they are not two seeds;
