@@ -197,3 +197,41 @@ def blob_pair(shape: tuple[int, ...], seed: int, n_blobs: int = 4):
     prob = gaussian_filter(moved.astype(np.float32), sigma=1.5)
     prob += rng.normal(0, 0.08, shape).astype(np.float32)
     return np.clip(prob, 0.0, 1.0).astype(np.float32), gt
+
+
+def synthetic_cache(folder: Path, n_cases: int, shape: tuple[int, ...], dtype: str = "float32", seed: int = 0,
+                    n_classes: int = 3):
+    """``n_cases`` preprocessed cases written as ``medxfer.data.preprocess`` caches them (image ``(1, *shape)``
+    npy in ``dtype``, uint8 label with a few ellipsoids of classes 1..n_classes-1, sampled foreground voxels),
+    returned as ``Case`` objects whose ``meta["cache"]`` names the files (the images are memory-mapped)."""
+    import numpy as np
+
+    from medxfer.data.base import Case
+    from medxfer.data.preprocess import FOREGROUND_SAMPLES, foreground_coordinates
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    grids = np.ogrid[tuple(slice(0, s) for s in shape)]
+    cases = []
+    for i in range(n_cases):
+        label = np.zeros(shape, dtype=np.uint8)
+        for k in range(1, n_classes):
+            centre = rng.uniform(0.3, 0.7, len(shape)) * np.asarray(shape)
+            radius = rng.uniform(0.08, 0.2, len(shape)) * np.asarray(shape)
+            label[sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radius)) <= 1.0] = k
+        image = rng.standard_normal(shape, dtype=np.float32)
+        image += label.astype(np.float32)
+        paths = {"image": folder / f"case{i:04d}_image.npy", "label": folder / f"case{i:04d}_label.npy",
+                 "foreground": folder / f"case{i:04d}_fg.npy"}
+        np.save(paths["image"], image[None].astype(dtype))
+        np.save(paths["label"], label)
+        np.save(paths["foreground"], foreground_coordinates(label, FOREGROUND_SAMPLES, rng))
+        cases.append(Case(image=np.load(paths["image"], mmap_mode="r"), label=None, case_id=f"case{i:04d}",
+                          spacing=(1.0,) * len(shape), meta={"cache": {k: str(v) for k, v in paths.items()}}))
+    return cases
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages (what else ran on the machine while a benchmark did)."""
+    return [round(x, 2) for x in os.getloadavg()]

@@ -153,3 +153,30 @@ def test_loss_benchmark_tasks_hold_their_regimes_and_score_by_hand():
     assert scored["fg_ratio"] == pytest.approx(100 / 52) and not scored["collapsed"]
     truth[0, :4] = 0  # foreground 12 px, predicted 100: a collapse
     assert bench_losses.score(predicted, truth, 3)["collapsed"]
+
+
+@pytest.mark.slow  # ~15 s of bf16-free 3D steps on 2 CPU cores; the benchmark itself runs on the GPU
+def test_3d_gpu_benchmark_steps_run_on_the_cpu_with_cached_patches(tmp_path, monkeypatch):
+    import bench_3d_gpu
+    import torch
+
+    monkeypatch.setattr(bench_3d_gpu, "PATCH", (32, 32, 32))
+    cases = common.synthetic_cache(tmp_path, 3, (36, 34, 32), "float16")
+    models = bench_3d_gpu.build_models(width=2)
+    assert set(models) == {"unet3d", "DynUNet (nnU-Net)"}
+    stream = bench_3d_gpu.batches(bench_3d_gpu.make_loader(cases, workers=0))
+    fed = bench_3d_gpu.measure(models["unet3d"], stream, steps=2, warmup=0, device=torch.device("cpu"))
+    fixed = bench_3d_gpu.measure(models["DynUNet (nnU-Net)"], None, steps=2, warmup=0, device=torch.device("cpu"))
+    for result in (fed, fixed):
+        assert result["steps_per_s"] > 0 and 0.0 <= result["wait_share"] < 1.0 and np.isfinite(result["loss"])
+    assert fed["wait_s"] > 0 and fixed["wait_s"] < fed["wait_s"]  # the fixed batch never waits for data
+
+
+def test_data3d_benchmark_visits_every_cached_case_and_measures_memory_and_wait(tmp_path):
+    import bench_data3d
+
+    cases = common.synthetic_cache(tmp_path, 3, (20, 20, 18), "float16")
+    result = bench_data3d.pipeline(cases, patch=(16, 16, 16), steps=1, width=2, workers=0)
+    assert result["visited"] == 3 and result["workers"] == 0 and result["worker_peak_mb"] == 0.0
+    assert result["main_peak_mb"] >= result["main_start_mb"] > 0
+    assert result["total_peak_mb"] == result["main_peak_mb"] and 0.0 < result["wait_share"] < 1.0

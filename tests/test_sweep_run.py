@@ -10,7 +10,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 import pytest
@@ -284,3 +286,45 @@ def test_backend_mistakes_are_config_errors_before_anything_runs(tmp_path, optio
     with pytest.raises(ConfigError, match=expected):
         run_sweep(parse_sweep(TINY_GRID), tmp_path / "out", run_fn=_never_called, **options)
     assert not (tmp_path / "out").exists()
+
+
+@dataclass
+class DeviceJob:
+    """Writes which GPU its worker process was given (picklable: module level)."""
+
+    run_id: str
+    out_dir: str
+    threads: Optional[int] = None
+
+    def execute(self):
+        from medxfer.sweep.backends import RunOutcome
+
+        Path(self.out_dir, f"{self.run_id}.txt").write_text(f"{os.getpid()} {os.environ.get('CUDA_VISIBLE_DEVICES')}")
+        time.sleep(0.3)  # both workers get jobs
+        return RunOutcome(self.run_id, "done", 0.3)
+
+
+def test_gpus_are_handed_out_one_per_worker(monkeypatch):
+    import multiprocessing
+
+    from medxfer.sweep import backends
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 7")
+    assert backends.visible_gpus() == ["2", "7"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert backends.visible_gpus() == []  # "hide every GPU" stays so
+    queue = backends.gpu_queue(multiprocessing.get_context("spawn"), 3, ["2", "7"])
+    assert [queue.get(timeout=5) for _ in range(3)] == ["2", "7", "2"]  # round robin past the GPU count
+    assert backends.gpu_queue(multiprocessing.get_context("spawn"), 3, []) is None
+
+
+@pytest.mark.slow  # spawns two workers (~5 s here)
+def test_each_local_worker_sees_only_its_own_gpu(tmp_path, monkeypatch):
+    from medxfer.sweep import backends
+
+    monkeypatch.setattr(backends, "visible_gpus", lambda: ["3", "5"])  # a fake 2-GPU machine
+    outcomes = []
+    backends.run_process_pool([DeviceJob(f"r{i}", str(tmp_path)) for i in range(4)], outcomes.append, workers=2)
+    assert sorted(o.run_id for o in outcomes) == ["r0", "r1", "r2", "r3"]
+    seen = dict(tuple(p.read_text().split()) for p in tmp_path.glob("r*.txt"))  # worker pid -> its GPU
+    assert set(seen.values()) <= {"3", "5"} and len(set(seen.values())) == len(seen)

@@ -85,6 +85,30 @@ def _check_max_steps(value: int) -> int:
     return value
 
 
+class PreprocessConfig(StrictModel):
+    """nnU-Net-style plan and preprocess of a 3D dataset into an on-disk cache (``medxfer.data.preprocess``)."""
+
+    target_spacing: Optional[list[float]] = Field(
+        None, description="voxel spacing (mm per spatial axis, D H W) every case is resampled to; None = the "
+        "dataset's median spacing with nnU-Net's rule for an anisotropic axis")
+    normalization: Literal["auto", "ct", "zscore", "none"] = Field(
+        "auto", description="intensity normalisation per channel: ct = clip to the dataset's foreground 0.5/99.5 "
+        "percentiles, then z-score with its foreground mean and s.d.; zscore = per image (MRI); auto = ct for "
+        "channels dataset.json names CT, zscore for the others")
+    image_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="how cached images are stored (float16 halves the disk space and reads)")
+    cache_dir: Optional[Path] = Field(
+        None, exclude=True, description="folder of the preprocessed cache (one sub-folder per plan); None = "
+        "$MEDXFER_CACHE/preprocessed, else ~/.cache/medxfer/preprocessed. Not part of run ids")
+
+    @field_validator("target_spacing")
+    @classmethod
+    def _positive_spacing(cls, value: Optional[list[float]]) -> Optional[list[float]]:
+        if value is not None and (len(value) != 3 or any(not 0 < v < 1e4 for v in value)):
+            raise ValueError(f"target_spacing must be 3 positive spacings in mm (D H W), got {value}")
+        return value
+
+
 class DataConfig(StrictModel):
     """Which dataset, which part of it, and how images are prepared."""
 
@@ -119,6 +143,10 @@ class DataConfig(StrictModel):
         "Train on random patches of this size (and predict by sliding window); None = whole images."))
     foreground_ratio: float = Field(0.5, ge=0.0, le=1.0, description="Share of patches centred on foreground.")
     augment: bool = Field(True, description="Random training augmentation.")
+    preprocess: Optional[PreprocessConfig] = Field(None, description=(
+        "Plan and preprocess the dataset once into an on-disk cache (msd layout, 3D): resampling to a target "
+        "spacing, dataset-level CT normalisation; training then reads patches from the cache. None = read the "
+        "files and normalise per image (normalization)."))
 
     @field_validator("percentile_clip")
     @classmethod
@@ -199,7 +227,9 @@ class TrainConfig(StrictModel):
     precision: str = Field("auto", description=(
         '"auto": bf16/16 mixed precision on a GPU, fp32 on the CPU; or any Lightning value '
         "(32-true, 16-mixed, bf16-mixed, ...)."))
-    num_workers: int = Field(0, ge=0, description="Data-loader worker processes.")
+    num_workers: Optional[int] = Field(None, ge=0, description=(
+        "Data-loader worker processes; None = auto: min(4, cores - 1) for patches read from the preprocessed "
+        "cache (data.preprocess), 0 for in-memory data. Patches from the cache are the same for any worker count."))
     accelerator: str = Field("auto", description=(
         "auto | cpu | gpu | cuda | mps | tpu | hpu (a GPU one must be present at run time)."))
     log_every_n_steps: int = Field(10, ge=1, description="Logging interval in optimizer steps.")

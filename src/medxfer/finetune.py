@@ -55,6 +55,12 @@ def run_id_for(config: RunConfig) -> str:
     data = {key: value for key, value in config_to_dict(config).items() if key not in ID_EXCLUDED}
     if data.get("data_seed") is None:
         data.pop("data_seed", None)  # None = seed: the same run as before data_seed existed, the same id
+    if data["data"].get("preprocess") is None:
+        data["data"].pop("preprocess", None)  # as before data.preprocess existed: the same id
+    if data["train"].get("num_workers") is None:
+        # auto = 0 for in-memory data, and cache-backed patches are the same for any worker count: the same
+        # run as num_workers 0, the same id
+        data["train"]["num_workers"] = 0
     return stable_hash(data)
 
 
@@ -117,23 +123,36 @@ def _resolve_loss(config: RunConfig, train_cases, n_classes: int):
 def _loaders(config: RunConfig, train_cases, val_cases, n_classes: int, in_channels: int):
     from monai.data import DataLoader
 
+    from medxfer.data.patch_dataset import CachedPatchDataset, SeededSampler, default_num_workers
+    from medxfer.data.preprocess import image_normalization
     from medxfer.data.transforms import CaseDataset, training_augmentation
 
     d = config.data
-    augmentation = training_augmentation(d.spatial_dims, d.patch_size, d.foreground_ratio, d.augment)
-    common = dict(n_classes=n_classes, normalization=d.normalization, percentiles=d.percentile_clip,
+    cached = d.preprocess is not None and d.patch_size is not None
+    workers = config.train.num_workers
+    if workers is None:
+        workers = default_num_workers(cached)
+    common = dict(n_classes=n_classes, normalization=image_normalization(d), percentiles=d.percentile_clip,
                   in_channels=in_channels)
-    train_ds = CaseDataset(train_cases, transform=augmentation, **common)
-    mismatch = size_mismatch(train_cases) if d.patch_size is None else None
-    if mismatch:
-        raise ConfigError(f"data: {mismatch}")
     generator = torch.Generator().manual_seed(config.seed)
-    train_loader = DataLoader(train_ds, batch_size=min(config.train.batch_size, len(train_ds)), shuffle=True,
-                              num_workers=config.train.num_workers, generator=generator, drop_last=False)
+    batch_size = min(config.train.batch_size, len(train_cases))
+    if cached:  # patches read from the on-disk cache, a seed per item: batches do not depend on the workers
+        train_ds = CachedPatchDataset(train_cases, n_classes, d.patch_size, d.foreground_ratio, d.augment,
+                                      in_channels)
+        train_loader = DataLoader(train_ds, batch_size=batch_size, sampler=SeededSampler(len(train_ds), generator),
+                                  num_workers=workers, persistent_workers=workers > 0, drop_last=False)
+    else:
+        augmentation = training_augmentation(d.spatial_dims, d.patch_size, d.foreground_ratio, d.augment)
+        train_ds = CaseDataset(train_cases, transform=augmentation, **common)
+        mismatch = size_mismatch(train_cases) if d.patch_size is None else None
+        if mismatch:
+            raise ConfigError(f"data: {mismatch}")
+        train_loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                  generator=generator, drop_last=False)
     val_loader = None
     if val_cases:
         val_loader = DataLoader(CaseDataset(val_cases, **common), batch_size=1, shuffle=False,
-                                num_workers=config.train.num_workers)
+                                num_workers=min(workers, 1))
     return train_loader, val_loader
 
 
@@ -309,6 +328,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
             "n_train_images": len(train_cases),
             "train_case_ids": [c.case_id for c in train_cases],
             "train_spacing": spacing_summary(train_cases),  # mm per spatial axis; predict checks inputs against it
+            "preprocess_plan": data.meta.get("plan"),  # data.preprocess: predict resamples and normalises by it
             "pretraining": pretraining,
             "loss": loss_info,
             "forgetting_baseline": baseline_info,
@@ -329,6 +349,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
                     "in_channels": in_channels, "n_classes": data.n_classes})),
                 "run_id": run_id, "source": f"finetune:{data.name}", "length": pretraining["length"],
                 "data": config_to_dict(config.data), "train_spacing": spacing_summary(train_cases),
+                "preprocess_plan": data.meta.get("plan"),
             })
             write_record(directory, record)
         except Exception:

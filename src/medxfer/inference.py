@@ -27,7 +27,7 @@ SPACING_TOLERANCE = 0.1  # relative: an input spacing this far outside the train
 MODEL_FILE = "model.pt"
 DEFAULT_SETTINGS: dict[str, Any] = {
     "normalization": "zscore", "percentiles": (0.5, 99.5), "patch_size": None, "resize": None,
-    "threshold": 0.5, "overlap": 0.25, "sw_batch_size": 4, "spatial_dims": None,
+    "threshold": 0.5, "overlap": 0.25, "sw_batch_size": 4, "spatial_dims": None, "plan": None,
 }
 
 
@@ -125,24 +125,41 @@ def preprocessing_from_record(record: Optional[dict[str, Any]], manifest: Option
         settings["source"] = "model manifest"
     else:
         settings["source"] = "defaults"
+    # a run on preprocessed data (data.preprocess): inputs are resampled and normalised by its plan
+    settings["plan"] = (record or {}).get("preprocess_plan") or (manifest or {}).get("preprocess_plan")
     return settings
 
 
-def probabilities(model: torch.nn.Module, image: np.ndarray, settings: dict[str, Any]) -> np.ndarray:
+def probabilities(model: torch.nn.Module, image: np.ndarray, settings: dict[str, Any],
+                  spacing: Optional[Sequence[float]] = None) -> np.ndarray:
     """Softmax ``(n_classes, *S)`` of one ``(C, *S)`` image at its own size, preprocessed per ``settings``
-    (resized to the training size and back when the run resized its images)."""
+    (resized to the training size and back when the run resized its images; with a preprocessing plan,
+    resampled from ``spacing`` (mm, None = the plan's) to the plan's spacing, normalised by the plan, and
+    the probabilities resampled back to the input's grid)."""
     spatial = tuple(image.shape[1:])
     resize = settings.get("resize")
-    if resize is not None and tuple(resize) != spatial:
+    normalization = settings["normalization"]
+    plan = settings.get("plan")
+    if plan is not None:
+        from medxfer.data.preprocess import preprocess_case
+
+        spacing = plan["target_spacing"] if spacing is None else spacing
+        image, _ = preprocess_case(image, None, spacing, plan)
+        normalization = "none"
+    elif resize is not None and tuple(resize) != spatial:
         image, _, _ = resize_case_arrays(image, None, resize, None)
     encoder = model.encoder
     probs = predict_probabilities(
-        model, Case(image=image, label=None, case_id="input"), normalization=settings["normalization"],
+        model, Case(image=image, label=None, case_id="input"), normalization=normalization,
         percentiles=tuple(settings["percentiles"]), in_channels=encoder.in_channels,
         patch_size=settings.get("patch_size"), size_multiple=int(max(encoder.strides)),
         overlap=settings["overlap"], sw_batch_size=settings["sw_batch_size"],
     )
-    if probs.shape[1:] != spatial:
+    if plan is not None and probs.shape[1:] != spatial:
+        from medxfer.data.preprocess import resample_to_input
+
+        probs = resample_to_input(probs, spatial, spacing)
+    elif probs.shape[1:] != spatial:
         probs = np.stack([sk_resize(p, spatial, order=1, preserve_range=True) for p in probs]).astype(np.float32)
     return probs
 

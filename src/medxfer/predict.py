@@ -24,8 +24,9 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import nibabel as nib
 import numpy as np
@@ -157,6 +158,25 @@ def _mm(values) -> str:
     return "[" + ", ".join(f"{float(v):.3g}" for v in values) + "]"
 
 
+def _start_warm_up(model, settings: dict[str, Any]) -> Optional[threading.Thread]:
+    """Sliding-window models: import MONAI and set up the window's kernels in a background thread while
+    the first input is read (a fresh process's first window call cost 10x the next: medxfer.data.patches)."""
+    if not settings.get("patch_size"):
+        return None
+    from medxfer.data.patches import warm_up
+
+    def run() -> None:
+        try:
+            warm_up(model, settings["patch_size"], int(max(model.encoder.strides)), settings["sw_batch_size"],
+                    model.encoder.in_channels)
+        except Exception as exc:  # only a head start: the real call reports any real problem
+            log.debug("warm-up skipped: %s", exc)
+
+    thread = threading.Thread(target=run, name="medxfer-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
 def predict(model_path_or_run_dir: str | Path, inputs: str | Path, out_dir: str | Path, *,
             overlays: bool = True) -> dict[str, Any]:
     """Segment every input with a trained model; write masks, overlays and ``predict_summary.json``.
@@ -171,6 +191,7 @@ def predict(model_path_or_run_dir: str | Path, inputs: str | Path, out_dir: str 
                     "preprocessing (%s normalisation, no resize)", info["model_path"], settings["normalization"])
     trained_spacing = spacing_of_run(info["record"], info["manifest"])
     spatial_dims = int(model.spatial_dims)
+    warming = _start_warm_up(model, settings)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = list_inputs(inputs)
@@ -183,7 +204,8 @@ def predict(model_path_or_run_dir: str | Path, inputs: str | Path, out_dir: str 
         try:
             image, meta = read_input(path, spatial_dims)
             spacing = meta.get("spacing")
-            mismatch = bool(spacing and trained_spacing and spacing_mismatch(spacing, trained_spacing))
+            mismatch = bool(spacing and trained_spacing and settings.get("plan") is None
+                            and spacing_mismatch(spacing, trained_spacing))  # a plan resamples it anyway
             if mismatch:
                 # medxfer trains at the data's own spacing (no fixed-spacing option), so there is no
                 # training spacing to resample to: say so, with both spacings
@@ -193,13 +215,17 @@ def predict(model_path_or_run_dir: str | Path, inputs: str | Path, out_dir: str 
                             _mm(trained_spacing["max"]))
             image = _fit_channels(image, model.encoder.in_channels, path,
                                   colour=meta["format"] != "nifti" and image.ndim == 3)
+            if warming is not None:  # the first input was read meanwhile
+                warming.join()
+                warming = None
             if meta.get("slicewise"):
                 mask = np.stack([label_map(probabilities(model, image[:, d], settings), settings["threshold"])
                                  for d in range(image.shape[1])]).astype(mask_dtype)
             elif image.ndim != spatial_dims + 1:
                 raise DataError(f"{path}: a {spatial_dims}D model cannot take an image of shape {image.shape}")
             else:
-                mask = label_map(probabilities(model, image, settings), settings["threshold"]).astype(mask_dtype)
+                mask = label_map(probabilities(model, image, settings, spacing),
+                                 settings["threshold"]).astype(mask_dtype)
             data, suffix, stored_shape = _mask_bytes(mask, {**meta, "n_classes": model.n_classes}, path)
             mask_path = out_dir / f"{stem}_mask{suffix}"
             atomic_write_bytes(mask_path, data)

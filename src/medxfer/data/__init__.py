@@ -49,7 +49,12 @@ def get_loader(name: str) -> Callable:
 
 def load_data(config) -> SegmentationData:
     """Load the dataset a :class:`medxfer.config.DataConfig` names (all splits, no subsetting)."""
-    data = get_loader(config.name)(config)
+    if getattr(config, "preprocess", None) is not None:
+        from medxfer.data.preprocess import load_preprocessed
+
+        data = load_preprocessed(config)
+    else:
+        data = get_loader(config.name)(config)
     data.name = dataset_name(config.name, data.name, config.root, config.label)
     if config.resize is not None:  # for every layout: loaders that resize while reading leave nothing to do
         size = tuple(config.resize)

@@ -148,12 +148,21 @@ def split_train_val_grouped(
     keys = list(dict.fromkeys(key(c) for c in cases))  # first-appearance order: deterministic
     if val_fraction <= 0 or len(keys) < 2:
         return cases, []
-    n_val = min(len(keys) - 1, max(1, int(round(val_fraction * len(keys)))))
-    order = seeded_order(len(keys), seed)
-    val_keys = {keys[i] for i in order[:n_val].tolist()}
+    val_keys = split_keys(keys, val_fraction, seed)
     train = [c for c in cases if key(c) not in val_keys]
     val = [c for c in cases if key(c) in val_keys]
     return train, val
+
+
+def split_keys(keys: Sequence[str], val_fraction: float, seed: int = 0) -> set[str]:
+    """The keys (in first-appearance order, no repeats) that :func:`split_train_val_grouped` puts on the
+    validation side: a share ``val_fraction`` of them, at least one and never all."""
+    keys = list(keys)
+    if val_fraction <= 0 or len(keys) < 2:
+        return set()
+    n_val = min(len(keys) - 1, max(1, int(round(val_fraction * len(keys)))))
+    order = seeded_order(len(keys), seed)
+    return {keys[i] for i in order[:n_val].tolist()}
 
 
 def check_case(

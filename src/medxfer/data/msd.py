@@ -36,6 +36,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -47,6 +48,7 @@ from medxfer.data.base import (
     SegmentationData,
     check_case,
     check_pixel_count,
+    split_keys,
     split_train_val_grouped,
 )
 from medxfer.data.folders import as_label_array, require_dir, require_root, resize_case_arrays, take_options
@@ -355,58 +357,104 @@ def _read_case(
 _OPTIONS = {"task": None, "test_fraction": DEFAULT_TEST_FRACTION, "annotated_csv": None}
 
 
-def load_msd(config) -> SegmentationData:
-    """Loader entry point for ``data.name: msd`` (a :class:`medxfer.config.DataConfig`)."""
+@dataclass
+class MsdSource:
+    """What the ``msd`` layout says before any volume is read: the cases (id, image files, label file),
+    their labels and channels. ``scan_msd`` builds it; ``load_msd`` and the preprocessing step
+    (``medxfer.data.preprocess``, one case at a time) read the cases through it."""
+
+    root: Path
+    meta: dict[str, Any]
+    class_names: list[str]
+    ignore_value: Optional[int]
+    n_channels: Optional[int]
+    entries: list[tuple[str, list[Path], Path]]
+    annotated: dict[str, tuple[int, ...]]
+    test_fraction: float
+
+    @property
+    def channel_names(self) -> list[str]:
+        """The channel names of dataset.json in channel order ("CT", "T2", ...), [] when it lists none."""
+        channels = self.meta.get("channel_names", self.meta.get("modality")) or {}
+        return [str(channels[k]) for k in sorted(channels, key=lambda k: int(k) if str(k).isdigit() else 0)]
+
+
+def scan_msd(config) -> MsdSource:
+    """Read dataset.json and list the labelled cases; no volume is read."""
     opts = take_options(config.options, _OPTIONS, "msd")
     root = _task_root(config)
     source = root / "dataset.json"
     meta = _read_json(source)
     class_names, ignore_value = parse_labels(meta.get("labels"), source)
-    n_classes = len(class_names)
     n_channels = _channel_count(meta, source)
     entries = _training_entries(root, meta, n_channels, source)
     if not entries:
         raise DataError(f"{root}: empty dataset: no labelled cases in dataset.json or labelsTr")
-    annotated = read_annotated(root, meta, opts["annotated_csv"], n_classes, {e[0] for e in entries}, source)
+    annotated = read_annotated(root, meta, opts["annotated_csv"], len(class_names), {e[0] for e in entries}, source)
     test_fraction = float(opts["test_fraction"])
     if not 0.0 <= test_fraction < 1.0:
         raise DataError(f"dataset 'msd': options.test_fraction must be in [0, 1), got {test_fraction}")
+    return MsdSource(root, meta, class_names, ignore_value, n_channels, entries, annotated, test_fraction)
 
+
+def read_training_case(scan: MsdSource, entry: tuple[str, list[Path], Path], channels: Optional[int] = None
+                       ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """One labelled case of ``scan`` as ``(image (C, D, H, W), label (D, H, W), spacing)``; ``channels``:
+    the channel count the other cases have (checked)."""
+    case_id, images, label_path = entry
+    image, label, spacing = _read_case(images, label_path)
+    if scan.ignore_value is not None:
+        label[label == scan.ignore_value] = IGNORE_INDEX
+    expected = channels if channels is not None else scan.n_channels
+    if expected is not None and image.shape[0] != expected:
+        where = "dataset.json declares" if channels is None else "other cases have"
+        raise DataError(f"{images[0]}: {image.shape[0]} channel(s), but {where} {expected}")
+    return image, label, spacing
+
+
+def test_and_val_ids(case_ids: list[str], test_fraction: float, val_fraction: Optional[float]
+                     ) -> tuple[set[str], set[str]]:
+    """The held-out test cases and the validation cases of the msd layout, by case id (whole volumes)."""
+    test = split_keys(case_ids, test_fraction, _TEST_SEED)
+    pool = [c for c in case_ids if c not in test]
+    val = split_keys(pool, DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction, _SPLIT_SEED)
+    return test, val
+
+
+def load_msd(config) -> SegmentationData:
+    """Loader entry point for ``data.name: msd`` (a :class:`medxfer.config.DataConfig`)."""
+    scan = scan_msd(config)
+    n_classes = len(scan.class_names)
     cases: list[Case] = []
     channels = None
-    for case_id, images, label_path in entries:
-        image, label, spacing = _read_case(images, label_path)
-        if ignore_value is not None:
-            label[label == ignore_value] = IGNORE_INDEX
-        if channels is None:
-            channels = image.shape[0]
-            if n_channels is not None and channels != n_channels:
-                raise DataError(f"{images[0]}: {channels} channel(s), but dataset.json declares {n_channels}")
-        elif image.shape[0] != channels:
-            raise DataError(f"{images[0]}: {image.shape[0]} channel(s), other cases have {channels}")
+    for entry in scan.entries:
+        case_id, images, label_path = entry
+        image, label, spacing = read_training_case(scan, entry, channels)
+        channels = image.shape[0]
         case_meta = {"image_path": str(images[0]), "label_path": str(label_path), "volume_shape": image.shape[1:]}
         for case in volume_cases(image, label, spacing, case_id, case_meta, config.spatial_dims,
-                                 config.resize, annotated.get(case_id)):
+                                 config.resize, scan.annotated.get(case_id)):
             check_case(case, str(images[0]), n_classes, label_source=str(label_path))
             cases.append(case)
 
-    pool, test = split_train_val_grouped(cases, test_fraction, seed=_TEST_SEED)
+    pool, test = split_train_val_grouped(cases, scan.test_fraction, seed=_TEST_SEED)
     val_fraction = DEFAULT_VAL_FRACTION if config.val_fraction is None else config.val_fraction
     train, val = split_train_val_grouped(pool, val_fraction, seed=_SPLIT_SEED)
     return SegmentationData(
-        name=str(meta.get("name") or root.name),
+        name=str(scan.meta.get("name") or scan.root.name),
         train=train,
         val=val,
         test=test,
         n_classes=n_classes,
-        class_names=class_names,
+        class_names=scan.class_names,
         in_channels=int(channels),
         spatial_dims=config.spatial_dims,
         meta={
-            "root": str(root),
-            "unlabelled_images": [str(p) for p in _unlabelled_entries(root, meta, n_channels)],
-            "annotated_cases": len(annotated),
-            "ignore_label": ignore_value,
+            "root": str(scan.root),
+            "unlabelled_images": [str(p) for p in _unlabelled_entries(scan.root, scan.meta, scan.n_channels)],
+            "annotated_cases": len(scan.annotated),
+            "ignore_label": scan.ignore_value,
+            "channel_names": scan.channel_names,
         },
     )
 

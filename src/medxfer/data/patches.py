@@ -1,4 +1,11 @@
-"""Whole-image inference: sliding windows (MONAI) for patch-trained models, padding otherwise."""
+"""Whole-image inference: sliding windows (MONAI) for patch-trained models, padding otherwise.
+
+The first sliding-window call in a fresh process used to cost 10x the next one: it imported MONAI (whose
+``__init__`` imports every submodule, torchvision and ``torch._dynamo`` among them: 3-8 s on 2 cores) and
+set up the convolution kernels for the window shape (oneDNN primitives on the CPU, cuDNN / cuBLAS on a
+GPU). :func:`warm_up` pays both up front; ``medxfer predict`` runs it in a background thread while the
+first input is read (benchmarks/bench_warmup.py measures both).
+"""
 
 from __future__ import annotations
 
@@ -22,6 +29,23 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, list[
     return x, crop
 
 
+def window_size(patch_size: Sequence[int], size_multiple: int) -> list[int]:
+    """The sliding window: the training patch rounded up to the network's total stride."""
+    return [int(math.ceil(p / size_multiple) * size_multiple) for p in patch_size]
+
+
+@torch.inference_mode()
+def warm_up(model: torch.nn.Module, patch_size: Sequence[int], size_multiple: int = 1, sw_batch_size: int = 4,
+            in_channels: int = 1) -> None:
+    """Import MONAI's inferer and run the model once on a batch of zero windows, so that the first real
+    sliding-window call costs what the next ones do."""
+    from monai.inferers import sliding_window_inference  # noqa: F401  (the import is the point)
+
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    model(torch.zeros(sw_batch_size, in_channels, *window_size(patch_size, size_multiple), device=device))
+
+
 @torch.inference_mode()
 def predict_logits(
     model: torch.nn.Module,
@@ -40,7 +64,7 @@ def predict_logits(
     if patch_size is not None and any(s > p for s, p in zip(image.shape[2:], patch_size)):
         from monai.inferers import sliding_window_inference
 
-        roi = [int(math.ceil(p / size_multiple) * size_multiple) for p in patch_size]
+        roi = window_size(patch_size, size_multiple)
         logits = sliding_window_inference(
             image, roi_size=roi, sw_batch_size=sw_batch_size, predictor=model,
             overlap=overlap, mode="gaussian", padding_mode="replicate",

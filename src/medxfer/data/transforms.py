@@ -85,8 +85,8 @@ def training_augmentation(spatial_dims: int, patch_size: Optional[Sequence[int]]
 class CaseDataset(Dataset):
     """Cases -> ``{"image": float32 (C, *S), "label": int64 (*S), "annotated": bool (n_classes,)}``.
 
-    Normalisation is done once up front; augmentation/patching per item (seeded through torch's RNG,
-    which Lightning seeds in every worker).
+    Normalisation, augmentation and patching happen per item (seeded through torch's RNG, which Lightning
+    seeds in every worker), so no second, normalised copy of the dataset is held in memory.
     """
 
     def __init__(self, cases: Sequence[Case], n_classes: int, normalization: str = "zscore",
@@ -94,8 +94,9 @@ class CaseDataset(Dataset):
                  transform=None):
         self.cases = list(cases)
         self.n_classes = n_classes
-        self.images = [match_channels(normalize_image(c.image, normalization, percentiles), in_channels)
-                       for c in self.cases]
+        self.normalization = normalization
+        self.percentiles = percentiles
+        self.in_channels = in_channels
         self.transform = transform
         if transform is not None and hasattr(transform, "set_random_state"):
             transform.set_random_state(seed=int(torch.initial_seed() % (2**31)))
@@ -112,7 +113,7 @@ class CaseDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         case = self.cases[index]
-        image = self.images[index]
+        image = match_channels(normalize_image(case.image, self.normalization, self.percentiles), self.in_channels)
         label = case.label if case.label is not None else np.full(case.spatial_shape, IGNORE_INDEX)
         item = {"image": image, "label": label[None].astype(np.float32)}
         if self.transform is not None:

@@ -12,6 +12,7 @@ import torch
 from medxfer.config import DataConfig, EvalConfig
 from medxfer.data.base import Case
 from medxfer.data.patches import predict_logits
+from medxfer.data.preprocess import image_normalization
 from medxfer.data.transforms import match_channels, normalize_image
 from medxfer.evaluation.metrics import (DEFAULT_NSD_TOLERANCE, MetricAccumulator, class_keys, metric_provenance,
                                         segmentation_metrics)
@@ -83,7 +84,7 @@ def evaluate_test_set(model: torch.nn.Module, cases: Sequence[Case], n_classes: 
     encoder input channels and total stride."""
     evaluation = evaluate_cases(
         model, cases, n_classes, threshold=eval_config.threshold, nsd_tolerance=eval_config.nsd_tolerance,
-        class_names=class_names, headline=eval_config.headline, normalization=data_config.normalization,
+        class_names=class_names, headline=eval_config.headline, normalization=image_normalization(data_config),
         percentiles=data_config.percentile_clip, in_channels=model.encoder.in_channels if in_channels is None else in_channels,
         patch_size=data_config.patch_size,
         size_multiple=int(model.required_multiple) if size_multiple is None else size_multiple, overlap=eval_config.sw_overlap,

@@ -18,6 +18,7 @@ from matplotlib.lines import Line2D
 
 from medxfer.config import DataConfig, parse_config
 from medxfer.data import load_data
+from medxfer.data.preprocess import is_preprocessed
 from medxfer.data.base import IGNORE_INDEX
 from medxfer.errors import MedxferError
 from medxfer.inference import label_map, load_trained_model, preprocessing_from_record, probabilities
@@ -218,6 +219,8 @@ def plot_overlay_grid(results_dir: str | Path, records: Sequence[dict[str, Any]]
         draw_contours(axes[r, 1], pick(case.label), data.n_classes)
         for c, (title, model, record) in enumerate(columns, start=2):
             settings = preprocessing_from_record(record)
+            if is_preprocessed(case):  # read from the cache: already resampled and normalised by the plan
+                settings = {**settings, "plan": None, "normalization": "none"}
             probs = probabilities(model, case.image, settings)
             draw_contours(axes[r, c], pick(label_map(probs, settings["threshold"])), data.n_classes)
             dice = _case_dice(record, case.case_id)

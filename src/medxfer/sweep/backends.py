@@ -178,10 +178,37 @@ def die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="medxfer-parent-watchdog", daemon=True).start()
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names them: that variable's list when it
+    is set, else ``0 .. n-1`` for the n GPUs torch counts (none without CUDA)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip() and d.strip() != "-1"]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # no usable CUDA: no GPUs
+        return []
+
+
+def gpu_queue(context, workers: int, gpus: Sequence[str]):
+    """A queue holding one GPU per worker (round robin when there are more workers than GPUs); None
+    without GPUs. Each worker takes one as it starts (:func:`_init_worker`)."""
+    if not gpus:
+        return None
+    queue = context.Queue()
+    for index in range(workers):
+        queue.put(str(gpus[index % len(gpus)]))
+    return queue
+
+
 def _init_worker(threads: int, levels: Optional[dict[str, int]] = None, warning_filters: Optional[list] = None,
-                 parent_pid: Optional[int] = None, started: Any = None) -> None:
+                 parent_pid: Optional[int] = None, started: Any = None, gpus: Any = None) -> None:
     import warnings
 
+    if gpus is not None:  # before anything can initialise CUDA: the worker sees its one GPU as cuda:0
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus.get(timeout=60)
     global _STARTED
     _STARTED = started
 
@@ -204,7 +231,8 @@ MAX_POOL_ATTEMPTS = 3  # a run whose pool broke this often without being the one
 
 
 def run_process_pool(jobs: Sequence[Any], on_outcome: OnOutcome, workers: int) -> None:
-    """``workers`` spawned processes (never forked: torch and fork do not mix), each with its share of cores.
+    """``workers`` spawned processes (never forked: torch and fork do not mix), each with its share of cores
+    and, on a machine with GPUs, its own GPU (``CUDA_VISIBLE_DEVICES``, round robin over :func:`visible_gpus`).
 
     A worker process that dies (the OOM killer, a kill -9, a crash) breaks Python's pool: every run it held
     fails at once. Here the run the dead worker was doing is failed and recorded with the signal that
@@ -233,7 +261,8 @@ def _pool_round(jobs: Sequence[Any], on_outcome: OnOutcome, workers: int, thread
     started = context.SimpleQueue()
     pool = futures.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context,
                                        initializer=_init_worker,
-                                       initargs=(threads, *_parent_log_settings(), os.getpid(), started))
+                                       initargs=(threads, *_parent_log_settings(), os.getpid(), started,
+                                                 gpu_queue(context, min(workers, len(jobs)), visible_gpus())))
     lost: list = []
     finished: set[str] = set()
     try:
