@@ -17,12 +17,27 @@ else
   export PYTHONPATH=$PWD/src
 fi
 status=0
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; uptime; } 2>&1 | tee "$OUT/machine.txt"
-$PY -c "import torch, monai, nibabel, pydantic; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'monai', monai.__version__)" 2>&1 | tee -a "$OUT/machine.txt" || exit 1
-timeout 240 $PY benchmarks/bench_3d_gpu.py 2>&1 | tee "$OUT/bench_3d_gpu.log" || status=1
-timeout 90 $PY benchmarks/bench_warmup.py 2>&1 | tee "$OUT/bench_warmup.log" || status=1
+LOG="$OUT/gpu_check.log"
+keep() { cp "$@" "$OUT/" 2>/dev/null || true; }  # results come back even if a later step runs out of time
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; uptime; } 2>&1 | tee "$LOG"
+$PY -c "import torch, monai, nibabel, pydantic; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'monai', monai.__version__)" 2>&1 | tee -a "$LOG" || exit 1
+echo "== bench_3d_gpu" | tee -a "$LOG"
+timeout 240 $PY benchmarks/bench_3d_gpu.py 2>&1 | tee -a "$LOG" || status=1
+keep benchmarks/results/3d_gpu.json
+echo "== bench_warmup (GPU)" | tee -a "$LOG"
+timeout 90 $PY benchmarks/bench_warmup.py 2>&1 | tee -a "$LOG" || status=1
+keep benchmarks/results/warmup_cuda.json
+echo "== tests" | tee -a "$LOG"
 timeout 150 $PY -m pytest -q -p no:cacheprovider -m "not slow" -rs tests/test_models.py tests/test_preprocess.py \
-  2>&1 | tee "$OUT/pytest.log" || status=1
-cp benchmarks/results/3d_gpu.json benchmarks/results/warmup_cuda.json "$OUT/" 2>/dev/null || status=1
-echo "gpu_check: exit $status"
+  2>&1 | tee -a "$LOG" || status=1
+# the same machine's idle CPU cores, for the CPU figures (this project's own machine is shared)
+echo "== bench_warmup (CPU)" | tee -a "$LOG"
+CUDA_VISIBLE_DEVICES= timeout 90 $PY benchmarks/bench_warmup.py 2>&1 | tee -a "$LOG" || status=1
+keep benchmarks/results/warmup_cpu.json
+if [ "${WITH_DATA3D:-1}" = 1 ]; then
+  echo "== bench_data3d (CPU)" | tee -a "$LOG"
+  CUDA_VISIBLE_DEVICES= timeout 150 $PY benchmarks/bench_data3d.py 2>&1 | tee -a "$LOG" || status=1
+  keep benchmarks/results/data3d.json
+fi
+echo "gpu_check: exit $status" | tee -a "$LOG"
 exit $status
