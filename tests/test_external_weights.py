@@ -278,7 +278,7 @@ def test_pretraining_continues_from_an_imported_encoder_at_fewer_levels(tmp_path
     torch.testing.assert_close(start.state_dict()["body.layer2.1.conv2.weight"], state["layer2.1.conv2.weight"])
     assert result.checkpoints[0].manifest["started_from"]["checkpoint"] == str(path)
     assert result.record["started_from"]["source"].endswith("resnet18.pth")
-    with pytest.raises(ConfigError, match="pretrained: pretraining continues from an encoder"):
+    with pytest.raises(ConfigError, match="classification pretraining continues from an encoder"):
         parse_config({"pretrained": {"checkpoint": str(folder), "load": "full"}}, PretrainConfig)
 
 

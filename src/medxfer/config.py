@@ -528,15 +528,21 @@ class PretrainConfig(StrictModel):
         "Score each checkpoint on the target while pretraining."))
     # Left out of the run identity when None, so existing folders keep theirs.
     pretrained: Optional[PretrainedConfig] = Field(None, description=(
-        "Continue pretraining from an encoder (an imported ImageNet folder, a raw file, another run's "
-        "checkpoint); None = random init."))
+        "Continue pretraining from other weights; None = random init. load: encoder (default) takes an encoder "
+        "(an imported ImageNet folder, a raw file, another run's checkpoint); with task segmentation, load: full "
+        "takes another segmentation pretraining's whole model of `length` (checkpoint = its folder) and, when "
+        "that is the length its run ended at, its optimizer state too (a continued run); encoder_decoder takes "
+        "the model without its head (other classes)."))
 
     @model_validator(mode="after")
     def _segmentation_needs_data(self) -> "PretrainConfig":
         if self.task == "segmentation" and self.data is None:
             raise ValueError("task 'segmentation' needs a data section (the sparsely annotated dataset)")
-        if self.pretrained is not None and (self.pretrained.checkpoint is None or self.pretrained.load != "encoder"):
-            raise ValueError("pretrained: pretraining continues from an encoder: set checkpoint, with load: encoder")
+        if self.pretrained is not None and self.pretrained.checkpoint is None:
+            raise ValueError("pretrained: set checkpoint (the encoder or pretraining run to continue from)")
+        if self.pretrained is not None and self.pretrained.load != "encoder" and self.task != "segmentation":
+            raise ValueError(f"pretrained.load: {self.pretrained.load} continues a segmentation pretraining (whole "
+                             "model); classification pretraining continues from an encoder (load: encoder)")
         return self
 
 

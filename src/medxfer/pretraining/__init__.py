@@ -44,8 +44,21 @@ Output folder (``checkpoints.py``)::
                                                  (``weights.list_checkpoints`` reads this folder)
     OUT/models/model_lenNNNN.pt + .json          segmentation only: the whole segmenter per length
     OUT/lightning/last.ckpt                      Lightning's resume checkpoint (removed when done)
+    OUT/final_state.ckpt                         the trained state at the end (weights, optimizer, LR schedule,
+                                                 counters): what an extension resumes from
     OUT/pretrain_config.json                     the resolved config; another config in OUT is an error
     OUT/pretrain.json                            the run record, written last: the run is done when it exists
+    OUT/pretrain_lenNNNN.json                    the record of a ladder that was later extended
+
+Extension: a finished run takes later lengths. Run it again with the same config and more lengths in
+``schedule.lengths`` (all of the old ones, the new ones beyond the old longest): it resumes from
+``final_state.ckpt`` (optimizer state and step counters included) and trains on to the new longest; the
+learning-rate schedule is recomputed over the new longest length, so under a cosine schedule the rate rises
+again at the old end (the new checkpoints are "an extended run", not what a run planned to that length from
+the start would give). Lengths inside the finished schedule, an unfinished or stopped run, or another
+change of the config are refused with one line. ``pretrained: {checkpoint: RUN, length: N, load: full}``
+(segmentation) starts a new run from another run's whole model, with its optimizer state when ``N`` is the
+length that run ended at.
 
 Manifest fields beside save_encoder's own (arch, channels, strides, length, source, ...):
 ``pretraining_length``, ``length_unit``, ``val_accuracy`` (classification; ``None`` for segmentation),

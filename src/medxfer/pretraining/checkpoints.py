@@ -8,16 +8,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from medxfer.config import PretrainConfig, config_to_dict
+from medxfer.config import PretrainConfig, config_to_dict, parse_config
 from medxfer.errors import CheckpointError, ConfigError
 from medxfer.io import atomic_write_json
 from medxfer.models.weights import checkpoint_filename, list_checkpoints, save_encoder, save_model_weights
+from medxfer.pretraining.recipes import config_identity
 
 CHECKPOINT_DIR = "checkpoints"
 MODEL_DIR = "models"
 LIGHTNING_DIR = "lightning"
 CONFIG_FILE = "pretrain_config.json"
 RECORD_FILE = "pretrain.json"
+# The trained state at the end of a run (weights, optimizer, LR schedule, loop counters, callback state): what
+# extending the ladder resumes from, and what `pretrained: {load: full}` takes the optimizer state from.
+FINAL_STATE_FILE = "final_state.ckpt"
 
 
 @dataclass
@@ -93,19 +97,55 @@ def resolve_model_checkpoint(path: str | Path, length: Optional[int]) -> Path:
     return model_path(run, length)
 
 
-def guard_folder(out: Path, config: PretrainConfig, identity: str) -> None:
-    """One folder, one pretraining config: refuse to mix checkpoints of different runs."""
-    path = out / CONFIG_FILE
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path}: unreadable ({type(exc).__name__}); remove it or use another output folder") from None
-        if saved.get("config_hash") != identity:
-            raise ConfigError(f"{out}: holds a pretraining run with another config (see {path}); "
-                              "use another output folder")
-    elif (out / CHECKPOINT_DIR).is_dir() and any((out / CHECKPOINT_DIR).glob("*.pt")):
-        raise ConfigError(f"{out / CHECKPOINT_DIR}: holds checkpoints of an unknown run; use another output folder")
-    else:
-        atomic_write_json(path, {"config_hash": identity, "config": config_to_dict(config)})
+def _saved_base_identity(saved: dict[str, Any]) -> Optional[str]:
+    """The identity without lengths of a saved config record (computed for folders written before it was kept)."""
+    if saved.get("base_hash"):
+        return saved["base_hash"]
+    try:
+        return config_identity(parse_config(saved.get("config"), PretrainConfig), with_lengths=False)
+    except ConfigError:  # a config of an older medxfer that no longer validates: not the same run
+        return None
 
+
+def final_state_path(out: Path) -> Path:
+    return Path(out) / FINAL_STATE_FILE
+
+
+def read_folder_config(out: Path) -> Optional[dict[str, Any]]:
+    """The saved ``pretrain_config.json`` of a pretraining folder (None if there is none)."""
+    path = Path(out) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: unreadable ({type(exc).__name__}); remove it or use another output folder") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path}: not a pretraining config record; remove it or use another output folder")
+    return saved
+
+
+def write_folder_config(out: Path, config: PretrainConfig, identity: str, **extra: Any) -> None:
+    atomic_write_json(Path(out) / CONFIG_FILE, {"config_hash": identity, "config": config_to_dict(config), **extra})
+
+
+def guard_folder(out: Path, config: PretrainConfig, identity: str,
+                 base_identity: Optional[str] = None) -> Optional[dict[str, Any]]:
+    """One folder, one pretraining run: refuse to mix checkpoints of different runs.
+
+    Returns None when the folder is new or holds this very config; returns the saved config record when
+    the folder holds the same run with other schedule lengths (``base_identity`` = the identity without
+    lengths; the caller decides whether that is an extension it accepts)."""
+    path = out / CONFIG_FILE
+    saved = read_folder_config(out)
+    if saved is not None:
+        if saved.get("config_hash") == identity:
+            return None
+        if base_identity is not None and _saved_base_identity(saved) == base_identity:
+            return saved
+        raise ConfigError(f"{out}: holds a pretraining run with another config (see {path}); "
+                          "use another output folder")
+    if (out / CHECKPOINT_DIR).is_dir() and any((out / CHECKPOINT_DIR).glob("*.pt")):
+        raise ConfigError(f"{out / CHECKPOINT_DIR}: holds checkpoints of an unknown run; use another output folder")
+    write_folder_config(out, config, identity, **({"base_hash": base_identity} if base_identity else {}))
+    return None

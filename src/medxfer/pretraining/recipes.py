@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from medxfer.config import PretrainConfig, config_to_dict
 from medxfer.errors import ConfigError
@@ -42,9 +42,13 @@ def resolve_recipe(config: PretrainConfig) -> dict[str, Any]:
     return recipe
 
 
-def config_identity(config: PretrainConfig) -> str:
-    """Hash of everything that changes the checkpoints (not workers, accelerator or logging)."""
+def config_identity(config: PretrainConfig, *, with_lengths: bool = True) -> str:
+    """Hash of everything that changes the checkpoints (not workers, accelerator or logging).
+    ``with_lengths=False``: the run without its schedule's lengths (a ladder extended by later lengths is
+    the same run)."""
     data = config_to_dict(config)
+    if not with_lengths:
+        data["schedule"].pop("lengths", None)
     for name in RUNTIME_FIELDS:
         data["train"].pop(name, None)
     data.pop("name", None)
@@ -67,6 +71,7 @@ class PretrainSetup:
     n_val: int
     save_full_model: bool
     record: dict[str, Any]
+    optimizer_state: Optional[dict[str, Any]] = None  # loaded into the optimizer before the first step
 
 
 def steps_per_epoch(loader) -> int:
