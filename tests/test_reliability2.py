@@ -383,3 +383,23 @@ def test_one_killed_worker_fails_its_run_with_the_reason_and_the_rest_run(tmp_pa
     assert "killed by SIGKILL" in error["error"]
     assert all(by_seed[s].status == "done" for s in (0, 2, 3, 4, 5))
     assert all((run_dir(tmp_path, run_id_for(configs[s])) / "result.json").is_file() for s in (0, 2, 3, 4, 5))
+
+
+# --- item 9: a Ray address where nothing listens ---------------------------------------------------------
+
+
+def test_a_ray_address_with_nothing_listening_is_one_line_and_writes_nothing(tmp_path, capsys):
+    """Item 9: `--address 127.0.0.1:6399` with no cluster was still retrying after 590 s, having written a
+    lock and a sweep record."""
+    import socket
+
+    with socket.socket() as probe:  # a free loopback port: bound, then closed, so nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    grid = write_yaml(tmp_path / "grid.yaml", {"name": "ray", "base": TINY_RUN, "axes": {"seed": [0, 1]}})
+    started = time.perf_counter()
+    code = main(["sweep", str(grid), "--out", str(tmp_path / "out"), "--backend", "ray",
+                 "--address", f"127.0.0.1:{port}"])
+    assert code == 2 and time.perf_counter() - started < 30
+    assert f"--address 127.0.0.1:{port}: no Ray cluster reachable there" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()

@@ -342,6 +342,31 @@ def import_ray():
     return ray
 
 
+RAY_CONNECT_TIMEOUT_S = 30.0
+
+
+def check_ray_address(address: Optional[str], timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """Refuse, with one line and before anything is written, a cluster address where nothing answers:
+    ``ray.init`` retries such an address for many minutes (and ignores SIGTERM meanwhile). Only a TCP
+    connect with ``timeout_s``; ``auto`` and no address (a local instance) are left to Ray."""
+    import socket
+
+    if not address or address == "auto":
+        return
+    host_port = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address {address!r}: expected HOST:PORT (or ray://HOST:PORT, or auto)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        why = "no answer within {:g} s".format(timeout_s) if isinstance(exc, socket.timeout) else (
+            exc.strerror or str(exc))
+        raise ConfigError(f"--address {address}: no Ray cluster reachable there ({why}); start one with "
+                          "`ray start --head`, or fix the address") from None
+
+
 def connect_ray(address: Optional[str] = None) -> bool:
     """Connect to the cluster at ``address``, or start a local Ray instance; True if this call did either
     (the caller then shuts it down). A local instance starts without Ray's dashboard: measured 2.8 s

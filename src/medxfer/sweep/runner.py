@@ -29,6 +29,7 @@ from medxfer.sweep.backends import (
     RunOutcome,
     backend_session,
     check_backend,
+    check_ray_address,
     is_disk_full,
     record_failure,
     run_jobs,
@@ -337,6 +338,8 @@ def run_sweep(grid: Union[str, Path, SweepConfig, dict], out_dir: str | Path, ba
             if len(plan.invalid) > 1 else ""
         raise ConfigError(f"{message}{more}")
 
+    if backend == "ray":
+        check_ray_address(address)  # before the folder, its lock or the sweep's record
     out_dir.mkdir(parents=True, exist_ok=True)
     # One sweep per folder at a time: a second one would run every run and pretraining again, and resume
     # from the first one's live checkpoints.
