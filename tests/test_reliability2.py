@@ -403,3 +403,57 @@ def test_a_ray_address_with_nothing_listening_is_one_line_and_writes_nothing(tmp
     assert code == 2 and time.perf_counter() - started < 30
     assert f"--address 127.0.0.1:{port}: no Ray cluster reachable there" in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+# --- item 17: following the advice into the same folder ---------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_pretraining_that_failed_before_its_first_checkpoint_does_not_lock_the_folder(tmp_path, capsys):
+    """Item 17: after a diverged pretraining, the rerun with a lower lr into the same --out was refused as
+    "another config"."""
+    from medxfer.config import PretrainConfig, parse_config
+    from medxfer.errors import TrainingDiverged
+    from medxfer.pretraining import read_checkpoints, run_pretraining
+
+    def config(**train):
+        return parse_config({**TINY_PRETRAIN, "schedule": {"lengths": [0, 6]},
+                             "train": {**TINY_PRETRAIN["train"], "log_every_n_steps": 1, **train}},
+                            PretrainConfig, source="test")
+
+    out = tmp_path / "out"
+    with pytest.raises(TrainingDiverged):
+        run_pretraining(config(lr=1e8), out)
+    assert [c.length for c in read_checkpoints(out)] == [0]  # nothing trained was kept
+    result = run_pretraining(config(lr=1e-3), out)  # the advice followed, same folder
+    assert result.record["status"] == "done" and [c.length for c in read_checkpoints(out)] == [0, 6]
+    # a folder with trained checkpoints stays its config's, and the message says how to go on
+    config_file = write_yaml(tmp_path / "other.yaml", {**TINY_PRETRAIN, "schedule": {"lengths": [0, 6]},
+                                                      "seed": 7})
+    capsys.readouterr()  # Lightning's banners of the runs above
+    assert main(["pretrain", str(config_file), "--out", str(out)]) == 2
+    line = one_error_line(capsys)
+    assert "another config" in line and "up to length 6" in line and "delete this one to start over" in line
+
+
+def test_the_folder_guard_replaces_only_a_run_without_trained_checkpoints(tmp_path):
+    """Item 17, the rule itself: another config's folder holding only its length-0 (untrained) checkpoint
+    is taken over; one holding a trained checkpoint is refused with how to go on."""
+    from medxfer.config import PretrainConfig, parse_config
+    from medxfer.models import build_segmenter
+    from medxfer.models.weights import save_encoder
+    from medxfer.pretraining.checkpoints import CONFIG_FILE, checkpoint_path, guard_folder, read_checkpoints
+
+    config = parse_config(TINY_PRETRAIN, PretrainConfig, source="test")
+    model = build_segmenter({"preset": "unet", "width": 4, "depth": 3, "in_channels": 1, "n_classes": 2})
+    out = tmp_path / "out"
+    guard_folder(out, config, "first")
+    save_encoder(model, checkpoint_path(out, 0), length=0)
+    (out / "lightning").mkdir()
+    (out / "lightning" / "last.ckpt").write_bytes(b"the failed run's resume state")
+    guard_folder(out, config, "second")  # the first failed before training anything: replaced
+    assert json.loads((out / CONFIG_FILE).read_text())["config_hash"] == "second"
+    assert read_checkpoints(out) == [] and not (out / "lightning").exists()
+    save_encoder(model, checkpoint_path(out, 3), length=3)
+    with pytest.raises(ConfigError, match="up to length 3; use another output folder, or delete this one"):
+        guard_folder(out, config, "third")

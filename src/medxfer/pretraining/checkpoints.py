@@ -4,6 +4,8 @@ guard that keeps one config per folder."""
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -22,6 +24,8 @@ RECORD_FILE = "pretrain.json"
 # The trained state at the end of a run (weights, optimizer, LR schedule, loop counters, callback state): what
 # extending the ladder resumes from, and what `pretrained: {load: full}` takes the optimizer state from.
 FINAL_STATE_FILE = "final_state.ckpt"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -143,9 +147,19 @@ def guard_folder(out: Path, config: PretrainConfig, identity: str,
             return None
         if base_identity is not None and _saved_base_identity(saved) == base_identity:
             return saved
-        raise ConfigError(f"{out}: holds a pretraining run with another config (see {path}); "
-                          "use another output folder")
-    if (out / CHECKPOINT_DIR).is_dir() and any((out / CHECKPOINT_DIR).glob("*.pt")):
+        lengths = [c.length for c in read_checkpoints(out)]
+        if max(lengths, default=0) > 0 or (out / RECORD_FILE).exists():
+            raise ConfigError(f"{out}: holds a pretraining run with another config (see {path}) that saved "
+                              f"checkpoints up to length {max(lengths, default=0)}; use another output folder, "
+                              "or delete this one to start over")
+        # That run failed before its first trained checkpoint (diverged at once, bad data): nothing of it is
+        # worth keeping, and the user following its advice (a lower lr, a fixed root) reruns here.
+        log.warning("%s: replacing a pretraining run with another config that failed before its first "
+                    "trained checkpoint", out)
+        for name in (CHECKPOINT_DIR, MODEL_DIR, LIGHTNING_DIR):
+            shutil.rmtree(out / name, ignore_errors=True)
+        final_state_path(out).unlink(missing_ok=True)
+    elif (out / CHECKPOINT_DIR).is_dir() and any((out / CHECKPOINT_DIR).glob("*.pt")):
         raise ConfigError(f"{out / CHECKPOINT_DIR}: holds checkpoints of an unknown run; use another output folder")
     write_folder_config(out, config, identity, **({"base_hash": base_identity} if base_identity else {}))
     return None
