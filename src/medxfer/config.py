@@ -188,7 +188,10 @@ class PretrainedConfig(StrictModel):
         "Relative to the config file."))
     length: Optional[int] = Field(None, description="Pretraining length to pick from a checkpoint folder.")
     load: Literal["encoder", "full", "encoder_decoder"] = Field("encoder", description="Which weights are loaded.")
-    scheme: Optional[str] = Field(None, description='Recorded only: the pretraining scheme ("simple", "advanced", ...).')
+    scheme: Optional[str] = Field(None, description=(
+        'The starting point\'s name in records, tables and the report ("simple", "advanced", "imagenet", ...); '
+        'it changes no training. None = the checkpoint manifest\'s pretraining scheme, else, for imported '
+        'weights, their label (e.g. "ImageNet efficientnet-lite0"); the report names an arm "full (<scheme>)".'))
 
 
 Strategy = Literal["scratch", "full", "frozen_encoder", "partial", "discriminative"]

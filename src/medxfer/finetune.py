@@ -69,6 +69,7 @@ ID_EXCLUDED = ("name",)  # RunConfig keys that name a run without changing it
 
 def _load_starting_weights(model: torch.nn.Module, config: RunConfig) -> dict[str, Any]:
     """Load what ``pretrained`` names into ``model``; return what the record says about it."""
+    from medxfer.models.importing import weights_label
     from medxfer.models.weights import load_encoder_weights, load_model_weights, resolve_checkpoint
 
     pre = config.pretrained
@@ -91,7 +92,9 @@ def _load_starting_weights(model: torch.nn.Module, config: RunConfig) -> dict[st
     if info["length"] is None:
         info["length"] = manifest.get("length")
     info["accuracy"] = manifest.get("val_accuracy")
-    info["scheme"] = info["scheme"] or manifest.get("scheme")
+    # the arm's name in tables: the config's scheme, else the checkpoint's (pretraining), else what imported
+    # weights are (their manifest's label, e.g. "ImageNet efficientnet-lite0")
+    info["scheme"] = info["scheme"] or manifest.get("scheme") or weights_label(manifest)
     return info
 
 

@@ -47,6 +47,24 @@ def _known_fields(known: KnownSource) -> dict[str, Any]:
     }
 
 
+def weights_label(manifest: dict[str, Any]) -> Optional[str]:
+    """A short name of imported weights, for arm labels in tables and reports (``ImageNet efficientnet-lite0``,
+    ``timm resnet18.a1_in1k``, ``imported my_weights``): the manifest's ``label``, else (manifests written
+    before labels) derived from its ``source``; None for weights medxfer pretrained itself."""
+    if manifest.get("label"):
+        return str(manifest["label"])
+    source = str(manifest.get("source") or "")
+    if not source or "imagenet_top1" not in manifest:  # not an imported checkpoint
+        return None
+    known = known_source_by_digest(str(manifest.get("source_sha256") or "")) if manifest.get("source_sha256") else None
+    known = known or next((k for name, k in KNOWN_SOURCES.items() if source.startswith(f"{name} ")), None)
+    if known is not None:
+        return f"ImageNet {known.name}"
+    if source.startswith("timm "):
+        return f"timm {source.split()[1]}"
+    return f"imported {Path(source).stem}"
+
+
 def resolve_source(source: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """The weights file of ``source`` and what the manifest says about it.
 
@@ -134,6 +152,7 @@ def import_weights(
     if imagenet_top1 is not None:
         about["imagenet_top1"] = float(imagenet_top1)
     about.setdefault("imagenet_top1", None)
+    about["label"] = weights_label({**about, "label": None})
     out.mkdir(parents=True, exist_ok=True)
     path = save_encoder(
         encoder,
