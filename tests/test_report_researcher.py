@@ -288,3 +288,19 @@ def test_imported_weights_name_their_arm_from_the_manifest(tmp_path):
     assert arm_label("full", info["length"], info["scheme"]) == "full (imported my_weights)"
     named = started.model_copy(update={"pretrained": started.pretrained.model_copy(update={"scheme": "imagenet"})})
     assert _load_starting_weights(build_model(named, data), named)["scheme"] == "imagenet"  # the config wins
+
+
+# ------------------------------------------------------------------------------------------ small slips
+@pytest.mark.parametrize("body, problem", [
+    ("data: {name: demo, options: {domain: C}}\n", "domain"),
+    ("data: {name: demo}\nmodel: {preset: unett}\n", "model.preset: unknown preset 'unett'"),
+])
+def test_config_errors_found_while_running_name_the_config_file(tmp_path, capsys, body, problem):
+    from medxfer.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(body + "train: {max_steps: 1}\n")
+    assert main(["finetune", str(config), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {config}: ") and problem in err and "\n" not in err
+    assert not (tmp_path / "out" / "runs").exists()

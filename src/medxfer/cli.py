@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -49,6 +50,23 @@ def _check_out(out: Path, locked_as: Optional[str] = None) -> None:
     check_output_dir(out, allow_top_level=_state["allow_any_out"])
     if locked_as is not None:
         check_folder_free(out, locked_as)
+
+
+@contextmanager
+def _naming_config(path: Path):
+    """A config or data-option error raised while a command runs names the config file it came from, as
+    parse errors do (``cfg.yaml: model.preset: unknown preset ...``); errors that begin with a file of their
+    own (a bad mask, a checkpoint) are left as they are."""
+    from medxfer.errors import ConfigError
+
+    try:
+        yield
+    except (ConfigError, DataError) as exc:
+        message = str(exc)
+        head = message.split(":", 1)[0]
+        if str(path) in message or Path(head).exists():
+            raise
+        raise type(exc)(f"{path}: {message}") from None
 
 
 def _quiet_training_libraries() -> None:
@@ -124,7 +142,8 @@ def finetune(config: Path = typer.Argument(..., help="Run config (YAML)."),
     run_config = load_config(config, RunConfig)
     with folder_lock(out, "output folder"):  # no sweep or other finetune writes here meanwhile
         try:
-            run = run_finetune(run_config, out, progress=interactive())
+            with _naming_config(config):
+                run = run_finetune(run_config, out, progress=interactive())
         except KeyboardInterrupt:  # the run resumes from its checkpoint next time; the table stays true
             if (out / "runs").is_dir():
                 collect(out)
@@ -255,7 +274,9 @@ def pretrain(config: Path = typer.Argument(..., help="Pretraining config (YAML).
     from medxfer.pretraining import run_pretraining
 
     _quiet_training_libraries()
-    result = run_pretraining(load_config(config, PretrainConfig), out, progress=interactive())
+    pretrain_config = load_config(config, PretrainConfig)
+    with _naming_config(config):
+        result = run_pretraining(pretrain_config, out, progress=interactive())
     rows = []
     for entry in result.checkpoints:
         accuracy, dice = entry.manifest.get("val_accuracy"), entry.manifest.get("val_dice")
@@ -278,7 +299,8 @@ def score(config: Path = typer.Argument(..., help="Score config (YAML)."),
 
     score_config = load_score_config(config)
     _check_out(out if out is not None else score_config.out)
-    result = run_score(score_config, out, progress=interactive())
+    with _naming_config(config):
+        result = run_score(score_config, out, progress=interactive())
     _print_frame("robustness of each checkpoint (stop variant; lower = more robust)",
                  result.summary(score_config.stop))
     if result.n_checkpoints == 1:
