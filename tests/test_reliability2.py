@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -457,3 +458,67 @@ def test_the_folder_guard_replaces_only_a_run_without_trained_checkpoints(tmp_pa
     save_encoder(model, checkpoint_path(out, 3), length=3)
     with pytest.raises(ConfigError, match="up to length 3; use another output folder, or delete this one"):
         guard_folder(out, config, "third")
+
+
+# --- items 6, 10, 14: analyze on hostile tables ---------------------------------------------------------
+
+
+def _analyze_tables(lengths=(0, 10, 20, 40), seeds=(0, 1, 2), levels=(1, 2)):
+    """A small downstream table and its robustness scores (two datasets, one encoder)."""
+    rng = np.random.default_rng(0)
+    down, rob = [], []
+    for dataset in ("ACDC", "COVIDQUDataset"):
+        for n in lengths:
+            for seed in seeds:
+                down.append({"model": "basic U-Net", "dataset": dataset, "pretraining length": n, "seed": seed,
+                             "freeze encoder": False, "pretraining scheme": "advanced",
+                             "dice index": 0.7 + 0.001 * n + 0.01 * rng.random()})
+            for level in levels:
+                for pooled in (True, False):
+                    rob.append({"dataset": dataset, "metric": "cosine", "margin": 0.5, "encoder": "u-net_encoder",
+                                "pretraining_scheme": "advanced_training", "pooled": pooled, "level": level,
+                                "pretraining_length": n, "robustness": rng.random()})
+    return pd.DataFrame(down), pd.DataFrame(rob)
+
+
+def test_analyze_leaves_out_a_row_whose_level_is_no_number_and_says_so(tmp_path):
+    """Item 6: `level: top` became level -1, a variant of its own averaging levels 1 and 2."""
+    from medxfer.report.analyze import analyze
+
+    down, rob = _analyze_tables()
+    top = rob[rob["level"] == 1].assign(level="top")
+    result = analyze(down, pd.concat([rob, top], ignore_index=True), figures=False, n_resamples=20,
+                     out_dir=tmp_path)
+    variants = {v for g in result.groups for v in g.scores}
+    assert variants == {f"cosine margin=0.5 level={lv} {p}" for lv in (1, 2) for p in ("pooled", "flat")}
+    quality = pd.read_csv(tmp_path / "data_quality.csv")
+    row = quality[quality["check"] == "unreadable level"]
+    assert len(row) == 1 and row["where"].iloc[0] == f"{len(top)} row(s)" and "'top'" in row["detail"].iloc[0]
+
+
+def test_analyze_leaves_out_infinite_dice_and_scores_and_reports_them(tmp_path, capsys):
+    """Item 14: +inf Dice or -inf scores ended in a ValueError from scikit-learn."""
+    down, rob = _analyze_tables()
+    down.loc[3, "dice index"] = np.inf
+    rob.loc[[2, 5], "robustness"] = -np.inf
+    down.to_csv(tmp_path / "results.csv", index=False)
+    rob.to_csv(tmp_path / "robustness.csv", index=False)
+    code = main(["analyze", "--downstream", str(tmp_path / "results.csv"), "--robustness",
+                 str(tmp_path / "robustness.csv"), "--out", str(tmp_path / "analysis")])
+    assert code == 0, capsys.readouterr().err
+    quality = pd.read_csv(tmp_path / "analysis" / "data_quality.csv")
+    infinite = quality[quality["check"] == "infinite value"].set_index("table")["where"].to_dict()
+    assert infinite == {str(tmp_path / "results.csv"): "1 row(s)", str(tmp_path / "robustness.csv"): "2 row(s)"}
+
+
+def test_analyze_refuses_more_variants_than_it_can_evaluate_at_once(tmp_path, capsys):
+    """Item 10: 25,000 variants had not finished after 240 s, printing nothing."""
+    down, rob = _analyze_tables(levels=range(1, 502))  # 1,002 variants x 4 lengths x 2 datasets
+    down.to_csv(tmp_path / "results.csv", index=False)
+    rob.to_csv(tmp_path / "robustness.csv", index=False)
+    started = time.perf_counter()
+    assert main(["analyze", "--downstream", str(tmp_path / "results.csv"), "--robustness",
+                 str(tmp_path / "robustness.csv"), "--out", str(tmp_path / "analysis")]) == 2
+    assert time.perf_counter() - started < 20
+    assert "robustness.csv: 1002 score variants, more than the 1000" in one_error_line(capsys)
+    assert not (tmp_path / "analysis").exists()

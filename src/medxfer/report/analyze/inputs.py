@@ -91,7 +91,11 @@ def prepare_downstream(table: pd.DataFrame, names: NameMapConfig, source: str = 
     if no_dice.any():
         found.append(Finding("no Dice value", source, f"{int(no_dice.sum())} row(s)", LEFT_OUT,
                              "both 'dice index' and 'mean dice index' empty"))
-    frame = frame[~no_length & ~no_dice]
+    infinite = np.isinf(frame["dice"]) | np.isinf(frame["length"])
+    if infinite.any():
+        found.append(Finding("infinite value", source, f"{int(infinite.sum())} row(s)", LEFT_OUT,
+                             "an infinite Dice or pretraining length (a Dice lies in [0, 1])"))
+    frame = frame[~no_length & ~no_dice & ~infinite]
     if frame.empty:
         raise DataError(f"{source}: no rows with both a pretraining length and a Dice value")
     blocks = frame.pivot_table(index=GROUP_COLUMNS + ["length"], columns="seed", values="dice", aggfunc="mean")
@@ -112,6 +116,25 @@ def _matches(frame: pd.DataFrame, columns: Sequence[str], values: Sequence[Any])
     return mask
 
 
+MAX_VARIANTS = 1000  # score variants per table (metric x margin x level x pooled; the reference study has 150)
+
+
+def _readable_variants(table: pd.DataFrame, source: str) -> tuple[pd.DataFrame, list[Finding]]:
+    """Rows whose ``level`` is a whole number and ``margin`` a number; the others (``level: top``) name no
+    variant: left out and reported, never turned into a variant of their own."""
+    level = pd.to_numeric(table["level"], errors="coerce")
+    margin = pd.to_numeric(table["margin"], errors="coerce")
+    bad_level = level.isna() | ~np.isfinite(level) | (level != level.round())
+    bad_margin = margin.isna() | ~np.isfinite(margin)
+    found = []
+    for bad, column in ((bad_level, "level"), (bad_margin & ~bad_level, "margin")):
+        if bad.any():
+            values = ", ".join(repr(v) for v in table.loc[bad, column].astype(str).unique()[:3])
+            found.append(Finding(f"unreadable {column}", source, f"{int(bad.sum())} row(s)", LEFT_OUT,
+                                 f"{column} {values} is not a {'level number' if column == 'level' else 'number'}"))
+    return table[~bad_level & ~bad_margin], found
+
+
 def _variant_name(metric: str, margin: float, level: int, pooled: bool) -> str:
     return f"{metric} margin={margin:g} level={level} {'pooled' if pooled else 'flat'}"
 
@@ -127,8 +150,10 @@ def prepare_scores(robustness: Optional[pd.DataFrame], baselines: Optional[pd.Da
         _require(robustness, SCORE_COLUMNS, sources[0])
         r, dup = drop_duplicate_rows(robustness, sources[0])
         found += dup
+        r, unreadable = _readable_variants(r, sources[0])
+        found += unreadable
         margin = pd.to_numeric(r["margin"], errors="coerce").astype(float)
-        level = pd.to_numeric(r["level"], errors="coerce").fillna(-1).astype(int)
+        level = pd.to_numeric(r["level"], errors="coerce").astype(int)
         pooled = _to_bool(r["pooled"])
         parts.append(pd.DataFrame({
             "source": sources[0], "family": "robustness",
@@ -156,11 +181,19 @@ def prepare_scores(robustness: Optional[pd.DataFrame], baselines: Optional[pd.Da
     if not parts:
         raise ConfigError("analyze: give a robustness table (and/or a baselines table)")
     scores = pd.concat(parts, ignore_index=True)
+    for source, count in scores.groupby("source")["variant"].nunique().items():
+        if count > MAX_VARIANTS:  # every variant is a rule over every group: the cost grows with their number
+            raise DataError(f"{source}: {count} score variants, more than the {MAX_VARIANTS} analyze evaluates "
+                            "(the reference study has 150); keep the variants you study")
     empty = scores["length"].isna() | scores["score"].isna()
     for source, count in scores[empty].groupby("source").size().items():
         found.append(Finding("no score value", source, f"{int(count)} row(s)", LEFT_OUT,
                              "empty score or pretraining length"))
-    scores = scores[~empty]
+    infinite = ~empty & (np.isinf(scores["score"]) | np.isinf(scores["length"]))
+    for source, count in scores[infinite].groupby("source").size().items():
+        found.append(Finding("infinite value", source, f"{int(count)} row(s)", LEFT_OUT,
+                             "an infinite score or pretraining length"))
+    scores = scores[~empty & ~infinite]
     scores["oriented"] = np.where(scores["higher_is_better"], -scores["score"], scores["score"])
     keys = ["family", "variant", "encoder_key", "dataset_key", "scheme_key", "higher_is_better", "length"]
     # Several scorings of one checkpoint (e.g. seeds of the score) are averaged.
