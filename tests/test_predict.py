@@ -293,3 +293,45 @@ def test_spacing_summary_of_training_cases():
              for i, s in enumerate((1.0, 1.5, 2.0))]
     assert spacing_summary(cases) == {"median": [1.5, 1.5], "min": [1.0, 1.0], "max": [2.0, 2.0]}
     assert spacing_summary([Case(image=np.zeros((1, 4, 4), np.float32), label=None, case_id="x")]) is None
+
+
+def test_axis_chooses_the_slicing_and_a_plane_or_shape_unlike_training_warns(tmp_path, caplog):
+    rng = np.random.default_rng(3)
+    volume = rng.normal(0, 1, (8, 16, 12)).astype(np.float32)  # NIfTI [i, j, k], RAS affine: k is axial
+    model = save_run(tmp_path / "run", "unet", 2)
+    record = json.loads((tmp_path / "run" / "result.json").read_text())
+    record.update(train_shapes=[[16, 8]], slice_orientation="axial", class_names=["background", "hippocampus"])
+    write_record(tmp_path / "run", record)
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(volume, np.diag([1.0, 1.0, 1.0, 1.0])), tmp_path / "in" / "head.nii.gz")
+
+    default = predict(tmp_path / "run", tmp_path / "in", tmp_path / "k")["written"][0]
+    assert (default["slice_axis"], default["slice_plane"], default["geometry_warnings"]) == ("k", "axial", [])
+    with caplog.at_level("WARNING"):
+        entry = predict(tmp_path / "run", tmp_path / "in", tmp_path / "i", axis="sagittal")["written"][0]
+    assert (entry["slice_axis"], entry["slice_plane"]) == ("i", "sagittal")
+    assert entry["geometry_warnings"] == ["slices are 12x16 pixels, the training images were 16x8",
+                                          "slices are sagittal, the model was trained on axial slices (set --axis)"]
+    assert "trained on axial slices" in caplog.text
+    voxels = np.asarray(nib.load(tmp_path / "i" / "head_mask.nii.gz").dataobj)
+    assert voxels.shape == volume.shape
+    for i in (0, 5):
+        plane = volume[i].T  # (H, W) = (k, j), as the loaders lay a slice out
+        x = (plane - plane.min()) / (plane.max() - plane.min())
+        with torch.no_grad():
+            probs = torch.softmax(model(torch.from_numpy(np.ascontiguousarray(x))[None, None]), dim=1)[0, 1].numpy()
+        np.testing.assert_array_equal(voxels[i].T, (probs > 0.5).astype(np.uint8))
+    with pytest.raises(DataError, match="--axis 'x'"):
+        from medxfer.predict import slice_axis
+        slice_axis("x", nib.load(tmp_path / "in" / "head.nii.gz"))
+
+
+def test_predict_overlays_name_the_classes():
+    from medxfer.report.overlays import overlay_figure
+
+    label = np.zeros((16, 16), dtype=np.int64)
+    label[4:8, 4:8], label[9:12, 9:12] = 1, 2
+    figure = overlay_figure(np.zeros((1, 16, 16), np.float32), label, 3, "x.png",
+                            class_names=["background", "hippocampus", "amygdala"])
+    texts = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+    assert texts == ["hippocampus", "amygdala"]

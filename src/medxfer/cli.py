@@ -415,12 +415,21 @@ def report(results_dir: Path = typer.Argument(..., help="A results folder (runs/
 def predict(run: Path = typer.Argument(..., help="A run folder or its model.pt."),
             inputs: Path = typer.Argument(..., help="An image/volume file or a folder of them."),
             out: Path = typer.Option(..., "--out", help="Output folder."),
-            overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Also write overlay PNGs.")) -> None:
+            overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Also write overlay PNGs."),
+            axis: Optional[str] = typer.Option(None, "--axis", help="2D model on a volume: the voxel axis to slice "
+                                               "along (i, j, k) or the plane (axial, coronal, sagittal, from the "
+                                               "affine). Default: k, the third voxel axis.")) -> None:
     """Apply a trained model to new images or volumes; masks in the input's format plus overlays."""
     from medxfer.predict import predict as run_predict
 
     _check_out(out)
-    summary = run_predict(run, inputs, out, overlays=overlays)
+    summary = run_predict(run, inputs, out, overlays=overlays, axis=axis)
+    for entry in summary["written"]:
+        if entry.get("slice_axis"):
+            console.print(f"{Path(entry['input']).name}: sliced along voxel axis {entry['slice_axis']} "
+                          f"({entry['slice_plane']})", markup=False, highlight=False)
+        for problem in entry.get("geometry_warnings") or []:
+            console.print(f"warning: {Path(entry['input']).name}: {problem}", markup=False, highlight=False)
     console.print(f"{len(summary['written'])} mask(s) written to {out}")
     if summary["failed"]:  # each skipped input was already logged with its reason
         typer.echo(f"{len(summary['failed'])} input(s) skipped", err=True)

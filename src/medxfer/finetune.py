@@ -200,6 +200,13 @@ def _source_baseline(model, config: RunConfig, data: SegmentationData, in_channe
     return evaluation, {"computed": True, "test_set": SOURCE_BEFORE, "checkpoint": str(config.pretrained.checkpoint)}
 
 
+def _slice_geometry(train_cases, data: SegmentationData) -> dict[str, Any]:
+    """What ``predict`` compares its inputs with: the training images' spatial shapes and, where the dataset
+    says, the anatomical plane of its 2D slices (``meta["slice_orientation"]``, e.g. colin27's "axial")."""
+    return {"train_shapes": sorted({tuple(int(n) for n in c.spatial_shape) for c in train_cases}),
+            "slice_orientation": data.meta.get("slice_orientation")}
+
+
 def resume_checkpoint(directory: Path, every_s: Optional[float]):
     """The callback that writes ``last.ckpt`` (weights + optimizer state, for resuming an interrupted run):
     every ``every_s`` seconds of training, or at every epoch end when ``every_s`` is None."""
@@ -331,6 +338,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
             "n_train_images": len(train_cases),
             "train_case_ids": [c.case_id for c in train_cases],
             "train_spacing": spacing_summary(train_cases),  # mm per spatial axis; predict checks inputs against it
+            **_slice_geometry(train_cases, data),  # train_shapes, slice_orientation: predict checks them too
             "preprocess_plan": data.meta.get("plan"),  # data.preprocess: predict resamples and normalises by it
             "pretraining": pretraining,
             "loss": loss_info,
@@ -353,6 +361,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
                 "run_id": run_id, "source": f"finetune:{data.name}", "length": pretraining["length"],
                 "data": config_to_dict(config.data), "train_spacing": spacing_summary(train_cases),
                 "preprocess_plan": data.meta.get("plan"),
+                "class_names": list(data.class_names), **_slice_geometry(train_cases, data),
             })
             write_record(directory, record)
         except Exception:

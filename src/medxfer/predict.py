@@ -177,14 +177,60 @@ def _start_warm_up(model, settings: dict[str, Any]) -> Optional[threading.Thread
     return thread
 
 
+VOXEL_AXES = ("i", "j", "k")
+PLANES = {"sagittal": ("L", "R"), "coronal": ("A", "P"), "axial": ("S", "I")}
+
+
+def slice_axis(axis: Optional[str], volume: Any) -> tuple[int, str]:
+    """The voxel axis (0, 1, 2 = i, j, k of the file) a 2D model slices a volume along, and its plane from the
+    affine (``axial``/``coronal``/``sagittal``). ``axis``: ``i``/``j``/``k``, a plane name, or None = k (the
+    third voxel axis: the slices of ACDC/MSD-style volumes)."""
+    codes = nib.aff2axcodes(volume.affine)
+    planes = [next((name for name, letters in PLANES.items() if code in letters), "unknown") for code in codes]
+    if axis is None:
+        index = 2
+    elif str(axis).lower() in VOXEL_AXES:
+        index = VOXEL_AXES.index(str(axis).lower())
+    elif str(axis).lower() in PLANES:
+        if str(axis).lower() not in planes:
+            raise DataError(f"no voxel axis of the volume is {axis} (its axes are {', '.join(planes)})")
+        index = planes.index(str(axis).lower())
+    else:
+        raise DataError(f"--axis {axis!r}: one of i, j, k (voxel axes of the file) or axial, coronal, sagittal")
+    return index, planes[index]
+
+
+def _geometry_warnings(path: Path, slice_shape: tuple[int, ...], plane: Optional[str],
+                       trained: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """Why the model may not see what it was trained on: a slice shape or plane other than the training data's."""
+    problems = []
+    shapes = [tuple(s) for s in trained.get("train_shapes") or []]
+    if shapes and not settings.get("resize") and not settings.get("patch_size") and tuple(slice_shape) not in shapes:
+        problems.append(f"slices are {'x'.join(map(str, slice_shape))} pixels, the training images were "
+                        f"{', '.join('x'.join(map(str, s)) for s in shapes)}")
+    orientation = trained.get("slice_orientation")
+    if plane and orientation and plane != "unknown" and plane != orientation:
+        problems.append(f"slices are {plane}, the model was trained on {orientation} slices (set --axis)")
+    for problem in problems:
+        log.warning("%s: %s", path, problem)
+    return problems
+
+
 def predict(model_path_or_run_dir: str | Path, inputs: str | Path, out_dir: str | Path, *,
-            overlays: bool = True) -> dict[str, Any]:
+            overlays: bool = True, axis: Optional[str] = None) -> dict[str, Any]:
     """Segment every input with a trained model; write masks, overlays and ``predict_summary.json``.
+
+    ``axis``: for a 2D model on a volume, the voxel axis (``i``/``j``/``k``) or plane (``axial``, ``coronal``,
+    ``sagittal``, from the file's affine) to slice along; default ``k``, the third voxel axis. Each entry of
+    the summary records the axis and plane used, and any slice shape or plane that differs from training
+    (also logged as a warning).
 
     Returns the summary: ``model``, ``settings`` (the preprocessing used and where it came from),
     ``written`` (input, mask, overlay, shape per file), ``failed`` (input, error per file), ``out_dir``.
     """
     model, info = load_trained_model(model_path_or_run_dir)
+    trained = {key: (info["record"] or {}).get(key) or (info["manifest"] or {}).get(key)
+               for key in ("train_shapes", "slice_orientation", "class_names")}
     settings = preprocessing_from_record(info["record"], info["manifest"])
     if settings["source"] == "defaults":
         log.warning("%s: no result.json or preprocessing manifest beside the model; using default "
@@ -218,12 +264,22 @@ def predict(model_path_or_run_dir: str | Path, inputs: str | Path, out_dir: str 
             if warming is not None:  # the first input was read meanwhile
                 warming.join()
                 warming = None
+            geometry: dict[str, Any] = {}
             if meta.get("slicewise"):
-                mask = np.stack([label_map(probabilities(model, image[:, d], settings), settings["threshold"])
-                                 for d in range(image.shape[1])]).astype(mask_dtype)
+                index, plane = slice_axis(axis, meta["nifti"])
+                along = 3 - index  # the array is (C, D, H, W) = (C, k, j, i)
+                slices = np.moveaxis(image, along, 1)
+                geometry = {"slice_axis": VOXEL_AXES[index], "slice_plane": plane,
+                            "geometry_warnings": _geometry_warnings(path, slices.shape[2:], plane, trained, settings)}
+                mask = np.stack([label_map(probabilities(model, slices[:, d], settings), settings["threshold"])
+                                 for d in range(slices.shape[1])]).astype(mask_dtype)
+                mask = np.moveaxis(mask, 0, along - 1)
             elif image.ndim != spatial_dims + 1:
                 raise DataError(f"{path}: a {spatial_dims}D model cannot take an image of shape {image.shape}")
             else:
+                if spatial_dims == 2:
+                    geometry = {"geometry_warnings": _geometry_warnings(path, image.shape[1:], None, trained,
+                                                                        settings)}
                 mask = label_map(probabilities(model, image, settings, spacing),
                                  settings["threshold"]).astype(mask_dtype)
             data, suffix, stored_shape = _mask_bytes(mask, {**meta, "n_classes": model.n_classes}, path)
@@ -231,10 +287,14 @@ def predict(model_path_or_run_dir: str | Path, inputs: str | Path, out_dir: str 
             atomic_write_bytes(mask_path, data)
             entry = {"input": str(path), "mask": str(mask_path), "shape": list(stored_shape),
                      "foreground_fraction": float((mask > 0).mean()), "spacing": spacing,
-                     "spacing_mismatch": mismatch}
+                     "spacing_mismatch": mismatch, **geometry}
             if overlays:
                 overlay_path = out_dir / f"{stem}_overlay.png"
-                atomic_write_bytes(overlay_path, png_bytes(overlay_figure(image, mask, model.n_classes, path.name)))
+                shown = (np.moveaxis(image, 3 - VOXEL_AXES.index(geometry["slice_axis"]), 1),
+                         np.moveaxis(mask, 2 - VOXEL_AXES.index(geometry["slice_axis"]), 0)) \
+                    if geometry.get("slice_axis") else (image, mask)
+                atomic_write_bytes(overlay_path, png_bytes(overlay_figure(*shown, model.n_classes, path.name,
+                                                                          class_names=trained["class_names"])))
                 entry["overlay"] = str(overlay_path)
             written.append(entry)
         except Exception as exc:  # any per-file failure skips that file only; KeyboardInterrupt still stops

@@ -183,7 +183,8 @@ def load_colin27(options: dict[str, Any] | None = None, root: Optional[os.PathLi
     return SegmentationData(
         name=f"colin27-{domain}", train=split["train"], val=split["val"], test=split["test"],
         n_classes=len(STRUCTURES) + 1, class_names=["background", *STRUCTURES], in_channels=1, spatial_dims=2,
-        meta={"domain": domain, "source": f"{folder / IMAGE_FILE} + {folder / ATLAS_FILE} (mricron-data)"},
+        meta={"domain": domain, "source": f"{folder / IMAGE_FILE} + {folder / ATLAS_FILE} (mricron-data)",
+              "slice_orientation": "axial"},
     )
 
 

@@ -79,14 +79,16 @@ def class_legend(ax, n_classes: int, class_names: Optional[Sequence[str]] = None
                   ncol=min(len(handles), 4), frameon=False)
 
 
-def overlay_figure(image: np.ndarray, label: np.ndarray, n_classes: int, title: str = "") -> Figure:
-    """One image ``(C, *S)`` with the contours of ``label`` (``*S``): what ``predict`` writes per input."""
+def overlay_figure(image: np.ndarray, label: np.ndarray, n_classes: int, title: str = "",
+                   class_names: Optional[Sequence[str]] = None) -> Figure:
+    """One image ``(C, *S)`` with the contours of ``label`` (``*S``): what ``predict`` writes per input; the
+    legend names the classes (``class_names``, background first) where the run recorded them."""
     index = slice_index(label, label.shape[0]) if label.ndim == 3 else None
     figure, axes = new_figure(1, 1)
     ax = axes[0, 0]
     ax.imshow(display_image(image, index), cmap="gray", interpolation="nearest")
     draw_contours(ax, label[index] if index is not None else label, n_classes)
-    class_legend(ax, n_classes)
+    class_legend(ax, n_classes, class_names)
     ax.set_title(title + (f" (slice {index})" if index is not None else ""), fontsize=8)
     ax.set_axis_off()
     return figure
