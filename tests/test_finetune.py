@@ -39,7 +39,8 @@ def test_run_beats_an_untrained_model_and_writes_its_record(tmp_path):
     untrained = evaluate_cases(build_model(config, data), data.test, data.n_classes, size_multiple=4)
     assert dice > untrained.summary["headline"]["value"] + 0.1
     # the headline is the pooled Dice, named in the record, and the first thing the table gives after its own
-    assert record["headline"] == {**record["metrics"]["target"]["headline"], "test_set": "target"}
+    assert record["headline"] == {**record["metrics"]["target"]["headline"], "test_set": "target",
+                                  "converged": record["convergence"]["converged"]}
     assert record["headline"]["metric"] == "pooled dice index" and record["headline"]["value"] == dice
     assert dice == record["metrics"]["target"]["class_aggregated"]["pooled dice index"]
     assert (run.run_dir / "model.pt").is_file() and not (run.run_dir / "checkpoints").exists()

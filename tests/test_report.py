@@ -23,7 +23,8 @@ from medxfer.records import iter_records, write_record
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ALL_FIGURES = ["dice_vs_pretraining_length", "transferability_vs_pretraining_length", "score_vs_dice",
-               "dice_vs_n_images", "per_class_dice_vs_n_images", "source_vs_target", "overlays"]
+               "dice_vs_n_images", "per_class_dice_vs_n_images", "source_vs_target", "overlays",
+               "learning_curves"]
 ARMS = [("scratch", 0), ("full", 1), ("full", 5), ("frozen_encoder", 1), ("frozen_encoder", 5)]
 
 
@@ -60,6 +61,8 @@ def make_record(strategy: str, length: int, n_images: int, seed: int, *, source:
         "pretraining": {"length": None if strategy == "scratch" else length, "scheme": "simple" if length else None,
                         "accuracy": None, "checkpoint": None, "load": None},
         "metrics": metrics, "timings": {"train_s": 1.0, "eval_s": 0.5, "total_s": 1.5},
+        "curves": {"train_loss": [[1, 0.9], [2, 0.7]], "val": [[1, dice / 2], [2, dice]], "val_metric": "dice"},
+        "convergence": {"converged": None},
     }
 
 
@@ -159,6 +162,7 @@ def test_missing_data_skips_figures_and_says_why(tmp_path):
     for strategy, length in ARMS[:3]:
         for seed in (0, 1):
             record = make_record(strategy, length, 5, seed, source=False)
+            del record["curves"]  # a record from before runs kept their curves
             write_record(tmp_path / "runs" / record["run_id"], record)
     stale = tmp_path / "report" / "overlays.png"
     stale.parent.mkdir()
@@ -173,6 +177,7 @@ def test_missing_data_skips_figures_and_says_why(tmp_path):
     assert "two or more numbers of training images" in skipped["dice_vs_n_images"].group(1)
     assert "source test set" in skipped["source_vs_target"].group(1)
     assert "model.pt" in skipped["overlays"].group(1)
+    assert "learning curves" in skipped["learning_curves"].group(1)
     for name in ALL_FIGURES[1:]:
         assert not (tmp_path / "report" / f"{name}.png").exists()
         assert f"<figure id='{name}'" not in html

@@ -154,7 +154,12 @@ def finetune(config: Path = typer.Argument(..., help="Run config (YAML)."),
     rows = [[name, summary_dice(run.record, name),
              *((metrics[name].get("class_aggregated") or {}).get(key, float("nan")) for key in (PRESENT_DICE, ABSENT_FP_RATE))]
             for name in metrics]
-    _print_table(f"run {run.run_id} (headline: {headline})", ["test set", headline, PRESENT_DICE, ABSENT_FP_RATE], rows)
+    convergence = run.record.get("convergence") or {}
+    flag = {False: "; NOT CONVERGED", None: "; convergence undecided"}.get(convergence.get("converged"), "")
+    _print_table(f"run {run.run_id} (headline: {headline}{flag})", ["test set", headline, PRESENT_DICE, ABSENT_FP_RATE],
+                 rows)
+    if convergence.get("converged") is not True and convergence.get("reason"):
+        console.print(f"convergence: {convergence['reason']}", highlight=False)
     console.print(f"record: {run.run_dir / 'result.json'}")
 
 

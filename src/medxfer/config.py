@@ -218,6 +218,12 @@ class TrainConfig(StrictModel):
     val_every_n_steps: Optional[int] = Field(None, ge=1, description=(
         "Validate every N optimizer steps instead of after every epoch (few-image epochs are a step or two "
         "long, and validating that often can cost more than the training); None = every epoch."))
+    plateau_steps: Optional[int] = Field(None, ge=1, description=(
+        "Stop training once the validation headline has not improved by more than plateau_min_delta for this "
+        "many optimizer steps (checked at each validation, so use it with val_every_n_steps; needs a "
+        "validation set); max_steps / max_epochs stay the cap. None = train to the cap."))
+    plateau_min_delta: float = Field(0.0, ge=0.0, description=(
+        "Smallest rise of the validation headline (Dice) that counts as an improvement for plateau_steps."))
     checkpoint_every_s: Optional[float] = Field(60.0, gt=0.0, description=(
         "How often the resume checkpoint (weights + optimizer state) is written: every N seconds of training, "
         "or None = at every epoch end. Few-image epochs are short, and writing a large model's checkpoint can "

@@ -226,7 +226,8 @@ def _uncertainty(row: Any) -> str:
 def study_answer(out: str | Path, quick: bool = False) -> dict[str, Any]:
     """The study's answers from the run records: headline sentences, the short answer table (each starting
     point vs scratch at the fewest and most training images), the ladder and the transfer tables."""
-    from medxfer.report.tables import downstream_table, format_difference, load_robustness, versus_scratch
+    from medxfer.report.tables import (convergence_note, downstream_table, format_difference, load_robustness,
+                                       versus_scratch)
     from medxfer.records import iter_records
 
     out = Path(out)
@@ -293,6 +294,9 @@ def study_answer(out: str | Path, quick: bool = False) -> dict[str, Any]:
     elif not target.empty:
         metrics = ", ".join(sorted(target["headline metric"].dropna().unique(), key=str))
         headline.append(f"Dice here is the {metrics} of the test slices (evaluation.headline).")
+        note = convergence_note(target)
+        if note:
+            headline.append(note)
     return {"headline": headline, "answer_table": pd.DataFrame(rows), "ladder": ladder, "transfer": transfer,
             "recommendation": recommendation}
 

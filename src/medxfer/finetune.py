@@ -17,7 +17,7 @@ from medxfer.config import DataConfig, RunConfig, config_to_dict
 from medxfer.data import load_data, select_subset
 from medxfer.data.base import SegmentationData, content_fingerprint, size_mismatch, spacing_summary
 from medxfer.errors import ConfigError, FolderInUse, TrainingDiverged
-from medxfer.evaluation.metrics import class_keys
+from medxfer.evaluation.metrics import HEADLINES, class_keys
 from medxfer.io import environment_info, folder_lock, seed_everything, set_aside, stable_hash
 from medxfer.progress import training_progress_callback
 from medxfer.records import (
@@ -228,6 +228,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
     from medxfer.models.weights import save_model_weights
     from medxfer.training.resume import AtomicCheckpointIO, fit, usable_resume_checkpoint
     from medxfer.training.strategies import prefers_channels_last, resolve_accelerator, resolve_precision
+    from medxfer.training.curves import TrainingCurves
     from medxfer.training.tasks import BestWeights, SegmentationTask
 
     run_id = run_id_for(config)
@@ -279,7 +280,8 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
         # best by the validation headline Dice (val_dice), kept in memory by BestWeights (and inside last.ckpt).
         resume = resume_checkpoint(checkpoints, t.checkpoint_every_s)
         best = BestWeights("val_dice") if val_loader is not None else None
-        callbacks = [resume, *([best] if best else []), *(callbacks or [])]
+        curves = TrainingCurves("val_dice", t.plateau_steps if val_loader is not None else None, t.plateau_min_delta)
+        callbacks = [resume, *([best] if best else []), curves, *(callbacks or [])]
         if not progress:  # no bar: plain lines, shown when the CLI's stdout is a file or a pipe
             callbacks.append(training_progress_callback(f"run {run_id}", total_steps))
         if val_loader is not None and t.early_stopping_patience:
@@ -319,6 +321,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
             metrics[SOURCE_BEFORE] = source_before
         eval_s = time.perf_counter() - eval_started
 
+        learning = curves.record(f"{HEADLINES[config.evaluation.headline]} (validation)")
         record = {
             "kind": "finetune",
             "status": "done",
@@ -345,7 +348,10 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
             "forgetting_baseline": baseline_info,
             "epochs_trained": int(trainer.current_epoch),
             "best_val_dice": None if best is None else best.best_score,
-            "headline": {**metrics["target"]["headline"], "test_set": "target"},
+            # the headline says whether the run converged (None: no validation curve to tell)
+            "headline": {**metrics["target"]["headline"], "test_set": "target",
+                         "converged": learning["convergence"]["converged"]},
+            **learning,
             "steps_trained": int(trainer.global_step),
             "metrics": metrics,
             "warnings": warnings,

@@ -38,7 +38,7 @@ OWN_COLUMNS = [
     "hd95", "hausdorff distance", "assd", "nsd", "strategy", "n train images", "test set", "loss", "run id",
     "train time s", "eval time s", "total time s", "metric averaging", "nan count", "dataset layout", "n classes",
     "class names", "dataset id", "dataset root", "headline metric", "headline dice", "pooled dice index",
-    "present-image dice index", "absent-image false-positive rate",
+    "present-image dice index", "absent-image false-positive rate", "converged",
 ]
 # medxfer.evaluation.metrics' class means of POOLED_DICE, PRESENT_DICE, ABSENT_FP_RATE
 CLASS_AGGREGATED_COLUMNS = ("pooled dice index", "present-image dice index", "absent-image false-positive rate")
@@ -219,6 +219,8 @@ def record_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
             "dataset root": root,
         })
         row["headline metric"], row["headline dice"] = headline_of(result)
+        # True / False by medxfer.training.curves.convergence; NaN = undecided or an older record
+        row["converged"] = _nan_if_none((record.get("convergence") or {}).get("converged"))
         aggregated = result.get("class_aggregated") or {}
         row.update({key: _nan_if_none(aggregated.get(key)) for key in CLASS_AGGREGATED_COLUMNS})
         # Multi-class runs: every per-class ("dice index/LV", named as the dataset names its classes) and

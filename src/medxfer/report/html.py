@@ -32,6 +32,7 @@ from medxfer.report.tables import (
     VALUE,
     WILCOXON_MIN_PAIRS,
     arm_label,
+    convergence_note,
     deepest_level,
     default_variant,
     downstream_table,
@@ -44,6 +45,7 @@ from medxfer.report.tables import (
     summary_table,
 )
 from medxfer.records import iter_records, write_csv
+from medxfer.training.convergence import CONVERGENCE_TOLERANCE
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +226,11 @@ FIGURE_CAPTIONS = {
                          "the dotted line is the starting model's own source-test Dice before fine-tuning "
                          "(the forgetting baseline), where its weights carried a head for the source's classes."),
     "overlays": "Image, ground truth and the predictions of chosen runs (contours coloured per class).",
+    "learning_curves": ("Learning curves: validation headline Dice per seed against the optimizer step (left axis) "
+                        "and training loss per logged step (thin lines, right axis), one panel per dataset, starting "
+                        "point and number of training images. A red cross ends a run that had not converged (its "
+                        "best validation Dice in the last quarter of the steps beat the best before by more than "
+                        f"{CONVERGENCE_TOLERANCE:g})."),
 }
 
 
@@ -300,6 +307,7 @@ def _figure_jobs(results_dir: Path, records: list[dict], table: pd.DataFrame,
         ("per_class_dice_vs_n_images", lambda: plots.plot_per_class_dice_vs_n_images(table)),
         ("source_vs_target", lambda: plots.plot_source_vs_target(table)),
         ("overlays", lambda: plot_overlay_grid(results_dir, records, n_cases=overlay_cases, run_ids=overlay_runs)),
+        ("learning_curves", lambda: plots.plot_learning_curves(records)),
     ]
 
 
@@ -412,6 +420,7 @@ def _render(results_dir: Path, records: list[dict], table: pd.DataFrame, robustn
         f"<p class='finding'>{html.escape(sentences[0])}</p>",
         *(f"<p>{html.escape(s)}</p>" for s in sentences[1:]),
         "<p class='note'>" + html.escape(headline_note(table)) + "</p>",
+        *([f"<p class='finding'>{html.escape(note)}</p>"] if (note := convergence_note(table)) else []),
         "<p class='note'>" + html.escape(_inventory(records, table, robustness)) + "</p>",
     ]
     if answer is not None and not answer.empty:

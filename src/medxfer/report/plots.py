@@ -434,3 +434,52 @@ def plot_regret_vs_saved(summary: pd.DataFrame, recommended: Optional[str] = Non
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(alpha=0.3)
     return figure
+
+
+MAX_CURVE_PANELS = 12  # learning-curve panels in one figure; the rest are named in the caption
+
+
+def plot_learning_curves(records: list[dict]) -> tuple[Figure, str]:
+    """Small multiples of the runs' learning curves (the record's ``curves``): one panel per dataset, starting
+    point and number of training images, a line per seed of the validation headline against the step (left
+    axis) and its training loss per logged step (thin, right axis). A run the convergence rule flags as not
+    converged ends in a red cross, and the panel title counts them."""
+    runs = [r for r in records if (r.get("curves") or {}).get("val") or (r.get("curves") or {}).get("train_loss")]
+    if not runs:
+        raise SkipFigure("no run record holds learning curves (records written before runs kept them)")
+    groups: dict[tuple, list[dict]] = {}
+    for record in runs:
+        pre = record.get("pretraining") or {}
+        key = (str(record.get("dataset")), arm_label(record.get("strategy"), pre.get("length"), pre.get("scheme") or ""),
+               int(record.get("n_train_images") or 0))
+        groups.setdefault(key, []).append(record)
+    keys = sorted(groups)
+    shown = keys[:MAX_CURVE_PANELS]
+    figure, axes = _panel_grid(len(shown))
+    for ax, key in zip(axes, shown):
+        loss_ax = ax.twinx()
+        not_converged = 0
+        for record in sorted(groups[key], key=lambda r: r.get("seed", 0)):
+            curves = record["curves"]
+            val = np.asarray(curves.get("val") or [], dtype=float).reshape(-1, 2)
+            loss = np.asarray(curves.get("train_loss") or [], dtype=float).reshape(-1, 2)
+            line = ax.plot(val[:, 0], val[:, 1], marker=".", markersize=3, label=f"seed {record.get('seed')}")[0] \
+                if len(val) else None
+            color = line.get_color() if line is not None else None
+            if len(loss):
+                loss_ax.plot(loss[:, 0], loss[:, 1], linewidth=0.7, alpha=0.45, color=color)
+            if (record.get("convergence") or {}).get("converged") is False:
+                not_converged += 1
+                if len(val):
+                    ax.plot(val[-1, 0], val[-1, 1], marker="x", color="red", markersize=9, mew=2)
+        loss_ax.set_ylabel("training loss (thin)", fontsize=7)
+        loss_ax.tick_params(labelsize=7)
+        ax.set_xlabel("step")
+        dataset, arm, n_images = key
+        flag = f"; {not_converged} not converged" if not_converged else ""
+        metric = next((r["curves"].get("val_metric") for r in groups[key] if r["curves"].get("val_metric")),
+                      "validation Dice")
+        _finish(ax, metric, f"{dataset}, {arm}, {n_images} images{flag}")
+    detail = (f"{len(keys) - len(shown)} more configuration(s) not drawn: "
+              + "; ".join(f"{d}, {a}, {n} images" for d, a, n in keys[len(shown):])) if len(keys) > len(shown) else ""
+    return figure, detail

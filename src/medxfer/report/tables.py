@@ -441,3 +441,17 @@ def format_difference(row: Any) -> str:
     if not math.isnan(row["95% CI low"]):
         text += f" [{row['95% CI low']:+.3f}, {row['95% CI high']:+.3f}]"
     return text
+
+
+def convergence_note(table: pd.DataFrame) -> Optional[str]:
+    """One sentence naming the runs whose validation headline was still rising over the last quarter of
+    training (``converged`` False; the rule of ``medxfer.training.curves``), or None when there are none."""
+    if "converged" not in table.columns:
+        return None
+    runs = table[table["test set"] == "target"] if "test set" in table.columns else table
+    flagged = runs[runs["converged"].map(lambda v: v is False or v == False)]  # noqa: E712 (NaN = undecided)
+    if flagged.empty:
+        return None
+    ids = ", ".join(sorted(str(v) for v in flagged["run id"].unique()))
+    return (f"Not converged: {flagged['run id'].nunique()} of {runs['run id'].nunique()} run(s) still improved on "
+            f"validation over the last quarter of training (their Dice understates what they would reach): {ids}.")
