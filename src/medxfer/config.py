@@ -142,7 +142,11 @@ class DataConfig(StrictModel):
     patch_size: Optional[list[Side]] = Field(None, description=(
         "Train on random patches of this size (and predict by sliding window); None = whole images."))
     foreground_ratio: float = Field(0.5, ge=0.0, le=1.0, description="Share of patches centred on foreground.")
-    augment: bool = Field(True, description="Random training augmentation.")
+    augment: Union[bool, Literal["nnunet"]] = Field(True, description=(
+        "Random training augmentation: true = flips, quarter turns and intensity scale/shift; nnunet = "
+        "nnU-Net's set (rotation, scaling, elastic, noise, blur, brightness, contrast, low-resolution "
+        "simulation, gamma, mirroring; the docs' finetune page lists ranges and probabilities), applied to "
+        "each sampled patch; false = none."))
     preprocess: Optional[PreprocessConfig] = Field(None, description=(
         "Plan and preprocess the dataset once into an on-disk cache (msd layout, 3D): resampling to a target "
         "spacing, dataset-level CT normalisation; training then reads patches from the cache. None = read the "
@@ -194,7 +198,7 @@ class PretrainedConfig(StrictModel):
         'weights, their label (e.g. "ImageNet efficientnet-lite0"); the report names an arm "full (<scheme>)".'))
 
 
-Strategy = Literal["scratch", "full", "frozen_encoder", "partial", "discriminative"]
+Strategy = Literal["scratch", "full", "frozen_encoder", "partial", "discriminative", "gradual"]
 
 
 class TrainConfig(StrictModel):
@@ -202,8 +206,12 @@ class TrainConfig(StrictModel):
 
     strategy: Strategy = Field("full", description=(
         "How the model is trained: scratch, full fine-tuning, frozen_encoder, partial (first levels frozen) or "
-        "discriminative (smaller encoder lr); all but scratch and full need pretrained.checkpoint."))
+        "discriminative (smaller encoder lr) or gradual (encoder frozen for unfreeze_after_steps steps, then "
+        "everything trained); all but scratch and full need pretrained.checkpoint."))
     frozen_levels: int = Field(0, ge=0, description='For "partial": the first k encoder levels are frozen.')
+    unfreeze_after_steps: Optional[int] = Field(None, ge=1, description=(
+        'For "gradual" (required there): optimizer steps with the encoder frozen (BatchNorm statistics '
+        "included); from then on every weight is trained at the run's learning rate and schedule."))
     encoder_lr_factor: float = Field(0.1, gt=0.0, description='For "discriminative": encoder lr = lr * factor.')
     optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="Optimizer.")
     lr: float = Field(1e-3, gt=0.0, description="Learning rate.")
@@ -294,9 +302,11 @@ class RunConfig(StrictModel):
 
     @model_validator(mode="after")
     def _strategy_needs_weights(self) -> "RunConfig":
+        if (self.train.strategy == "gradual") != (self.train.unfreeze_after_steps is not None):
+            raise ValueError("train.unfreeze_after_steps goes with train.strategy gradual (and gradual needs it)")
         if self.train.strategy != "scratch" and self.pretrained.checkpoint is None:
             # "full" without a checkpoint is a scratch run; say so instead of pretending.
-            if self.train.strategy in ("frozen_encoder", "partial", "discriminative"):
+            if self.train.strategy in ("frozen_encoder", "partial", "discriminative", "gradual"):
                 raise ValueError(
                     f"train.strategy={self.train.strategy!r} needs pretrained.checkpoint"
                 )

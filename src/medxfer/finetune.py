@@ -55,6 +55,8 @@ def run_id_for(config: RunConfig) -> str:
     data = {key: value for key, value in config_to_dict(config).items() if key not in ID_EXCLUDED}
     if data.get("data_seed") is None:
         data.pop("data_seed", None)  # None = seed: the same run as before data_seed existed, the same id
+    if data["train"].get("unfreeze_after_steps") is None:
+        data["train"].pop("unfreeze_after_steps", None)  # as before the gradual strategy existed: the same id
     if data["data"].get("preprocess") is None:
         data["data"].pop("preprocess", None)  # as before data.preprocess existed: the same id
     if data["train"].get("num_workers") is None:
@@ -335,7 +337,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
             "n_classes": data.n_classes,
             "class_names": list(data.class_names),
             "strategy": t.strategy,
-            "freeze_encoder": t.strategy in ("frozen_encoder", "partial"),
+            "freeze_encoder": t.strategy in ("frozen_encoder", "partial"),  # "gradual" ends unfrozen
             "seed": config.seed,
             "data_seed": config.subset_seed,  # chose train_case_ids (= seed unless data_seed was set)
             "n_train_images": len(train_cases),

@@ -52,8 +52,11 @@ def match_channels(image: np.ndarray, in_channels: Optional[int]) -> np.ndarray:
 
 
 def training_augmentation(spatial_dims: int, patch_size: Optional[Sequence[int]], foreground_ratio: float,
-                          augment: bool):
+                          augment: bool | str):
     """MONAI dictionary transforms on ``{"image": (C, *S), "label": (1, *S)}``.
+
+    ``augment``: True = flips, quarter turns (square planes), intensity scale and shift; ``"nnunet"`` =
+    nnU-Net's set (``medxfer.data.augmentations.nnunet_augmentation``); False = none.
 
     Patches are sampled with ``RandCropByPosNegLabeld``: a share ``foreground_ratio`` of patches is
     centred on a foreground pixel, the rest on background.
@@ -72,7 +75,11 @@ def training_augmentation(spatial_dims: int, patch_size: Optional[Sequence[int]]
                 pos=pos, neg=1.0 - pos, num_samples=1, allow_smaller=False,
             )
         )
-    if augment:
+    if augment == "nnunet":
+        from medxfer.data.augmentations import nnunet_augmentation
+
+        steps += nnunet_augmentation(spatial_dims)
+    elif augment:
         for axis in range(spatial_dims):
             steps.append(mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=axis))
         axes = (spatial_dims - 2, spatial_dims - 1)

@@ -5,6 +5,8 @@ full            pretrained encoder loaded, everything trained at one learning ra
 frozen_encoder  pretrained encoder loaded and frozen (BatchNorm statistics too); decoder + head trained
 partial         the first ``frozen_levels`` encoder levels frozen, the rest trained
 discriminative  everything trained, the encoder at ``lr * encoder_lr_factor``
+gradual         the encoder frozen (BatchNorm statistics too) for ``unfreeze_after_steps`` optimizer steps, then
+                everything trained at ``lr`` (``unfreeze_if_due``, called by the training task every step)
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from medxfer.config import TrainConfig
 from medxfer.models.weights import freeze_encoder
 
-STRATEGIES = ("scratch", "full", "frozen_encoder", "partial", "discriminative")
+STRATEGIES = ("scratch", "full", "frozen_encoder", "partial", "discriminative", "gradual")
 
 
 def loads_pretrained(strategy: str) -> bool:
@@ -25,6 +27,13 @@ def apply_strategy(model: torch.nn.Module, train: TrainConfig) -> list[dict]:
     """Freeze what the strategy freezes and return the optimizer's parameter groups."""
     if train.strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {train.strategy!r}; known: {', '.join(STRATEGIES)}")
+    if train.strategy == "gradual":
+        # every weight in the optimizer from the start: frozen ones get no gradient, so no update, until
+        # unfreeze_if_due thaws them
+        freeze_encoder(model, "all")
+        return [{"params": list(model.encoder.parameters()), "lr": train.lr, "name": "encoder"},
+                {"params": [p for n, p in model.named_parameters() if not n.startswith("encoder.")],
+                 "lr": train.lr, "name": "decoder"}]
     if train.strategy == "frozen_encoder":
         freeze_encoder(model, "all")
     elif train.strategy == "partial":
@@ -41,6 +50,19 @@ def apply_strategy(model: torch.nn.Module, train: TrainConfig) -> list[dict]:
     if rest:
         groups.append({"params": rest, "lr": train.lr, "name": "decoder"})
     return groups
+
+
+def unfreeze_if_due(model: torch.nn.Module, train: TrainConfig, global_step: int) -> bool:
+    """For the "gradual" strategy: unfreeze the whole encoder once ``global_step`` (optimizer steps done)
+    reaches ``unfreeze_after_steps`` (also right away when a resumed run is past it). Returns whether it
+    unfroze now."""
+    if train.strategy != "gradual" or global_step < (train.unfreeze_after_steps or 0):
+        return False
+    if model.encoder.frozen_levels == 0:
+        return False
+    freeze_encoder(model, 0)
+    model.encoder.train(model.training)
+    return True
 
 
 def make_optimizer(name: str, groups: list[dict], lr: float, momentum: float = 0.9,

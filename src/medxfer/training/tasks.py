@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable, Optional, Sequence
 
@@ -13,7 +14,10 @@ from medxfer.data.base import IGNORE_INDEX
 from medxfer.data.patches import predict_logits
 from medxfer.errors import TrainingDiverged
 from medxfer.evaluation.metrics import headline_score
-from medxfer.training.strategies import apply_strategy, build_optimizer, build_scheduler, make_optimizer
+from medxfer.training.strategies import (apply_strategy, build_optimizer, build_scheduler, make_optimizer,
+                                         unfreeze_if_due)
+
+log = logging.getLogger(__name__)
 
 
 def foreground_dice_counts(logits: torch.Tensor, target: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -153,6 +157,11 @@ class SegmentationTask(TrainingTask):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        super().on_train_batch_start(batch, batch_idx)
+        if unfreeze_if_due(self.model, self.train_cfg, int(self.trainer.global_step)):
+            log.info("gradual: encoder unfrozen at step %d", self.trainer.global_step)
 
     def training_step(self, batch, batch_idx):
         logits = self.model(batch["image"])
