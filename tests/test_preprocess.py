@@ -273,3 +273,20 @@ def test_finetune_on_preprocessed_data_and_predict_on_the_input_grid(tmp_path):
 def test_finetune_on_preprocessed_data_on_the_gpu_in_bf16(tmp_path):
     result = finetune_and_predict(tmp_path, accelerator="gpu", precision="bf16-mixed")
     assert result.record["environment"]["cuda"] and np.isfinite(result.record["best_val_dice"] or 0.0)
+
+
+def test_warm_up_imports_the_inferer_and_leaves_the_model_as_it_was():
+    import sys
+
+    from medxfer.data.patches import predict_logits, warm_up
+    from medxfer.models import build_segmenter
+
+    torch.manual_seed(0)
+    model = build_segmenter(preset="unet3d", in_channels=1, n_classes=2, width=2, depth=2).eval()
+    volume = torch.randn(1, 1, 12, 10, 9)
+    before = predict_logits(model, volume, patch_size=(8, 8, 8), size_multiple=2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    warm_up(model, (8, 8, 8), size_multiple=2, sw_batch_size=2)
+    assert "monai.inferers" in sys.modules
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(before, predict_logits(model, volume, patch_size=(8, 8, 8), size_multiple=2))

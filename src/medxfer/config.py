@@ -89,17 +89,17 @@ class PreprocessConfig(StrictModel):
     """nnU-Net-style plan and preprocess of a 3D dataset into an on-disk cache (``medxfer.data.preprocess``)."""
 
     target_spacing: Optional[list[float]] = Field(
-        None, description="voxel spacing (mm per spatial axis, D H W) every case is resampled to; None = the "
-        "dataset's median spacing with nnU-Net's rule for an anisotropic axis")
+        None, description="Voxel spacing (mm per spatial axis, D H W) every case is resampled to; None = the "
+        "dataset's median spacing with nnU-Net's rule for an anisotropic axis.")
     normalization: Literal["auto", "ct", "zscore", "none"] = Field(
-        "auto", description="intensity normalisation per channel: ct = clip to the dataset's foreground 0.5/99.5 "
+        "auto", description="Intensity normalisation per channel: ct = clip to the dataset's foreground 0.5/99.5 "
         "percentiles, then z-score with its foreground mean and s.d.; zscore = per image (MRI); auto = ct for "
-        "channels dataset.json names CT, zscore for the others")
+        "channels dataset.json names CT, zscore for the others.")
     image_dtype: Literal["float32", "float16"] = Field(
-        "float32", description="how cached images are stored (float16 halves the disk space and reads)")
+        "float32", description="How cached images are stored (float16 halves the disk space and the reads).")
     cache_dir: Optional[Path] = Field(
-        None, exclude=True, description="folder of the preprocessed cache (one sub-folder per plan); None = "
-        "$MEDXFER_CACHE/preprocessed, else ~/.cache/medxfer/preprocessed. Not part of run ids")
+        None, exclude=True, description="Folder of the preprocessed cache (one sub-folder per plan); None = "
+        "$MEDXFER_CACHE/preprocessed, else ~/.cache/medxfer/preprocessed. Not part of run ids.")
 
     @field_validator("target_spacing")
     @classmethod

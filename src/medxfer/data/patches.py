@@ -37,13 +37,15 @@ def window_size(patch_size: Sequence[int], size_multiple: int) -> list[int]:
 @torch.inference_mode()
 def warm_up(model: torch.nn.Module, patch_size: Sequence[int], size_multiple: int = 1, sw_batch_size: int = 4,
             in_channels: int = 1) -> None:
-    """Import MONAI's inferer and run the model once on a batch of zero windows, so that the first real
+    """Import MONAI's inferer, run the model once on a batch of zero windows, and stitch two windows once
+    (the Gaussian weights and the aggregation use kernels of their own), so that the first real
     sliding-window call costs what the next ones do."""
-    from monai.inferers import sliding_window_inference  # noqa: F401  (the import is the point)
-
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
-    model(torch.zeros(sw_batch_size, in_channels, *window_size(patch_size, size_multiple), device=device))
+    window = window_size(patch_size, size_multiple)
+    model(torch.zeros(sw_batch_size, in_channels, *window, device=device))
+    two_windows = torch.zeros(1, in_channels, window[0] + 1, *window[1:], device=device)
+    predict_logits(model, two_windows, patch_size, size_multiple, overlap=0.25, sw_batch_size=sw_batch_size)
 
 
 @torch.inference_mode()

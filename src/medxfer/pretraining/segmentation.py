@@ -13,6 +13,7 @@ from medxfer.config import PretrainConfig, TrainConfig
 from medxfer.data import load_data, select_subset
 from medxfer.data.base import IGNORE_INDEX, check_case
 from medxfer.data.patches import predict_logits
+from medxfer.data.preprocess import image_normalization
 from medxfer.data.transforms import CaseDataset, training_augmentation
 from medxfer.errors import ConfigError, DataError
 from medxfer.models import build_segmenter
@@ -98,7 +99,7 @@ def segmentation_setup(config: PretrainConfig, recipe: dict[str, Any], data=None
         raise ConfigError("data: training images differ in size; set data.patch_size or data.resize")
 
     augmentation = training_augmentation(d.spatial_dims, d.patch_size, d.foreground_ratio, d.augment)
-    common = dict(n_classes=data.n_classes, normalization=d.normalization, percentiles=d.percentile_clip,
+    common = dict(n_classes=data.n_classes, normalization=image_normalization(d), percentiles=d.percentile_clip,
                   in_channels=model.in_channels)
     train_ds = CaseDataset(train_cases, transform=augmentation, **common)
     generator = torch.Generator().manual_seed(config.seed)

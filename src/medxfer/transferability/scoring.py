@@ -79,6 +79,7 @@ def target_images(config: ScoreConfig, with_labels: bool = False):
     """
     from medxfer.data import load_data, select_subset
     from medxfer.data.base import IGNORE_INDEX
+    from medxfer.data.preprocess import image_normalization
     from medxfer.data.transforms import normalize_image
 
     data = load_data(config.data)
@@ -87,7 +88,7 @@ def target_images(config: ScoreConfig, with_labels: bool = False):
         raise DataError(f"{data.name}: the robustness score needs at least 2 training images, found {len(cases)}")
     images, labels = [], []
     for case in cases:
-        image = normalize_image(case.image, config.data.normalization, config.data.percentile_clip)
+        image = normalize_image(case.image, image_normalization(config.data), config.data.percentile_clip)
         label = case.label if case.label is not None else np.full(case.spatial_shape, IGNORE_INDEX, np.int64)
         if config.crop_size is not None:
             image = centre_crop_or_pad(image, config.crop_size)
