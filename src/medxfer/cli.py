@@ -270,6 +270,22 @@ def data_check(name: str = typer.Argument(..., help="Dataset layout: acdc, covid
         console.print(line, highlight=False, soft_wrap=True)
 
 
+@data_app.command("colin27-subjects")
+def data_colin27_subjects(out: Path = typer.Argument(..., help="Output folder (one nnU-Net v2 dataset per task)."),
+                          source: int = typer.Option(40, "--source", help="Sparsely annotated source subjects."),
+                          target: int = typer.Option(16, "--target", help="Target subjects (hippocampus, amygdala)."),
+                          t2like: int = typer.Option(12, "--t2like", help="Second-domain (T2-like) source subjects."),
+                          seed: int = typer.Option(0, "--seed", help="Generator seed (subject i depends on it only)."),
+                          ) -> None:
+    """Build the multi-subject 3D stand-in from Colin27 + AAL (real one brain; simulated subject variability):
+    OUT/source (sparse labels), OUT/target, OUT/source_t2like, each readable as data name msd, spatial_dims 3."""
+    from medxfer.data.colin27_subjects import write_subjects
+
+    check_output_dir(out)
+    for task, n in (("source", source), ("target", target), ("source_t2like", t2like)):
+        console.print(f"{task}: {write_subjects(out / task, task, n, seed=seed)} ({n} subjects)", highlight=False)
+
+
 @app.command()
 def pretrain(config: Path = typer.Argument(..., help="Pretraining config (YAML)."),
              out: Path = typer.Option(Path("pretrain_out"), "--out", help="Output folder.")) -> None:
