@@ -522,3 +522,82 @@ def test_analyze_refuses_more_variants_than_it_can_evaluate_at_once(tmp_path, ca
     assert time.perf_counter() - started < 20
     assert "robustness.csv: 1002 score variants, more than the 1000" in one_error_line(capsys)
     assert not (tmp_path / "analysis").exists()
+
+
+# --- item 1: a reused score folder ---------------------------------------------------------------------
+
+
+def _score_setup(tmp_path, lengths=(0, 1, 2)):
+    from medxfer.models.encoders import UNetEncoder
+    from medxfer.models.weights import save_encoder
+
+    folder = tmp_path / "checkpoints"
+    for length in lengths:
+        torch.manual_seed(length)
+        save_encoder(UNetEncoder(3, width=2, depth=2), folder / f"encoder_len{length:04d}.pt", length=length,
+                     scheme="simple")
+    return folder
+
+
+SCORE_YAML = ("data: {name: demo, options: {domain: B}}\ncheckpoints: checkpoints\nn_images: 4\n"
+              "crop_size: [32, 32]\nbootstrap: 0\nmetrics: [l2]\nmargins: [0.5]\npooled: [true]\n"
+              "stop: {rule: argmin, metric: l2, margin: 0.5, level: -1, pooled: true}\n")
+
+
+def test_a_score_folder_holds_one_config_and_its_outputs_as_one_set(tmp_path, capsys):
+    """Item 1: a second score into the same --out left the first one's baselines.csv beside the new
+    robustness.csv; a score whose stop variant was not scored overwrote robustness.csv, kept the old
+    recommendation.json and exited 2."""
+    from medxfer.transferability.scoring import load_score_config, run_score
+
+    _score_setup(tmp_path)
+    out = tmp_path / "out"
+    (tmp_path / "score.yaml").write_text(SCORE_YAML)
+    first = run_score(load_score_config(tmp_path / "score.yaml"), out)
+    written = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert {"robustness.csv", "recommendation.json", "score_config.json"} <= set(written)
+    # another config (here: its stop variant is not scored) into the same folder: refused, nothing touched
+    (tmp_path / "other.yaml").write_text(SCORE_YAML.replace("margin: 0.5, level", "margin: 0.25, level"))
+    assert main(["score", str(tmp_path / "other.yaml"), "--out", str(out)]) == 2
+    assert "holds the scores of another score config" in one_error_line(capsys)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == written
+    # ... and into a fresh folder: refused before anything is written
+    assert main(["score", str(tmp_path / "other.yaml"), "--out", str(tmp_path / "fresh")]) == 2
+    assert "is not among the scored variants" in one_error_line(capsys)
+    assert not (tmp_path / "fresh").exists()
+    # the same config again: the set is rewritten whole (a stale file of it would be removed)
+    (out / "baselines.csv").write_text("left over\n")
+    again = run_score(load_score_config(tmp_path / "score.yaml"), out)
+    assert not (out / "baselines.csv").exists()
+    pd.testing.assert_frame_equal(again.table.drop(columns="time_s"), first.table.drop(columns="time_s"))
+
+
+def test_an_interrupted_score_resumes_from_its_last_scored_checkpoint(tmp_path, monkeypatch):
+    """Item 1: `score` resumes per checkpoint (and holds the folder's lock meanwhile)."""
+    import medxfer.transferability.scoring as scoring
+    from medxfer.errors import FolderInUse
+
+    _score_setup(tmp_path)
+    out = tmp_path / "out"
+    (tmp_path / "score.yaml").write_text(SCORE_YAML)
+    config = scoring.load_score_config(tmp_path / "score.yaml")
+    real, scored = scoring.score_checkpoint, []
+
+    def interrupted_at_the_third(encoder, images, config, progress=False):
+        if len(scored) == 2:
+            raise KeyboardInterrupt
+        scored.append(1)
+        return real(encoder, images, config, progress=progress)
+
+    monkeypatch.setattr(scoring, "score_checkpoint", interrupted_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        scoring.run_score(config, out)
+    assert not (out / "robustness.csv").exists()  # nothing of a half-done set
+    monkeypatch.setattr(scoring, "score_checkpoint", lambda *a, **k: scored.append(1) or real(*a, **k))
+    result = scoring.run_score(config, out)
+    assert len(scored) == 3  # only the third checkpoint was scored again
+    assert sorted(result.table["pretraining_length"].unique()) == [0, 1, 2]
+    assert not list(out.glob(".score-partial-*"))
+    with folder_lock(out, "score folder"):
+        with pytest.raises(FolderInUse):
+            scoring.run_score(config, out)

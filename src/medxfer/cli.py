@@ -319,11 +319,14 @@ def score(config: Path = typer.Argument(..., help="Score config (YAML)."),
     from medxfer.transferability.scoring import load_score_config, run_score
 
     score_config = load_score_config(config)
-    _check_out(out if out is not None else score_config.out)
+    _check_out(out if out is not None else score_config.out, "score folder")
     with _naming_config(config):
         result = run_score(score_config, out, progress=interactive())
-    _print_frame("robustness of each checkpoint (stop variant; lower = more robust)",
-                 result.summary(score_config.stop))
+    try:
+        _print_frame("robustness of each checkpoint (stop variant; lower = more robust)",
+                     result.summary(score_config.stop))
+    except MedxferError as exc:  # the recommended rule reads every variant; the table is written, whole
+        console.print(f"{exc}; every scored variant is in robustness.csv", markup=False)
     if result.n_checkpoints == 1:
         console.print("one checkpoint: nothing to choose (no recommended pretraining length)", markup=False)
     if result.recommendation is not None:

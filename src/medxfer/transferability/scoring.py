@@ -11,6 +11,7 @@ Dependencies run one way: ``stopping`` (pure numpy/pandas) <- ``robustness`` (to
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from medxfer.config import ModelConfig, ScoreConfig
+from medxfer.config import ModelConfig, ScoreConfig, config_to_dict
 from medxfer.errors import CheckpointError, ConfigError, DataError
 from medxfer.transferability.robustness import (
     _device,
@@ -170,31 +171,96 @@ def _load_encoder(path: Path, manifest: dict, model: Optional[ModelConfig], imag
     return encoder
 
 
+SCORE_CONFIG_FILE = "score_config.json"  # which config the outputs of a score folder belong to
+SCORE_OUTPUTS = ("robustness.csv", "baselines.csv", "recommendation.json")
+_PARTIAL_PREFIX = ".score-partial-"  # per-checkpoint tables of an unfinished score, by config identity
+
+
 def run_score(config: ScoreConfig, out_dir: str | Path | None = None, *, progress: bool = False) -> ScoreResult:
     """``medxfer score``: every variant for every checkpoint -> ``robustness.csv`` (+ baselines, stop rule).
 
     Writes to ``out_dir`` (default ``config.out``): ``robustness.csv``, ``baselines.csv`` when
-    ``config.baselines`` asks for any, and ``recommendation.json`` (the stop rule of ``config.stop``).
+    ``config.baselines`` asks for any, and ``recommendation.json`` (the stop rule of ``config.stop``), as
+    one set with ``score_config.json`` naming their config: outputs of an earlier score of the same config
+    that this one does not write are removed, and a folder holding another config's scores is refused.
+    The folder is locked meanwhile; each scored checkpoint is kept, so an interrupted score resumes.
     """
+    from medxfer.io import folder_lock
+
+    out = Path(out_dir if out_dir is not None else config.out)
+    identity = score_identity(config)
+    with folder_lock(out, "score folder"):
+        _guard_score_folder(out, identity)
+        return _run_score(config, out, identity, progress)
+
+
+def score_identity(config: ScoreConfig) -> str:
+    """The hash of the resolved score config without its output folder."""
+    from medxfer.io import stable_hash
+
+    return stable_hash({k: v for k, v in config_to_dict(config).items() if k != "out"})
+
+
+def _guard_score_folder(out: Path, identity: str) -> None:
+    import shutil
+
+    marker = out / SCORE_CONFIG_FILE
+    saved = None
+    if marker.is_file():
+        try:
+            saved = json.loads(marker.read_text(encoding="utf-8"))["identity"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{marker}: unreadable ({type(exc).__name__}); remove it or use another output "
+                              "folder") from None
+    elif any((out / name).exists() for name in SCORE_OUTPUTS):  # written before folders named their config
+        log.warning("%s: score outputs of an unnamed config; this score replaces them as a whole", out)
+    if saved is not None and saved != identity:
+        raise ConfigError(f"{out}: holds the scores of another score config (see {marker}); use another "
+                          "output folder, or delete this one to score here")
+    for partial in out.glob(f"{_PARTIAL_PREFIX}*"):  # an interrupted score of another config: nothing finished
+        if partial.name != _PARTIAL_PREFIX + identity:
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _checkpoint_key(length: float, path: Path) -> str:
+    from medxfer.io import stable_hash
+
+    stat = Path(path).stat()
+    return stable_hash([str(Path(path).resolve()), float(length), stat.st_size, stat.st_mtime_ns])
+
+
+def _run_score(config: ScoreConfig, out: Path, identity: str, progress: bool) -> ScoreResult:
+    import shutil
+
     from medxfer.io import atomic_write_json, atomic_write_text, seed_everything
 
     seed_everything(config.seed)
-    out = Path(out_dir if out_dir is not None else config.out)
     checkpoints = checkpoint_list(config.checkpoints)
     if config.baselines:
         images, dataset, labels, n_classes = target_images(config, with_labels=True)
     else:
         (images, dataset), labels, n_classes = target_images(config), None, None
     log.info("scoring %d checkpoint(s) on %d %s training images", len(checkpoints), len(images), dataset)
+    partial = out / (_PARTIAL_PREFIX + identity)
     tables, baseline_tables = [], []
     accuracy = {float(length): (manifest or {}).get("val_accuracy") for length, _, manifest in checkpoints}
     for length, path, manifest in checkpoints:
+        key = _checkpoint_key(length, path)
+        done_table, done_baselines = partial / f"{key}.robustness.csv", partial / f"{key}.baselines.csv"
+        if done_table.is_file() and (not config.baselines or done_baselines.is_file()):
+            log.info("%s (length %s): scored before this interruption; reused", Path(path).name, length)
+            tables.append(pd.read_csv(done_table))
+            if config.baselines:
+                baseline_tables.append(pd.read_csv(done_baselines))
+            continue
         encoder = _load_encoder(path, manifest, config.model, int(images.shape[1])).to(_device(config.device))
         meta = {"dataset": dataset, "encoder": config.encoder_name or _encoder_name(encoder, manifest),
                 "pretraining_scheme": config.pretraining_scheme or (manifest or {}).get("scheme") or "",
                 "pretraining_length": length, "checkpoint": str(path), "seed": config.seed}
         table = score_checkpoint(encoder, images, config, progress=progress)
         table = table.assign(**meta, augmentation=augmentation_id(config.augment))
+        if not tables and config.stop.rule != "recommended":
+            select_variant(table, config.stop)  # argmin/patience need their variant: fail now, writing nothing
         tables.append(table)
         log.info("%s (length %s): %d variants in %.1f s", Path(path).name, length, len(table), table["time_s"].iloc[0])
         if config.baselines:
@@ -210,12 +276,14 @@ def run_score(config: ScoreConfig, out_dir: str | Path | None = None, *, progres
             rows = pd.DataFrame(rows)
             rows["level"] = rows["level"] + config.level_offset  # published numbering under protocol reference
             baseline_tables.append(rows.assign(**meta))
+            atomic_write_text(done_baselines, baseline_tables[-1].to_csv(index=False))
+        atomic_write_text(done_table, table.to_csv(index=False))  # last: the checkpoint is done when it exists
     result_table = order_columns(pd.concat(tables, ignore_index=True))
     result_table = result_table.sort_values(["metric", "margin", "level", "pooled", "pretraining_length"],
                                             kind="stable").reset_index(drop=True)
     csv_path = out / "robustness.csv"
-    atomic_write_text(csv_path, result_table.to_csv(index=False))
     result = ScoreResult(result_table, csv_path, paths={"robustness": csv_path})
+    result.n_checkpoints = len(checkpoints)
     if baseline_tables:
         from medxfer.transferability.baselines import BASELINE_COLUMNS
 
@@ -223,22 +291,29 @@ def run_score(config: ScoreConfig, out_dir: str | Path | None = None, *, progres
         baselines = baselines[BASELINE_COLUMNS + [c for c in baselines.columns if c not in BASELINE_COLUMNS]]
         result.baselines = baselines
         result.paths["baselines"] = out / "baselines.csv"
-        atomic_write_text(result.paths["baselines"], baselines.to_csv(index=False))
-    result.n_checkpoints = len(checkpoints)
     if len(checkpoints) == 1:  # nothing to choose: no recommendation (its length would be NaN, not JSON)
         log.info("one checkpoint: nothing to choose; no recommendation written")
-        stale = out / "recommendation.json"
-        if stale.exists():  # an earlier run's recommendation would no longer describe this table
-            stale.unlink()
     elif len(checkpoints) > 1:
         try:
-            recommendation = recommend_from_table(result_table, config.stop, accuracy)
-        except ConfigError as exc:  # e.g. the stop variant is not among those scored
+            result.recommendation = recommend_from_table(result_table, config.stop, accuracy)
+        except ConfigError as exc:  # e.g. a table that holds several runs
             log.warning("no checkpoint recommendation: %s", exc)
         else:
-            result.recommendation = recommendation
             result.paths["recommendation"] = out / "recommendation.json"
-            atomic_write_json(result.paths["recommendation"], recommendation.as_dict())
+    # One set: the marker says "being written" first, so a kill in between leaves a folder of this config
+    # that the next score of it rewrites; outputs this score does not produce are removed, never left stale.
+    marker = out / SCORE_CONFIG_FILE
+    atomic_write_json(marker, {"identity": identity, "complete": False, "config": config_to_dict(config)})
+    for name in SCORE_OUTPUTS:
+        if not any(path.name == name for path in result.paths.values()):
+            (out / name).unlink(missing_ok=True)
+    atomic_write_text(csv_path, result_table.to_csv(index=False))
+    if result.baselines is not None:
+        atomic_write_text(result.paths["baselines"], result.baselines.to_csv(index=False))
+    if result.recommendation is not None:
+        atomic_write_json(result.paths["recommendation"], result.recommendation.as_dict())
+    atomic_write_json(marker, {"identity": identity, "complete": True, "config": config_to_dict(config)})
+    shutil.rmtree(partial, ignore_errors=True)
     return result
 
 
