@@ -290,3 +290,15 @@ def test_warm_up_imports_the_inferer_and_leaves_the_model_as_it_was():
     assert "monai.inferers" in sys.modules
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert torch.equal(before, predict_logits(model, volume, patch_size=(8, 8, 8), size_multiple=2))
+
+
+def test_cached_patches_take_the_configured_augmentation(tmp_path):
+    make_ct_dataset(tmp_path / "data", n=3)
+    data = load_data(config(tmp_path / "data", tmp_path / "cache"))
+    cases = data.train + data.val + data.test
+    names = {a: [type(t).__name__ for t in CachedPatchDataset(cases, 3, (4, 8, 8), augment=a).transform().transforms]
+             for a in (True, "nnunet")}
+    assert "RandFlipd" in names[True] and names["nnunet"] != names[True]
+    assert CachedPatchDataset(cases, 3, (4, 8, 8), augment=False).transform() is None
+    item = CachedPatchDataset(cases, 3, (4, 8, 8), augment="nnunet")[(0, 5)]
+    assert item["image"].shape == (1, 4, 8, 8) and item["label"].shape == (4, 8, 8)

@@ -75,10 +75,11 @@ def patch_start(shape: Sequence[int], patch: Sequence[int], centre: Optional[Seq
 
 class CachedPatchDataset(Dataset):
     """Cache-backed cases -> ``{"image": float32 (C, *P), "label": int64 (*P), "annotated", "index"}``, one
-    random patch per item; index items with ``(case index, seed)`` pairs (:class:`SeededSampler`)."""
+    random patch per item; index items with ``(case index, seed)`` pairs (:class:`SeededSampler`).
+    ``augment`` as ``data.augment``: True, ``"nnunet"`` or False (``training_augmentation``)."""
 
     def __init__(self, cases: Sequence[Case], n_classes: int, patch_size: Sequence[int],
-                 foreground_ratio: float = 0.33, augment: bool = True, in_channels: Optional[int] = None):
+                 foreground_ratio: float = 0.33, augment: bool | str = True, in_channels: Optional[int] = None):
         self.paths = [dict(case.meta["cache"]) for case in cases]  # plain strings: cheap to send to workers
         self.annotated = [case.annotated for case in cases]
         self.n_classes = n_classes
@@ -126,7 +127,7 @@ class CachedPatchDataset(Dataset):
         if self._transform is None and self.augment:
             from medxfer.data.transforms import training_augmentation
 
-            self._transform = training_augmentation(len(self.patch_size), None, 0.0, True)
+            self._transform = training_augmentation(len(self.patch_size), None, 0.0, self.augment)
         return self._transform
 
     def __getitem__(self, item: tuple[int, int] | int) -> dict:
