@@ -601,3 +601,41 @@ def test_an_interrupted_score_resumes_from_its_last_scored_checkpoint(tmp_path, 
     with folder_lock(out, "score folder"):
         with pytest.raises(FolderInUse):
             scoring.run_score(config, out)
+
+
+# --- item 7: a resumed run says so ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_resumed_run_records_the_step_it_resumed_at(tmp_path):
+    """Item 7: a run resumed mid-way ended at another Dice than the uninterrupted one, and result.json did
+    not say it was resumed."""
+    import lightning as L
+
+    from medxfer.config import RunConfig, parse_config
+    from medxfer.finetune import run_finetune
+
+    class CtrlCAtStep2(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == 2:  # after the first epoch's resume checkpoint
+                raise KeyboardInterrupt
+
+    config = parse_config({**TINY_RUN, "train": {**TINY_RUN["train"], "batch_size": 2, "max_steps": 4,
+                                                  "checkpoint_every_s": None}}, RunConfig)
+    assert run_finetune(config, tmp_path / "plain").record["resumed_at_step"] is None
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(config, tmp_path / "out", callbacks=[CtrlCAtStep2()])
+    record = run_finetune(config, tmp_path / "out").record
+    assert record["resumed_at_step"] == 2 and record["resumed_at_steps"] == [2]
+    assert record["steps_trained"] == 4
+
+
+def test_every_resume_of_a_run_is_counted_until_it_starts_afresh(tmp_path):
+    """Item 7, the bookkeeping: each resume adds its step; a fresh start (no usable checkpoint) clears them."""
+    from medxfer.finetune import note_resume
+
+    last = tmp_path / "last.ckpt"
+    for step, expected in ((3, [3]), (5, [3, 5])):
+        torch.save({"global_step": step, "state_dict": {}}, last)
+        assert note_resume(tmp_path, last) == expected
+    assert note_resume(tmp_path, None) == [] and note_resume(tmp_path, None) == []

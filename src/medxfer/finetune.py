@@ -298,6 +298,7 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
             plugins=[AtomicCheckpointIO()],
         )
         last = usable_resume_checkpoint(checkpoints / "last.ckpt")
+        resumes = note_resume(checkpoints, last)
         train_started = time.perf_counter()
         try:
             fit(trainer, task, train_loader, val_loader, ckpt_path=None if last is None else str(last))
@@ -355,6 +356,11 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
                          "converged": learning["convergence"]["converged"]},
             **learning,
             "steps_trained": int(trainer.global_step),
+            # A resumed run restarts the interrupted epoch with a new batch order and new augmentation draws:
+            # same weights and optimizer state, so its metrics agree with an uninterrupted run's only within
+            # seed noise (docs/troubleshooting.md); null = never interrupted.
+            "resumed_at_step": resumes[0] if resumes else None,
+            "resumed_at_steps": resumes,
             "metrics": metrics,
             "warnings": warnings,
             "timings": {"train_s": train_s, "eval_s": eval_s, "total_s": time.perf_counter() - started},
@@ -378,6 +384,30 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
             raise
         shutil.rmtree(checkpoints, ignore_errors=True)  # the record and model.pt are what a finished run keeps
         return RunResult(run_id, directory, record)
+
+
+RESUMES_FILE = "resumes.json"  # beside last.ckpt: the optimizer steps at which the run was resumed
+
+
+def note_resume(checkpoints: Path, last: Optional[Path]) -> list[int]:
+    """The steps at which this run was resumed so far, this resume (from ``last``) included."""
+    import json
+
+    from medxfer.io import atomic_write_json
+
+    path = checkpoints / RESUMES_FILE
+    if last is None:  # a fresh start: resumes of an attempt whose checkpoint was set aside no longer apply
+        path.unlink(missing_ok=True)
+        return []
+    try:
+        history = [int(step) for step in json.loads(path.read_text(encoding="utf-8"))]
+    except (OSError, ValueError, TypeError):  # none yet (or damaged: the resumes before it are not known)
+        history = []
+    state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    history.append(int(state.get("global_step", 0)))
+    del state
+    atomic_write_json(path, history)
+    return history
 
 
 def split_warnings(data: SegmentationData, train_cases) -> list[str]:
