@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from collections import Counter
@@ -28,6 +29,7 @@ from common import write_result  # noqa: E402
 from medxfer.io import file_sha256  # noqa: E402
 from medxfer.report.analyze import analyze  # noqa: E402
 from medxfer.report.analyze.curves import seeds_text  # noqa: E402
+from medxfer.report.analyze.outputs import percent_text  # noqa: E402
 
 # The 300 single-variant score rules are summarised by the selected ones ("best variant ...").
 PER_VARIANT_FAMILY = "score"
@@ -35,22 +37,45 @@ PER_VARIANT_FAMILY = "score"
 
 def interval(mean: float, low: float, high: float, digits: int, percent: bool = False) -> str:
     if percent:
-        text = f"{mean:.0%}"
+        text = percent_text(mean)
         return text if abs(high - low) < 0.005 else f"{text} [{low:.0%}, {high:.0%}]"
     text = f"{mean:.{digits}f}"
     return text if abs(high - low) < 10 ** -digits else f"{text} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def rules_table(summary) -> str:
-    lines = ["| rule | covers | regret [95% CI] | saved [95% CI] | W/T/L vs longest |", "|---|---|---|---|---|"]
+    lines = ["| rule | covers | regret [95% CI] | minus always longest, paired [95% CI over groups; over runs] "
+             "| saved [95% CI] | W/T/L vs longest |", "|---|---|---|---|---|---|"]
     for row in summary.itertuples():
-        rule = row.rule.replace("|", "\\|")  # a table cell
+        rule = row.rule.replace("|", "\\|") + (" (uses ImageNet accuracy)" if row.uses_imagenet else "")
         name = f"**{rule} (recommended)**" if row.recommended else rule
-        regret = interval(row.regret_mean, row.regret_ci_low, row.regret_ci_high, 4)
-        saved = interval(row.saved_mean, row.saved_ci_low, row.saved_ci_high, 0, percent=True)
-        lines.append(f"| {name} | {row.coverage} | {regret} | {saved}"
+        paired = ("-" if row.rule == "always longest" else
+                  f"{row.regret_vs_longest_mean:+.4f} [{row.regret_vs_longest_ci_low:+.4f}, "
+                  f"{row.regret_vs_longest_ci_high:+.4f}; {row.regret_vs_longest_cluster_ci_low:+.4f}, "
+                  f"{row.regret_vs_longest_cluster_ci_high:+.4f}]")
+        lines.append(f"| {name} | {row.coverage} | {interval(row.regret_mean, row.regret_ci_low, row.regret_ci_high, 4)}"
+                     f" | {paired} | {interval(row.saved_mean, row.saved_ci_low, row.saved_ci_high, 0, percent=True)}"
                      f" | {row.wins}/{row.ties}/{row.losses} |")
     return "\n".join(lines)
+
+
+def score_settling(groups, share: float = 0.9) -> dict:
+    """Where the deepest-level score (the stop rules' default variant) has made ``share`` of its largest change
+    from the first checkpoint: the length per group, its median and quartiles over groups."""
+    import numpy as np
+
+    from medxfer.transferability.stopping import DEFAULT_VARIANT, variant_text
+
+    lengths = []
+    for g in groups:
+        values = g.stop_curve.score(DEFAULT_VARIANT)
+        if values is None:
+            continue
+        moved = np.abs(values - values[0])
+        lengths.append(float(g.lengths[int(np.argmax(moved >= share * max(moved.max(), 1e-12)))]))
+    q25, median, q75 = np.percentile(lengths, [25, 50, 75])
+    return {"variant": variant_text(DEFAULT_VARIANT), "share": share, "n_groups": len(lengths), "median": median,
+            "q25": q25, "q75": q75}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     headline = result.summary[result.summary["family"] != PER_VARIANT_FAMILY]
     columns = ["rule", "family", "evaluation", "online", "recommended", "coverage", "n_groups", "regret_mean",
                "regret_ci_low", "regret_ci_high", "saved_mean", "saved_ci_low", "saved_ci_high", "wins", "ties",
-               "losses"]
+               "losses", "regret_vs_longest_mean", "regret_vs_longest_ci_low", "regret_vs_longest_ci_high",
+               "regret_vs_longest_cluster_ci_low", "regret_vs_longest_cluster_ci_high", "n_clusters", "uses_imagenet"]
     inputs = {}
     for kind, path in (("downstream", args.downstream), ("robustness", args.robustness)):
         with open(path, encoding="utf-8") as f:
@@ -82,6 +108,17 @@ def main(argv: list[str] | None = None) -> int:
         "table": rules_table(headline),
         "lodo": result.lodo.to_dict(orient="records"),
         "claims": result.claims.to_dict(orient="records"),
+        "seed_noise_median": float(statistics.median(g.seed_noise for g in result.groups)),
+        "score_settling": score_settling(result.groups),
+        "evidence": {"candidate_lengths": result.evidence.lengths.tolist(), "flat_curve_null": result.evidence.null,
+                     "best_of_n": result.evidence.best_of_n,
+                     "replication": {"groups": len(result.evidence.replication),
+                                     "shorter_chosen": int(result.evidence.replication["shorter_chosen"].sum()),
+                                     "replicating": int(result.evidence.replication["replicates"].sum()),
+                                     "mean_gain": float(result.evidence.replication["gain"].mean())},
+                     "no_pretraining": result.evidence.no_pretraining["outcome"].value_counts().to_dict(),
+                     "breakdown_by_dataset": result.evidence.breakdown[
+                         result.evidence.breakdown["by"] == "dataset"].to_dict(orient="records")},
         "cpu_s": cpu_s,
         "load": {"before": list(load_before), "after": list(load_after)},
         "notes": [f"medxfer analyze on {inputs['downstream']['file']} ({inputs['downstream']['rows']} rows) and "

@@ -150,6 +150,7 @@ class Rule:
     description: str = ""
     variant: str = ""  # the score variant a single-variant rule uses
     stop_rule: Optional[StopRule] = None  # an online rule medxfer score and the pretraining callback can apply
+    uses_imagenet: bool = False  # takes ImageNet validation accuracy as an input (not the target data alone)
 
 
 # ------------------------------------------------------------------------------------------ built-in rules
@@ -186,6 +187,55 @@ def imagenet_gain_below(threshold: float) -> DecideFunction:
     previous non-zero checkpoint, and fine-tune that checkpoint; the longest if that never happens
     (:class:`medxfer.transferability.stopping.ImageNetPlateau`)."""
     return online_rule(ImageNetPlateau(threshold))
+
+
+def fixed_length(length: float) -> DecideFunction:
+    """Always pretrain to ``length`` and fine-tune it (a matched-saving baseline); None where the group has no
+    such length."""
+
+    def decide(curves: GroupCurves, _training: Sequence[GroupCurves] = ()) -> Optional[Decision]:
+        return Decision(float(length), float(length)) if float(length) in curves._positions else None
+
+    return decide
+
+
+def imagenet_gain_below_twice(threshold: float) -> DecideFunction:
+    """Stop at the first checkpoint where ImageNet accuracy gained less than ``threshold`` (relative) over the
+    previous non-zero checkpoint twice in a row, and fine-tune it; the longest if that never happens."""
+
+    def decide(curves: GroupCurves, _training: Sequence[GroupCurves] = ()) -> Optional[Decision]:
+        accuracy = curves.imagenet_accuracy
+        if not len(accuracy) or not np.isfinite(accuracy).all():
+            return None
+        lengths = curves.lengths[curves.lengths > 0]
+        values = accuracy[curves.lengths > 0]
+        slow = 0
+        for i in range(1, len(values)):
+            slow = slow + 1 if values[i - 1] > 0 and (values[i] - values[i - 1]) / values[i - 1] < threshold else 0
+            if slow >= 2:
+                return Decision(float(lengths[i]), float(lengths[i]))
+        return Decision(curves.longest, curves.longest)
+
+    return decide
+
+
+def carried_over_length(curves: GroupCurves, training: Sequence[GroupCurves]) -> Optional[Decision]:
+    """Fitted: the length (among those the group and every training group have) with the lowest mean regret
+    over the training groups, e.g. the best length of the other datasets; ties: the shorter."""
+    common = set(map(float, curves.lengths))
+    for g in training:
+        common &= set(map(float, g.lengths))
+    if not training or not common:
+        return None
+    candidates = sorted(common)
+    regrets = [np.mean([float(np.max(g.dice)) - g.dice_at(n) for g in training]) for n in candidates]
+    best = candidates[int(np.argmin(regrets))]
+    return Decision(best, best, f"{best:g}")
+
+
+def uses_imagenet_accuracy(rule: Optional[StopRule]) -> bool:
+    """Whether an online rule reads ImageNet accuracy (the learned and selected rules include it as an input)."""
+    return isinstance(rule, (ImageNetPlateau, ImageNetAndScore, LearnedGain, SelectedRule))
 
 
 def online_rule(rule: StopRule) -> DecideFunction:
@@ -238,10 +288,10 @@ def stop_rule_families(min_saved: float = 0.5) -> list[Rule]:
     learned = [(LearnedGain(min_saved), "online stop rule (learned)"),
                (LearnedGain(min_saved, cost_aware=True), "online stop rule (learned)"),
                (SelectedRule(grid, min_saved, label="stop rule selected"), "online stop rule (selected)")]
-    rules = [Rule(r.name, online_rule(r), "online stop rule", description=_first_sentence(r), stop_rule=r)
-             for r in fixed]
-    rules += [Rule(r.kind, online_rule(r), family, fitted=True, description=_first_sentence(r), stop_rule=r)
-              for r, family in learned]
+    rules = [Rule(r.name, online_rule(r), "online stop rule", description=_first_sentence(r), stop_rule=r,
+                  uses_imagenet=uses_imagenet_accuracy(r)) for r in fixed]
+    rules += [Rule(r.kind, online_rule(r), family, fitted=True, description=_first_sentence(r), stop_rule=r,
+                   uses_imagenet=uses_imagenet_accuracy(r)) for r, family in learned]
     return rules
 
 
@@ -350,8 +400,10 @@ def oracle_saving(min_saved: float = 0.5, resolution: int = 1000) -> DecideFunct
 
 
 def builtin_rules(variants: Sequence[str], patience: Sequence[int] = (1,), imagenet_gain: float = 0.10,
-                  oracle_min_saved: float = 0.5) -> list[Rule]:
-    """Baselines, bounds, every variant's argmin and patience rules, and the variant selected on data."""
+                  oracle_min_saved: float = 0.5, fixed_lengths: Sequence[float] = (150, 200)) -> list[Rule]:
+    """Baselines (matched-saving ones among them: fixed lengths, the ImageNet plateau seen twice, the best length
+    of the other datasets), bounds, every variant's argmin and patience rules, and the variant selected on
+    data."""
     rules = [
         Rule("always longest", longest, "baseline", description="pretrain to the longest length"),
         Rule("shortest non-zero", shortest_nonzero, "baseline", description="the shortest length above 0"),
@@ -359,9 +411,17 @@ def builtin_rules(variants: Sequence[str], patience: Sequence[int] = (1,), image
              description="every length equally likely; expected values"),
         Rule(f"ImageNet accuracy gain < {imagenet_gain:.0%}", imagenet_gain_below(imagenet_gain), "ImageNet",
              description=f"stop when ImageNet validation accuracy gains less than {imagenet_gain:.0%} (relative) "
-                         "between checkpoints; fine-tune that checkpoint", stop_rule=ImageNetPlateau(imagenet_gain)),
+                         "between checkpoints; fine-tune that checkpoint", stop_rule=ImageNetPlateau(imagenet_gain),
+             uses_imagenet=True),
+        Rule(f"ImageNet accuracy gain < {imagenet_gain:.0%} twice", imagenet_gain_below_twice(imagenet_gain),
+             "ImageNet", description=f"stop when ImageNet accuracy gained less than {imagenet_gain:.0%} (relative) "
+                                     "at two checkpoints in a row", uses_imagenet=True),
         Rule("ImageNet accuracy argmax", imagenet_argmax, "ImageNet",
-             description="the checkpoint with the best ImageNet accuracy (all checkpoints trained)"),
+             description="the checkpoint with the best ImageNet accuracy (all checkpoints trained)", uses_imagenet=True),
+        *[Rule(f"always {n:g}", fixed_length(n), "baseline (matched saving)",
+               description=f"always pretrain to length {n:g}") for n in fixed_lengths],
+        Rule("best length of the other datasets", carried_over_length, "baseline (matched saving)", fitted=True,
+             description="the length with the lowest mean regret on the training groups, carried over"),
         Rule("oracle: best length", oracle_best, "oracle", bound=True,
              description="knows the Dice; no saving required"),
         Rule(f"oracle: saves >= {oracle_min_saved:.0%}", oracle_saving(oracle_min_saved), "oracle", fitted=True,

@@ -17,10 +17,13 @@ adds or overrides entries.
    cover, which are named (``all 36 groups``, ``24 of 36 groups (no Swin U-Net)``).
 3. Statistics: Pearson, Spearman, Kendall and weighted Kendall tau of each predictor with Dice per group;
    bootstrap intervals over groups; wins/ties/losses against always longest (tie: within the seed noise).
-4. The reference study's claims, each with the figure that supports or contradicts it.
+4. The reference study's claims, each with the figure that supports or contradicts it, how many groups and seeds
+   it rests on and how sure: held-out replication instead of a winner's-curse count, ImageNet accuracy between
+   runs at equal length, paired intervals against always longest (over groups and over pretraining runs).
 
 Parts, imported one way: ``names`` (name mapping) -> ``inputs`` (reading and preparing the tables) ->
-``curves`` (per-group curves) -> ``statistics`` -> ``claims`` (the recommended rule and the study's claims);
+``curves`` (per-group curves) -> ``statistics`` -> ``evidence`` (the tables behind the claims) -> ``claims`` (the
+recommended rule and the study's claims);
 ``result`` (:class:`AnalysisResult`) -> ``figures`` -> ``outputs`` (files and printed tables); ``run`` holds
 :func:`analyze`.
 """

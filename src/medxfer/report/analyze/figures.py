@@ -34,6 +34,10 @@ def write_figures(result: AnalysisResult, folder: Path, max_panels: int = 12) ->
         log.info("no regret-vs-saved figure: %s", exc)
     else:
         paths["regret_vs_saved"] = _save_figure(figure, folder / "regret_vs_saved.png")
+    if result.groups:
+        figure = dice_vs_length(result.groups, plt)
+        paths["dice_vs_length"] = _save_figure(figure, folder / "dice_vs_length.png")
+        plt.close(figure)
     if result.best_variant is not None:
         panels = [g for g in result.groups if result.best_variant in g.scores][:max_panels]
         cols = min(3, len(panels))
@@ -54,3 +58,28 @@ def write_figures(result: AnalysisResult, folder: Path, max_panels: int = 12) ->
         paths["score_vs_dice"] = _save_figure(fig, folder / "score_vs_dice.png")
         plt.close(fig)
     return paths
+
+
+def dice_vs_length(groups, plt):
+    """Dice against pretraining length for every group (small multiples, one row per model and scheme), the
+    mean over seeds with a band from the lowest to the highest seed."""
+    import numpy as np
+
+    cols = min(6, len(groups))
+    rows = math.ceil(len(groups) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.1 * rows), squeeze=False)
+    for ax, g in zip(axes.flat, groups):
+        with np.errstate(all="ignore"):
+            low, high = np.nanmin(g.dice_by_seed, axis=1), np.nanmax(g.dice_by_seed, axis=1)
+        ax.fill_between(g.lengths, low, high, color="tab:green", alpha=0.25, linewidth=0)
+        ax.plot(g.lengths, g.dice, "o-", color="tab:green", ms=2, lw=1)
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_title(f"{g.model}\n{g.dataset} | {g.pretraining_scheme or '-'} | "
+                     f"{'frozen' if g.freeze_encoder else 'fine-tuned'}", fontsize=6)
+        ax.tick_params(labelsize=5)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.axis("off")
+    fig.suptitle(f"Dice vs pretraining length, all {len(groups)} groups (line: mean over seeds; band: lowest to "
+                 "highest seed)", fontsize=8)
+    fig.tight_layout()
+    return fig

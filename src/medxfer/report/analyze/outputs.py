@@ -22,6 +22,11 @@ def write_outputs(result: AnalysisResult, out: Path, figures: bool = True) -> di
               "correlations": ("correlations.csv", result.correlations), "claims": ("claims.csv", result.claims),
               "data_quality": ("data_quality.csv", findings_frame(result.quality)),
               "lodo": ("lodo.csv", result.lodo)}
+    if result.evidence is not None:
+        tables.update({"replication": ("replication.csv", result.evidence.replication),
+                       "between_runs": ("between_runs.csv", result.evidence.between_runs),
+                       "no_pretraining": ("no_pretraining.csv", result.evidence.no_pretraining),
+                       "breakdown": ("breakdown.csv", result.evidence.breakdown)})
     paths = {}
     for key, (name, table) in tables.items():
         paths[key] = out / name
@@ -36,22 +41,36 @@ def write_outputs(result: AnalysisResult, out: Path, figures: bool = True) -> di
     return paths
 
 
+def percent_text(value: float) -> str:
+    """``56%``; one decimal where whole percent would round to 0% or 100% without being it (``99.7%``)."""
+    text = f"{value:.0%}"
+    return f"{value:.1%}" if text in ("0%", "100%") and 1e-9 < value < 1 - 1e-9 else text
+
+
 def summary_for_print(result: AnalysisResult, top: int = 5) -> pd.DataFrame:
     """Every rule that is not one of many single-variant rules (baselines, oracles, ImageNet rules, selected
     variants, added rules), the recommended one, and the ``top`` best single-variant rules of each coverage
     set (best of many: in-sample), as text columns."""
     s = result.summary
     key = s[~s["family"].isin(SINGLE_VARIANT) | s["recommended"]]
-    singles = s[~s.index.isin(key.index)].sort_values(["regret_mean", "rule"]).groupby("coverage").head(top)
+    singles = s[~s.index.isin(key.index)]
+    many = singles.groupby("coverage")["rule"].transform("size")  # N: the best shown is the best of N
+    singles = singles.assign(_n=many).sort_values(["regret_mean", "rule"]).groupby("coverage").head(top)
     rows = []
     for _, r in pd.concat([key, singles]).iterrows():
+        paired = ("" if math.isnan(r["regret_vs_longest_cluster_ci_low"]) or r["rule"] == "always longest" else
+                  f"{r['regret_vs_longest_mean']:+.4f} [{r['regret_vs_longest_cluster_ci_low']:+.4f}, "
+                  f"{r['regret_vs_longest_cluster_ci_high']:+.4f}]")
         rows.append({
-            "rule": ("* " if r["recommended"] else "") + r["rule"], "groups": r["coverage"],
+            "rule": ("* " if r["recommended"] else "") + r["rule"] + (" (ImageNet)" if r.get("uses_imagenet") else ""),
+            "groups": r["coverage"],
             "regret [95% CI]": f"{r['regret_mean']:.4f} [{r['regret_ci_low']:.4f}, {r['regret_ci_high']:.4f}]",
-            "saved": f"{r['saved_mean']:.0%}", "vs longest W/T/L": f"{r['wins']}/{r['ties']}/{r['losses']}",
+            "minus longest, paired [95% CI runs]": paired,
+            "saved": percent_text(r["saved_mean"]),
+            "vs longest W/T/L": f"{r['wins']}/{r['ties']}/{r['losses']}",
             "Spearman": "" if math.isnan(r["spearman_mean"]) else f"{r['spearman_mean']:+.2f}",
             "note": ("oracle (knows the Dice)" if r["bound"] else "chosen in-sample" if r["evaluation"] == IN_SAMPLE
-                     else "best of many: in-sample" if r["family"] in SINGLE_VARIANT else "")})
+                     else f"best of {int(r['_n'])}: in-sample" if r["family"] in SINGLE_VARIANT else "")})
     return pd.DataFrame(rows)
 
 

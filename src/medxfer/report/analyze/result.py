@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
+from medxfer.report.analyze.evidence import Evidence
 from medxfer.report.quality import Finding
 from medxfer.report.rules import LODO, GroupCurves
 
@@ -24,6 +25,7 @@ class AnalysisResult:
     best_variant: Optional[str]  # the variant selected in-sample (argmin)
     paths: dict[str, Path] = field(default_factory=dict)
     recommended_rule: Optional[dict[str, Any]] = None  # recommended_rule.json: the online rule and its figures
+    evidence: Optional[Evidence] = None  # the tables behind the claims (replication, between runs, ...)
 
     @property
     def best_rule(self) -> Optional[str]:  # the name the demo prints

@@ -10,12 +10,13 @@ import pandas as pd
 from medxfer.config import NameMapConfig
 from medxfer.errors import ConfigError, DataError
 from medxfer.report.analyze.claims import paper_claims, recommend, recommended_rule_record
-from medxfer.report.analyze.curves import build_curves
+from medxfer.report.analyze.curves import build_curves, seeds_text
+from medxfer.report.analyze.evidence import gather_evidence
 from medxfer.report.analyze.inputs import _read_table, prepare_downstream, prepare_scores
 from medxfer.report.analyze.names import load_names
 from medxfer.report.analyze.outputs import write_outputs
 from medxfer.report.analyze.result import AnalysisResult
-from medxfer.report.analyze.statistics import correlations, summarize
+from medxfer.report.analyze.statistics import SINGLE_VARIANT, correlations, summarize
 from medxfer.report.quality import Finding
 from medxfer.report.rules import IN_SAMPLE, Rule, builtin_rules, evaluate_rules, score_rule, stop_rule_families
 
@@ -61,9 +62,13 @@ def analyze(downstream: pd.DataFrame | str | Path, robustness: pd.DataFrame | st
     summary.insert(1, "recommended", summary["rule"] == recommended)
     selected = decisions[decisions["rule"] == f"best variant | argmin [{IN_SAMPLE}]"]
     best_variant = str(selected["detail"].iloc[0]) if len(selected) else None
-    claims = paper_claims(summary, decisions, correlation_table, len(groups))
+    headline = summary.loc[~summary["family"].isin(SINGLE_VARIANT), "rule"].tolist()
+    evidence = gather_evidence(groups, decisions, down, robustness_variants or variants, headline, n_resamples)
+    claims = paper_claims(summary, decisions, correlation_table, len(groups), evidence, recommended,
+                          seeds_text(groups))
     result = AnalysisResult(summary, decisions, correlation_table, claims, quality, groups, recommended, best_variant,
-                            recommended_rule=recommended_rule_record(summary, recommended, rules, groups, min_saved))
+                            recommended_rule=recommended_rule_record(summary, recommended, rules, groups, min_saved),
+                            evidence=evidence)
     if out_dir is not None:
         result.paths = write_outputs(result, Path(out_dir), figures=figures)
     return result

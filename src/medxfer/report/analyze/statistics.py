@@ -78,6 +78,38 @@ def bootstrap_interval(values: Sequence[float], n_resamples: int = 2000, confide
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
+def cluster_bootstrap_interval(values: Sequence[float], clusters: Sequence, n_resamples: int = 2000,
+                               confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean over groups when groups come in clusters that share their
+    inputs (the groups of one pretraining run share its checkpoints, so its ImageNet decisions and scores):
+    whole clusters are resampled, so the interval does not pretend they are independent. NaN for fewer than
+    two clusters."""
+    values = np.asarray(values, dtype=float)
+    clusters = np.asarray(clusters)
+    keep = np.isfinite(values)
+    values, clusters = values[keep], clusters[keep]
+    ids, inverse = np.unique(clusters, return_inverse=True)
+    if len(ids) < 2:
+        return math.nan, math.nan
+    sums = np.bincount(inverse, weights=values, minlength=len(ids))
+    counts = np.bincount(inverse, minlength=len(ids)).astype(float)
+    draws = np.random.default_rng(seed).integers(0, len(ids), size=(n_resamples, len(ids)))
+    means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    tail = 50.0 * (1.0 - confidence)
+    low, high = np.percentile(means, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation; NaN when either side is constant or has fewer than 3 values."""
+    from scipy import stats
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
+    return float(_row_pearson(stats.rankdata(x).reshape(1, -1), stats.rankdata(y))[0])
+
+
 def coverage_label(covered: Sequence[GroupCurves], groups: Sequence[GroupCurves]) -> str:
     """``all 36 groups``, or which groups are missing when that is a whole model or dataset."""
     n, k = len(groups), len(covered)
@@ -95,12 +127,15 @@ def coverage_label(covered: Sequence[GroupCurves], groups: Sequence[GroupCurves]
 def summarize(decisions: pd.DataFrame, groups: Sequence[GroupCurves], rules: Sequence[Rule],
               correlation_table: pd.DataFrame, n_resamples: int = 2000) -> pd.DataFrame:
     """One row per evaluated rule: coverage, mean regret and saved with bootstrap intervals over groups,
-    wins/ties/losses against always longest (tie: within the group's seed noise), mean correlations of
-    the rule's variant, ties of argmin."""
+    the paired regret difference against always longest on the same groups (``regret_vs_longest``) with a
+    bootstrap interval over groups and one over pretraining runs (clusters: encoder x scheme), whether the
+    rule uses ImageNet accuracy, wins/ties/losses against always longest (tie: within the group's seed
+    noise), mean correlations of the rule's variant, ties of argmin."""
     by_key = {g.key: g for g in groups}
     variant_of = {r.name: r.variant for r in rules}
     family_of = {r.name: r.family for r in rules}
     online = {r.name for r in rules if r.stop_rule is not None}
+    uses_imagenet = {r.name for r in rules if r.uses_imagenet}
     corr = (correlation_table.groupby("predictor")[["pearson", "spearman", "kendall", "weighted_tau"]].mean()
             if len(correlation_table) else pd.DataFrame())
     rows = []
@@ -111,6 +146,11 @@ def summarize(decisions: pd.DataFrame, groups: Sequence[GroupCurves], rules: Seq
         low, high = bootstrap_interval(frame["regret"], n_resamples)
         saved_low, saved_high = bootstrap_interval(frame["saved"], n_resamples)
         diff_low, diff_high = bootstrap_interval(frame["dice_vs_longest"], n_resamples)
+        # the paired difference with always longest: the same groups, so their shared noise cancels
+        paired = -frame["dice_vs_longest"]
+        paired_low, paired_high = bootstrap_interval(paired, n_resamples)
+        clusters = frame["encoder_key"].astype(str) + " | " + frame["scheme_key"].astype(str)
+        cluster_low, cluster_high = cluster_bootstrap_interval(paired, clusters, n_resamples)
         outcome = frame["vs_longest"].value_counts()
         row = {"rule": rule, "family": family_of.get(base, frame["family"].iloc[0]),
                "evaluation": frame["evaluation"].iloc[0], "bound": bool(frame["bound"].iloc[0]),
@@ -121,6 +161,10 @@ def summarize(decisions: pd.DataFrame, groups: Sequence[GroupCurves], rules: Seq
                "saved_mean": frame["saved"].mean(), "saved_ci_low": saved_low, "saved_ci_high": saved_high,
                "dice_vs_longest_mean": frame["dice_vs_longest"].mean(), "dice_vs_longest_ci_low": diff_low,
                "dice_vs_longest_ci_high": diff_high,
+               "regret_vs_longest_mean": paired.mean(), "regret_vs_longest_ci_low": paired_low,
+               "regret_vs_longest_ci_high": paired_high, "regret_vs_longest_cluster_ci_low": cluster_low,
+               "regret_vs_longest_cluster_ci_high": cluster_high, "n_clusters": int(clusters.nunique()),
+               "uses_imagenet": base in uses_imagenet,
                "wins": int(outcome.get("win", 0)), "ties": int(outcome.get("tie", 0)),
                "losses": int(outcome.get("loss", 0)), "tied_argmin": int((frame["detail"] == "tied").sum())}
         variant = variant_of.get(base, "")
