@@ -313,6 +313,6 @@ def test_reference_study_script_writes_what_the_analyze_page_quotes(tmp_path, mo
     assert data["inputs"]["downstream"]["rows"] == len(downstream)
     assert data["n_groups"] == 6 and data["recommended"]
     table = data["table"].splitlines()
-    assert len(table) == 2 + len(data["rules"]) and all(line.count(" | ") == 4 for line in table[2:])
+    assert len(table) == 2 + len(data["rules"]) and all(line.count(" | ") == 5 for line in table[2:])
     assert sum("(recommended)**" in line for line in table) == 1
     assert resolve(data, "rules[rule=always longest].regret_mean") >= 0
