@@ -8,6 +8,7 @@ import copy
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import colin_folders
@@ -304,3 +305,46 @@ def test_config_errors_found_while_running_name_the_config_file(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {config}: ") and problem in err and "\n" not in err
     assert not (tmp_path / "out" / "runs").exists()
+
+
+# --------------------------------------------------------------------------------------------- figures
+def test_figures_read_at_a_glance(tmp_path):
+    """Issue 26 item 12: big enough for the report column, legends say images and seeds (no bare n=5), image
+    counts are whole ticks, length axes say their unit and source, score-vs-Dice says lower is better and
+    joins checkpoints in length order."""
+    import io
+
+    from PIL import Image
+
+    from medxfer.report import plots
+    from medxfer.report.tables import downstream_table as table_of
+    from test_report import make_record
+
+    records = []
+    for strategy, length in (("scratch", 0), ("full", 1), ("full", 5)):
+        for n in (5, 10, 15):
+            for seed in (0, 1, 2):
+                record = make_record(strategy, length, n, seed)
+                record["pretraining"]["length_unit"] = {"unit": "step", "data": "fashion-mnist"}
+                records.append(record)
+    table = table_of(records)
+    scarcity = plots.plot_dice_vs_n_images(table)
+    ax = scarcity.axes[0]
+    assert list(ax.get_xticks()) == [5, 10, 15]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "scratch (3 seeds)" in labels and not any("n=" in label for label in labels)
+    width, _ = Image.open(io.BytesIO(plots.png_bytes(scarcity))).size
+    assert width >= 600  # one panel: about half the 1200 px report column, not 460 px
+    lengths = plots.plot_dice_vs_pretraining_length(table)
+    first = [a for a in lengths.axes if a.get_visible()][0]
+    assert first.get_xlabel() == "pretraining length (steps of fashion-mnist)"
+    assert "full, 5 images, 3 seeds" in [t.get_text() for t in first.get_legend().get_texts()]
+
+    robustness = pd.DataFrame([{"dataset": "demo-nuclei-B", "metric": "cosine", "margin": 0.5, "encoder": "unet",
+                                "pretraining_scheme": "simple", "pooled": True, "level": 2,
+                                "pretraining_length": length, "robustness": score}
+                               for length, score in ((0, 0.3), (1, 0.1), (5, 0.2))])  # not monotone in length
+    score = plots.plot_score_vs_dice(table, robustness).axes[0]
+    assert "lower = more robust" in score.get_xlabel()
+    line = score.get_lines()[0]
+    assert list(line.get_xdata()) == [0.3, 0.1, 0.2]  # in length order 0, 1, 5, not sorted by score

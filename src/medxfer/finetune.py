@@ -91,6 +91,9 @@ def _load_starting_weights(model: torch.nn.Module, config: RunConfig) -> dict[st
     else:
         manifest = load_model_weights(model, path, head=pre.load == "full")
     info["checkpoint"] = str(path)
+    from medxfer.pretraining.checkpoints import length_unit
+
+    info["length_unit"] = length_unit(path)  # e.g. {"unit": "step", "data": "fashion-mnist"}: figure axes say it
     if info["length"] is None:
         info["length"] = manifest.get("length")
     info["accuracy"] = manifest.get("val_accuracy")

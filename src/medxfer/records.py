@@ -38,7 +38,7 @@ OWN_COLUMNS = [
     "hd95", "hausdorff distance", "assd", "nsd", "strategy", "n train images", "test set", "loss", "run id",
     "train time s", "eval time s", "total time s", "metric averaging", "nan count", "dataset layout", "n classes",
     "class names", "dataset id", "dataset root", "headline metric", "headline dice", "pooled dice index",
-    "present-image dice index", "absent-image false-positive rate", "converged",
+    "present-image dice index", "absent-image false-positive rate", "converged", "pretraining length unit",
 ]
 # medxfer.evaluation.metrics' class means of POOLED_DICE, PRESENT_DICE, ABSENT_FP_RATE
 CLASS_AGGREGATED_COLUMNS = ("pooled dice index", "present-image dice index", "absent-image false-positive rate")
@@ -178,6 +178,13 @@ def headline_of(result: dict[str, Any]) -> tuple[str, float]:
     return OLD_HEADLINE, _nan_if_none(value)
 
 
+def _length_unit_text(unit: Any) -> str:
+    """``steps of fashion-mnist`` (what a pretraining length counts), or "" when the record does not say."""
+    if not isinstance(unit, dict) or not unit.get("unit"):
+        return ""
+    return f"{unit['unit']}s" + (f" of {unit['data']}" if unit.get("data") else "")
+
+
 def record_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     """One results.csv row per test set of a fine-tuning record. The reference metric columns are per-image
     means (``metric averaging`` says so); ``headline dice`` is the run's headline (``headline metric`` names
@@ -217,6 +224,7 @@ def record_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
             "class names": class_names,
             "dataset id": identity,
             "dataset root": root,
+            "pretraining length unit": _length_unit_text(pre.get("length_unit")),
         })
         row["headline metric"], row["headline dice"] = headline_of(result)
         # True / False by medxfer.training.curves.convergence; NaN = undecided or an older record

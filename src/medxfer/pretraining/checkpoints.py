@@ -163,3 +163,19 @@ def guard_folder(out: Path, config: PretrainConfig, identity: str,
         raise ConfigError(f"{out / CHECKPOINT_DIR}: holds checkpoints of an unknown run; use another output folder")
     write_folder_config(out, config, identity, **({"base_hash": base_identity} if base_identity else {}))
     return None
+
+
+def length_unit(checkpoint: str | Path) -> Optional[dict[str, str]]:
+    """What a pretraining length of ``checkpoint`` counts: ``{"unit": "step" | "epoch", "data": the pretraining
+    data}`` from the config of the pretraining folder holding it (``CHECKPOINT_DIR``/``MODEL_DIR``); None for
+    a checkpoint outside such a folder (imported weights, a fine-tuned model)."""
+    path = Path(checkpoint)
+    folder = path.parent.parent if path.is_file() or path.suffix else path
+    try:
+        saved = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        config = saved["config"]
+        data = (config.get("data") or {}).get("name") if config.get("task") == "segmentation" \
+            else (config.get("classification") or {}).get("source")
+        return {"unit": str(config["schedule"]["unit"]), "data": str(data or "")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None

@@ -44,7 +44,7 @@ from medxfer.report.tables import (
     repeated_seeds,
     summary_table,
 )
-from medxfer.records import iter_records, write_csv
+from medxfer.records import SOURCE_BEFORE, iter_records, write_csv
 from medxfer.training.convergence import CONVERGENCE_TOLERANCE
 
 log = logging.getLogger(__name__)
@@ -203,10 +203,10 @@ CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;line-height:1.4}
 h1{font-size:1.5em} h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
 .finding{font-size:1.15em;background:#f3f7fb;border-left:4px solid #1f77b4;padding:.6em 1em}
-figure{margin:1em 0} figure img{max-width:100%;border:1px solid #ddd}
+figure{margin:1em 0} figure img{max-width:100%;height:auto;border:1px solid #ddd}
 figcaption{font-size:.9em;color:#555}
-table{border-collapse:collapse;font-size:.85em;margin:.5em 0} th,td{border:1px solid #ccc;padding:.2em .5em}
-th{background:#f0f0f0} td{text-align:right} .note{font-size:.9em;color:#555}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0;display:block;max-width:100%;overflow-x:auto} th,td{border:1px solid #ccc;padding:.2em .5em}
+th{background:#f0f0f0} td{text-align:right;white-space:nowrap} h3{font-size:1.05em} .note{font-size:.9em;color:#555}
 """
 
 FIGURE_CAPTIONS = {
@@ -215,8 +215,9 @@ FIGURE_CAPTIONS = {
                                    "panels (a frozen random encoder is not scratch); starting points without a "
                                    "length (imported ImageNet weights) are dashed horizontal lines."),
     "transferability_vs_pretraining_length": "Robustness score vs pretraining length.",
-    "score_vs_dice": ("Robustness score (deepest level) vs mean downstream Dice (scratch runs count as full "
-                      "fine-tuning at length 0); legend: Spearman rank correlation."),
+    "score_vs_dice": ("Robustness score (deepest level; lower = more robust) vs mean downstream Dice (scratch runs "
+                      "count as full fine-tuning at length 0); each line joins one set-up's checkpoints in "
+                      "pretraining-length order (point labels); legend: Spearman rank correlation."),
     "dice_vs_n_images": ("Data-scarcity curve: Dice vs number of target training images (mean ± sd over seeds); "
                          "scratch (black, dashed) in every panel."),
     "per_class_dice_vs_n_images": ("Per-class data-scarcity curves: each class's Dice vs number of target training "
@@ -267,11 +268,17 @@ def table_html(table: pd.DataFrame, columns: Optional[Sequence[str]] = None) -> 
 
 def compact(table: pd.DataFrame, keep: Sequence[str] = ()) -> tuple[pd.DataFrame, str]:
     """A table to read on a page: strategy / pretraining length / scheme become one ``starting point``
-    column, and columns with one value on every row (besides ``keep``) leave the table for the caption,
-    which returns them as ``column: value; ...``."""
+    column, columns with one value on every row (besides ``keep``) leave the table for the caption, which
+    returns them as ``column: value; ...``, and the label-set columns and test statistics stay in the CSV."""
     if table.empty:
         return table, ""
-    frame = table.copy()
+    # the dataset's name already names its label set (records name label sets apart); the CSV keeps them all
+    frame = table.drop(columns=[c for c in ("n classes", "class names", "statistic") if c in table.columns])
+    if {"effect size", "effect size measure"} <= set(frame.columns):  # one cell: "d_z 2.538", "r 0.400"
+        short = {"Cohen's d_z": "d_z", "rank-biserial r": "r"}
+        frame["effect size"] = [f"{short.get(m, m)} {_fmt(v)}".strip() if m else _fmt(v)
+                                for v, m in zip(frame["effect size"], frame["effect size measure"])]
+        frame = frame.drop(columns=["effect size measure"])
     if set(ARM_COLUMNS) <= set(frame.columns):
         labels = [arm_label(*row) for row in frame[ARM_COLUMNS].itertuples(index=False, name=None)]
         position = list(frame.columns).index(ARM_COLUMNS[0])
@@ -301,7 +308,7 @@ def _figure_jobs(results_dir: Path, records: list[dict], table: pd.DataFrame,
                  overlay_cases: int) -> list[tuple[str, Callable[[], Any]]]:
     return [
         ("dice_vs_pretraining_length", lambda: plots.plot_dice_vs_pretraining_length(table)),
-        ("transferability_vs_pretraining_length", lambda: plots.plot_transferability_vs_length(robustness)),
+        ("transferability_vs_pretraining_length", lambda: plots.plot_transferability_vs_length(robustness, table)),
         ("score_vs_dice", lambda: plots.plot_score_vs_dice(table, robustness)),
         ("dice_vs_n_images", lambda: plots.plot_dice_vs_n_images(table)),
         ("per_class_dice_vs_n_images", lambda: plots.plot_per_class_dice_vs_n_images(table)),
@@ -334,8 +341,9 @@ def write_report(results_dir: str | Path, *, overlay_runs: Optional[Sequence[str
     out.mkdir(parents=True, exist_ok=True)
     table = downstream_table(records)
 
-    summary = summary_table(table)
-    paired = paired_comparison(table)
+    compared = table[table["test set"] != SOURCE_BEFORE]  # the baseline has its own table (forgetting)
+    summary = summary_table(compared)
+    paired = paired_comparison(compared)
     correlations = score_dice_correlations(score_dice_pairs(table, robustness))
     write_csv(summary, out / SUMMARY_CSV)
     write_csv(paired, out / PAIRED_CSV)
@@ -447,13 +455,14 @@ def _render(results_dir: Path, records: list[dict], table: pd.DataFrame, robustn
         parts.append("<h2>Skipped figures</h2><ul>")
         parts += [f"<li><b>{html.escape(name)}</b>: {html.escape(reason)}</li>" for name, reason in skipped]
         parts.append("</ul>")
-    value_columns = [c for c in summary.columns if c not in (f"{VALUE} mean", f"{VALUE} sd")]
+    summary_shown, summary_caption = compact(summary.drop(columns=[f"{VALUE} mean", f"{VALUE} sd"]),
+                                             keep=(f"{VALUE} mean ± sd",))
     paired_shown, paired_caption = compact(paired, keep=("a", "b", "p value", "mean difference"))
     parts += [
         "<h2>Dice per configuration (mean ± sd over seeds)</h2>",
-        "<p class='note'>" + html.escape(headline_note(table)) + " sd is the sample sd (ddof 1). "
-        f"CSV: <a href='{SUMMARY_CSV}'>{SUMMARY_CSV}</a></p>",
-        table_html(summary, value_columns),
+        "<p class='note'>" + html.escape(headline_note(table)) + " sd is the sample sd (ddof 1)."
+        + _with_caption("", summary_caption) + f" CSV: <a href='{SUMMARY_CSV}'>{SUMMARY_CSV}</a></p>",
+        table_html(summary_shown),
         "<h2>Paired comparison of starting points</h2>",
         f"<p class='note'>Same dataset, model, number of images and test set, paired by seed; a - b. "
         f"Wilcoxon signed-rank test (effect size: rank-biserial r) with {WILCOXON_MIN_PAIRS} or more pairs, "
@@ -464,15 +473,20 @@ def _render(results_dir: Path, records: list[dict], table: pd.DataFrame, robustn
     ]
     per_class = per_class_table(table[table["test set"] == "target"])
     if not per_class.empty:
-        shown, caption = compact(per_class, keep=("class",))
         parts += ["<h2>Per class (target test)</h2>",
-                  "<p class='note'>" + _with_caption(
-                      "Mean ± sd over seeds of each class's pooled Dice, present-image Dice, absent-image "
-                      "false-positive rate and per-image means; HD95 and ASSD in "
-                      f"{html.escape(_distance_unit(records))}, NSD at the run's tolerance. "
-                      + html.escape(ABSENT_CLASS_RULE), caption)
-                  + f" CSV: <a href='{PER_CLASS_CSV}'>{PER_CLASS_CSV}</a></p>",
-                  table_html(shown, [c for c in shown.columns if not c.endswith(" mean")])]
+                  "<p class='note'>Mean ± sd over seeds of each class's pooled Dice, present-image Dice, absent-image "
+                  "false-positive rate and per-image means; HD95 and ASSD in "
+                  f"{html.escape(_distance_unit(records))}, NSD at the run's tolerance. "
+                  f"{html.escape(ABSENT_CLASS_RULE)} CSV: <a href='{PER_CLASS_CSV}'>{PER_CLASS_CSV}</a></p>"]
+        for dataset, rows in per_class.groupby("dataset", sort=True):  # one table per dataset: its own columns
+            rows = rows.drop(columns=[c for c in ("dataset", "n classes", "class names", "headline metric")
+                                      if c in rows.columns])
+            rows = rows.drop(columns=[c for c in rows.columns if c.endswith(" mean") or (
+                c not in ARM_COLUMNS and (rows[c].isna().all() or (rows[c].astype(str) == "n/a").all()))])
+            shown, caption = compact(rows, keep=("class",))
+            parts += [f"<h3>{html.escape(str(dataset))}</h3>",
+                      "<p class='note'>" + _with_caption("", caption).strip() + "</p>" if caption else "",
+                      table_html(shown)]
     forgetting = forgetting_table(table)
     if not forgetting.empty:
         parts += ["<h2>What fine-tuning kept of the source task</h2>",

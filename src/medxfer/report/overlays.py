@@ -203,7 +203,7 @@ def plot_overlay_grid(results_dir: str | Path, records: Sequence[dict[str, Any]]
         except MedxferError as exc:
             log.warning("overlay grid: run %s skipped: %s", record.get("run_id"), exc)
             continue
-        columns.append((f"{_arm(record)}\nn={record.get('n_train_images')}", model, record))
+        columns.append((f"{_arm(record)}\n{record.get('n_train_images')} images", model, record))
     if not columns:
         raise SkipFigure("no saved model of the chosen runs could be loaded")
 

@@ -22,7 +22,7 @@ from medxfer.report.tables import VALUE, arm_label, deepest_level, default_varia
 
 log = logging.getLogger(__name__)
 
-PANEL_SIZE = (4.2, 3.3)  # inches per panel
+PANEL_SIZE = (5.4, 4.0)  # inches per panel: about 650 px at PNG_DPI, two panels fill the report column
 MAX_LEGEND_ENTRIES = 6  # more lines than this in one panel are split into more panels
 MIN_DICE_SPAN = 0.1  # a Dice axis spans at least this much, so that seed noise of 0.0001 is not blown up
 MIN_SCORE_SPAN = 0.05  # the same for the robustness score
@@ -39,7 +39,12 @@ def new_figure(rows: int, cols: int) -> tuple[Figure, np.ndarray]:
     return figure, axes
 
 
-def png_bytes(figure: Figure, dpi: int = 110) -> bytes:
+PNG_DPI = 120
+LEGEND_FONT = 9
+TITLE_FONT = 10
+
+
+def png_bytes(figure: Figure, dpi: int = PNG_DPI) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
@@ -61,11 +66,31 @@ def _draw_line(ax, stats: pd.DataFrame, x: str, label: str, **style: Any) -> Non
     ax.fill_between(xs, mean - sd, mean + sd, alpha=0.12, color=line[0].get_color())
 
 
-def _length_axis(ax, lengths: np.ndarray) -> None:
+def _length_axis(ax, lengths: np.ndarray, unit: str = "") -> None:
     positive = lengths[lengths > 0]
     if len(positive) and positive.max() / positive.min() > 20:
         ax.set_xscale("symlog", linthresh=float(positive.min()))
-    ax.set_xlabel("pretraining length")
+    ax.set_xlabel("pretraining length" + (f" ({unit})" if unit else " (as the pretraining scheduled it)"))
+
+
+def length_unit(rows: pd.DataFrame) -> str:
+    """What the pretraining lengths of ``rows`` count (``steps of fashion-mnist``), when one thing."""
+    if "pretraining length unit" not in rows.columns:
+        return ""
+    units = {str(u) for u in rows["pretraining length unit"].dropna() if str(u)}
+    return units.pop() if len(units) == 1 else ""
+
+
+def _seeds_text(rows: pd.DataFrame) -> str:
+    seeds = int(rows["seed"].nunique()) if "seed" in rows.columns else 0
+    return f" ({seeds} seed{'s' if seeds != 1 else ''})" if seeds else ""
+
+
+def images_label(n_images: Any, rows: pd.DataFrame) -> str:
+    """``5 images, 3 seeds``: training images and the seeds behind a mean (never a bare "n=5")."""
+    n = int(float(n_images))
+    seeds = int(rows["seed"].nunique()) if "seed" in rows.columns else 0
+    return f"{n} image{'s' if n != 1 else ''}" + (f", {seeds} seed{'s' if seeds != 1 else ''}" if seeds else "")
 
 
 def _finish(ax, ylabel: str, title: str, min_span: Optional[float] = MIN_DICE_SPAN,
@@ -73,12 +98,12 @@ def _finish(ax, ylabel: str, title: str, min_span: Optional[float] = MIN_DICE_SP
     """Labels, grid, a y-axis at least ``min_span`` wide (inside ``limits``), and the legend outside the
     axes (below them), so that it never covers data."""
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=TITLE_FONT)
     ax.grid(alpha=0.3)
     if min_span is not None:
         widen_axis(ax, min_span, limits)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, frameon=False)
+        ax.legend(fontsize=LEGEND_FONT, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=1, frameon=False)
 
 
 def widen_axis(ax, min_span: float, limits: Optional[tuple[float, float]] = None) -> None:
@@ -121,7 +146,7 @@ def scratch_as_full_at_length_zero(data: pd.DataFrame) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------ the figures
-def _panel_grid(n_panels: int, max_cols: int = 3) -> tuple[Figure, list]:
+def _panel_grid(n_panels: int, max_cols: int = 2) -> tuple[Figure, list]:
     cols = min(max_cols, max(1, n_panels))
     rows = math.ceil(max(1, n_panels) / cols)
     figure, axes = new_figure(rows, cols)
@@ -163,7 +188,7 @@ def plot_dice_vs_pretraining_length(table: pd.DataFrame) -> Figure:
         for model, strategy, n_images in part:
             rows = panel[(panel["model"] == model) & (panel["strategy"] == strategy)
                          & (panel["n train images"] == n_images)]
-            label = (f"{model}, " if show_model else "") + f"{strategy}, n={n_images}"
+            label = (f"{model}, " if show_model else "") + f"{strategy}, {images_label(n_images, rows)}"
             _draw_line(ax, _mean_sd(rows, "pretraining length"), "pretraining length", label)
             same = lambda frame: frame[(frame["dataset"] == dataset) & (frame["model"] == model)  # noqa: E731
                                        & (frame["n train images"] == n_images)]
@@ -171,12 +196,12 @@ def plot_dice_vs_pretraining_length(table: pd.DataFrame) -> Figure:
                 reference = same(scratch)[VALUE]
                 if not reference.empty:
                     ax.axhline(reference.mean(), linestyle="--", linewidth=1, color="grey",
-                               label=f"scratch, n={n_images}")
+                               label=f"scratch, {images_label(n_images, same(scratch))}")
             for (arm_strategy, scheme), arm in same(unlengthed).groupby(["strategy", "pretraining scheme"]):
                 ax.axhline(arm[VALUE].mean(), linestyle="--", linewidth=1.2,
                            color="black" if arm_strategy == "full" else "dimgrey",
-                           label=f"{arm_label(arm_strategy, None, scheme)}, n={n_images}")
-        _length_axis(ax, data["pretraining length"].to_numpy(float))
+                           label=f"{arm_label(arm_strategy, None, scheme)}, {images_label(n_images, arm)}")
+        _length_axis(ax, data["pretraining length"].to_numpy(float), length_unit(panel))
         _finish(ax, "Dice (target test)", f"{dataset}: {'frozen' if frozen else 'fine-tuned'} encoder")
     return figure
 
@@ -203,10 +228,10 @@ def plot_dice_vs_n_images(table: pd.DataFrame) -> Figure:
     figure, axes = _panel_grid(len(panels))
     for ax, (dataset, arms) in zip(axes, panels):
         for (model, strategy, length, scheme), rows in arms:
-            label = (f"{model}, " if show_model else "") + arm_label(strategy, length, scheme)
+            label = (f"{model}, " if show_model else "") + arm_label(strategy, length, scheme) + _seeds_text(rows)
             style = {"color": "black", "linestyle": "--"} if strategy == "scratch" else {}
             _draw_line(ax, _mean_sd(rows, "n train images"), "n train images", label, **style)
-        ax.set_xlabel("target training images")
+        _image_count_axis(ax, data[data["dataset"] == dataset]["n train images"])
         _finish(ax, "Dice (target test)", str(dataset))
     return figure
 
@@ -237,7 +262,7 @@ def plot_per_class_dice_vs_n_images(table: pd.DataFrame) -> tuple[Figure, str]:
     figure, axes = _panel_grid(len(panels))
     for ax, (title, arms) in zip(axes, panels):
         for (model, strategy, length, scheme), rows in arms:
-            label = (f"{model}, " if show_model else "") + arm_label(strategy, length, scheme)
+            label = (f"{model}, " if show_model else "") + arm_label(strategy, length, scheme) + _seeds_text(rows)
             style = {"color": "black", "linestyle": "--"} if strategy == "scratch" else {}
             _draw_line(ax, _mean_sd(rows, "n train images"), "n train images", label, **style)
         _image_count_axis(ax, long["n train images"])
@@ -262,14 +287,16 @@ def plot_source_vs_target(table: pd.DataFrame) -> Figure:
     pairs = source.rename(columns={VALUE: "source"}).merge(target, on="run id")
     if pairs.empty:
         raise SkipFigure("no run has both a source and a target test result")
-    datasets = sorted(pairs["dataset"].unique())
-    figure, axes = new_figure(1, len(datasets))
-    for c, dataset in enumerate(datasets):
-        ax = axes[0, c]
-        panel = pairs[pairs["dataset"] == dataset]
-        keys = ["strategy", "pretraining length", "pretraining scheme", "n train images"]
-        for (strategy, length, scheme, n_images), rows in panel.groupby(keys, dropna=False):
-            label = f"{arm_label(strategy, length, scheme)}, n={n_images}"
+    keys = ["strategy", "pretraining length", "pretraining scheme", "n train images"]
+    panels = []  # at most MAX_LEGEND_ENTRIES - 1 set-ups per panel (room for the baseline's line)
+    for dataset in sorted(pairs["dataset"].unique()):
+        groups = list(pairs[pairs["dataset"] == dataset].groupby(keys, dropna=False))
+        panels += [(dataset, part) for part in chunks(groups, MAX_LEGEND_ENTRIES - 1) if part]
+    figure, axes = _panel_grid(len(panels))
+    for ax, (dataset, groups) in zip(axes, panels):
+        panel = pd.concat([rows for _, rows in groups])
+        for (strategy, length, scheme, n_images), rows in groups:
+            label = f"{arm_label(strategy, length, scheme)}, {images_label(n_images, rows)}"
             points = ax.scatter(rows["target"], rows["source"], s=18, alpha=0.6)
             ax.errorbar(rows["target"].mean(), rows["source"].mean(), xerr=rows["target"].std(ddof=1) or 0.0,
                         yerr=rows["source"].std(ddof=1) or 0.0, marker="x", capsize=3, label=label,
@@ -287,8 +314,11 @@ def plot_source_vs_target(table: pd.DataFrame) -> Figure:
     return figure
 
 
-def plot_transferability_vs_length(robustness: Optional[pd.DataFrame]) -> tuple[Figure, str]:
-    """The robustness score vs pretraining length (default variant), a line per encoder and level."""
+def plot_transferability_vs_length(robustness: Optional[pd.DataFrame],
+                                   table: Optional[pd.DataFrame] = None) -> tuple[Figure, str]:
+    """The robustness score vs pretraining length (default variant), a line per encoder and level; the length
+    axis says what a length counts when the run records (``table``) agree on it."""
+    unit = length_unit(table) if table is not None else ""
     if robustness is None or robustness.empty:
         raise SkipFigure("no robustness.csv in the results folder")
     variant, description = default_variant(robustness)
@@ -303,9 +333,10 @@ def plot_transferability_vs_length(robustness: Optional[pd.DataFrame]) -> tuple[
         for level, rows in panel.groupby("level", dropna=False):
             stats = rows.groupby("pretraining_length")["robustness"].mean().sort_index()
             ax.plot(stats.index.to_numpy(float), stats.to_numpy(float), marker="o", label=f"level {level}")
-        _length_axis(ax, variant["pretraining_length"].to_numpy(float))
+        _length_axis(ax, variant["pretraining_length"].to_numpy(float), unit)
         title = f"{dataset}: {encoder} {scheme}".strip()
-        _finish(ax, "robustness score", f"{title}\n({description})", min_span=MIN_SCORE_SPAN, limits=None)
+        _finish(ax, "robustness score (lower = more robust)", f"{title}\n({description})", min_span=MIN_SCORE_SPAN,
+                limits=None)
     return figure, description
 
 
@@ -372,14 +403,14 @@ def plot_score_vs_dice(table: pd.DataFrame, robustness: Optional[pd.DataFrame]) 
                 continue
             rho = correlations.loc[key, "spearman rho"]
             rho_text = "n/a" if math.isnan(rho) else f"{rho:+.2f}"
-            label = (f"{key[1]}, " if show_model else "") + f"{key[2]}, n={key[3]}: rho {rho_text}"
-            rows = rows.sort_values("robustness")
+            label = (f"{key[1]}, " if show_model else "") + f"{key[2]}, {int(key[3])} images: rho {rho_text}"
+            rows = rows.sort_values("pretraining length")  # the line follows pretraining, checkpoint by checkpoint
             ax.plot(rows["robustness"], rows["dice mean"], marker="o", linestyle=":", label=label)
             for _, row in rows.iterrows():
                 ax.annotate(f"{row['pretraining length']:g}", (row["robustness"], row["dice mean"]),
-                            fontsize=6, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("robustness score (deepest level)")
-        _finish(ax, "mean Dice (target test)", f"{dataset} (point labels: pretraining length)")
+                            fontsize=8, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("robustness score, deepest level (lower = more robust)")
+        _finish(ax, "mean Dice (target test)", f"{dataset}\n(point labels: pretraining length; line in length order)")
         low, high = ax.get_xlim()
         if high - low < MIN_SCORE_SPAN:
             centre = (low + high) / 2
