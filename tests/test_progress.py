@@ -75,8 +75,8 @@ def test_report_command_prints_progress_when_stdout_is_not_a_terminal(tmp_path, 
             write_record(tmp_path / "runs" / record["run_id"], record)
     assert main(["report", str(tmp_path)]) == 0
     out = capsys.readouterr().out  # capsys's stdout is not a terminal, as a log file is not
-    assert "report: 4 run record(s); drawing 7 figures" in out
-    assert "report: 7/7 figures" in out
+    assert "report: 4 run record(s); drawing 8 figures" in out
+    assert "report: 8/8 figures" in out
 
 
 def test_training_callback_prints_steps_and_loss(captured):
