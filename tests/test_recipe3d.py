@@ -70,3 +70,26 @@ def test_gradual_unfreeze_trains_the_encoder_only_after_k_steps(tmp_path):
     # an unset option keeps the ids of existing runs
     plain = RunConfig()
     assert "unfreeze_after_steps" not in str(run_id_for(plain)) and run_id_for(plain) == run_id_for(RunConfig())
+
+
+def test_instance_norm_option_builds_saves_and_reloads(tmp_path):
+    from medxfer.models.segmenter import model_from_checkpoint
+    from medxfer.models.weights import encoder_from_checkpoint, save_model_weights
+
+    spec = ModelConfig(preset="unet3d", width=4, depth=3, options={"norm": "instance"}, in_channels=1, n_classes=3)
+    model = build_segmenter(spec)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "InstanceNorm3d" in kinds and not any(k.startswith("BatchNorm") for k in kinds)
+    assert model(torch.randn(1, 1, 8, 8, 8)).shape == (1, 3, 8, 8, 8)  # a batch of one is fine
+    encoder = encoder_from_checkpoint(save_encoder(model, tmp_path / "enc.pt", length=0, source="test"))
+    assert encoder.arch["norm"] == "instance"
+    assert any(type(m).__name__ == "InstanceNorm3d" for m in encoder.modules())
+    save_model_weights(model, tmp_path / "model.pt", manifest={"model": spec.model_dump()})
+    again = model_from_checkpoint(tmp_path / "model.pt")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    plain = build_segmenter(ModelConfig(preset="unet3d", width=4, depth=3, in_channels=1, n_classes=3))
+    assert "norm" not in plain.encoder.arch  # BatchNorm encoders keep the arch of older checkpoints
+    with pytest.raises(ConfigError, match="unknown norm 'group'"):
+        build_segmenter(spec.model_copy(update={"options": {"norm": "group"}}))
+    with pytest.raises(ConfigError, match="unknown option"):
+        build_segmenter(ModelConfig(preset="resnet18_unet", options={"norm": "instance"}, in_channels=1, n_classes=2))

@@ -180,7 +180,11 @@ class ModelConfig(StrictModel):
         "Output classes, including background (2..255: label 255 is the ignore index); None = from the data."))
     width: int = Field(32, ge=1, le=MAX_WIDTH, description="Channels of the first level (classic U-Net encoders).")
     depth: int = Field(5, ge=2, le=6, description="Number of encoder levels.")
-    options: dict[str, Any] = Field(default_factory=dict, description="Preset-specific options.")
+    options: dict[str, Any] = Field(default_factory=dict, description=(
+        "Preset-specific options (`medxfer models`; an unknown one is an error naming the known ones), e.g. "
+        "decoder_channels, final_channels; the classic U-Net presets (unet, unet3d, attention_*) also norm: "
+        "batch (default) or instance (InstanceNorm with affine parameters in every encoder and decoder block, "
+        "nnU-Net's choice for 3D batches of 2)."))
 
 
 class PretrainedConfig(StrictModel):

@@ -85,6 +85,7 @@ class UpStage(nn.Module):
         factor: int,
         spatial_dims: int,
         attention: bool = False,
+        norm: str = "batch",
     ):
         super().__init__()
         if factor == 1:
@@ -96,7 +97,7 @@ class UpStage(nn.Module):
             if attention and skip_channels
             else None
         )
-        self.block = double_conv(out_channels + skip_channels, out_channels, spatial_dims)
+        self.block = double_conv(out_channels + skip_channels, out_channels, spatial_dims, norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         if skip is not None and self.gate is not None:
@@ -129,7 +130,8 @@ class UNetDecoder(nn.Module):
     ``decoder_channels[i]`` is the width after merging level ``i``'s skip (one per level except the
     deepest; default: the encoder's channels). ``final_channels`` is the width of the extra stages that
     bring a stride > 1 first level back to input resolution (default: ``decoder_channels[0]``).
-    ``out_channels`` is the width of the returned full-resolution map.
+    ``out_channels`` is the width of the returned full-resolution map. ``norm``: the blocks' normalisation
+    (``encoders.NORMS``; the attention gates keep BatchNorm).
     """
 
     def __init__(
@@ -140,6 +142,7 @@ class UNetDecoder(nn.Module):
         decoder_channels: Sequence[int] | None = None,
         final_channels: int | None = None,
         attention: bool = False,
+        norm: str = "batch",
     ):
         super().__init__()
         encoder_channels = [int(c) for c in encoder_channels]
@@ -173,6 +176,7 @@ class UNetDecoder(nn.Module):
                     factor=strides[i + 1] // strides[i],
                     spatial_dims=spatial_dims,
                     attention=attention,
+                    norm=norm,
                 )
             )
             current = decoder_channels[i]
@@ -181,7 +185,7 @@ class UNetDecoder(nn.Module):
         final_channels = int(final_channels or (decoder_channels[0] if decoder_channels else current))
         final = []
         for factor in _split_factor(strides[0]):
-            final.append(UpStage(current, 0, final_channels, factor=factor, spatial_dims=spatial_dims))
+            final.append(UpStage(current, 0, final_channels, factor=factor, spatial_dims=spatial_dims, norm=norm))
             current = final_channels
         self.final_stages = nn.ModuleList(final)
         self.out_channels = current

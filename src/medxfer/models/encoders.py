@@ -63,9 +63,23 @@ def _check_dims(spatial_dims: int) -> int:
     return spatial_dims
 
 
-def double_conv(in_channels: int, out_channels: int, spatial_dims: int) -> nn.Sequential:
-    """(3x3 conv - BatchNorm - ReLU) x 2, the U-Net building block. Convs have no bias (BN follows)."""
-    conv, norm = conv_nd(spatial_dims), batch_norm_nd(spatial_dims)
+NORMS = ("batch", "instance")
+
+
+def norm_nd(spatial_dims: int, kind: str = "batch") -> Any:
+    """The normalisation layer class of a U-Net block: ``batch`` (BatchNorm) or ``instance`` (InstanceNorm with
+    learnt affine parameters, nnU-Net's choice for 3D batches of 2, where batch statistics are noisy)."""
+    if kind == "batch":
+        return batch_norm_nd(spatial_dims)
+    if kind == "instance":
+        instance = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[_check_dims(spatial_dims)]
+        return lambda channels: instance(channels, affine=True)
+    raise ConfigError(f"unknown norm {kind!r} (known: {', '.join(NORMS)})")
+
+
+def double_conv(in_channels: int, out_channels: int, spatial_dims: int, norm: str = "batch") -> nn.Sequential:
+    """(3x3 conv - norm - ReLU) x 2, the U-Net building block. Convs have no bias (the norm follows)."""
+    conv, norm = conv_nd(spatial_dims), norm_nd(spatial_dims, norm)
     return nn.Sequential(
         conv(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
         norm(out_channels),
@@ -204,9 +218,10 @@ class UNetEncoder(Encoder):
     Level ``i`` has ``width * 2**i`` channels at stride ``2**i``; 2D or 3D.
     """
 
-    def __init__(self, in_channels: int, width: int = 32, depth: int = 5, spatial_dims: int = 2):
+    def __init__(self, in_channels: int, width: int = 32, depth: int = 5, spatial_dims: int = 2, norm: str = "batch"):
         super().__init__()
         _check_dims(spatial_dims)
+        norm_nd(spatial_dims, norm)  # an unknown norm fails before anything is built
         if width < 1 or depth < 1 or in_channels < 1:
             raise ConfigError(
                 f"U-Net encoder needs in_channels, width and depth >= 1, got {in_channels}, {width}, {depth}"
@@ -221,7 +236,7 @@ class UNetEncoder(Encoder):
             parts: OrderedDict[str, nn.Module] = OrderedDict()
             if i > 0:
                 parts["pool"] = max_pool_nd(spatial_dims)(kernel_size=2, stride=2)
-            parts["block"] = double_conv(previous, channels, spatial_dims)
+            parts["block"] = double_conv(previous, channels, spatial_dims, norm)
             levels.append(nn.Sequential(parts))
             previous = channels
         self.levels = nn.ModuleList(levels)
@@ -233,6 +248,8 @@ class UNetEncoder(Encoder):
             "width": int(width),
             "depth": int(depth),
         }
+        if norm != "batch":  # BatchNorm encoders keep the arch of checkpoints written before norm existed
+            self.arch["norm"] = norm
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         self.check_input(x)
@@ -468,11 +485,12 @@ def create_encoder(
     (``depth`` caps the number of levels; ``options`` go to timm, e.g. Swin's img_size; 3D: the 2D network
     inflated, for ResNets and EfficientNet-Lite, see ``inflation``)."""
     if name == "unet":
+        norm = options.pop("norm", "batch")
         if options:
             raise ConfigError(f"unknown option(s) for the unet encoder: {', '.join(sorted(options))}")
         if pretrained:
             raise ConfigError("the unet encoder has no pretrained weights; load an encoder checkpoint instead")
-        return UNetEncoder(in_channels, width=width, depth=depth or 5, spatial_dims=spatial_dims)
+        return UNetEncoder(in_channels, width=width, depth=depth or 5, spatial_dims=spatial_dims, norm=norm)
     return TimmEncoder(name, in_channels=in_channels, depth=depth, pretrained=pretrained, spatial_dims=spatial_dims,
                        **options)
 
@@ -489,6 +507,7 @@ def encoder_from_arch(arch: dict[str, Any]) -> Encoder:
                 width=int(arch["width"]),
                 depth=int(arch["depth"]),
                 spatial_dims=int(arch.get("spatial_dims", 2)),
+                norm=str(arch.get("norm", "batch")),
             )
         if kind == "timm":
             return TimmEncoder(

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 _DECODER_OPTIONS = ("decoder_channels", "final_channels")
 _TIMM_OPTIONS = ("pretrained", "drop_path_rate")
+# classic U-Net presets: norm "batch" (default) or "instance" (encoder and decoder blocks)
+_NORM_OPTIONS = ("norm",)
 _SWIN_OPTIONS = ("img_size", "window_size", "embed_dim", "depths", "num_heads", "model_name")
 
 
@@ -115,11 +117,13 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
         Preset("unet", "classic U-Net: double-conv encoder (width doubling per level) + U-Net decoder, 2D",
-               "unet", False, 2),
+               "unet", False, 2, _DECODER_OPTIONS + _NORM_OPTIONS),
         Preset("attention_unet", "classic U-Net encoder + attention-gated decoder (Oktay et al. 2018), 2D",
-               "unet", True, 2),
-        Preset("unet3d", "classic U-Net encoder and decoder in 3D (depth 5 = strides up to 16)", "unet", False, 3),
-        Preset("attention_unet3d", "classic 3D U-Net encoder + attention-gated 3D decoder", "unet", True, 3),
+               "unet", True, 2, _DECODER_OPTIONS + _NORM_OPTIONS),
+        Preset("unet3d", "classic U-Net encoder and decoder in 3D (depth 5 = strides up to 16)", "unet", False, 3,
+               _DECODER_OPTIONS + _NORM_OPTIONS),
+        Preset("attention_unet3d", "classic 3D U-Net encoder + attention-gated 3D decoder", "unet", True, 3,
+               _DECODER_OPTIONS + _NORM_OPTIONS),
         *_resnet_presets(),
         *_efficientnet_lite_presets(),
         *_inflated_presets(),
@@ -240,6 +244,7 @@ def build_segmenter(spec: ModelConfig | Mapping[str, Any] | None = None, **overr
         decoder_channels=decoder_channels,
         final_channels=options.get("final_channels"),
         attention=preset.attention,
+        norm=options.get("norm", "batch"),
     )
     head = conv_nd(preset.spatial_dims)(decoder.out_channels, config.n_classes, kernel_size=1)
     return Segmenter(encoder, decoder, head, config.n_classes, preset=preset.name, spec=config.model_dump(mode="json"))
