@@ -10,7 +10,7 @@ from PIL import Image
 from medxfer.cli import main
 from medxfer.data import colin27
 from medxfer.data.imagenet import FASHION_MNIST_ROOT
-from medxfer.records import REFERENCE_COLUMNS
+from medxfer.records import REFERENCE_COLUMNS, SOURCE_BEFORE
 
 FIGURES = ["dice_vs_pretraining_length", "transferability_vs_pretraining_length", "score_vs_dice",
            "dice_vs_n_images", "source_vs_target", "overlays"]
@@ -48,7 +48,13 @@ def test_demo_writes_every_output(demo_out):
     assert all(r["model"] == "efficientnet_lite0_unet" for r in records)
     assert all(r["pretraining"]["checkpoint"].endswith("encoder.pt") for r in imagenet)
     assert results["mean dice index"].between(0, 1).all()
-    assert set(results["test set"]) == {"target", "source"}  # the T2-like runs are tested on both domains
+    # the T2-like runs are tested on both domains, and the source model's own score sits beside them
+    assert set(results["test set"]) == {"target", "source", SOURCE_BEFORE}
+    transferred = results[results["test set"] == "source"]
+    baseline = results[results["test set"] == SOURCE_BEFORE]
+    # only a run that starts from the whole source model (head included) has a baseline of its own
+    assert len(baseline) >= 1 and set(baseline["run id"]) <= set(transferred["run id"])
+    assert baseline["mean dice index"].between(0, 1).all()
     # the source model of the transfer is not one of the study's runs
     assert len(list((demo_out / "source" / "runs").glob("*/result.json"))) == 1
 
