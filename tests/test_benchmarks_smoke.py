@@ -180,3 +180,27 @@ def test_data3d_benchmark_visits_every_cached_case_and_measures_memory_and_wait(
     assert result["visited"] == 3 and result["workers"] == 0 and result["worker_peak_mb"] == 0.0
     assert result["main_peak_mb"] >= result["main_start_mb"] > 0
     assert result["total_peak_mb"] == result["main_peak_mb"] and 0.0 < result["wait_share"] < 1.0
+
+
+@pytest.mark.slow  # three tiny training runs, one through Lightning: 20-170 s on this 2-core machine
+def test_convergence_benchmark_trains_every_side_from_the_same_weights_and_reports_each_target():
+    from medxfer.data import colin27
+
+    if not (colin27.TEMPLATES / colin27.IMAGE_FILE).is_file():
+        pytest.skip("needs the Debian package mricron-data")
+    import bench_convergence
+
+    result = bench_convergence.compare(sizes=(5,), seeds=(0,), steps=4, eval_every=2, width=2, shape=32)
+    runs = {r["side"]: r for r in result["runs"]}
+    assert set(runs) == {"medxfer", "bare", "nnunet"}
+    assert runs["medxfer"]["same_init"]  # medxfer's run starts from the weights the plain loops start from
+    assert runs["medxfer"]["recipe"]["sampling"] == "with_replacement" and runs["medxfer"]["setup_s"] > 0
+    for run in runs.values():
+        assert run["curve"]["step"] == [2, 4] and all(0.0 <= d <= 1.0 for d in run["curve"]["dice"])
+        assert 0 < run["curve"]["seconds"][0] < run["curve"]["seconds"][1]
+    rows = bench_convergence.rows_for(result)
+    assert [r["target"] for r in rows] == ["<= 1.1", ">= -0.02"]  # set-up needs a second run (imports paid once)
+    # the summary by hand: 95% of a plateau reached at the first evaluation at or above it
+    curve = {"step": [10, 20, 30, 40], "seconds": [1.0, 2.0, 3.0, 4.0], "dice": [0.2, 0.5, 0.6, 0.6]}
+    summary = bench_convergence.summarise(curve)
+    assert summary["plateau"] == 0.6 and summary["steps_to_95"] == 30 and summary["seconds_to_95"] == 3.0

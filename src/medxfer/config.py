@@ -185,6 +185,11 @@ class ModelConfig(StrictModel):
         "decoder_channels, final_channels; the classic U-Net presets (unet, unet3d, attention_*) also norm: "
         "batch (default) or instance (InstanceNorm with affine parameters in every encoder and decoder block, "
         "nnU-Net's choice for 3D batches of 2)."))
+    upsample: Literal["interpolate", "transposed"] = Field(
+        "interpolate", description="How the decoder upsamples: 'interpolate' (a 1x1 convolution, then bilinear / "
+        "trilinear interpolation; no checkerboard pattern) or 'transposed' (a transposed convolution with kernel = "
+        "stride: the decoder of every checkpoint written before this key existed, whose manifests lack it and "
+        "rebuild with it).")
 
 
 class PretrainedConfig(StrictModel):
@@ -221,7 +226,20 @@ class TrainConfig(StrictModel):
     lr: float = Field(1e-3, gt=0.0, description="Learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, description="Weight decay.")
     momentum: float = Field(0.9, description="SGD momentum.")
-    scheduler: Literal["none", "cosine", "step"] = Field("cosine", description="Learning-rate schedule.")
+    scheduler: Literal["none", "cosine", "step", "poly"] = Field("cosine", description=(
+        "Learning-rate schedule per optimizer step: cosine (to 0 at the last step), step (x0.1 at 1/3 and 2/3), "
+        "poly (nnU-Net's (1 - step / total) ** 0.9) or none."))
+    nesterov: bool = Field(False, description="SGD only: Nesterov momentum (nnU-Net's recipe uses it, with momentum 0.99).")
+    pretrained_encoder_lr_factor: float = Field(0.1, gt=0.0, le=1.0, description=(
+        'For "full" and "partial" runs that load a pretrained encoder: the encoder trains at lr * factor, the '
+        "decoder and head at lr, so that a few images do not wash out the pretrained features (measured: see the "
+        "recipe page). 1 = one lr for the whole model, as before this key existed. Scratch runs always use lr "
+        'alone; "discriminative" uses encoder_lr_factor.'))
+    sampling: Literal["with_replacement", "epochs"] = Field("with_replacement", description=(
+        "How training batches are drawn: with_replacement (every step draws batch_size images uniformly with "
+        "replacement, so a step never sees a short batch; an epoch is ceil(n / batch_size) steps) or epochs "
+        "(each image once per epoch, the last batch shorter: with 5 images at batch 4, every other step is a "
+        "batch of one)."))
     max_epochs: int = Field(10, ge=1, description="Training length in epochs (unless max_steps is set).")
     max_steps: int = Field(-1, description="Training length in optimizer steps; > 0 overrides max_epochs, -1 = use max_epochs.")
     batch_size: int = Field(8, ge=1, description="Images (or patches) per optimizer step.")

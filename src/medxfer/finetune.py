@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -130,6 +131,7 @@ def _resolve_loss(config: RunConfig, train_cases, n_classes: int):
 
 def _loaders(config: RunConfig, train_cases, val_cases, n_classes: int, in_channels: int):
     from monai.data import DataLoader
+    from torch.utils.data import RandomSampler
 
     from medxfer.data.patch_dataset import CachedPatchDataset, SeededSampler, default_num_workers
     from medxfer.data.preprocess import image_normalization
@@ -155,8 +157,14 @@ def _loaders(config: RunConfig, train_cases, val_cases, n_classes: int, in_chann
         mismatch = size_mismatch(train_cases) if d.patch_size is None else None
         if mismatch:
             raise ConfigError(f"data: {mismatch}")
-        train_loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                  generator=generator, drop_last=False)
+        if config.train.sampling == "with_replacement":  # fixed-size batches: no batch of one on few images
+            batch = config.train.batch_size
+            sampler = RandomSampler(train_ds, replacement=True,
+                                    num_samples=math.ceil(len(train_ds) / batch) * batch, generator=generator)
+            train_loader = DataLoader(train_ds, batch_size=batch, sampler=sampler, num_workers=workers)
+        else:
+            train_loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                      generator=generator, drop_last=False)
     val_loader = None
     if val_cases:
         val_loader = DataLoader(CaseDataset(val_cases, **common), batch_size=1, shuffle=False,
@@ -265,7 +273,8 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
     total_steps = t.max_steps if t.max_steps > 0 else t.max_epochs * steps_per_epoch
     task = SegmentationTask(model, loss, t, data.n_classes, patch_size=config.data.patch_size,
                             size_multiple=size_multiple, sw_overlap=config.evaluation.sw_overlap,
-                            total_steps=total_steps, headline=config.evaluation.headline)
+                            total_steps=total_steps, headline=config.evaluation.headline,
+                            pretrained_encoder=pretraining["load"] is not None)
     if prefers_channels_last(config.data.spatial_dims):
         model = model.to(memory_format=torch.channels_last)
     # Only now the folder: bad data or config leave none behind. The run lock keeps a second process

@@ -21,6 +21,7 @@ from medxfer.data.folders import resize_case_arrays
 from medxfer.errors import CheckpointError, ConfigError, MedxferError
 from medxfer.evaluation.evaluate import predict_probabilities
 from medxfer.models import build_segmenter
+from medxfer.models.segmenter import saved_model_spec
 from medxfer.models.weights import load_model_weights, manifest_path, read_model_manifest, read_state_dict
 
 SPACING_TOLERANCE = 0.1  # relative: an input spacing this far outside the training range is a mismatch
@@ -82,6 +83,7 @@ def load_trained_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any
         raise CheckpointError(f"{model_path}: no model.json manifest or result.json beside it says which "
                               "architecture the weights belong to")
     source = manifest_path(model_path) if manifest.get("model") is spec else model_path.parent / "result.json"
+    spec = saved_model_spec(spec)
     try:  # the same bounds as a config file's model section (a width of 200000 is a corrupt manifest)
         spec = parse_config(spec, ModelConfig, source=str(source)).model_dump(mode="json")
     except ConfigError as exc:

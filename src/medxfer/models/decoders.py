@@ -1,10 +1,18 @@
 """U-Net decoders (plain and attention-gated), 2D and 3D, for any encoder's channels and strides.
 
-The decoder walks from the deepest level up: at each shallower level it upsamples (transposed conv
-with kernel = stride ratio), concatenates the level's skip features (optionally passed through an
-additive attention gate, Oktay et al. 2018) and applies a double conv. Encoders whose first level is
-already downsampled (ResNet: stride 2, Swin: stride 4) get extra upsampling stages without skips, so the
-output is always at input resolution for inputs whose size is a multiple of the total stride.
+The decoder walks from the deepest level up: at each shallower level it upsamples, concatenates the
+level's skip features (optionally passed through an additive attention gate, Oktay et al. 2018) and applies
+a double conv. Encoders whose first level is already downsampled (ResNet: stride 2, Swin: stride 4) get extra
+upsampling stages without skips, so the output is always at input resolution for inputs whose size is a
+multiple of the total stride.
+
+Upsampling (``upsample``): ``"interpolate"`` (the default) is a 1x1 convolution followed by bilinear
+(trilinear) interpolation; ``"transposed"`` is a transposed convolution with kernel = stride = the stride
+ratio, medxfer's only decoder until the default changed. A transposed convolution whose kernel equals its
+stride paints every coarse pixel with one learnt k x k pattern: early in training and on few images the
+predictions show that lattice (a class on every other pixel of every other row); interpolation has none.
+Checkpoints keep their decoder: a manifest without ``upsample`` was written by the transposed-conv decoder
+(``segmenter.LEGACY_UPSAMPLE``).
 """
 
 from __future__ import annotations
@@ -74,6 +82,23 @@ class AttentionGate(nn.Module):
         return "bilinear" if self.spatial_dims == 2 else "trilinear"
 
 
+UPSAMPLE_MODES = ("interpolate", "transposed")
+
+
+def upsampling(in_channels: int, out_channels: int, factor: int, spatial_dims: int, mode: str) -> nn.Module:
+    """Upsample by ``factor`` and map ``in_channels`` -> ``out_channels`` (see the module docstring)."""
+    if factor == 1:
+        return conv_nd(spatial_dims)(in_channels, out_channels, kernel_size=1)
+    if mode == "transposed":
+        return conv_transpose_nd(spatial_dims)(in_channels, out_channels, kernel_size=factor, stride=factor)
+    if mode == "interpolate":
+        # the 1x1 conv first: interpolation is linear, so the order is the same map, on fewer channels
+        return nn.Sequential(conv_nd(spatial_dims)(in_channels, out_channels, kernel_size=1),
+                             nn.Upsample(scale_factor=factor, mode="bilinear" if spatial_dims == 2 else "trilinear",
+                                         align_corners=False))
+    raise ConfigError(f"decoder: unknown upsample {mode!r} (known: {', '.join(UPSAMPLE_MODES)})")
+
+
 class UpStage(nn.Module):
     """Upsample by ``factor``, concatenate the (optionally gated) skip, double conv."""
 
@@ -86,12 +111,10 @@ class UpStage(nn.Module):
         spatial_dims: int,
         attention: bool = False,
         norm: str = "batch",
+        upsample: str = "interpolate",
     ):
         super().__init__()
-        if factor == 1:
-            self.up: nn.Module = conv_nd(spatial_dims)(in_channels, out_channels, kernel_size=1)
-        else:
-            self.up = conv_transpose_nd(spatial_dims)(in_channels, out_channels, kernel_size=factor, stride=factor)
+        self.up = upsampling(in_channels, out_channels, factor, spatial_dims, upsample)
         self.gate = (
             AttentionGate(skip_channels, in_channels, factor=factor, spatial_dims=spatial_dims)
             if attention and skip_channels
@@ -131,7 +154,7 @@ class UNetDecoder(nn.Module):
     deepest; default: the encoder's channels). ``final_channels`` is the width of the extra stages that
     bring a stride > 1 first level back to input resolution (default: ``decoder_channels[0]``).
     ``out_channels`` is the width of the returned full-resolution map. ``norm``: the blocks' normalisation
-    (``encoders.NORMS``; the attention gates keep BatchNorm).
+    (``encoders.NORMS``; the attention gates keep BatchNorm). ``upsample``: see the module docstring.
     """
 
     def __init__(
@@ -143,6 +166,7 @@ class UNetDecoder(nn.Module):
         final_channels: int | None = None,
         attention: bool = False,
         norm: str = "batch",
+        upsample: str = "interpolate",
     ):
         super().__init__()
         encoder_channels = [int(c) for c in encoder_channels]
@@ -177,6 +201,7 @@ class UNetDecoder(nn.Module):
                     spatial_dims=spatial_dims,
                     attention=attention,
                     norm=norm,
+                    upsample=upsample,
                 )
             )
             current = decoder_channels[i]
@@ -185,7 +210,8 @@ class UNetDecoder(nn.Module):
         final_channels = int(final_channels or (decoder_channels[0] if decoder_channels else current))
         final = []
         for factor in _split_factor(strides[0]):
-            final.append(UpStage(current, 0, final_channels, factor=factor, spatial_dims=spatial_dims, norm=norm))
+            final.append(UpStage(current, 0, final_channels, factor=factor, spatial_dims=spatial_dims, norm=norm,
+                                 upsample=upsample))
             current = final_channels
         self.final_stages = nn.ModuleList(final)
         self.out_channels = current
@@ -211,7 +237,8 @@ class UNetDecoder(nn.Module):
 class AttentionUNetDecoder(UNetDecoder):
     """U-Net decoder with additive attention gates on every skip connection."""
 
-    def __init__(self, encoder_channels, encoder_strides, spatial_dims=2, decoder_channels=None, final_channels=None):
+    def __init__(self, encoder_channels, encoder_strides, spatial_dims=2, decoder_channels=None, final_channels=None,
+                 upsample="interpolate"):
         super().__init__(
             encoder_channels,
             encoder_strides,
@@ -219,4 +246,5 @@ class AttentionUNetDecoder(UNetDecoder):
             decoder_channels=decoder_channels,
             final_channels=final_channels,
             attention=True,
+            upsample=upsample,
         )

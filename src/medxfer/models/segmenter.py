@@ -254,6 +254,7 @@ def build_segmenter(spec: ModelConfig | Mapping[str, Any] | None = None, **overr
         final_channels=options.get("final_channels"),
         attention=preset.attention,
         norm=options.get("norm", "batch"),
+        upsample=config.upsample,
     )
     head = conv_nd(preset.spatial_dims)(decoder.out_channels, config.n_classes, kernel_size=1)
     return Segmenter(encoder, decoder, head, config.n_classes, preset=preset.name, spec=config.model_dump(mode="json"))
@@ -272,9 +273,19 @@ def preset_table(in_channels: int = 1, n_classes: int = 2) -> list[tuple[str, st
     return rows
 
 
+# The decoder of every checkpoint written before ModelConfig.upsample existed (its manifest lacks the key).
+LEGACY_UPSAMPLE = "transposed"
+
+
+def saved_model_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A model spec read from a manifest or a run record, with the decoder it was saved with: one without
+    ``upsample`` predates the option, so its decoder is the transposed-conv one."""
+    return {"upsample": LEGACY_UPSAMPLE, **spec}
+
+
 def model_from_checkpoint(path: str | os.PathLike) -> Segmenter:
     """Rebuild a segmenter from a whole-model checkpoint's manifest and load its weights."""
     manifest = read_model_manifest(path)
-    model = build_segmenter(manifest["model"])
+    model = build_segmenter(saved_model_spec(manifest["model"]))
     load_model_weights(model, path)
     return model

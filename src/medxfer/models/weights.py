@@ -518,7 +518,10 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, *, head: bool 
         parts = [f"{len(x)} {what} ({_few(x)})" for x, what in
                  ((missing, "missing key(s)"), (unexpected, "unexpected key(s)"), (mismatched, "key(s) with other shapes"))
                  if x]
-        raise CheckpointError(f"{path}: does not fit this model: {', '.join(parts)}")
+        decoder = any(".up." in k for k in missing + unexpected)  # transposed conv vs 1x1 conv + interpolation
+        hint = (" (the decoders upsample differently: set model.upsample to the checkpoint's, 'transposed' for "
+                "checkpoints written before that key existed)") if decoder else ""
+        raise CheckpointError(f"{path}: does not fit this model: {', '.join(parts)}{hint}")
     model.load_state_dict(state, strict=head)
     return manifest
 

@@ -1,9 +1,9 @@
 """Fine-tuning strategies: which weights are trained, and at which learning rate.
 
 scratch         random init, everything trained (pretrained weights are never loaded)
-full            pretrained encoder loaded, everything trained at one learning rate
+full            pretrained encoder loaded, everything trained; the encoder at lr * pretrained_encoder_lr_factor
 frozen_encoder  pretrained encoder loaded and frozen (BatchNorm statistics too); decoder + head trained
-partial         the first ``frozen_levels`` encoder levels frozen, the rest trained
+partial         the first ``frozen_levels`` encoder levels frozen, the rest trained (encoder as in full)
 discriminative  everything trained, the encoder at ``lr * encoder_lr_factor``
 gradual         the encoder frozen (BatchNorm statistics too) for ``unfreeze_after_steps`` optimizer steps, then
                 everything trained at ``lr`` (``unfreeze_if_due``, called by the training task every step)
@@ -23,8 +23,19 @@ def loads_pretrained(strategy: str) -> bool:
     return strategy != "scratch"
 
 
-def apply_strategy(model: torch.nn.Module, train: TrainConfig) -> list[dict]:
-    """Freeze what the strategy freezes and return the optimizer's parameter groups."""
+def encoder_lr(train: TrainConfig, pretrained: bool) -> float:
+    """The encoder's learning rate: ``lr * encoder_lr_factor`` for "discriminative", ``lr *
+    pretrained_encoder_lr_factor`` for "full" / "partial" with a loaded pretrained encoder, else ``lr``."""
+    if train.strategy == "discriminative":
+        return train.lr * train.encoder_lr_factor
+    if pretrained and train.strategy in ("full", "partial"):
+        return train.lr * train.pretrained_encoder_lr_factor
+    return train.lr
+
+
+def apply_strategy(model: torch.nn.Module, train: TrainConfig, pretrained: bool = False) -> list[dict]:
+    """Freeze what the strategy freezes and return the optimizer's parameter groups (``pretrained``: the
+    encoder's weights were loaded, see :func:`encoder_lr`)."""
     if train.strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {train.strategy!r}; known: {', '.join(STRATEGIES)}")
     if train.strategy == "gradual":
@@ -43,10 +54,9 @@ def apply_strategy(model: torch.nn.Module, train: TrainConfig) -> list[dict]:
     encoder_params = {id(p) for p in model.encoder.parameters()}
     encoder = [p for p in model.encoder.parameters() if p.requires_grad]
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_params]
-    encoder_lr = train.lr * (train.encoder_lr_factor if train.strategy == "discriminative" else 1.0)
     groups = []
     if encoder:
-        groups.append({"params": encoder, "lr": encoder_lr, "name": "encoder"})
+        groups.append({"params": encoder, "lr": encoder_lr(train, pretrained), "name": "encoder"})
     if rest:
         groups.append({"params": rest, "lr": train.lr, "name": "decoder"})
     return groups
@@ -66,7 +76,7 @@ def unfreeze_if_due(model: torch.nn.Module, train: TrainConfig, global_step: int
 
 
 def make_optimizer(name: str, groups: list[dict], lr: float, momentum: float = 0.9,
-                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+                   weight_decay: float = 0.0, nesterov: bool = False) -> torch.optim.Optimizer:
     """SGD (with momentum), Adam or AdamW over parameter ``groups`` (a group's own ``weight_decay`` wins).
 
     The fused implementation wherever every parameter is a float tensor on the CPU or a CUDA GPU: one kernel
@@ -76,7 +86,8 @@ def make_optimizer(name: str, groups: list[dict], lr: float, momentum: float = 0
     params = [p for g in groups for p in g["params"]]
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused,
+                               nesterov=nesterov)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused)
     if name == "adam":
@@ -85,7 +96,8 @@ def make_optimizer(name: str, groups: list[dict], lr: float, momentum: float = 0
 
 
 def build_optimizer(groups: list[dict], train: TrainConfig) -> torch.optim.Optimizer:
-    return make_optimizer(train.optimizer, groups, train.lr, train.momentum, train.weight_decay)
+    return make_optimizer(train.optimizer, groups, train.lr, train.momentum, train.weight_decay,
+                          nesterov=train.nesterov and train.optimizer == "sgd")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int):
@@ -94,6 +106,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
     if train.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, total_steps // 3), gamma=0.1)
+    if train.scheduler == "poly":  # nnU-Net's
+        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=max(1, total_steps), power=0.9)
     return None
 
 

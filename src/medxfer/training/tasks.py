@@ -141,9 +141,11 @@ class SegmentationTask(TrainingTask):
 
     def __init__(self, model: torch.nn.Module, loss: Callable, train: TrainConfig, n_classes: int,
                  patch_size: Optional[Sequence[int]] = None, size_multiple: int = 1,
-                 sw_overlap: float = 0.25, total_steps: int = 1, headline: str = "pooled"):
+                 sw_overlap: float = 0.25, total_steps: int = 1, headline: str = "pooled",
+                 pretrained_encoder: bool = False):
         super().__init__()
         self.model = model
+        self.pretrained_encoder = pretrained_encoder  # weights were loaded: the encoder lr of the strategy
         self.loss_fn = loss
         self.train_cfg = train
         self.n_classes = n_classes
@@ -189,7 +191,7 @@ class SegmentationTask(TrainingTask):
         self._val_counted.clear()
 
     def configure_optimizers(self):
-        groups = apply_strategy(self.model, self.train_cfg)
+        groups = apply_strategy(self.model, self.train_cfg, pretrained=self.pretrained_encoder)
         optimizer = build_optimizer(groups, self.train_cfg)
         scheduler = build_scheduler(optimizer, self.train_cfg, self.total_steps)
         if scheduler is None:

@@ -1,0 +1,495 @@
+"""Convergence on few images: medxfer's default recipe against a bare PyTorch loop and an nnU-Net-style recipe.
+
+Set-up: the Colin27 T1 target (``medxfer.data.colin27``) with 5 and 20 training slices, several seeds; every side
+trains the same model (``efficientnet_lite0_unet``, width 8, the demo's) from the same initial weights on the same
+tensors (the run's seeded subset of slices, normalised as medxfer does) and is scored every ``EVAL_EVERY`` steps on
+the test slices with the pooled Dice per foreground class (true/false positives and false negatives summed over all
+test slices, then the mean over classes: predicting nothing scores 0).
+
+Sides:
+- **medxfer**: ``run_finetune`` with the default ``TrainConfig`` (only ``max_steps``, ``val_every_n_steps`` and the
+  strategy set); the curve comes from a callback that scores the model (time spent scoring is not counted).
+- **bare**: a plain loop: AdamW (lr 1e-3, weight decay 1e-2, constant), batches of ``BATCH`` slices drawn with
+  replacement, cross-entropy + soft Dice (MONAI ``DiceCELoss``), no augmentation.
+- **nnunet**: the nnU-Net v2 recipe where it is cheap: SGD (Nesterov, momentum 0.99, lr 1e-2, weight decay 3e-5)
+  with the poly schedule ``(1 - step / total) ** 0.9``, Dice + CE, batches drawn with replacement, random flips
+  and 90-degree rotations, intensity scaling.
+
+Per curve: the plateau (mean Dice over the last quarter of the steps), the first step (and the training seconds up
+to it) where Dice reaches 95% of that plateau. Targets: medxfer's seconds to its 95% within 1.1x of the bare
+loop's; medxfer's plateau no more than 0.02 below the best side's (means over seeds); the fixed set-up of a run
+in a sweep (``run_finetune`` until its first optimizer step, imports already done) under 3 s.
+
+``--ablation`` instead measures the recipe's parts one at a time (``recipe.json``): batches drawn with
+replacement vs epochs with a last short batch, the encoder learning rate of a pretrained encoder, the
+transposed-conv vs upsample+conv decoder, and the nnU-Net recipe, scratch and ImageNet, 5 and 20 slices.
+
+``python benchmarks/bench_convergence.py [--ablation] [--seeds N] [--steps N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from common import NOTES_KEY, RESULTS, row, write_result
+
+PRESET, WIDTH = "efficientnet_lite0_unet", 8
+SIZES = (5, 20)
+SEEDS = (0, 1, 2)
+STEPS = 300
+EVAL_EVERY = 15
+BATCH = 4
+PLATEAU_SHARE = 0.25  # the plateau is the mean over this last share of the curve
+REACH = 0.95
+TIME_RATIO_TARGET = 1.1
+PLATEAU_MARGIN = 0.02
+SETUP_TARGET_S = 3.0
+
+
+# ------------------------------------------------------------------------------------------- data
+@dataclass
+class Tensors:
+    train_x: torch.Tensor  # (N, 1, H, W) float32, normalised
+    train_y: torch.Tensor  # (N, H, W) int64
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    n_classes: int
+
+
+def load_tensors(n_train: int, seed: int, shape: Optional[int] = None) -> Tensors:
+    """The run's training subset and the test slices, as medxfer prepares them (per-image z-score)."""
+    from medxfer.config import DataConfig
+    from medxfer.data import load_data, select_subset
+    from medxfer.data.transforms import normalize_image
+
+    root = os.environ.get("MEDXFER_COLIN27_ROOT")  # a copy of the mricron-data files (another machine)
+    data = load_data(DataConfig(name="colin27", options={"domain": "t1"}, root=root))
+    train = select_subset(data.train, n_train, seed)
+
+    def stack(cases):
+        x = torch.from_numpy(np.stack([normalize_image(c.image) for c in cases]))
+        y = torch.from_numpy(np.stack([c.label for c in cases]))
+        if shape is not None:  # tiny settings for the smoke test
+            x, y = x[..., :shape, :shape].contiguous(), y[..., :shape, :shape].contiguous()
+        return x, y
+
+    (tx, ty), (vx, vy) = stack(train), stack(data.test)
+    return Tensors(tx, ty, vx, vy, data.n_classes)
+
+
+def pooled_dice(logits: torch.Tensor, truth: torch.Tensor, n_classes: int) -> float:
+    """Mean over foreground classes of 2TP / (2TP + FP + FN), counts summed over all images; a class absent
+    from truth and prediction everywhere is left out (never in these test slices)."""
+    predicted = logits.argmax(1)
+    scores = []
+    for c in range(1, n_classes):
+        p, t = predicted == c, truth == c
+        tp, fp, fn = int((p & t).sum()), int((p & ~t).sum()), int((~p & t).sum())
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else 1.0
+
+
+@torch.no_grad()
+def score(model: torch.nn.Module, tensors: Tensors) -> float:
+    was_training = model.training
+    model.eval()
+    try:
+        return pooled_dice(model(tensors.test_x), tensors.test_y, tensors.n_classes)
+    finally:
+        model.train(was_training)
+
+
+# ------------------------------------------------------------------------------------------ model
+def imagenet_encoder(folder: Path) -> Path:
+    """The genuine ImageNet EfficientNet-Lite0 encoder imported once into ``folder`` (the demo's)."""
+    from medxfer.models.importing import IMPORTED_NAME, import_weights
+
+    path = folder / "imagenet" / IMPORTED_NAME
+    if not path.is_file():
+        import_weights("efficientnet-lite0", PRESET, path.parent)
+    return path
+
+
+def make_model(seed: int, n_classes: int, start: Optional[Path], upsample: Optional[str] = None,
+               width: int = WIDTH) -> torch.nn.Module:
+    from medxfer.models import build_segmenter
+    from medxfer.models.weights import load_encoder_weights
+
+    torch.manual_seed(seed)
+    extra = {} if upsample is None else {"upsample": upsample}
+    model = build_segmenter(preset=PRESET, in_channels=1, n_classes=n_classes, width=width, **extra)
+    if start is not None:
+        load_encoder_weights(model, start)
+    return model
+
+
+# ----------------------------------------------------------------------------------------- recipes
+@dataclass(frozen=True)
+class Recipe:
+    """A plain training loop's settings (what ``--ablation`` varies one at a time)."""
+
+    name: str
+    optimizer: str = "adamw"  # adamw | adam | sgd
+    lr: float = 1e-3
+    encoder_lr_factor: float = 1.0  # encoder lr = lr * this (a pretrained encoder's)
+    weight_decay: float = 1e-2
+    momentum: float = 0.99  # sgd
+    schedule: str = "constant"  # constant | cosine | poly
+    sampling: str = "replacement"  # replacement: fixed batches drawn with replacement; epochs: shuffled epochs
+    augment: bool = False
+    upsample: Optional[str] = None  # the decoder's upsampling (None = the preset's default)
+
+
+BARE = Recipe("bare")
+NNUNET = Recipe("nnunet", optimizer="sgd", lr=1e-2, weight_decay=3e-5, momentum=0.99, schedule="poly",
+                augment=True)
+
+
+def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    encoder = list(model.encoder.parameters())
+    ids = {id(p) for p in encoder}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    groups = [{"params": encoder, "lr": recipe.lr * recipe.encoder_lr_factor}, {"params": rest, "lr": recipe.lr}]
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=True,
+                               weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
+def _factor(schedule: str, step: int, total: int) -> float:
+    if schedule == "poly":
+        return (1 - step / total) ** 0.9
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * step / total))
+    return 1.0
+
+
+def _batches(n: int, batch: int, steps: int, sampling: str, generator: torch.Generator):
+    """Index batches: ``replacement`` draws ``batch`` of ``n`` with replacement each step; ``epochs`` shuffles
+    every epoch and ends it with the remainder (what a DataLoader with drop_last=False gives)."""
+    if sampling == "replacement":
+        for _ in range(steps):
+            yield torch.randint(n, (batch,), generator=generator)
+        return
+    done = 0
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch):
+            if done == steps:
+                return
+            yield order[start:start + batch]
+            done += 1
+
+
+def _augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
+    """Flips, 90-degree rotations and intensity scaling per image (cheap parts of nnU-Net's augmentation)."""
+    xs, ys = [], []
+    for xi, yi in zip(x, y):
+        k = int(torch.randint(4, (1,), generator=generator))
+        xi, yi = torch.rot90(xi, k, (1, 2)), torch.rot90(yi, k, (0, 1))
+        if torch.rand(1, generator=generator) < 0.5:
+            xi, yi = xi.flip(2), yi.flip(1)
+        scale = 1 + 0.1 * (2 * torch.rand(1, generator=generator) - 1)
+        xs.append(xi * scale.to(xi.device))
+        ys.append(yi)
+    return torch.stack(xs), torch.stack(ys)
+
+
+def train_curve(model: torch.nn.Module, recipe: Recipe, tensors: Tensors, steps: int, seed: int,
+                eval_every: int = EVAL_EVERY, batch: int = BATCH, device: str = "cpu") -> dict[str, Any]:
+    """Train ``model`` with ``recipe``; the test Dice every ``eval_every`` steps against the training seconds
+    (scoring time excluded)."""
+    from monai.losses import DiceCELoss
+
+    model = model.to(device)
+    tensors = Tensors(*(t.to(device) for t in (tensors.train_x, tensors.train_y, tensors.test_x, tensors.test_y)),
+                      tensors.n_classes)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    optimizer = _optimizer(model, recipe)
+    base = [g["lr"] for g in optimizer.param_groups]
+    generator = torch.Generator().manual_seed(seed)
+    curve = {"step": [], "seconds": [], "dice": [], "loss": []}
+    trained_s, losses = 0.0, []
+    model.train()
+    started = time.perf_counter()
+    for step, index in enumerate(_batches(len(tensors.train_x), batch, steps, recipe.sampling, generator), 1):
+        x, y = tensors.train_x[index.to(device)], tensors.train_y[index.to(device)]
+        if recipe.augment:
+            x, y = _augment(x, y, generator)
+        for group, lr in zip(optimizer.param_groups, base):
+            group["lr"] = lr * _factor(recipe.schedule, step - 1, steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y[:, None])
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+        if step % eval_every == 0 or step == steps:
+            trained_s += time.perf_counter() - started
+            curve["step"].append(step)
+            curve["seconds"].append(trained_s)
+            curve["dice"].append(score(model, tensors))
+            curve["loss"].append(float(torch.stack(losses[-eval_every:]).mean()))
+            started = time.perf_counter()
+    return curve
+
+
+def summarise(curve: dict[str, list[float]]) -> dict[str, Optional[float]]:
+    """Plateau (mean over the last quarter of the evaluations), and the first step / seconds reaching 95% of
+    it; ``rising``: the last quarter's trend is still up by more than 0.02 Dice (a run not converged)."""
+    dice = np.asarray(curve["dice"], dtype=float)
+    tail = max(1, int(round(len(dice) * PLATEAU_SHARE)))
+    plateau = float(dice[-tail:].mean())
+    reached = np.flatnonzero(dice >= REACH * plateau)
+    first = int(reached[0]) if len(reached) and plateau > 0 else None
+    slope = float(np.polyfit(np.arange(tail), dice[-tail:], 1)[0] * tail) if tail > 2 else 0.0
+    return {"plateau": plateau, "final": float(dice[-1]),
+            "steps_to_95": None if first is None else int(curve["step"][first]),
+            "seconds_to_95": None if first is None else float(curve["seconds"][first]),
+            "seconds_per_step": float(curve["seconds"][-1] / curve["step"][-1]), "rising": slope > 0.02}
+
+
+# ---------------------------------------------------------------------------------------- ablation
+OLD_DEFAULT = Recipe("medxfer before (adam 3e-3 cosine, epochs, transposed conv, augment)", optimizer="adam",
+                     lr=3e-3, weight_decay=0.0, schedule="cosine", sampling="epochs", augment=True,
+                     upsample="transposed")
+ABLATION: list[tuple[Recipe, tuple[str, ...]]] = [
+    (OLD_DEFAULT, ("scratch", "imagenet")),
+    (replace(OLD_DEFAULT, name="+ batches drawn with replacement", sampling="replacement"), ("scratch", "imagenet")),
+    (replace(OLD_DEFAULT, name="+ replacement + upsample decoder", sampling="replacement", upsample="interpolate"),
+     ("scratch", "imagenet")),
+    (replace(OLD_DEFAULT, name="+ replacement + upsample + encoder lr x0.1", sampling="replacement",
+             upsample="interpolate", encoder_lr_factor=0.1), ("imagenet",)),
+    (replace(OLD_DEFAULT, name="+ replacement + upsample, adam 1e-3", sampling="replacement", upsample="interpolate",
+             lr=1e-3), ("scratch", "imagenet")),
+    (replace(OLD_DEFAULT, name="+ replacement + upsample, adam 1e-3, encoder lr x0.1", sampling="replacement",
+             upsample="interpolate", lr=1e-3, encoder_lr_factor=0.1), ("imagenet",)),
+    (replace(BARE, name="bare (adamw 1e-3 constant, no augment)", upsample="interpolate"), ("scratch", "imagenet")),
+    (replace(NNUNET, name="nnunet (sgd nesterov 0.99, 1e-2 poly, augment)", upsample="interpolate"),
+     ("scratch", "imagenet")),
+    (replace(NNUNET, name="nnunet, encoder lr x0.1", upsample="interpolate", encoder_lr_factor=0.1), ("imagenet",)),
+]
+
+
+def ablation_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One (recipe, start, size, seed) curve; runs in a worker process."""
+    torch.set_num_threads(1)
+    recipe = Recipe(**job["recipe"])
+    tensors = load_tensors(job["size"], job["seed"])
+    start = Path(job["imagenet"]) if job["start"] == "imagenet" else None
+    model = make_model(job["seed"], tensors.n_classes, start, recipe.upsample)
+    curve = train_curve(model, recipe, tensors, job["steps"], job["seed"], eval_every=job["eval_every"],
+                        device=job["device"])
+    return {**{k: v for k, v in job.items() if k != "recipe"}, "recipe": recipe.name, "curve": curve,
+            **summarise(curve)}
+
+
+def run_ablation(seeds, steps: int, workers: int, device: str, out: Path, eval_every: int = 20) -> list[dict]:
+    """Every ablation curve, written line by line to ``out`` (JSON lines) as it finishes."""
+    import json
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    imagenet = str(imagenet_encoder(Path(os.environ.get("MEDXFER_BENCH_CACHE", tempfile.gettempdir()))))
+    jobs = [{"recipe": asdict(recipe), "start": start, "size": size, "seed": seed, "steps": steps,
+             "eval_every": eval_every, "device": device, "imagenet": imagenet}
+            for seed in seeds for size in SIZES for recipe, starts in ABLATION for start in starts]
+    results = []
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool, open(out, "a", encoding="utf-8") as f:
+        finished = (map(ablation_job, jobs) if workers == 1 else
+                    (future.result() for future in as_completed([pool.submit(ablation_job, job) for job in jobs])))
+        for result in finished:
+            results.append(result)
+            f.write(json.dumps(result) + "\n")
+            f.flush()
+            print(f"{result['recipe'][:40]:40s} {result['start']:8s} n={result['size']:2d} seed={result['seed']} "
+                  f"plateau {result['plateau']:.3f} steps95 {result['steps_to_95']}", flush=True)
+    return results
+
+
+# -------------------------------------------------------------------------------------- comparison
+class CurveCallback:
+    """Lightning callback: the test Dice every ``eval_every`` steps of a medxfer run, the training seconds up to
+    each (scoring excluded), and the set-up seconds (from ``started`` to the first step)."""
+
+    def __new__(cls, *args, **kwargs):  # a Lightning Callback subclass, made on first use (import cost)
+        from lightning.pytorch.callbacks import Callback
+
+        class _Curve(Callback):
+            def __init__(self, tensors: Tensors, eval_every: int, started: float, initial: dict):
+                self.tensors, self.eval_every, self.started, self.initial = tensors, eval_every, started, initial
+                self.curve = {"step": [], "seconds": [], "dice": [], "loss": []}
+                self.setup_s: Optional[float] = None
+                self.same_init: Optional[bool] = None
+                self._clock, self._trained, self._losses = 0.0, 0.0, []
+
+            def on_train_batch_start(self, trainer, module, batch, batch_idx):
+                if self.setup_s is None:
+                    self.setup_s = time.perf_counter() - self.started
+                    state = module.model.state_dict()
+                    self.same_init = all(torch.equal(state[k], v) for k, v in self.initial.items())
+                    self._clock = time.perf_counter()
+
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+                loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+                self._losses.append(loss.detach())
+                step = trainer.global_step
+                if step % self.eval_every == 0 or step == trainer.max_steps:
+                    self._trained += time.perf_counter() - self._clock
+                    self.curve["step"].append(step)
+                    self.curve["seconds"].append(self._trained)
+                    self.curve["dice"].append(score(module.model, self.tensors))
+                    self.curve["loss"].append(float(torch.stack(self._losses[-self.eval_every:]).mean()))
+                    self._clock = time.perf_counter()
+
+        return _Curve(*args, **kwargs)
+
+
+def medxfer_config(size: int, seed: int, steps: int, width: int = WIDTH, **train: Any):
+    """medxfer's default recipe on the target: only the length, the validation interval and the strategy set."""
+    from medxfer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+
+    root = os.environ.get("MEDXFER_COLIN27_ROOT")
+    return RunConfig(seed=seed, data=DataConfig(name="colin27", options={"domain": "t1"}, train_images=size,
+                                                root=root),
+                     model=ModelConfig(preset=PRESET, width=width),
+                     train=TrainConfig(strategy="scratch", max_steps=steps, val_every_n_steps=max(1, steps // 10),
+                                       checkpoint_every_s=None, **train))
+
+
+def medxfer_curve(size: int, seed: int, steps: int, tensors: Tensors, out: Path, eval_every: int = EVAL_EVERY,
+                  width: int = WIDTH) -> dict[str, Any]:
+    from medxfer.finetune import run_finetune
+
+    initial = make_model(seed, tensors.n_classes, None, width=width).state_dict()
+    config = medxfer_config(size, seed, steps, width)
+    started = time.perf_counter()
+    callback = CurveCallback(tensors, eval_every, started, initial)
+    result = run_finetune(config, out, callbacks=[callback])
+    return {"curve": callback.curve, "setup_s": callback.setup_s, "same_init": callback.same_init,
+            "run_s": time.perf_counter() - started, "loss": result.record["loss"]["name"],
+            "recipe": {k: result.record["config"]["train"][k] for k in
+                       ("optimizer", "lr", "scheduler", "batch_size", "sampling", "pretrained_encoder_lr_factor")}
+            | {"upsample": result.record["config"]["model"]["upsample"]}}
+
+
+def compare(sizes=SIZES, seeds=SEEDS, steps: int = STEPS, eval_every: int = EVAL_EVERY, width: int = WIDTH,
+            shape: Optional[int] = None) -> dict[str, Any]:
+    """Every side's curve per (size, seed), in turn (medxfer, bare, nnunet, then the order rotates)."""
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="medxfer-bench-convergence-") as tmp:
+        for size in sizes:
+            for seed in seeds:
+                tensors = load_tensors(size, seed, shape)
+                sides = ["medxfer", "bare", "nnunet"]
+                rotation = (seed + len(runs)) % 3
+                for side in sides[rotation:] + sides[:rotation]:
+                    load = os.getloadavg()[0]
+                    cpu = time.process_time()
+                    if side == "medxfer":
+                        run = medxfer_curve(size, seed, steps, tensors, Path(tmp) / f"{size}-{seed}",
+                                            eval_every, width)
+                    else:
+                        model = make_model(seed, tensors.n_classes, None, width=width)
+                        run = {"curve": train_curve(model, BARE if side == "bare" else NNUNET, tensors, steps, seed,
+                                                    eval_every)}
+                    run.update(side=side, size=size, seed=seed, load_before=load, load_after=os.getloadavg()[0],
+                               cpu_s=time.process_time() - cpu, **summarise(run["curve"]))
+                    runs.append(run)
+                    print(f"{side:8s} n={size:2d} seed={seed} plateau {run['plateau']:.3f} "
+                          f"95% at {run['steps_to_95']} steps / {run['seconds_to_95'] or float('nan'):.1f} s "
+                          f"(load {load:.1f})", flush=True)
+    return {"runs": runs, "summary": summary(runs)}
+
+
+def summary(runs: list[dict]) -> dict[str, dict[str, dict[str, Optional[float]]]]:
+    """Per size and side: means over seeds of the plateau, steps and seconds to 95% (runs that never got there
+    are counted at their last step)."""
+    out: dict[str, dict[str, dict[str, Optional[float]]]] = {}
+    for size in sorted({r["size"] for r in runs}):
+        out[str(size)] = {}
+        for side in ("medxfer", "bare", "nnunet"):
+            mine = [r for r in runs if r["size"] == size and r["side"] == side]
+            if not mine:
+                continue
+            steps = [r["steps_to_95"] or r["curve"]["step"][-1] for r in mine]
+            seconds = [r["seconds_to_95"] or r["curve"]["seconds"][-1] for r in mine]
+            out[str(size)][side] = {"plateau": float(np.mean([r["plateau"] for r in mine])),
+                                    "plateau_sd": float(np.std([r["plateau"] for r in mine], ddof=1))
+                                    if len(mine) > 1 else None,
+                                    "steps_to_95": float(np.mean(steps)), "seconds_to_95": float(np.mean(seconds)),
+                                    "seconds_per_step": float(np.mean([r["seconds_per_step"] for r in mine])),
+                                    "n_seeds": len(mine), "not_converged": sum(bool(r["rising"]) for r in mine)}
+    return out
+
+
+def rows_for(result: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for size, sides in result["summary"].items():
+        mx, bare = sides["medxfer"], sides["bare"]
+        ratio = mx["seconds_to_95"] / bare["seconds_to_95"] if bare["seconds_to_95"] else None
+        rows.append(row(f"seconds to 95% of the plateau, {size} slices", "bare loop", mx["seconds_to_95"],
+                        bare["seconds_to_95"], "s", ratio, f"<= {TIME_RATIO_TARGET}",
+                        ratio is not None and ratio <= TIME_RATIO_TARGET))
+        best_side = max(sides, key=lambda k: sides[k]["plateau"])
+        gap = mx["plateau"] - sides[best_side]["plateau"]
+        rows.append(row(f"plateau Dice, {size} slices (difference to the best side)", f"best: {best_side}",
+                        mx["plateau"], sides[best_side]["plateau"], "Dice", gap, f">= -{PLATEAU_MARGIN}",
+                        gap >= -PLATEAU_MARGIN))
+    setups = [r["setup_s"] for r in result["runs"] if r["side"] == "medxfer"][1:]  # the first pays the imports
+    if setups:
+        setup = float(np.median(setups))
+        rows.append(row("fixed set-up of a run in a sweep (to its first step)", "target", setup, SETUP_TARGET_S, "s",
+                        setup / SETUP_TARGET_S, "<= 1", setup <= SETUP_TARGET_S))
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ablation", type=Path, default=None, help="run the recipe ablation into this JSON-lines file")
+    parser.add_argument("--seeds", type=int, default=len(SEEDS))
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if args.ablation is not None:
+        run_ablation(range(args.seeds), args.steps, args.workers, args.device, args.ablation)
+        return 0
+    torch.set_num_threads(1)  # one thread per run, as a sweep worker on this 2-core machine runs it
+    load, cpu, wall = os.getloadavg(), time.process_time(), time.perf_counter()
+    result = compare(seeds=range(args.seeds), steps=args.steps)
+    rows = rows_for(result)
+    notes = [f"Colin27 T1, {PRESET} width {WIDTH}, scratch, {args.steps} steps, {args.seeds} seeds, batch {BATCH}, "
+             f"1 torch thread; test Dice = pooled per-class Dice on the {len(load_tensors(5, 0).test_y)} test "
+             f"slices every {EVAL_EVERY} steps; plateau = mean over the last quarter; times exclude the scoring.",
+             f"load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} "
+             f"cores; this process: {time.process_time() - cpu:.0f} s CPU in {time.perf_counter() - wall:.0f} s."]
+    for size, sides in result["summary"].items():
+        notes.append(f"{size} slices: " + "; ".join(
+            f"{side} plateau {v['plateau']:.3f}, 95% at {v['steps_to_95']:.0f} steps / {v['seconds_to_95']:.1f} s"
+            for side, v in sides.items()))
+    path = write_result("convergence", rows, {NOTES_KEY: notes, "load_average": list(load),
+                                              "load_average_end": list(os.getloadavg()), **result})
+    for line in notes:
+        print(line)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
