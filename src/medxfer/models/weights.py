@@ -480,6 +480,10 @@ def save_model_weights(model: nn.Module, path: str | os.PathLike, *, manifest: d
         raise ConfigError("save_model_weights: the manifest needs the resolved model config under 'model'")
     path = Path(path)
     encoder = get_encoder(model)
+    spec = getattr(model, "spec", None) or {}
+    if isinstance(manifest["model"], dict) and "upsample" in spec and "upsample" not in manifest["model"]:
+        # the decoder is always named: a manifest without it is read as the older transposed-conv decoder
+        manifest = {**manifest, "model": {**manifest["model"], "upsample": spec["upsample"]}}
     full = {
         "format": MODEL_FORMAT,
         "format_version": MANIFEST_VERSION,
