@@ -322,6 +322,44 @@ def run_ablation(seeds, steps: int, workers: int, device: str, out: Path, eval_e
     return results
 
 
+def ablation_summary(results: list[dict]) -> list[dict[str, Any]]:
+    """Per (recipe, start, size): plateau mean and per seed, steps to 95% of it, and the same seeds' plateau of
+    the recipe before (``OLD_DEFAULT``) for a paired difference."""
+    import json
+
+    out = []
+    keys = sorted({(r["recipe"], r["start"], r["size"]) for r in results}, key=lambda k: (k[1], k[2]))
+    for recipe, start, size in keys:
+        mine = sorted((r for r in results if (r["recipe"], r["start"], r["size"]) == (recipe, start, size)),
+                      key=lambda r: r["seed"])
+        before = {r["seed"]: r["plateau"] for r in results
+                  if (r["recipe"], r["start"], r["size"]) == (OLD_DEFAULT.name, start, size)}
+        paired = [r["plateau"] - before[r["seed"]] for r in mine if r["seed"] in before]
+        out.append({"recipe": recipe, "start": start, "slices": size, "seeds": [r["seed"] for r in mine],
+                    "plateau": float(np.mean([r["plateau"] for r in mine])),
+                    "plateau_per_seed": [round(r["plateau"], 4) for r in mine],
+                    "steps_to_95": [r["steps_to_95"] for r in mine],
+                    "vs_before": float(np.mean(paired)) if paired and recipe != OLD_DEFAULT.name else None,
+                    "not_converged": sum(bool(r["rising"]) for r in mine)})
+    json.dumps(out)
+    return out
+
+
+def write_ablation(lines: Path, steps: int) -> Path:
+    """``results/recipe.json`` from the ablation's JSON lines (curves kept)."""
+    import json
+
+    results = [json.loads(line) for line in lines.read_text(encoding="utf-8").splitlines() if line.strip()]
+    summary = ablation_summary(results)
+    rows = [row(f"{s['recipe']}: {s['start']}, {s['slices']} slices, plateau Dice", OLD_DEFAULT.name.split(" (")[0],
+                s["plateau"], None, "Dice", s["vs_before"]) for s in summary]
+    notes = [f"Colin27 T1, {PRESET} width {WIDTH}, batch {BATCH}, {steps} steps, test Dice (pooled per class) every "
+             f"20 steps; plateau = mean over the last quarter; 'ratio' = the paired difference to the recipe before "
+             f"(same seeds). Seeds: {sorted({r['seed'] for r in results})}. Load average during the runs "
+             f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (shared)."]
+    return write_result("recipe", rows, {NOTES_KEY: notes, "recipes": summary, "runs": results})
+
+
 # -------------------------------------------------------------------------------------- comparison
 class CurveCallback:
     """Lightning callback: the test Dice every ``eval_every`` steps of a medxfer run, the training seconds up to
@@ -466,9 +504,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--write-ablation", type=Path, default=None, help="only write recipe.json from these lines")
     args = parser.parse_args(argv)
+    if args.write_ablation is not None:
+        print(f"wrote {write_ablation(args.write_ablation, args.steps)}")
+        return 0
     if args.ablation is not None:
         run_ablation(range(args.seeds), args.steps, args.workers, args.device, args.ablation)
+        print(f"wrote {write_ablation(args.ablation, args.steps)}")
         return 0
     torch.set_num_threads(1)  # one thread per run, as a sweep worker on this 2-core machine runs it
     load, cpu, wall = os.getloadavg(), time.process_time(), time.perf_counter()
