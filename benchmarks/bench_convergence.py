@@ -48,8 +48,8 @@ from common import NOTES_KEY, RESULTS, row, write_result
 PRESET, WIDTH = "efficientnet_lite0_unet", 8
 SIZES = (5, 20)
 SEEDS = (0, 1, 2)
-STEPS = 300
-EVAL_EVERY = 15
+STEPS = 120
+EVAL_EVERY = 10
 BATCH = 4
 PLATEAU_SHARE = 0.25  # the plateau is the mean over this last share of the curve
 REACH = 0.95
@@ -427,8 +427,9 @@ def medxfer_curve(size: int, seed: int, steps: int, tensors: Tensors, out: Path,
 
 
 def compare(sizes=SIZES, seeds=SEEDS, steps: int = STEPS, eval_every: int = EVAL_EVERY, width: int = WIDTH,
-            shape: Optional[int] = None) -> dict[str, Any]:
-    """Every side's curve per (size, seed), in turn (medxfer, bare, nnunet, then the order rotates)."""
+            shape: Optional[int] = None, on_run=None) -> dict[str, Any]:
+    """Every side's curve per (size, seed), in turn (medxfer, bare, nnunet, then the order rotates);
+    ``on_run(runs so far)`` after each (the benchmark writes its file then, so a stopped run keeps its data)."""
     runs = []
     with tempfile.TemporaryDirectory(prefix="medxfer-bench-convergence-") as tmp:
         for size in sizes:
@@ -449,6 +450,8 @@ def compare(sizes=SIZES, seeds=SEEDS, steps: int = STEPS, eval_every: int = EVAL
                     run.update(side=side, size=size, seed=seed, load_before=load, load_after=os.getloadavg()[0],
                                cpu_s=time.process_time() - cpu, **summarise(run["curve"]))
                     runs.append(run)
+                    if on_run is not None:
+                        on_run(runs)
                     print(f"{side:8s} n={size:2d} seed={seed} plateau {run['plateau']:.3f} "
                           f"95% at {run['steps_to_95']} steps / {run['seconds_to_95'] or float('nan'):.1f} s "
                           f"(load {load:.1f})", flush=True)
@@ -479,6 +482,8 @@ def summary(runs: list[dict]) -> dict[str, dict[str, dict[str, Optional[float]]]
 def rows_for(result: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for size, sides in result["summary"].items():
+        if len(sides) < 3:  # a stopped benchmark: only sizes with every side
+            continue
         mx, bare = sides["medxfer"], sides["bare"]
         ratio = mx["seconds_to_95"] / bare["seconds_to_95"] if bare["seconds_to_95"] else None
         rows.append(row(f"seconds to 95% of the plateau, {size} slices", "bare loop", mx["seconds_to_95"],
@@ -503,6 +508,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seeds", type=int, default=len(SEEDS))
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--eval-every", type=int, default=EVAL_EVERY)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--write-ablation", type=Path, default=None, help="only write recipe.json from these lines")
     args = parser.parse_args(argv)
@@ -515,23 +521,34 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     torch.set_num_threads(1)  # one thread per run, as a sweep worker on this 2-core machine runs it
     load, cpu, wall = os.getloadavg(), time.process_time(), time.perf_counter()
-    result = compare(seeds=range(args.seeds), steps=args.steps)
-    rows = rows_for(result)
-    notes = [f"Colin27 T1, {PRESET} width {WIDTH}, scratch, {args.steps} steps, {args.seeds} seeds, batch {BATCH}, "
-             f"1 torch thread; test Dice = pooled per-class Dice on the {len(load_tensors(5, 0).test_y)} test "
-             f"slices every {EVAL_EVERY} steps; plateau = mean over the last quarter; times exclude the scoring.",
-             f"load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} "
-             f"cores; this process: {time.process_time() - cpu:.0f} s CPU in {time.perf_counter() - wall:.0f} s."]
+
+    def write(runs: list[dict]) -> Path:
+        return write_results({"runs": runs, "summary": summary(runs)}, args, load, cpu, wall)
+
+    result = compare(seeds=range(args.seeds), steps=args.steps, eval_every=args.eval_every, on_run=write)
+    print(f"wrote {write(result['runs'])}")
+    return 0
+
+
+def write_results(result: dict[str, Any], args, load, cpu: float, wall: float) -> Path:
+    """``results/convergence.json``: rows, notes with the load, every curve."""
+    complete = all(len(sides) == 3 for sides in result["summary"].values())
+    seeds = sorted({r["seed"] for r in result["runs"]})
+    notes = [f"Colin27 T1, {PRESET} width {WIDTH}, scratch, {args.steps} steps, seeds {seeds}, slices "
+             f"{sorted({r['size'] for r in result['runs']})}{'' if complete else ' (incomplete)'}; bare and nnunet "
+             f"at batch {BATCH}, medxfer at its default; 1 torch thread; test Dice = pooled per-class Dice on the 6 "
+             f"test slices every {args.eval_every} steps; plateau = mean over the last quarter; times exclude the "
+             "scoring.",
+             f"load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the last write on "
+             f"{os.cpu_count()} cores (shared by 8 engineers); this process: {time.process_time() - cpu:.0f} s CPU "
+             f"in {time.perf_counter() - wall:.0f} s."]
     for size, sides in result["summary"].items():
         notes.append(f"{size} slices: " + "; ".join(
             f"{side} plateau {v['plateau']:.3f}, 95% at {v['steps_to_95']:.0f} steps / {v['seconds_to_95']:.1f} s"
             for side, v in sides.items()))
-    path = write_result("convergence", rows, {NOTES_KEY: notes, "load_average": list(load),
-                                              "load_average_end": list(os.getloadavg()), **result})
-    for line in notes:
-        print(line)
-    print(f"wrote {path}")
-    return 0
+    return write_result("convergence", rows_for(result),
+                        {NOTES_KEY: notes, "load_average": list(load), "load_average_end": list(os.getloadavg()),
+                         **result})
 
 
 if __name__ == "__main__":
