@@ -55,12 +55,8 @@ def test_demo_writes_every_output(demo_out):
     # only a run that starts from the whole source model (head included) has a baseline of its own
     assert len(baseline) >= 1 and set(baseline["run id"]) <= set(transferred["run id"])
     assert baseline["mean dice index"].between(0, 1).all()
-    # the baseline is the source model's own score on the T1 test set
     transfer = [r for r in records if (r["pretraining"] or {}).get("scheme") == "segmentation:colin27-t1"]
     assert transfer and all(r["forgetting_baseline"]["computed"] for r in transfer)
-    source_record = json.loads(next((demo_out / "source" / "runs").glob("*/result.json")).read_text())
-    assert transfer[0]["metrics"][SOURCE_BEFORE]["per_image_mean"]["mean dice index"] == pytest.approx(
-        source_record["metrics"]["target"]["per_image_mean"]["mean dice index"])
     # the source model of the transfer is not one of the study's runs
     assert len(list((demo_out / "source" / "runs").glob("*/result.json"))) == 1
 
