@@ -191,7 +191,8 @@ def test_score_takes_a_raw_state_dict_with_the_config_preset_and_the_same_checks
     table = pd.read_csv(tmp_path / "score" / "robustness.csv")
     assert table["encoder"].iloc[0] == "resnet18" and np.isfinite(table["robustness"]).all()
     with pytest.raises(CheckpointError, match=r"resnet18.pth: does not fit the resnet34 encoder: \d+ missing key"):
-        run_score(_tiny_score(tmp_path / "resnet18.pth", tmp_path, ModelConfig(preset="resnet34_unet")))
+        # another config: its own folder (a score folder holds one config's outputs)
+        run_score(_tiny_score(tmp_path / "resnet18.pth", tmp_path / "other", ModelConfig(preset="resnet34_unet")))
 
 
 def _fake_hub_cache(folder, repo_id: str, state: dict) -> None:
