@@ -374,11 +374,11 @@ def _write_cache(config, scan, folder: Path, read_case) -> dict[str, Any]:
 def load_preprocessed(config) -> SegmentationData:
     """The dataset from its cache (built first if needed): cases hold memory-mapped arrays, and
     ``case.meta["cache"]`` the file paths that training reads patches from."""
-    from medxfer.data.msd import test_and_val_ids
+    from medxfer.data.msd import DEFAULT_TEST_FRACTION, test_and_val_ids
 
-    folder, plan = build_cache(config)
+    folder, plan = build_cache(config)  # checks the options (scan_msd), test_fraction among them
     ids = [c["case_id"] for c in plan["cases"]]
-    test_fraction = float((config.options or {}).get("test_fraction", 0.2))
+    test_fraction = float((config.options or {}).get("test_fraction", DEFAULT_TEST_FRACTION))
     test_ids, val_ids = test_and_val_ids(ids, test_fraction, config.val_fraction)
     train, val, test = [], [], []
     for item in plan["cases"]:
