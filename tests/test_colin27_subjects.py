@@ -70,7 +70,6 @@ def test_the_study_grid_expands(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
 def test_the_study_runs_end_to_end_scaled_down(tmp_path):
     """configs/study3d/sweep.yaml with every size cut down: pretraining, the four arms, the second domain with
     its forgetting baseline, the report."""

@@ -240,8 +240,6 @@ def weights_import(
     out: Path = typer.Option(..., "--out", help="Output folder (the encoder checkpoint and its manifest)."),
     in_channels: int = typer.Option(3, "--in-channels", help="Encoder input channels (first conv adapted)."),
     depth: Optional[int] = typer.Option(None, "--depth", help="Encoder levels (default: the preset's)."),
-    width: Optional[int] = typer.Option(None, "--width", help="First-level channels of the classic U-Net and MONAI "
-                                        "presets (default 32; a MONAI file: its first feature count)."),
     option: list[str] = typer.Option([], "--option", help="Preset option KEY=VALUE (repeatable)."),
     licence: Optional[str] = typer.Option(None, "--licence", help="Licence of the weights, for the manifest."),
     top1: Optional[float] = typer.Option(None, "--top1", help="Their ImageNet top-1 (%), for the manifest."),
@@ -250,7 +248,7 @@ def weights_import(
     (pretrained.checkpoint), score, pretrain (pretrained.checkpoint) and sweeps take."""
     from medxfer.models.importing import import_weights, imported_summary
 
-    path = import_weights(source, preset, out, in_channels=in_channels, depth=depth, width=width,
+    path = import_weights(source, preset, out, in_channels=in_channels, depth=depth,
                           options=_parse_options(option), licence=licence, imagenet_top1=top1)
     _print_table("imported encoder", ["field", "value"], [list(row) for row in imported_summary(path)])
 

@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from medxfer.errors import ConfigError, MedxferError
-from medxfer.models import monai_encoders
 from medxfer.models.external import cached_timm_weights
 from medxfer.models.inflation import inflate_network
 
@@ -472,55 +471,6 @@ class TimmEncoder(Encoder):
 # Factories
 
 
-class MonaiEncoder(Encoder):
-    """The encoder path of a MONAI network (BasicUNet, SegResNet, DynUNet; ``medxfer.models.monai_encoders``):
-    MONAI's own modules, built from the network itself, as medxfer levels; MONAI state dicts map onto it."""
-
-    def __init__(self, network: str, in_channels: int, width: int = 32, depth: int | None = None,
-                 spatial_dims: int = 3):
-        super().__init__()
-        _check_dims(spatial_dims)
-        paths = monai_encoders.level_paths(network)
-        if depth is not None and depth != len(paths):
-            raise ConfigError(f"the {network} encoder has {len(paths)} levels (as its published files); set "
-                              f"depth: {len(paths)}, got {depth}")
-        full = monai_encoders.build_monai_network(network, in_channels, spatial_dims, width)
-        self.network = network
-        self.in_channels = int(in_channels)
-        self.spatial_dims = int(spatial_dims)
-        self.channels = monai_encoders.channels(network, width)
-        self.strides = [2**i for i in range(len(paths))]
-        self.levels = nn.ModuleList(nn.ModuleDict({p.replace(".", "_"): monai_encoders.submodule(full, p) for p in level})
-                                    for level in paths)
-        self._prefixes = [(p + ".", i, p.replace(".", "_")) for i, level in enumerate(paths) for p in level]
-        self.first_conv_key = next(k for k, v in self.state_dict().items() if v.ndim == spatial_dims + 2)
-        self.arch = {"name": "monai", "network": network, "in_channels": self.in_channels,
-                     "spatial_dims": self.spatial_dims, "width": int(width), "depth": len(paths)}
-
-    @property
-    def name(self) -> str:
-        return f"monai_{self.network}"
-
-    def map_external_key(self, key: str) -> list[str]:
-        """A MONAI state-dict key -> this encoder's key (none when it is not an encoder key)."""
-        for prefix, level, part in self._prefixes:
-            if key.startswith(prefix):
-                return [f"levels.{level}.{part}.{key[len(prefix):]}"]
-        return []
-
-    def outside_keys(self) -> frozenset[str]:
-        return monai_encoders.outside_keys(self.network)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        self.check_input(x)
-        features = []
-        for level in self.levels:
-            for module in level.values():
-                x = module(x)
-            features.append(x)
-        return features
-
-
 def create_encoder(
     name: str,
     in_channels: int = 3,
@@ -541,10 +491,6 @@ def create_encoder(
         if pretrained:
             raise ConfigError("the unet encoder has no pretrained weights; load an encoder checkpoint instead")
         return UNetEncoder(in_channels, width=width, depth=depth or 5, spatial_dims=spatial_dims, norm=norm)
-    if name.startswith("monai:"):
-        if options or pretrained:
-            raise ConfigError(f"unknown option(s) for the {name} encoder: {', '.join(sorted(options)) or 'pretrained'}")
-        return MonaiEncoder(name.split(":", 1)[1], in_channels, width=width, depth=depth, spatial_dims=spatial_dims)
     return TimmEncoder(name, in_channels=in_channels, depth=depth, pretrained=pretrained, spatial_dims=spatial_dims,
                        **options)
 
@@ -563,9 +509,6 @@ def encoder_from_arch(arch: dict[str, Any]) -> Encoder:
                 spatial_dims=int(arch.get("spatial_dims", 2)),
                 norm=str(arch.get("norm", "batch")),
             )
-        if kind == "monai":
-            return MonaiEncoder(str(arch["network"]), int(arch["in_channels"]), width=int(arch["width"]),
-                                depth=int(arch["depth"]), spatial_dims=int(arch.get("spatial_dims", 3)))
         if kind == "timm":
             return TimmEncoder(
                 str(arch["model_name"]),
@@ -577,7 +520,7 @@ def encoder_from_arch(arch: dict[str, Any]) -> Encoder:
             )
     except KeyError as exc:
         raise ConfigError(f"encoder architecture {kind!r} lacks the field {exc}") from None
-    raise ConfigError(f"unknown encoder architecture {kind!r} (known: unet, timm, monai)")
+    raise ConfigError(f"unknown encoder architecture {kind!r} (known: unet, timm)")
 
 
 def describe_levels(encoder: Encoder) -> list[dict[str, int]]:

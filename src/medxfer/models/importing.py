@@ -121,16 +121,13 @@ def import_weights(
     options: Optional[Mapping[str, Any]] = None,
     licence: Optional[str] = None,
     imagenet_top1: Optional[float] = None,
-    width: Optional[int] = None,
 ) -> Path:
     """Import ``source`` (see ``resolve_source``) into the encoder of ``preset`` and save it as the
     checkpoint folder ``out``. Returns the ``.pt`` path.
 
     ``in_channels``: the encoder's input channels (the first convolution is adapted from the file's,
     e.g. RGB -> 1 by summing; the default 3 keeps ImageNet's RGB and leaves adapting to each use).
-    ``depth``: encoder levels (default: the preset's). ``width``: the first level's channels of the classic
-    U-Net and MONAI presets (default: the model config's 32; MONAI files: their first feature count).
-    ``options``: the preset's model options
+    ``depth``: encoder levels (default: the preset's). ``options``: the preset's model options
     (e.g. a Swin's ``img_size``). ``licence``/``imagenet_top1``: recorded for files medxfer does not know.
     Keys that do not fit (missing, unexpected, other shapes) raise CheckpointError naming the file.
     """
@@ -147,8 +144,6 @@ def import_weights(
     spec: dict[str, Any] = {"preset": preset, "in_channels": in_channels, "options": dict(options or {})}
     if depth is not None:
         spec["depth"] = depth
-    if width is not None:
-        spec["width"] = width
     encoder = build_encoder(spec)
     done = import_state_dict(encoder, state, source=str(file))
     about.setdefault("licence", licence or "unknown (not recorded at import)")

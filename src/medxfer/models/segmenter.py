@@ -110,8 +110,6 @@ def _efficientnet_lite_presets() -> list[Preset]:
     ]
 
 
-_MONAI_WEIGHTS = ("MONAI network checkpoints and bundles of the same network and width (medxfer weights import "
-                  "FILE --preset ... --in-channels N; MONAI's decoder keys are dropped)")
 _SWIN_DEFAULTS = {"model_name": "swin_tiny_patch4_window7_224", "img_size": 224, "window_size": 7}
 _SWIN_WEIGHTS = "timm Swin state dicts of the same model_name and geometry; the hub cache (pretrained: true)"
 
@@ -126,13 +124,6 @@ PRESETS: dict[str, Preset] = {
                _DECODER_OPTIONS + _NORM_OPTIONS),
         Preset("attention_unet3d", "classic 3D U-Net encoder + attention-gated 3D decoder", "unet", True, 3,
                _DECODER_OPTIONS + _NORM_OPTIONS),
-        Preset("basicunet3d", "MONAI BasicUNet's encoder path (its published weights load; width 32 = MONAI's "
-               "default features) + U-Net decoder, 3D", "monai:basicunet", False, 3, _DECODER_OPTIONS,
-               weights=_MONAI_WEIGHTS),
-        Preset("segresnet3d", "MONAI SegResNet's encoder path (init_filters = width, 4 levels) + U-Net decoder, 3D",
-               "monai:segresnet", False, 3, _DECODER_OPTIONS, weights=_MONAI_WEIGHTS),
-        Preset("dynunet3d", "MONAI DynUNet's encoder path (nnU-Net-style, filters width..16 width, 5 levels) + "
-               "U-Net decoder, 3D", "monai:dynunet", False, 3, _DECODER_OPTIONS, weights=_MONAI_WEIGHTS),
         *_resnet_presets(),
         *_efficientnet_lite_presets(),
         *_inflated_presets(),
