@@ -586,3 +586,21 @@ def test_claims_on_one_seed_say_so_instead_of_a_verdict():
     claims = result.claims.set_index("claim")
     assert claims.loc["shorter pretraining is often better downstream", "verdict"] == "undecided (one seed)"
     assert result.evidence.replication.empty and np.isnan(result.evidence.null["mean_gain"])
+
+
+def test_correlation_table_lays_groups_out_by_dataset_and_notes_say_best_of_n(tmp_path):
+    from medxfer.report.analyze import summary_for_print
+
+    down, rob, _ = _planted_tables()
+    result = analyze(down, rob, out_dir=tmp_path, figures=True, n_resamples=50)
+    table = pd.read_csv(tmp_path / "correlation_table.csv")
+    assert set(table["predictor"]) == {IMAGENET_PREDICTOR, PLANTED}
+    assert {"ACDC", "COVIDQUDataset", "mean"} <= set(table.columns) and len(table) == 2 * len(MODELS)
+    planted = table[table["predictor"] == PLANTED]
+    assert np.allclose(planted[["ACDC", "COVIDQUDataset"]], 1.0)  # 1 - Dice ranks the lengths exactly
+    for name in ("replication", "between_runs", "no_pretraining", "breakdown"):
+        assert (tmp_path / f"{name}.csv").is_file()
+    assert (tmp_path / "figures" / "dice_vs_length.png").stat().st_size > 0
+    notes = summary_for_print(result).set_index("rule")["note"]
+    assert notes["best variant | argmin [in-sample]"] == "chosen in-sample (best of 16 variants)"
+    assert notes["best variant | argmin [leave-one-dataset-out]"] == "chosen on the other datasets (best of 16 variants)"

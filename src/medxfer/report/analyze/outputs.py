@@ -21,7 +21,8 @@ def write_outputs(result: AnalysisResult, out: Path, figures: bool = True) -> di
     tables = {"decisions": ("decisions.csv", result.decisions), "summary": ("analysis_summary.csv", result.summary),
               "correlations": ("correlations.csv", result.correlations), "claims": ("claims.csv", result.claims),
               "data_quality": ("data_quality.csv", findings_frame(result.quality)),
-              "lodo": ("lodo.csv", result.lodo)}
+              "lodo": ("lodo.csv", result.lodo),
+              "correlation_table": ("correlation_table.csv", correlation_table(result))}
     if result.evidence is not None:
         tables.update({"replication": ("replication.csv", result.evidence.replication),
                        "between_runs": ("between_runs.csv", result.evidence.between_runs),
@@ -56,8 +57,10 @@ def summary_for_print(result: AnalysisResult, top: int = 5) -> pd.DataFrame:
     singles = s[~s.index.isin(key.index)]
     many = singles.groupby("coverage")["rule"].transform("size")  # N: the best shown is the best of N
     singles = singles.assign(_n=many).sort_values(["regret_mean", "rule"]).groupby("coverage").head(top)
+    n_variants = int((s["family"].eq("score") & s["rule"].str.endswith("| argmin")).sum())  # to choose from
     rows = []
     for _, r in pd.concat([key, singles]).iterrows():
+        selected_from = f" (best of {n_variants} variants)" if r["family"] == "score (selected)" else ""
         paired = ("" if math.isnan(r["regret_vs_longest_cluster_ci_low"]) or r["rule"] == "always longest" else
                   f"{r['regret_vs_longest_mean']:+.4f} [{r['regret_vs_longest_cluster_ci_low']:+.4f}, "
                   f"{r['regret_vs_longest_cluster_ci_high']:+.4f}]")
@@ -69,8 +72,10 @@ def summary_for_print(result: AnalysisResult, top: int = 5) -> pd.DataFrame:
             "saved": percent_text(r["saved_mean"]),
             "vs longest W/T/L": f"{r['wins']}/{r['ties']}/{r['losses']}",
             "Spearman": "" if math.isnan(r["spearman_mean"]) else f"{r['spearman_mean']:+.2f}",
-            "note": ("oracle (knows the Dice)" if r["bound"] else "chosen in-sample" if r["evaluation"] == IN_SAMPLE
-                     else f"best of {int(r['_n'])}: in-sample" if r["family"] in SINGLE_VARIANT else "")})
+            "note": ("oracle (knows the Dice)" if r["bound"]
+                     else f"chosen in-sample{selected_from}" if r["evaluation"] == IN_SAMPLE
+                     else f"best of {int(r['_n'])}: in-sample" if r["family"] in SINGLE_VARIANT
+                     else f"chosen on the other datasets{selected_from}" if r["family"] == "score (selected)" else "")})
     return pd.DataFrame(rows)
 
 
@@ -95,3 +100,18 @@ def correlation_summary(result: AnalysisResult, top: int = 5) -> pd.DataFrame:
         low, high = bootstrap_interval(table.loc[table["predictor"] == name, "spearman"])
         rows.append({"predictor": name, **agg.loc[name].to_dict(), "spearman_ci_low": low, "spearman_ci_high": high})
     return pd.DataFrame(rows)
+
+
+def correlation_table(result: AnalysisResult) -> pd.DataFrame:
+    """The correlations tabulated as a study reports them: one row per predictor (ImageNet accuracy and the
+    variant selected in-sample), model, pretraining scheme and encoder state, one column per dataset, each cell
+    the Spearman correlation with Dice over the group's lengths, and their mean over datasets."""
+    table = result.correlations
+    chosen = [IMAGENET_PREDICTOR] + ([result.best_variant] if result.best_variant else [])
+    frame = table[table["predictor"].isin(chosen)] if len(table) else table
+    if frame.empty:
+        return pd.DataFrame(columns=["predictor", "model", "pretraining_scheme", "freeze_encoder", "mean"])
+    pivot = frame.pivot_table(index=["predictor", "model", "pretraining_scheme", "freeze_encoder"], columns="dataset",
+                              values="spearman")
+    pivot["mean"] = pivot.mean(axis=1)
+    return pivot.reset_index().rename_axis(columns=None)
