@@ -604,3 +604,22 @@ def test_correlation_table_lays_groups_out_by_dataset_and_notes_say_best_of_n(tm
     notes = summary_for_print(result).set_index("rule")["note"]
     assert notes["best variant | argmin [in-sample]"] == "chosen in-sample (best of 16 variants)"
     assert notes["best variant | argmin [leave-one-dataset-out]"] == "chosen on the other datasets (best of 16 variants)"
+
+
+def test_imagenet_claim_is_judged_between_runs_at_all_lengths_and_at_50_and_above():
+    from medxfer.report.analyze.claims import paper_claims
+    from medxfer.report.analyze.evidence import Evidence
+
+    def verdict(short, long):
+        cells = pd.DataFrame({"length": [5.0] * 6 + [100.0] * 6, "spearman_accuracy": short + long,
+                              "spearman_score": [0.0] * 12, "score_variant": "v", "dataset_key": "d",
+                              "freeze_encoder": False, "n_runs": 4})
+        evidence = Evidence(np.array([5.0, 100.0]), pd.DataFrame(), {}, cells, pd.DataFrame(), {}, pd.DataFrame())
+        claims = paper_claims(pd.DataFrame(columns=["rule", "bound", "evaluation", "family", "n_groups"]),
+                              pd.DataFrame(columns=["rule"]), pd.DataFrame(), 0, evidence)
+        return claims.set_index("claim").loc["ImageNet accuracy is a poor indicator of downstream Dice", "verdict"]
+
+    noise = [-0.4, 0.4, -0.2, 0.2, 0.0, 0.1]
+    assert verdict(noise, noise).startswith("supported")
+    assert verdict([0.9, 0.8, 0.9, 1.0, 0.8, 0.9], [0.9, 0.8, 0.9, 1.0, 0.8, 0.9]).startswith("not supported")
+    assert verdict([-0.9, -0.8, -0.7, -0.9, -0.8, -0.9], [0.5, 0.6, 0.4, 0.5, 0.6, 0.5]).startswith("mixed")
