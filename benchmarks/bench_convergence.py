@@ -542,13 +542,19 @@ def write_results(result: dict[str, Any], args, load, cpu: float, wall: float) -
              f"load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the last write on "
              f"{os.cpu_count()} cores (shared by 8 engineers); this process: {time.process_time() - cpu:.0f} s CPU "
              f"in {time.perf_counter() - wall:.0f} s."]
+    cpu_per_run = {f"{side} {size}": float(np.mean([r["cpu_s"] for r in result["runs"]
+                                                    if r["side"] == side and r["size"] == size]))
+                   for side in ("medxfer", "bare", "nnunet") for size in sorted({r["size"] for r in result["runs"]})
+                   if any(r["side"] == side and r["size"] == size for r in result["runs"])}
+    notes.append("CPU seconds per run (mean over seeds; scoring included; the seconds to 95% below are wall times, several times "
+                 "these on the loaded machine): " + ", ".join(f"{k} slices {v:.0f}" for k, v in cpu_per_run.items()))
     for size, sides in result["summary"].items():
         notes.append(f"{size} slices: " + "; ".join(
             f"{side} plateau {v['plateau']:.3f}, 95% at {v['steps_to_95']:.0f} steps / {v['seconds_to_95']:.1f} s"
             for side, v in sides.items()))
     return write_result("convergence", rows_for(result),
                         {NOTES_KEY: notes, "load_average": list(load), "load_average_end": list(os.getloadavg()),
-                         **result})
+                         "cpu_s_per_run": cpu_per_run, **result})
 
 
 if __name__ == "__main__":
