@@ -104,14 +104,20 @@ def _volumes(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     atlas = _read_volume(folder / ATLAS_FILE)
     if t1.shape != atlas.shape:
         raise DataError(f"{folder / ATLAS_FILE}: shape {atlas.shape} differs from {IMAGE_FILE} {t1.shape}")
+    return t1, structure_labels(folder, atlas, STRUCTURES, np.int64)
+
+
+def structure_labels(folder: Path, atlas: np.ndarray, structures: dict[str, tuple[str, str]],
+                     dtype: type) -> np.ndarray:
+    """Label k for the AAL regions of the k-th structure (0 elsewhere); an unlisted region is a DataError."""
     names = read_region_names(folder / NAMES_FILE)
-    labels = np.zeros(atlas.shape, dtype=np.int64)
-    for k, regions in enumerate(STRUCTURES.values(), 1):
+    labels = np.zeros(atlas.shape, dtype=dtype)
+    for k, regions in enumerate(structures.values(), 1):
         for region in regions:
             if region not in names:
                 raise DataError(f"{folder / NAMES_FILE}: region {region!r} not listed")
             labels[atlas == names[region]] = k
-    return t1, labels
+    return labels
 
 
 def t2like(t1: np.ndarray) -> np.ndarray:

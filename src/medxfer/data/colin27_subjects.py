@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from medxfer.data.colin27 import ATLAS_FILE, IMAGE_FILE, NAMES_FILE, _read_volume, _root, read_region_names, t2like
+from medxfer.data.colin27 import ATLAS_FILE, IMAGE_FILE, _read_volume, _root, structure_labels, t2like
 from medxfer.errors import DataError
 from medxfer.io import atomic_path, atomic_write_json, stable_hash
 
@@ -59,15 +59,7 @@ GENERATOR_VERSION = 1
 
 def _load(folder: Path, structures: dict[str, tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
     t1 = _read_volume(folder / IMAGE_FILE).astype(np.float32)
-    atlas = _read_volume(folder / ATLAS_FILE)
-    names = read_region_names(folder / NAMES_FILE)
-    labels = np.zeros(atlas.shape, dtype=np.uint8)
-    for k, regions in enumerate(structures.values(), 1):
-        for region in regions:
-            if region not in names:
-                raise DataError(f"{folder / NAMES_FILE}: region {region!r} not listed")
-            labels[atlas == names[region]] = k
-    return t1, labels
+    return t1, structure_labels(folder, _read_volume(folder / ATLAS_FILE), structures, np.uint8)
 
 
 def _centre(folder: Path) -> np.ndarray:
