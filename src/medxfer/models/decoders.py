@@ -114,6 +114,7 @@ class UpStage(nn.Module):
         upsample: str = "interpolate",
     ):
         super().__init__()
+        self.out_channels = out_channels
         self.up = upsampling(in_channels, out_channels, factor, spatial_dims, upsample)
         self.gate = (
             AttentionGate(skip_channels, in_channels, factor=factor, spatial_dims=spatial_dims)
@@ -217,16 +218,28 @@ class UNetDecoder(nn.Module):
         self.out_channels = current
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.forward_stages(features)[-1]
+
+    def forward_stages(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The output of every stage, coarsest first; the last one is ``forward``'s full-resolution map
+        (deep supervision reads the others)."""
         if len(features) != len(self.stages) + 1:
             raise InputShapeError(
                 f"decoder expects {len(self.stages) + 1} feature maps (one per encoder level), got {len(features)}"
             )
         x = features[-1]
+        outputs = []
         for stage, skip in zip(self.stages, reversed(features[:-1])):
             x = stage(x, skip)
+            outputs.append(x)
         for stage in self.final_stages:
             x = stage(x)
-        return x
+            outputs.append(x)
+        return outputs
+
+    def stage_channels(self) -> list[int]:
+        """Channels of ``forward_stages``' outputs, coarsest first."""
+        return [stage.out_channels for stage in [*self.stages, *self.final_stages]]
 
     def attention_maps(self) -> list[torch.Tensor]:
         """Gate coefficients of the last forward pass, shallowest level first (empty without attention)."""

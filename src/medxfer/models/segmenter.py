@@ -9,7 +9,9 @@ has, 5 for ResNets and EfficientNet-Lite, 4 for Swin; a larger value means all).
 with a ResNet or EfficientNet-Lite encoder are the 2D timm networks inflated to 3D (``inflation``).
 Preset options (``ModelConfig.options``):
 
-- every preset: ``decoder_channels`` (list, one per level but the deepest), ``final_channels``;
+- every preset: ``decoder_channels`` (list, one per level but the deepest), ``final_channels``,
+  ``deep_supervision`` (bool, default False: auxiliary 1x1 heads on the decoder's intermediate resolutions, see
+  ``Segmenter.forward_deep_supervision``);
 - timm presets: ``pretrained`` (timm's ImageNet weights from the local hub cache, never downloaded;
   default False), ``drop_path_rate``;
 - ``swin_*``: ``img_size`` (default 224), ``window_size`` (default 7), ``embed_dim``, ``depths``,
@@ -36,7 +38,9 @@ from medxfer.models.weights import load_model_weights, read_model_manifest
 
 logger = logging.getLogger(__name__)
 
-_DECODER_OPTIONS = ("decoder_channels", "final_channels")
+# deep_supervision: 1x1 heads on the decoder's intermediate resolutions, trained with the weighted loss of
+# ``training.losses.deep_supervision`` (nnU-Net's); inference uses the full-resolution head alone.
+_DECODER_OPTIONS = ("decoder_channels", "final_channels", "deep_supervision")
 _TIMM_OPTIONS = ("pretrained", "drop_path_rate")
 # classic U-Net presets: norm "batch" (default) or "instance" (encoder and decoder blocks)
 _NORM_OPTIONS = ("norm",)
@@ -141,6 +145,9 @@ class Segmenter(nn.Module):
 
     Input sizes must be multiples of ``required_multiple`` (the encoder's total stride); anything else
     raises ``InputShapeError`` (a ``MedxferError`` and ``ValueError``) naming the size.
+
+    With ``aux_heads`` (deep supervision), ``forward_deep_supervision`` also returns logits at the decoder's
+    intermediate resolutions, for training; ``forward`` (inference, validation) never computes them.
     """
 
     def __init__(
@@ -151,6 +158,7 @@ class Segmenter(nn.Module):
         n_classes: int,
         preset: str | None = None,
         spec: dict[str, Any] | None = None,
+        aux_heads: nn.ModuleList | None = None,
     ):
         super().__init__()
         self.encoder = encoder
@@ -159,6 +167,23 @@ class Segmenter(nn.Module):
         self.n_classes = int(n_classes)
         self.preset = preset
         self.spec = dict(spec or {})
+        # 1x1 heads on the decoder outputs below full resolution, finest first (the coarsest has none)
+        self.aux_heads = aux_heads if aux_heads is not None and len(aux_heads) else None
+
+    @property
+    def deep_supervision(self) -> bool:
+        return self.aux_heads is not None
+
+    def forward_deep_supervision(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``[full-resolution logits, logits at 1/2, 1/4, ...]`` (the first is ``forward(x)``): the outputs of
+        the deep-supervision loss. Without aux heads, just ``[forward(x)]``."""
+        if self.aux_heads is None:
+            return [self(x)]
+        self.encoder.check_input(x)
+        self.encoder.check_multiple_of_stride(x)
+        stages = self.decoder.forward_stages(self.encoder(x))
+        finest_first = stages[-2::-1][:len(self.aux_heads)]
+        return [self.head(stages[-1]), *(head(f) for head, f in zip(self.aux_heads, finest_first))]
 
     @property
     def spatial_dims(self) -> int:
@@ -248,7 +273,25 @@ def build_segmenter(spec: ModelConfig | Mapping[str, Any] | None = None, **overr
         upsample=config.upsample,
     )
     head = conv_nd(preset.spatial_dims)(decoder.out_channels, config.n_classes, kernel_size=1)
-    return Segmenter(encoder, decoder, head, config.n_classes, preset=preset.name, spec=config.model_dump(mode="json"))
+    deep_supervision = options.get("deep_supervision", False)
+    if not isinstance(deep_supervision, bool):
+        raise ConfigError(f"model.options.deep_supervision must be true or false, got {deep_supervision!r}")
+    aux_heads = _aux_heads(decoder, config, preset) if deep_supervision else None
+    return Segmenter(encoder, decoder, head, config.n_classes, preset=preset.name, spec=config.model_dump(mode="json"),
+                     aux_heads=aux_heads)
+
+
+def _aux_heads(decoder: UNetDecoder, config: ModelConfig, preset: Preset) -> nn.ModuleList:
+    """Deep supervision's 1x1 heads: one per decoder output below full resolution but the coarsest, as nnU-Net
+    (whose coarsest output has loss weight 0)."""
+    channels = decoder.stage_channels()[:-1]  # coarsest first, full resolution left out
+    supervised = channels[1:][::-1]  # finest first, coarsest dropped
+    if not supervised:
+        raise ConfigError(f"model.options.deep_supervision: the {preset.name} decoder at depth {config.depth} has "
+                          f"{len(channels)} output(s) below full resolution; deep supervision needs 2 or more "
+                          "(raise model.depth)")
+    conv = conv_nd(preset.spatial_dims)
+    return nn.ModuleList(conv(c, config.n_classes, kernel_size=1) for c in supervised)
 
 
 def preset_table(in_channels: int = 1, n_classes: int = 2) -> list[tuple[str, str, int, int]]:

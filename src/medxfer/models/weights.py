@@ -468,6 +468,7 @@ def freeze_encoder(model: nn.Module, levels: int | Literal["all"]) -> Encoder:
 # Whole models (a fine-tuned or segmentation-pretrained segmenter: encoder + decoder + head)
 
 MODEL_FORMAT = "medxfer.model"
+AUX_HEADS = "aux_heads."  # a Segmenter's deep-supervision heads (training only)
 
 
 def save_model_weights(model: nn.Module, path: str | os.PathLike, *, manifest: dict[str, Any]) -> Path:
@@ -512,8 +513,12 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, *, head: bool 
     state = read_state_dict(path)
     expected = model.state_dict()
     if not head:
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
-        expected = {k: v for k, v in expected.items() if not k.startswith("head.")}
+        state = {k: v for k, v in state.items() if not k.startswith(("head.", AUX_HEADS))}
+        expected = {k: v for k, v in expected.items() if not k.startswith(("head.", AUX_HEADS))}
+    elif any(k.startswith(AUX_HEADS) for k in state) != any(k.startswith(AUX_HEADS) for k in expected):
+        # deep supervision's heads only train: a model with them takes weights without, and the other way round
+        state = {k: v for k, v in state.items() if not k.startswith(AUX_HEADS)}
+        expected = {k: v for k, v in expected.items() if not k.startswith(AUX_HEADS)}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
@@ -526,6 +531,6 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, *, head: bool 
         hint = (" (the decoders upsample differently: set model.upsample to the checkpoint's, 'transposed' for "
                 "checkpoints written before that key existed)") if decoder else ""
         raise CheckpointError(f"{path}: does not fit this model: {', '.join(parts)}{hint}")
-    model.load_state_dict(state, strict=head)
+    model.load_state_dict(state, strict=False)  # every key was checked above; left out: heads not loaded
     return manifest
 

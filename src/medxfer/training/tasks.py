@@ -14,6 +14,7 @@ from medxfer.data.base import IGNORE_INDEX
 from medxfer.data.patches import predict_logits
 from medxfer.errors import TrainingDiverged
 from medxfer.evaluation.metrics import headline_score
+from medxfer.training.losses.deep_supervision import deep_supervision_loss
 from medxfer.training.strategies import (apply_strategy, build_optimizer, build_scheduler, make_optimizer,
                                          unfreeze_if_due)
 
@@ -166,8 +167,13 @@ class SegmentationTask(TrainingTask):
             log.info("gradual: encoder unfrozen at step %d", self.trainer.global_step)
 
     def training_step(self, batch, batch_idx):
-        logits = self.model(batch["image"])
-        loss = self.loss_fn(logits, batch["label"], annotated=batch.get("annotated"))
+        if getattr(self.model, "deep_supervision", False):
+            outputs = self.model.forward_deep_supervision(batch["image"])
+            logits = outputs[0]
+            loss = deep_supervision_loss(self.loss_fn, outputs, batch["label"], annotated=batch.get("annotated"))
+        else:
+            logits = self.model(batch["image"])
+            loss = self.loss_fn(logits, batch["label"], annotated=batch.get("annotated"))
         self.check_loss(loss)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(logits))
         return loss

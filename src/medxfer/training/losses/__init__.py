@@ -48,11 +48,15 @@ Partial labels: ``partial_<base>`` (e.g. ``partial_dice_ce``) is the marginal ve
 Automatic selection: :func:`label_statistics` summarises training label maps and :func:`select_loss` maps
 the statistics to a loss (:mod:`.selection`).
 
+Deep supervision (``model.options.deep_supervision``): :func:`deep_supervision_loss` sums any loss above over
+the decoder's resolutions with nnU-Net's weights (:mod:`.deep_supervision`).
+
 Modules, one way: ``partial_label`` -> ``base`` -> ``overlap``, ``pixel`` -> ``registry``; ``selection``
 needs only ``partial_label``.
 """
 
 from medxfer.training.losses.base import LossInputs, SegmentationLoss, prepare_loss_inputs
+from medxfer.training.losses.deep_supervision import deep_supervision_loss, deep_supervision_weights
 from medxfer.training.losses.overlap import DiceLoss, TverskyLoss
 from medxfer.training.losses.partial_label import PARTIAL_PREFIX, annotated_mask, marginal_logits
 from medxfer.training.losses.pixel import CrossEntropyLoss, FocalLoss
@@ -84,6 +88,8 @@ __all__ = [
     "FocalLoss",
     "WeightedSumLoss",
     "annotated_mask",
+    "deep_supervision_loss",
+    "deep_supervision_weights",
     "marginal_logits",
     "prepare_loss_inputs",
     "available_losses",
