@@ -319,7 +319,8 @@ def _tiles(root: Path, shapes) -> Path:
 
 
 def test_an_image_of_another_size_is_named_by_finetune_and_data_check(tmp_path, capsys):
-    """Item 19: "training images differ in size" named no file, and data check passed silently."""
+    """Item 19: "training images differ in size" named no file, and data check passed (exit 0) listing two
+    shapes."""
     root = _tiles(tmp_path / "tiles", [(16, 16)] * 9 + [(16, 24)])
     config = write_yaml(tmp_path / "run.yaml", {**TINY_RUN, "data": {"name": "folders", "root": str(root),
                                                                        "val_fraction": 0.0,
@@ -327,9 +328,15 @@ def test_an_image_of_another_size_is_named_by_finetune_and_data_check(tmp_path, 
     assert main(["finetune", str(config), "--out", str(tmp_path / "out")]) == 2
     line = one_error_line(capsys)
     assert "training images differ in size: 9 are 16 x 16, but" in line and "t9.png is 16 x 24" in line
-    assert main(["data", "check", "folders", str(root)]) == 0
-    out = capsys.readouterr().out
-    assert "warning: training images differ in size" in out and "t9.png is 16 x 24" in out
+    assert main(["data", "check", "folders", str(root)]) == 2  # its default splits: 7 of 8 train/val images
+    line = one_error_line(capsys)
+    assert "training images differ in size: 7 are 16 x 16, but" in line and "t9.png is 16 x 24" in line
+    # a run that trains on patches or resizes takes them: data check told so passes
+    assert main(["data", "check", "folders", str(root), "--patch-size", "8,8"]) == 0
+    assert main(["data", "check", "folders", str(root), "--resize", "16x16"]) == 0
+    assert "shapes [[16, 16]]" in capsys.readouterr().out
+    assert main(["data", "check", "folders", str(root), "--resize", "16,a"]) == 2
+    assert "--resize '16,a': expected whole numbers" in one_error_line(capsys)
 
 
 def test_a_run_without_validation_or_test_images_says_so_and_records_it(tmp_path, caplog):

@@ -231,6 +231,18 @@ def _parse_options(pairs: list[str]) -> dict:
     return options
 
 
+def _parse_size(text: Optional[str], flag: str) -> Optional[list[int]]:
+    """``128,128`` (or ``128x128``) -> [128, 128]; DataConfig then checks the sizes against the dims."""
+    from medxfer.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        return [int(side) for side in text.replace("x", ",").split(",")]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected whole numbers separated by commas, e.g. 128,128") from None
+
+
 @weights_app.command("import")
 def weights_import(
     source: str = typer.Argument(..., help="A state-dict file (torchvision/timm, plain or wrapped; .pt/.pth/"
@@ -258,12 +270,19 @@ def data_check(name: str = typer.Argument(..., help="Dataset layout: acdc, covid
                root: Optional[Path] = typer.Argument(None, help="Dataset folder as distributed."),
                dims: int = typer.Option(2, "--dims", help="2 (slices/images) or 3 (volumes)."),
                option: list[str] = typer.Option([], "--option", "-o",
-                                                help="Dataset option KEY=VALUE (YAML value), repeatable.")) -> None:
-    """Validate a dataset layout; print counts, shapes, classes and intensity ranges."""
+                                                help="Dataset option KEY=VALUE (YAML value), repeatable."),
+               patch_size: Optional[str] = typer.Option(None, "--patch-size", help=(
+                   "The run's data.patch_size, e.g. 128,128: images may then differ in size.")),
+               resize: Optional[str] = typer.Option(None, "--resize", help=(
+                   "The run's data.resize, e.g. 512,512: images are checked resized."))) -> None:
+    """Validate a dataset layout; print counts, shapes, classes and intensity ranges. Training images of
+    different sizes are an error (exit 2) unless --patch-size or --resize says how the run handles them."""
     from medxfer.config import DataConfig, parse_config
     from medxfer.data.check import check_dataset, check_report_lines
 
-    config = parse_config({"name": name, "root": root, "spatial_dims": dims, "options": _parse_options(option)},
+    config = parse_config({"name": name, "root": root, "spatial_dims": dims, "options": _parse_options(option),
+                           "patch_size": _parse_size(patch_size, "--patch-size"),
+                           "resize": _parse_size(resize, "--resize")},
                           DataConfig, source="data check")  # a bad name or --dims: one line, not a traceback
     report = check_dataset(config)
     for line in check_report_lines(report):

@@ -132,9 +132,11 @@ def check_dataset(config) -> dict[str, Any]:
         if (splits["test"]["cases"] > splits["test"]["unlabelled"]
                 and splits["test"]["annotation"]["cases_annotating"][name] == 0):
             warnings.append(f"class {k} ({name}) is annotated in no test case: it cannot be evaluated")
+    # whole-image training batches the training and validation images together: like fine-tuning, refuse
+    # images of another size unless the run trains on patches or resizes (then they are fine)
     mismatch = size_mismatch(data.train + data.val) if config.patch_size is None else None
     if mismatch:
-        warnings.append(f"{mismatch} before fine-tuning on whole images")
+        raise DataError(f"{where}: {mismatch} (data check --patch-size or --resize: check as such a run)")
     if splits["test"]["cases"] == 0:
         warnings.append("no test cases")
     elif splits["test"]["unlabelled"]:
