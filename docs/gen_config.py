@@ -70,7 +70,9 @@ def type_name(annotation: Any) -> str:
     if origin is Literal:
         return " \\| ".join(json.dumps(a) for a in args)
     if origin in (Union, types.UnionType):
-        names = [type_name(a) for a in args if a is not type(None)]
+        # sorted: typing caches a Union by its members, so their order is whichever spelling of it was made
+        # first in the process (a test's Union[float, int] reorders the config's Union[int, float])
+        names = sorted(type_name(a) for a in args if a is not type(None))
         return " \\| ".join(names) + (" \\| null" if type(None) in args else "")
     if origin in (list, tuple, dict):
         inner = ", ".join(type_name(a) for a in args if a is not Ellipsis)
