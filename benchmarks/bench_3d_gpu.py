@@ -53,11 +53,12 @@ def build_models(width: int = 32) -> dict[str, torch.nn.Module]:
 def make_loader(cases, workers: int):
     from torch.utils.data import DataLoader
 
-    from medxfer.data.patch_dataset import CachedPatchDataset, SeededSampler
+    from medxfer.data.patch_dataset import CachedPatchDataset
+    from medxfer.data.sampling import EpochSeededSampler
 
     dataset = CachedPatchDataset(cases, N_CLASSES, PATCH, foreground_ratio=0.33, augment=True)
     # as many items as the steps need, cycling over the cases
-    sampler = SeededSampler(len(dataset), torch.Generator().manual_seed(0))
+    sampler = EpochSeededSampler(len(dataset), 0)
     return DataLoader(dataset, batch_size=BATCH, sampler=sampler, num_workers=workers, pin_memory=True,
                       persistent_workers=workers > 0, drop_last=True)
 

@@ -1,7 +1,7 @@
 """Lazy 3D training data: peak memory against the number of cases, and the share of a step spent waiting.
 
 Two sides, each in a fresh process, each training the same small network for the same steps on patches read
-from a preprocessed cache on disk (``CachedPatchDataset`` + ``SeededSampler``, the default ``num_workers`` of
+from a preprocessed cache on disk (``CachedPatchDataset`` + ``EpochSeededSampler``, the default ``num_workers`` of
 cache-backed data, as ``medxfer finetune`` feeds a ``data.preprocess`` run):
 
 - **200 cases** of 128^3 (float16 images, uint8 labels: 1.2 GB on disk, deleted afterwards);
@@ -42,7 +42,8 @@ def pipeline(cases, patch=PATCH, steps=STEPS, width=WIDTH, workers=None) -> dict
     import torch
     from torch.utils.data import DataLoader
 
-    from medxfer.data.patch_dataset import CachedPatchDataset, SeededSampler, default_num_workers
+    from medxfer.data.patch_dataset import CachedPatchDataset, default_num_workers
+    from medxfer.data.sampling import EpochSeededSampler
     from medxfer.models import build_segmenter
     from medxfer.training.strategies import make_optimizer
 
@@ -51,7 +52,7 @@ def pipeline(cases, patch=PATCH, steps=STEPS, width=WIDTH, workers=None) -> dict
     model = build_segmenter(preset="unet3d", in_channels=1, n_classes=3, width=width, depth=4).train()
     optimizer = make_optimizer("adam", [{"params": list(model.parameters())}], lr=1e-4)
     dataset = CachedPatchDataset(cases, 3, patch, foreground_ratio=0.33, augment=True)
-    loader = DataLoader(dataset, batch_size=BATCH, sampler=SeededSampler(len(dataset), torch.Generator().manual_seed(0)),
+    loader = DataLoader(dataset, batch_size=BATCH, sampler=EpochSeededSampler(len(dataset), 0),
                         num_workers=workers, persistent_workers=workers > 0)
     reset_peak_rss()
     start_rss = peak_rss_since_reset_mb()

@@ -14,7 +14,8 @@ from scipy import ndimage
 from medxfer.config import DataConfig, PreprocessConfig
 from medxfer.data import load_data
 from medxfer.data import preprocess as pp
-from medxfer.data.patch_dataset import CachedPatchDataset, SeededSampler, default_num_workers
+from medxfer.data.patch_dataset import CachedPatchDataset, default_num_workers
+from medxfer.data.sampling import EpochSeededSampler
 from medxfer.errors import ConfigError
 
 # (i, j, k) voxel sizes as a NIfTI header has them: thick slices along k
@@ -228,7 +229,7 @@ def test_batches_do_not_depend_on_the_number_of_workers(tmp_path):
 
     def batches(workers):
         loader = DataLoader(dataset, batch_size=2, num_workers=workers,
-                            sampler=SeededSampler(len(dataset), torch.Generator().manual_seed(3)))
+                            sampler=EpochSeededSampler(len(dataset), 3))
         return [b["image"] for b in loader]
 
     for a, b in zip(batches(0), batches(1)):

@@ -610,7 +610,79 @@ def test_an_interrupted_score_resumes_from_its_last_scored_checkpoint(tmp_path, 
             scoring.run_score(config, out)
 
 
-# --- item 7: a resumed run says so ------------------------------------------------------------------------
+# --- item 7: a resumed run is exact, and says it was resumed -----------------------------------------------
+
+
+class _KilledAtStep:
+    """Raises (as a kill would end the process) when training reaches ``step``."""
+
+    def __new__(cls, step: int):
+        import lightning as L
+
+        class Killed(L.Callback):
+            def on_train_batch_start(self, trainer, *args):
+                if trainer.global_step == step:
+                    raise RuntimeError(f"killed at step {step}")
+
+        return Killed()
+
+
+@pytest.mark.parametrize("sampling,augment", [("with_replacement", True), ("epochs", "nnunet")])
+def test_a_run_resumed_mid_epoch_ends_with_the_uninterrupted_weights(tmp_path, sampling, augment):
+    """Item 7: a run resumed mid-epoch ended at another Dice (0.897 vs 0.886): it restarted the epoch with a
+    new batch order and new augmentation draws. Now batches and item seeds come from (seed, epoch) and the
+    loader's position is in last.ckpt, so the resumed run's weights equal the uninterrupted run's exactly."""
+    from medxfer.config import RunConfig, parse_config
+    from medxfer.finetune import run_finetune
+
+    torch.set_num_threads(1)
+    # 6 training images at batch 4: 2 steps an epoch; a checkpoint after every step; killed at step 3
+    # (mid-way through the second epoch) and resumed
+    # no validation: the last weights are evaluated (the best-by-validation ones could predate the kill)
+    data = {**TINY_RUN["data"], "train_images": 6, "augment": augment, "val_fraction": 0.0}
+    config = parse_config({**TINY_RUN, "data": data,
+                           "train": {**TINY_RUN["train"], "max_steps": 6, "sampling": sampling, "lr": 1e-2,
+                                     "checkpoint_every_s": 1e-9}}, RunConfig)
+    plain = run_finetune(config, tmp_path / "plain")
+    with pytest.raises(RuntimeError, match="killed at step 3"):
+        run_finetune(config, tmp_path / "resumed", callbacks=[_KilledAtStep(3)])
+    resumed = run_finetune(config, tmp_path / "resumed")
+    assert resumed.record["resumed_at_steps"] == [3] and resumed.record["steps_trained"] == 6
+    weights = [torch.load(run.run_dir / "model.pt", weights_only=True) for run in (plain, resumed)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert json.dumps(resumed.record["metrics"]) == json.dumps(plain.record["metrics"])  # NaN-safe, exact
+
+
+def test_an_epoch_s_batches_depend_on_the_seed_and_epoch_only():
+    """Item 7, the sampler: the loader's position survives a state_dict round trip, and a loader that
+    resumes at (epoch, batch) hands out what a fresh one hands out from there on."""
+    from medxfer.data.sampling import EpochSeededSampler, ResumableDataLoader
+
+    class Echo(torch.utils.data.Dataset):  # an item is its (index, seed) pair
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, item):
+            return item
+
+    def loader():
+        return ResumableDataLoader(Echo(), EpochSeededSampler(10, 7, replacement=True, num_samples=12), 4,
+                                   collate_fn=lambda batch: batch)
+
+    fresh = loader()
+    epochs = [list(fresh) for _ in range(3)]
+    assert fresh.state_dict() == {"epoch": 3, "batches": 0} and len(epochs[0]) == 3
+    assert epochs[0] != epochs[1] and all(isinstance(pair, tuple) for pair in epochs[0][0])
+    stopped = loader()
+    stream = iter(stopped)
+    [next(stream) for _ in range(2)]
+    state = stopped.state_dict()
+    assert state == {"epoch": 0, "batches": 2}
+    again = loader()  # from epoch 0, batch 2 on (then epochs 1 and 2)
+    again.load_state_dict(state)
+    assert [list(again) for _ in range(3)] == [epochs[0][2:], epochs[1], epochs[2]]
+    assert EpochSeededSampler(10, 7).epoch_items(0) != EpochSeededSampler(10, 8).epoch_items(0)
 
 
 @pytest.mark.slow

@@ -131,10 +131,10 @@ def _resolve_loss(config: RunConfig, train_cases, n_classes: int):
 
 def _loaders(config: RunConfig, train_cases, val_cases, n_classes: int, in_channels: int):
     from monai.data import DataLoader
-    from torch.utils.data import RandomSampler
 
-    from medxfer.data.patch_dataset import CachedPatchDataset, SeededSampler, default_num_workers
+    from medxfer.data.patch_dataset import CachedPatchDataset, default_num_workers
     from medxfer.data.preprocess import image_normalization
+    from medxfer.data.sampling import EpochSeededSampler, ResumableDataLoader
     from medxfer.data.transforms import CaseDataset, training_augmentation
 
     d = config.data
@@ -144,13 +144,15 @@ def _loaders(config: RunConfig, train_cases, val_cases, n_classes: int, in_chann
         workers = default_num_workers(cached)
     common = dict(n_classes=n_classes, normalization=image_normalization(d), percentiles=d.percentile_clip,
                   in_channels=in_channels)
-    generator = torch.Generator().manual_seed(config.seed)
+    # Every epoch's batches and each item's augmentation seed come from (seed, epoch), and the loader's
+    # position is saved in the resume checkpoint: a resumed run trains on exactly the uninterrupted batches.
     batch_size = min(config.train.batch_size, len(train_cases))
-    if cached:  # patches read from the on-disk cache, a seed per item: batches do not depend on the workers
+    if cached:  # patches read from the on-disk cache
         train_ds = CachedPatchDataset(train_cases, n_classes, d.patch_size, d.foreground_ratio, d.augment,
                                       in_channels)
-        train_loader = DataLoader(train_ds, batch_size=batch_size, sampler=SeededSampler(len(train_ds), generator),
-                                  num_workers=workers, persistent_workers=workers > 0, drop_last=False)
+        sampler = EpochSeededSampler(len(train_ds), config.seed)
+        train_loader = ResumableDataLoader(train_ds, sampler, batch_size, num_workers=workers,
+                                           persistent_workers=workers > 0)
     else:
         augmentation = training_augmentation(d.spatial_dims, d.patch_size, d.foreground_ratio, d.augment)
         train_ds = CaseDataset(train_cases, transform=augmentation, **common)
@@ -158,13 +160,12 @@ def _loaders(config: RunConfig, train_cases, val_cases, n_classes: int, in_chann
         if mismatch:
             raise ConfigError(f"data: {mismatch}")
         if config.train.sampling == "with_replacement":  # fixed-size batches: no batch of one on few images
-            batch = config.train.batch_size
-            sampler = RandomSampler(train_ds, replacement=True,
-                                    num_samples=math.ceil(len(train_ds) / batch) * batch, generator=generator)
-            train_loader = DataLoader(train_ds, batch_size=batch, sampler=sampler, num_workers=workers)
+            batch_size = config.train.batch_size
+            sampler = EpochSeededSampler(len(train_ds), config.seed, replacement=True,
+                                         num_samples=math.ceil(len(train_ds) / batch_size) * batch_size)
         else:
-            train_loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                      generator=generator, drop_last=False)
+            sampler = EpochSeededSampler(len(train_ds), config.seed)
+        train_loader = ResumableDataLoader(train_ds, sampler, batch_size, num_workers=workers)
     val_loader = None
     if val_cases:
         val_loader = DataLoader(CaseDataset(val_cases, **common), batch_size=1, shuffle=False,
@@ -368,9 +369,9 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
                          "converged": learning["convergence"]["converged"]},
             **learning,
             "steps_trained": int(trainer.global_step),
-            # A resumed run restarts the interrupted epoch with a new batch order and new augmentation draws:
-            # same weights and optimizer state, so its metrics agree with an uninterrupted run's only within
-            # seed noise (docs/troubleshooting.md); null = never interrupted.
+            # A resumed run continues with the uninterrupted run's batches and augmentation draws (the loader's
+            # position is in last.ckpt): exact on the CPU, within GPU kernel noise on a GPU
+            # (docs/troubleshooting.md); null = never interrupted.
             "resumed_at_step": resumes[0] if resumes else None,
             "resumed_at_steps": resumes,
             "metrics": metrics,

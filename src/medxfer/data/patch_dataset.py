@@ -6,18 +6,19 @@ grow with the number of cases (benchmarks/bench_data3d.py measures it: 20 vs 200
 centres are drawn as nnU-Net draws them: a share ``foreground_ratio`` on a foreground voxel (a class
 chosen uniformly among the case's, then one of its sampled voxels), the rest anywhere.
 
-The randomness of an item (patch position, augmentation) comes from a seed that :class:`SeededSampler`
-draws in the training process from the run's generator, so the batches do not depend on ``num_workers``.
+The randomness of an item (patch position, augmentation) comes from a seed that
+:class:`medxfer.data.sampling.EpochSeededSampler` draws in the training process from the run's seed and the
+epoch, so the batches depend neither on ``num_workers`` nor on whether the run was resumed.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from medxfer.data.base import Case
 
@@ -42,23 +43,6 @@ def default_num_workers(cached: bool, cores: Optional[int] = None) -> int:
     return max(0, min(MAX_AUTO_WORKERS, cores - 1))
 
 
-class SeededSampler(Sampler):
-    """A fresh permutation of the cases every epoch (as ``shuffle=True``), each index paired with a seed for
-    that item's randomness; both come from ``generator``, in the training process."""
-
-    def __init__(self, n: int, generator: torch.Generator):
-        self.n = n
-        self.generator = generator
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = torch.randperm(self.n, generator=self.generator).tolist()
-        seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=self.generator).tolist()
-        return iter(zip(order, seeds))
-
-
 def patch_start(shape: Sequence[int], patch: Sequence[int], centre: Optional[Sequence[int]],
                 rng: np.random.Generator) -> list[int]:
     """The corner of a patch centred on ``centre`` (None: anywhere), kept inside the volume where it fits."""
@@ -75,7 +59,8 @@ def patch_start(shape: Sequence[int], patch: Sequence[int], centre: Optional[Seq
 
 class CachedPatchDataset(Dataset):
     """Cache-backed cases -> ``{"image": float32 (C, *P), "label": int64 (*P), "annotated", "index"}``, one
-    random patch per item; index items with ``(case index, seed)`` pairs (:class:`SeededSampler`).
+    random patch per item; index items with ``(case index, seed)`` pairs
+    (:class:`~medxfer.data.sampling.EpochSeededSampler`).
     ``augment`` as ``data.augment``: True, ``"nnunet"`` or False (``training_augmentation``)."""
 
     def __init__(self, cases: Sequence[Case], n_classes: int, patch_size: Sequence[int],

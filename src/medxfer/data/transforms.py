@@ -92,8 +92,11 @@ def training_augmentation(spatial_dims: int, patch_size: Optional[Sequence[int]]
 class CaseDataset(Dataset):
     """Cases -> ``{"image": float32 (C, *S), "label": int64 (*S), "annotated": bool (n_classes,)}``.
 
-    Normalisation, augmentation and patching happen per item (seeded through torch's RNG, which Lightning
-    seeds in every worker), so no second, normalised copy of the dataset is held in memory.
+    Normalisation, augmentation and patching happen per item, so no second, normalised copy of the dataset
+    is held in memory. An item indexed ``(index, seed)`` (``medxfer.data.sampling.EpochSeededSampler``) seeds
+    its random transforms with ``seed``: its draws depend on nothing else (not the worker, not what came
+    before). A plain index draws from the transform's running state (seeded from torch's RNG, which
+    Lightning seeds in every worker).
     """
 
     def __init__(self, cases: Sequence[Case], n_classes: int, normalization: str = "zscore",
@@ -118,12 +121,15 @@ class CaseDataset(Dataset):
             mask[list(case.annotated)] = True
         return mask
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item: tuple[int, int] | int) -> dict:
+        index, seed = item if isinstance(item, tuple) else (item, None)
         case = self.cases[index]
         image = match_channels(normalize_image(case.image, self.normalization, self.percentiles), self.in_channels)
         label = case.label if case.label is not None else np.full(case.spatial_shape, IGNORE_INDEX)
         item = {"image": image, "label": label[None].astype(np.float32)}
         if self.transform is not None:
+            if seed is not None and hasattr(self.transform, "set_random_state"):
+                self.transform.set_random_state(seed=seed)
             item = self.transform(item)
             if isinstance(item, list):  # RandCrop* returns a list of num_samples dicts
                 item = item[0]
