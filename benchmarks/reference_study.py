@@ -33,6 +33,8 @@ from medxfer.report.analyze.outputs import percent_text  # noqa: E402
 
 # The 300 single-variant score rules are summarised by the selected ones ("best variant ...").
 PER_VARIANT_FAMILY = "score"
+# "Settled": no later step larger than this share of the curve's range; several, because the figure depends on it.
+SETTLING_TOLERANCES = (0.05, 0.1, 0.2)
 
 
 def interval(mean: float, low: float, high: float, digits: int, percent: bool = False) -> str:
@@ -59,7 +61,7 @@ def rules_table(summary) -> str:
     return "\n".join(lines)
 
 
-def score_settling(groups, share: float = 0.9) -> dict:
+def score_change_share(groups, share: float = 0.9) -> dict:
     """Where the deepest-level score (the stop rules' default variant) has made ``share`` of its largest change
     from the first checkpoint: the length per group, its median and quartiles over groups."""
     import numpy as np
@@ -76,6 +78,18 @@ def score_settling(groups, share: float = 0.9) -> dict:
     q25, median, q75 = np.percentile(lengths, [25, 50, 75])
     return {"variant": variant_text(DEFAULT_VARIANT), "share": share, "n_groups": len(lengths), "median": median,
             "q25": q25, "q75": q75}
+
+
+def score_settled(groups, tolerances=SETTLING_TOLERANCES) -> dict:
+    """Where the deepest-level score settles (:func:`medxfer.report.analyze.curves.settling_length`: no later
+    step between checkpoints larger than the tolerance x the curve's range), lengths >= 1, at each tolerance."""
+    from medxfer.report.analyze.curves import score_settling
+    from medxfer.transferability.stopping import DEFAULT_VARIANT, variant_text
+
+    return {"variant": variant_text(DEFAULT_VARIANT), "min_length": 1,
+            "rule": "the first length after which no step between checkpoints changes the score by more than "
+                    "the tolerance x its range over the group's lengths >= 1",
+            "by_tolerance": [score_settling(groups, DEFAULT_VARIANT, t, min_length=1) for t in tolerances]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         "lodo": result.lodo.to_dict(orient="records"),
         "claims": result.claims.to_dict(orient="records"),
         "seed_noise_median": float(statistics.median(g.seed_noise for g in result.groups)),
-        "score_settling": score_settling(result.groups),
+        "score_settling": score_change_share(result.groups),
+        "score_settled": score_settled(result.groups),
         "evidence": {"candidate_lengths": result.evidence.lengths.tolist(), "flat_curve_null": result.evidence.null,
                      "best_of_n": result.evidence.best_of_n,
                      "replication": {"groups": len(result.evidence.replication),

@@ -596,11 +596,17 @@ def test_correlation_table_lays_groups_out_by_dataset_and_notes_say_best_of_n(tm
     table = pd.read_csv(tmp_path / "correlation_table.csv")
     assert set(table["predictor"]) == {IMAGENET_PREDICTOR, PLANTED}
     assert {"ACDC", "COVIDQUDataset", "mean"} <= set(table.columns) and len(table) == 2 * len(MODELS)
+    assert set(table["lengths"]) == {"0 10 20 40 80"}  # the lengths every group has
+    assert list(table.groupby("predictor")["score_negated"].first().items()) == [(IMAGENET_PREDICTOR, False),
+                                                                                (PLANTED, True)]
     planted = table[table["predictor"] == PLANTED]
     assert np.allclose(planted[["ACDC", "COVIDQUDataset"]], 1.0)  # 1 - Dice ranks the lengths exactly
     for name in ("replication", "between_runs", "no_pretraining", "breakdown"):
         assert (tmp_path / f"{name}.csv").is_file()
     assert (tmp_path / "figures" / "dice_vs_length.png").stat().st_size > 0
+    zero = pd.read_csv(tmp_path / "no_pretraining.csv")  # the figure's length-0 marker and its seed range
+    assert (zero["dice_at_0_low"] <= zero["dice_at_0"]).all() and (zero["dice_at_0"] <= zero["dice_at_0_high"]).all()
+    assert np.allclose(zero["dice_at_0_high"] - zero["dice_at_0_low"], SEED_OFFSETS[-1] - SEED_OFFSETS[0])
     notes = summary_for_print(result).set_index("rule")["note"]
     assert notes["best variant | argmin [in-sample]"] == "chosen in-sample (best of 16 variants)"
     assert notes["best variant | argmin [leave-one-dataset-out]"] == "chosen on the other datasets (best of 16 variants)"

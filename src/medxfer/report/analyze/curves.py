@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -96,3 +97,46 @@ def seeds_text(groups: Sequence[GroupCurves]) -> str:
     if most == 1:
         text = "ONE seed: differences below the seed noise cannot be told apart; " + text
     return text
+
+
+def settling_length(lengths: Sequence[float], values: Sequence[float], tolerance: float) -> float:
+    """Where a curve settles: the first length after which no step between consecutive lengths changes it by
+    more than ``tolerance`` x its range (max - min over ``lengths``). A curve whose last step is still larger
+    settles only at its last length (it has not settled within the lengths given); a constant curve at its
+    first length. The range is the curve's own, so the rule does not depend on the score's scale."""
+    lengths = np.asarray(lengths, dtype=float)
+    values = np.asarray(values, dtype=float)
+    if lengths.ndim != 1 or lengths.shape != values.shape or len(lengths) == 0:
+        raise ValueError(f"settling_length: lengths and values must be 1-D and of one size, got {lengths.shape} "
+                         f"and {values.shape}")
+    if not np.isfinite(values).all():
+        raise ValueError("settling_length: values must be finite")
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"settling_length: tolerance must be in [0, 1), got {tolerance}")
+    large = np.flatnonzero(np.abs(np.diff(values)) > tolerance * np.ptp(values))
+    return float(lengths[0] if len(large) == 0 else lengths[large[-1] + 1])
+
+
+def score_settling(groups: Sequence[GroupCurves], variant, tolerance: float, min_length: float = 0.0
+                   ) -> dict[str, float]:
+    """:func:`settling_length` of one score variant (a stop-rule key, e.g.
+    :data:`medxfer.transferability.stopping.DEFAULT_VARIANT`) in every group that has it, over the group's
+    lengths >= ``min_length`` (``1``: without length 0, a random encoder): the median and quartiles over groups,
+    and how many groups settle only at their last length (``not_settled``: still moving by more than the
+    tolerance in their last step)."""
+    settled, last = [], 0
+    for g in groups:
+        values = g.stop_curve.score(variant)
+        keep = g.lengths >= min_length
+        if values is None or keep.sum() < 2:
+            continue
+        length = settling_length(g.lengths[keep], values[keep], tolerance)
+        settled.append(length)
+        step = np.abs(np.diff(values[keep]))[-1]
+        last += int(step > tolerance * np.ptp(values[keep]))
+    if not settled:
+        return {"tolerance": tolerance, "n_groups": 0, "median": math.nan, "q25": math.nan, "q75": math.nan,
+                "not_settled": 0}
+    q25, median, q75 = np.percentile(settled, [25, 50, 75])
+    return {"tolerance": tolerance, "n_groups": len(settled), "median": float(median), "q25": float(q25),
+            "q75": float(q75), "not_settled": last}

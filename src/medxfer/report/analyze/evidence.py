@@ -160,10 +160,11 @@ def between_runs(groups: Sequence[GroupCurves], variant=DEFAULT_VARIANT) -> pd.D
 
 def no_pretraining(downstream: pd.DataFrame, groups: Sequence[GroupCurves],
                    lengths: Optional[np.ndarray] = None) -> pd.DataFrame:
-    """One row per group whose downstream table has Dice at length 0: its mean Dice there, the best pretrained
-    length of the candidate set and its Dice, their difference, the group's seed noise, and ``outcome``: which is
-    higher, and whether by more than the seed noise ("pretraining better", "pretraining highest, within seed
-    noise", "no pretraining highest, within seed noise", "no pretraining better")."""
+    """One row per group whose downstream table has Dice at length 0: its mean Dice there (over seeds; the lowest
+    and highest seed's too), the best pretrained length of the candidate set and its Dice, their difference, the
+    group's seed noise, and ``outcome``: which is higher, and whether by more than the seed noise ("pretraining
+    better", "pretraining highest, within seed noise", "no pretraining highest, within seed noise", "no
+    pretraining better")."""
     lengths = candidate_lengths(groups) if lengths is None else lengths
     lengths = lengths[lengths > 0]
     zero = downstream[downstream["length"] == 0]
@@ -175,7 +176,9 @@ def no_pretraining(downstream: pd.DataFrame, groups: Sequence[GroupCurves],
             mask &= (zero[column] == value).to_numpy()
         if not mask.any():
             continue
-        dice_zero = float(zero.loc[mask, "dice"].mean())
+        runs = zero.loc[mask]
+        by_seed = runs.groupby("seed")["dice"].mean() if "seed" in runs.columns else runs["dice"]
+        dice_zero = float(by_seed.mean())
         dice, _ = _restricted(g, lengths)
         best = _best_index(dice)
         difference = dice_zero - float(dice[best])
@@ -187,12 +190,13 @@ def no_pretraining(downstream: pd.DataFrame, groups: Sequence[GroupCurves],
         else:
             outcome = "no pretraining better" if difference > 0 else "pretraining better"
         rows.append({"model": g.model, "dataset": g.dataset, "pretraining_scheme": g.pretraining_scheme,
-                     "freeze_encoder": g.freeze_encoder, "n_seeds_at_0": int(mask.sum()), "dice_at_0": dice_zero,
+                     "freeze_encoder": g.freeze_encoder, "n_seeds_at_0": len(by_seed), "dice_at_0": dice_zero,
+                     "dice_at_0_low": float(by_seed.min()), "dice_at_0_high": float(by_seed.max()),
                      "best_pretrained_length": float(lengths[best]), "best_pretrained_dice": float(dice[best]),
                      "dice_at_0_minus_best": difference, "seed_noise": noise, "outcome": outcome})
     return pd.DataFrame(rows, columns=["model", "dataset", "pretraining_scheme", "freeze_encoder", "n_seeds_at_0",
-                                       "dice_at_0", "best_pretrained_length", "best_pretrained_dice",
-                                       "dice_at_0_minus_best", "seed_noise", "outcome"])
+                                       "dice_at_0", "dice_at_0_low", "dice_at_0_high", "best_pretrained_length",
+                                       "best_pretrained_dice", "dice_at_0_minus_best", "seed_noise", "outcome"])
 
 
 def best_of_n_null(groups: Sequence[GroupCurves], variants: Sequence[str], n_permutations: int = 500,

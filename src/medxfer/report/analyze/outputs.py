@@ -4,13 +4,15 @@ tables ``medxfer analyze`` prints."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from medxfer.report.analyze.figures import write_figures
 from medxfer.report.analyze.result import AnalysisResult
-from medxfer.report.analyze.statistics import IMAGENET_PREDICTOR, SINGLE_VARIANT, bootstrap_interval
+from medxfer.report.analyze.statistics import IMAGENET_PREDICTOR, SINGLE_VARIANT, bootstrap_interval, correlations
 from medxfer.report.quality import findings_frame
 from medxfer.report.rules import IN_SAMPLE
 
@@ -105,13 +107,32 @@ def correlation_summary(result: AnalysisResult, top: int = 5) -> pd.DataFrame:
 def correlation_table(result: AnalysisResult) -> pd.DataFrame:
     """The correlations tabulated as a study reports them: one row per predictor (ImageNet accuracy and the
     variant selected in-sample), model, pretraining scheme and encoder state, one column per dataset, each cell
-    the Spearman correlation with Dice over the group's lengths, and their mean over datasets."""
-    table = result.correlations
-    chosen = [IMAGENET_PREDICTOR] + ([result.best_variant] if result.best_variant else [])
-    frame = table[table["predictor"].isin(chosen)] if len(table) else table
-    if frame.empty:
-        return pd.DataFrame(columns=["predictor", "model", "pretraining_scheme", "freeze_encoder", "mean"])
+    the Spearman correlation with mean Dice over the pretraining lengths, and their mean over datasets.
+
+    Every cell rests on the same lengths: the candidate set every group has (``lengths``; where a group has
+    length 0 scored and others have not, the correlation would otherwise mix a random encoder into some cells
+    only). ``correlations.csv`` has each group over its own lengths. The score is negated (``score_negated``):
+    a positive correlation means the score ranks the lengths as Dice does (lower robustness distance, higher Dice)."""
+    columns = ["predictor", "score_negated", "model", "pretraining_scheme", "freeze_encoder", "lengths", "mean"]
+    chosen = [result.best_variant] if result.best_variant else []
+    lengths = result.evidence.lengths if result.evidence is not None else np.array([])
+    if not result.groups:
+        return pd.DataFrame(columns=columns)
+    groups = [] if len(lengths) >= 3 else list(result.groups)  # fewer common lengths: each group's own
+    for g in result.groups if len(lengths) >= 3 else []:
+        index = [g._index(n) for n in lengths]
+        groups.append(replace(g, lengths=g.lengths[index], dice=g.dice[index], dice_by_seed=g.dice_by_seed[index],
+                              imagenet_accuracy=g.imagenet_accuracy[index] if len(g.imagenet_accuracy) else
+                              g.imagenet_accuracy,
+                              scores={v: g.scores[v][index] for v in chosen if v in g.scores}))
+    frame = correlations(groups)
+    frame = frame[frame["predictor"].isin([IMAGENET_PREDICTOR] + chosen)]
     pivot = frame.pivot_table(index=["predictor", "model", "pretraining_scheme", "freeze_encoder"], columns="dataset",
-                              values="spearman")
+                              values="spearman", dropna=False)
     pivot["mean"] = pivot.mean(axis=1)
-    return pivot.reset_index().rename_axis(columns=None)
+    table = pivot.reset_index().rename_axis(columns=None)
+    table.insert(1, "score_negated", table["predictor"] != IMAGENET_PREDICTOR)
+    table.insert(5, "lengths", " ".join(f"{n:g}" for n in lengths) if len(lengths) >= 3 else "each group's own")
+    order = {name: i for i, name in enumerate([IMAGENET_PREDICTOR] + chosen)}
+    return table.sort_values(["predictor", "model", "pretraining_scheme", "freeze_encoder"],
+                             key=lambda c: c.map(order) if c.name == "predictor" else c).reset_index(drop=True)
