@@ -29,7 +29,7 @@ from common import write_result  # noqa: E402
 from medxfer.io import file_sha256  # noqa: E402
 from medxfer.report.analyze import analyze  # noqa: E402
 from medxfer.report.analyze.curves import seeds_text  # noqa: E402
-from medxfer.report.analyze.outputs import percent_text  # noqa: E402
+from medxfer.report.analyze.outputs import correlation_table, percent_text  # noqa: E402
 
 # The 300 single-variant score rules are summarised by the selected ones ("best variant ...").
 PER_VARIANT_FAMILY = "score"
@@ -58,6 +58,21 @@ def rules_table(summary) -> str:
         lines.append(f"| {name} | {row.coverage} | {interval(row.regret_mean, row.regret_ci_low, row.regret_ci_high, 4)}"
                      f" | {paired} | {interval(row.saved_mean, row.saved_ci_low, row.saved_ci_high, 0, percent=True)}"
                      f" | {row.wins}/{row.ties}/{row.losses} |")
+    return "\n".join(lines)
+
+
+def correlation_markdown(table) -> str:
+    """correlation_table.csv as a markdown table: a row per predictor, model, scheme and encoder state, a column
+    per dataset (Spearman with mean Dice over the lengths every group has; the score negated)."""
+    datasets = [c for c in table.columns if c not in ("predictor", "score_negated", "model", "pretraining_scheme",
+                                                      "freeze_encoder", "lengths", "mean")]
+    lines = ["| predictor | model | scheme | encoder | " + " | ".join(datasets) + " | mean |",
+             "|---|---|---|---|" + "---|" * (len(datasets) + 1)]
+    for _, row in table.iterrows():  # (not itertuples: a dataset's name need not be an identifier)
+        name = f"minus {row['predictor']}" if row["score_negated"] else row["predictor"]
+        cells = [f"{row[d]:+.2f}" if row[d] == row[d] else "-" for d in datasets + ["mean"]]
+        lines.append(f"| {name} | {row['model']} | {row['pretraining_scheme'] or '-'} | "
+                     f"{'frozen' if row['freeze_encoder'] else 'fine-tuned'} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -123,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         "lodo": result.lodo.to_dict(orient="records"),
         "claims": result.claims.to_dict(orient="records"),
         "seed_noise_median": float(statistics.median(g.seed_noise for g in result.groups)),
+        "correlation_table": correlation_markdown(correlation_table(result)),
+        "correlation_lengths": correlation_table(result)["lengths"].iloc[0],
         "score_settling": score_change_share(result.groups),
         "score_settled": score_settled(result.groups),
         "evidence": {"candidate_lengths": result.evidence.lengths.tolist(), "flat_curve_null": result.evidence.null,

@@ -316,3 +316,7 @@ def test_reference_study_script_writes_what_the_analyze_page_quotes(tmp_path, mo
     assert len(table) == 2 + len(data["rules"]) and all(line.count(" | ") == 5 for line in table[2:])
     assert sum("(recommended)**" in line for line in table) == 1
     assert resolve(data, "rules[rule=always longest].regret_mean") >= 0
+    assert [row["tolerance"] for row in data["score_settled"]["by_tolerance"]] == [0.05, 0.1, 0.2]
+    assert all(row["n_groups"] == 6 for row in data["score_settled"]["by_tolerance"])
+    correlation = data["correlation_table"].splitlines()  # header, rule, 2 predictors x 3 models
+    assert len(correlation) == 2 + 6 and correlation[0].endswith("| ACDC | COVIDQUDataset | mean |")
