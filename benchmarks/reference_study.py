@@ -29,7 +29,7 @@ from common import write_result  # noqa: E402
 from medxfer.io import file_sha256  # noqa: E402
 from medxfer.report.analyze import analyze  # noqa: E402
 from medxfer.report.analyze.curves import seeds_text  # noqa: E402
-from medxfer.report.analyze.outputs import correlation_table, percent_text  # noqa: E402
+from medxfer.report.analyze.outputs import correlation_table, percent_text, selection_pool  # noqa: E402
 
 # The 300 single-variant score rules are summarised by the selected ones ("best variant ...").
 PER_VARIANT_FAMILY = "score"
@@ -45,11 +45,16 @@ def interval(mean: float, low: float, high: float, digits: int, percent: bool = 
     return text if abs(high - low) < 10 ** -digits else f"{text} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
-def rules_table(summary) -> str:
+def rules_table(summary, pool: dict | None = None) -> str:
+    """The rules as a markdown table; a variant selected on data says of how many (``pool``:
+    :func:`medxfer.report.analyze.outputs.selection_pool`)."""
+    pool = pool or {}
     lines = ["| rule | covers | regret [95% CI] | minus always longest, paired [95% CI over groups; over runs] "
              "| saved [95% CI] | W/T/L vs longest |", "|---|---|---|---|---|---|"]
     for row in summary.itertuples():
-        rule = row.rule.replace("|", "\\|") + (" (uses ImageNet accuracy)" if row.uses_imagenet else "")
+        rule = (row.rule.replace("|", "\\|") + (" (uses ImageNet accuracy)" if row.uses_imagenet else "")
+                + (f" (best of {pool[row.evaluation]} variants)" if row.family == "score (selected)"
+                   and row.evaluation in pool else ""))
         name = f"**{rule} (recommended)**" if row.recommended else rule
         paired = ("-" if row.rule == "always longest" else
                   f"{row.regret_vs_longest_mean:+.4f} [{row.regret_vs_longest_ci_low:+.4f}, "
@@ -134,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "recommended": result.recommended,
         "best_variant": result.best_variant,
         "rules": headline[columns].to_dict(orient="records"),
-        "table": rules_table(headline),
+        "table": rules_table(headline, selection_pool(result)),
         "lodo": result.lodo.to_dict(orient="records"),
         "claims": result.claims.to_dict(orient="records"),
         "seed_noise_median": float(statistics.median(g.seed_noise for g in result.groups)),

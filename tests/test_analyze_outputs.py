@@ -166,3 +166,25 @@ def test_correlation_table_uses_the_lengths_every_group_has_and_says_the_score_i
     own = correlation_table(_result([scored_at_0, other], [1, 10]))  # too few common lengths: each group's own
     assert set(own["lengths"]) == {"each group's own"}
     assert own.set_index("predictor").loc["cosine margin=0.5 level=3 pooled", "COVID"] < 1
+
+
+def test_best_of_n_counts_the_variants_a_selection_could_choose_from():
+    from dataclasses import replace
+
+    from medxfer.report.analyze.outputs import selection_pool
+
+    def scored(model, dataset, constant=()):
+        falling = np.array([0.9, 0.8, 0.7])
+        return replace(_group(model, dataset, False),
+                       scores={v: (np.full(3, 0.5) if v in constant else falling + i) for i, v in enumerate("abc")})
+
+    groups = [scored("A", "x"), scored("B", "x", constant=("c",)), scored("A", "y"), scored("B", "y")]
+    summary = pd.DataFrame({"family": ["score"] * 4 + ["baseline"], "rule": ["a | argmin", "b | argmin", "c | argmin",
+                                                                             "a | patience=1", "always longest"]})
+    result = _result(groups, [1, 10, 100])
+    result.summary = summary
+    # c is constant in one group: no in-sample selection over every group can pick it. Held out, the folds
+    # that hold out x (training on y) decide B|x on a, b only and A|x on a, b, c.
+    assert selection_pool(result) == {"in-sample": "2", "leave-one-dataset-out": "2-3"}
+    result.groups = groups[:1]
+    assert selection_pool(result) == {"in-sample": "3"}  # one dataset: nothing is held out

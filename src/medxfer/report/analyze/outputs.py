@@ -14,7 +14,7 @@ from medxfer.report.analyze.figures import write_figures
 from medxfer.report.analyze.result import AnalysisResult
 from medxfer.report.analyze.statistics import IMAGENET_PREDICTOR, SINGLE_VARIANT, bootstrap_interval, correlations
 from medxfer.report.quality import findings_frame
-from medxfer.report.rules import IN_SAMPLE
+from medxfer.report.rules import IN_SAMPLE, LODO
 
 
 def write_outputs(result: AnalysisResult, out: Path, figures: bool = True) -> dict[str, Path]:
@@ -59,10 +59,11 @@ def summary_for_print(result: AnalysisResult, top: int = 5) -> pd.DataFrame:
     singles = s[~s.index.isin(key.index)]
     many = singles.groupby("coverage")["rule"].transform("size")  # N: the best shown is the best of N
     singles = singles.assign(_n=many).sort_values(["regret_mean", "rule"]).groupby("coverage").head(top)
-    n_variants = int((s["family"].eq("score") & s["rule"].str.endswith("| argmin")).sum())  # to choose from
+    pool = selection_pool(result)
     rows = []
     for _, r in pd.concat([key, singles]).iterrows():
-        selected_from = f" (best of {n_variants} variants)" if r["family"] == "score (selected)" else ""
+        selected_from = (f" (best of {pool[r['evaluation']]} variants)" if r["family"] == "score (selected)"
+                         and r["evaluation"] in pool else "")
         paired = ("" if math.isnan(r["regret_vs_longest_cluster_ci_low"]) or r["rule"] == "always longest" else
                   f"{r['regret_vs_longest_mean']:+.4f} [{r['regret_vs_longest_cluster_ci_low']:+.4f}, "
                   f"{r['regret_vs_longest_cluster_ci_high']:+.4f}]")
@@ -79,6 +80,27 @@ def summary_for_print(result: AnalysisResult, top: int = 5) -> pd.DataFrame:
                      else f"best of {int(r['_n'])}: in-sample" if r["family"] in SINGLE_VARIANT
                      else f"chosen on the other datasets{selected_from}" if r["family"] == "score (selected)" else "")})
     return pd.DataFrame(rows)
+
+
+def selection_pool(result: AnalysisResult) -> dict[str, str]:
+    """How many variants a "best variant" rule chose from (the N of "best of N"): in-sample, the score variants
+    selectable (scored and not constant) on every group; leave-one-dataset-out, on the training groups and the
+    group decided, which can differ between decisions (then a range, ``97-117``)."""
+    s = result.summary
+    argmin = s[s["family"].eq("score") & s["rule"].str.endswith(" | argmin")]
+    variants = frozenset(argmin["rule"].str[:-len(" | argmin")])
+    groups = result.groups
+    if not groups or not variants:
+        return {}
+    pool = {IN_SAMPLE: str(len(variants.intersection(*(g.selectable_variants for g in groups))))}
+    sizes = set()
+    for held_out in {g.dataset_key for g in groups}:
+        training = [g for g in groups if g.dataset_key != held_out]
+        for g in (g for g in groups if g.dataset_key == held_out) if training else ():
+            sizes.add(len(variants.intersection(*(x.selectable_variants for x in (*training, g)))))
+    if sizes:
+        pool[LODO] = f"{min(sizes)}" if len(sizes) == 1 else f"{min(sizes)}-{max(sizes)}"
+    return pool
 
 
 def correlation_summary(result: AnalysisResult, top: int = 5) -> pd.DataFrame:
