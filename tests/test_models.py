@@ -33,10 +33,13 @@ def _seed():
 
 
 def tiny_spec(preset: str) -> tuple[dict, tuple[int, ...]]:
-    """Keyword arguments and an input shape that keep ``preset`` tiny."""
+    """Keyword arguments and an input shape that keep ``preset`` tiny: 3D inputs are 16^3, or larger where the preset
+    takes nothing that small (``smallest_input``, e.g. 64x32x32 for SwinUNETR: stride 32, instance-normalised)."""
     spec = {"preset": preset, "in_channels": 2, "n_classes": 3, "width": 4, "depth": 3}
     if PRESETS[preset].spatial_dims == 3:
-        return spec, (2, 2, 16, 16, 16)
+        with torch.device("meta"):
+            smallest = build_segmenter(**spec).smallest_input
+        return spec, (2, 2, *(max(16, s) for s in smallest))
     if preset.startswith("swin"):
         spec.update(depth=4, options=dict(TINY_SWIN))
         return spec, (2, 2, 64, 64)
@@ -96,6 +99,13 @@ ENCODER_CASES = {
     "resnet34": (dict(name="resnet34", in_channels=3, depth=4), (1, 3, 32, 32)),
     "resnet50": (dict(name="resnet50", in_channels=1), (1, 1, 64, 64)),
     "swin": (dict(name="swin_tiny_patch4_window7_224", in_channels=1, **TINY_SWIN), (1, 1, 64, 64)),
+    "genesis": (dict(name="genesis", in_channels=1, width=2, depth=4, spatial_dims=3), (1, 1, 16, 16, 16)),
+    "monai_swin_unetr": (dict(name="monai:SwinUNETR", in_channels=1, width=12, spatial_dims=3), (1, 1, 64, 32, 32)),
+    "monai_segresnet": (dict(name="monai:SegResNet", in_channels=2, width=4, depth=3, spatial_dims=3),
+                        (1, 2, 16, 16, 16)),
+    "monai_basicunet": (dict(name="monai:BasicUNet", in_channels=1, width=2, spatial_dims=3), (1, 1, 32, 16, 16)),
+    "monai_dynunet": (dict(name="monai:DynUNet", in_channels=1, width=4, depth=4, spatial_dims=3),
+                      (1, 1, 16, 16, 16)),
 }
 
 

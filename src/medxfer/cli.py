@@ -245,12 +245,15 @@ def _parse_size(text: Optional[str], flag: str) -> Optional[list[int]]:
 
 @weights_app.command("import")
 def weights_import(
-    source: str = typer.Argument(..., help="A state-dict file (torchvision/timm, plain or wrapped; .pt/.pth/"
+    source: str = typer.Argument(..., help="A state-dict file (torchvision/timm, MONAI network or bundle, Models "
+                                           "Genesis, SuPreM; plain or wrapped; .pt/.pth/"
                                            ".safetensors), a known name (efficientnet-lite0/1/2), or a timm "
                                            "model name whose weights are in the local hub cache."),
     preset: str = typer.Option(..., "--preset", help="The model preset whose encoder takes the weights."),
     out: Path = typer.Option(..., "--out", help="Output folder (the encoder checkpoint and its manifest)."),
     in_channels: int = typer.Option(3, "--in-channels", help="Encoder input channels (first conv adapted)."),
+    width: Optional[int] = typer.Option(None, "--width", help="The preset's width (default 32; e.g. 48 for "
+                                                               "MONAI SwinUNETR checkpoints)."),
     depth: Optional[int] = typer.Option(None, "--depth", help="Encoder levels (default: the preset's)."),
     option: list[str] = typer.Option([], "--option", help="Preset option KEY=VALUE (repeatable)."),
     licence: Optional[str] = typer.Option(None, "--licence", help="Licence of the weights, for the manifest."),
@@ -260,7 +263,7 @@ def weights_import(
     (pretrained.checkpoint), score, pretrain (pretrained.checkpoint) and sweeps take."""
     from medxfer.models.importing import import_weights, imported_summary
 
-    path = import_weights(source, preset, out, in_channels=in_channels, depth=depth,
+    path = import_weights(source, preset, out, in_channels=in_channels, width=width, depth=depth,
                           options=_parse_options(option), licence=licence, imagenet_top1=top1)
     _print_table("imported encoder", ["field", "value"], [list(row) for row in imported_summary(path)])
 

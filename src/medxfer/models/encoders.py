@@ -160,9 +160,27 @@ class Encoder(nn.Module):
                 f"(input shape {tuple(x.shape)})"
             )
 
+    # True when the deepest level is instance-normalised without running statistics: InstanceNorm then needs more
+    # than one voxel per channel there, so an input of exactly the total stride in every axis fails
+    _deepest_instance_norm = False
+
+    @property
+    def smallest_input(self) -> tuple[int, ...]:
+        """The smallest spatial size this encoder takes: the total stride in every axis, the first axis doubled
+        when the deepest level needs two voxels (instance-normalised)."""
+        first = self.total_stride * (2 if self._deepest_instance_norm else 1)
+        return (first,) + (self.total_stride,) * (self.spatial_dims - 1)
+
     def check_multiple_of_stride(self, x: torch.Tensor) -> None:
-        """Raise InputShapeError unless every spatial size is a multiple of the total stride."""
+        """Raise InputShapeError unless every spatial size is a multiple of the total stride (and, for an
+        instance-normalised deepest level, one axis at least twice it)."""
         size = tuple(x.shape[2:])
+        if self._deepest_instance_norm and all(s < 2 * self.total_stride for s in size):
+            raise InputShapeError(
+                f"input size {shape_text(size)} leaves one voxel at the deepest level (stride {self.total_stride}) "
+                f"of the {self.name} encoder, whose InstanceNorm needs 2 or more; make one axis at least "
+                f"{2 * self.total_stride} (larger patches, or pad the images)"
+            )
         multiple = self.total_stride
         if any(s % multiple for s in size):
             suggestion = tuple(max(multiple, -(-s // multiple) * multiple) for s in size)
@@ -250,6 +268,7 @@ class UNetEncoder(Encoder):
         }
         if norm != "batch":  # BatchNorm encoders keep the arch of checkpoints written before norm existed
             self.arch["norm"] = norm
+        self._deepest_instance_norm = norm == "instance"
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         self.check_input(x)
@@ -481,9 +500,26 @@ def create_encoder(
     pretrained: bool = False,
     **options: Any,
 ) -> Encoder:
-    """Build an encoder by name: ``"unet"`` (classic, 2D/3D; uses width and depth) or a timm model name
-    (``depth`` caps the number of levels; ``options`` go to timm, e.g. Swin's img_size; 3D: the 2D network
-    inflated, for ResNets and EfficientNet-Lite, see ``inflation``)."""
+    """Build an encoder by name: ``"unet"`` (classic, 2D/3D; uses width and depth), ``"genesis"`` (the Models
+    Genesis / SuPreM 3D U-Net's, ``genesis``), ``"monai:NETWORK"`` (the encoder half of a MONAI network,
+    ``monai_networks``; options are MONAI's arguments there) or a timm model name (``depth`` caps the number of
+    levels; ``options`` go to timm, e.g. Swin's img_size; 3D: the 2D network inflated, for ResNets and
+    EfficientNet-Lite, see ``inflation``)."""
+    if name == "genesis" or name.startswith("monai:"):
+        if pretrained:
+            raise ConfigError(f"the {name} encoder has no built-in weights; import them: medxfer weights import FILE "
+                              "--preset PRESET --out DIR")
+        if name == "genesis":
+            from medxfer.models.genesis import GENESIS_LEVELS, GenesisEncoder
+
+            if options:
+                raise ConfigError(f"unknown option(s) for the genesis encoder: {', '.join(sorted(options))}")
+            return GenesisEncoder(in_channels, width=width, depth=depth or GENESIS_LEVELS, spatial_dims=spatial_dims)
+        from medxfer.models.monai_networks import MonaiEncoder, network_kwargs
+
+        network = name.removeprefix("monai:")
+        kwargs = network_kwargs(network, width, depth or 5, options)
+        return MonaiEncoder(network, in_channels, kwargs, spatial_dims=spatial_dims)
     if name == "unet":
         norm = options.pop("norm", "batch")
         if options:
@@ -518,9 +554,18 @@ def encoder_from_arch(arch: dict[str, Any]) -> Encoder:
                 spatial_dims=int(arch.get("spatial_dims", 2)),
                 **dict(arch.get("model_kwargs") or {}),
             )
+        if kind == "genesis":
+            from medxfer.models.genesis import GenesisEncoder
+
+            return GenesisEncoder(int(arch["in_channels"]), width=int(arch["width"]), depth=int(arch["depth"]))
+        if kind == "monai":
+            from medxfer.models.monai_networks import MonaiEncoder
+
+            return MonaiEncoder(str(arch["network"]), int(arch["in_channels"]), dict(arch["kwargs"]),
+                                spatial_dims=int(arch.get("spatial_dims", 3)))
     except KeyError as exc:
         raise ConfigError(f"encoder architecture {kind!r} lacks the field {exc}") from None
-    raise ConfigError(f"unknown encoder architecture {kind!r} (known: unet, timm)")
+    raise ConfigError(f"unknown encoder architecture {kind!r} (known: unet, timm, genesis, monai)")
 
 
 def describe_levels(encoder: Encoder) -> list[dict[str, int]]:

@@ -69,12 +69,14 @@ def resolve_source(source: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """The weights file of ``source`` and what the manifest says about it.
 
     ``source``: a state-dict file (``.pt``/``.pth``/``.bin``/``.safetensors``; a copy of a known file is
-    recognised by its SHA-256), a known name (``efficientnet-lite0``; see ``KNOWN_SOURCES``), or a timm
+    recognised by its SHA-256), a MONAI bundle folder (its ``models/model.pt``), a known name (``efficientnet-lite0``; see ``KNOWN_SOURCES``), or a timm
     model name (``resnet18``, ``resnet18.a1_in1k``, optionally ``timm:``-prefixed) whose weights are in the
     local hub cache.
     """
     text = str(source)
     path = Path(text)
+    if path.is_dir() and (path / "models" / "model.pt").is_file():
+        return _bundle_source(path)
     if path.is_file():
         digest = file_sha256(path)
         known = known_source_by_digest(digest)
@@ -98,6 +100,30 @@ def resolve_source(source: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
                           "or a timm model name")
 
 
+def _bundle_source(folder: Path) -> tuple[Path, dict[str, Any]]:
+    """A MONAI bundle folder: its network weights ``models/model.pt`` (a state dict, possibly wrapped), named by the
+    bundle's ``configs/metadata.json`` (name, version; its licence where the metadata states one)."""
+    import json
+
+    file = folder / "models" / "model.pt"
+    about: dict[str, Any] = {"source_sha256": file_sha256(file)}
+    name, details = folder.name, []
+    metadata = folder / "configs" / "metadata.json"
+    if metadata.is_file():
+        try:
+            meta = json.loads(metadata.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{metadata}: unreadable bundle metadata ({type(exc).__name__})") from None
+        if isinstance(meta, dict):
+            name = str(meta.get("name") or name)
+            details = [f"version {meta['version']}"] if meta.get("version") else []
+            if meta.get("license"):
+                about["licence"] = str(meta["license"])
+    about["source"] = f"MONAI bundle {name} ({', '.join([*details, str(file.resolve())])})"
+    about["label"] = f"MONAI bundle {name}"
+    return file, about
+
+
 def channel_adaptation(input_channels: Optional[list[int]]) -> str:
     """How the first convolution's kernels were adapted (what ``weights._adapt_input_conv`` did)."""
     if not input_channels:
@@ -117,6 +143,7 @@ def import_weights(
     out: str | os.PathLike,
     *,
     in_channels: int = 3,
+    width: Optional[int] = None,
     depth: Optional[int] = None,
     options: Optional[Mapping[str, Any]] = None,
     licence: Optional[str] = None,
@@ -127,7 +154,8 @@ def import_weights(
 
     ``in_channels``: the encoder's input channels (the first convolution is adapted from the file's,
     e.g. RGB -> 1 by summing; the default 3 keeps ImageNet's RGB and leaves adapting to each use).
-    ``depth``: encoder levels (default: the preset's). ``options``: the preset's model options
+    ``width``/``depth``: the preset's size (default: the model defaults, 32 and 5; a MONAI network's checkpoint
+    needs the width it was trained with, e.g. 48 for SwinUNETR's). ``options``: the preset's model options
     (e.g. a Swin's ``img_size``). ``licence``/``imagenet_top1``: recorded for files medxfer does not know.
     Keys that do not fit (missing, unexpected, other shapes) raise CheckpointError naming the file.
     """
@@ -144,6 +172,8 @@ def import_weights(
     spec: dict[str, Any] = {"preset": preset, "in_channels": in_channels, "options": dict(options or {})}
     if depth is not None:
         spec["depth"] = depth
+    if width is not None:
+        spec["width"] = width
     encoder = build_encoder(spec)
     done = import_state_dict(encoder, state, source=str(file))
     about.setdefault("licence", licence or "unknown (not recorded at import)")
@@ -152,7 +182,7 @@ def import_weights(
     if imagenet_top1 is not None:
         about["imagenet_top1"] = float(imagenet_top1)
     about.setdefault("imagenet_top1", None)
-    about["label"] = weights_label({**about, "label": None})
+    about["label"] = about.get("label") or weights_label({**about, "label": None})
     out.mkdir(parents=True, exist_ok=True)
     path = save_encoder(
         encoder,
@@ -164,11 +194,20 @@ def import_weights(
                    if done["inflated"] else None),
         tensors_loaded=done["loaded"],
         keys_dropped=done["dropped"],
+        tensors_left_at_init=done["at_init"],
         **about,
     )
     list_checkpoints(out)  # the folder reads back as one checkpoint
     logger.info("imported %s into %s (%d tensors)", file, path, done["loaded"])
     return path
+
+
+def _encoder_title(arch: dict[str, Any]) -> str:
+    if arch.get("name") == "monai":
+        return f"MONAI {arch.get('network')}"
+    if arch.get("name") == "genesis":
+        return f"Models Genesis U-Net (width {arch.get('width')}, {arch.get('depth')} levels)"
+    return str(arch.get("model_name", arch.get("name")))
 
 
 def imported_summary(path: str | os.PathLike) -> list[tuple[str, str]]:
@@ -178,8 +217,8 @@ def imported_summary(path: str | os.PathLike) -> list[tuple[str, str]]:
     return [
         ("checkpoint", str(path)),
         ("preset", str(manifest.get("preset"))),
-        ("encoder", f"{manifest['arch'].get('model_name', manifest['arch'].get('name'))}, "
-                    f"{manifest['spatial_dims']}D, {manifest['in_channels']} input channel(s)"),
+        ("encoder", f"{_encoder_title(manifest['arch'])}, {manifest['spatial_dims']}D, "
+                    f"{manifest['in_channels']} input channel(s)"),
         ("source", str(manifest.get("source"))),
         ("licence", str(manifest.get("licence"))),
         ("ImageNet top-1", "unknown" if top1 is None else f"{top1:g} %"),
@@ -187,6 +226,8 @@ def imported_summary(path: str | os.PathLike) -> list[tuple[str, str]]:
         ("2D -> 3D", str(manifest.get("inflation") or "no (2D)" if manifest["spatial_dims"] == 2 else
                          manifest.get("inflation") or "3D weights, as they were")),
         ("tensors", f"{manifest.get('tensors_loaded')} loaded, {manifest.get('keys_dropped')} not used "
-                    "(classification head, levels beyond the depth)"),
+                    "(classification head, decoder, levels beyond the depth)"
+                    + (f", {manifest['tensors_left_at_init']} not in the file (random initialisation)"
+                       if manifest.get("tensors_left_at_init") else "")),
     ]
 

@@ -117,6 +117,28 @@ def _efficientnet_lite_presets() -> list[Preset]:
 _SWIN_DEFAULTS = {"model_name": "swin_tiny_patch4_window7_224", "img_size": 224, "window_size": 7}
 _SWIN_WEIGHTS = "timm Swin state dicts of the same model_name and geometry; the hub cache (pretrained: true)"
 
+def _monai_presets() -> list[Preset]:
+    # MONAI's networks whole (their own decoders), so MONAI checkpoints and bundles load under MONAI's key names
+    from medxfer.models.monai_networks import NETWORK_OPTIONS
+
+    described = [
+        ("monai_swin_unetr", "SwinUNETR", "MONAI SwinUNETR (Hatamizadeh et al. 2022): Swin Transformer encoder + "
+         "convolutional decoder, 3D; feature_size = width rounded up to a multiple of 12; 6 levels (depth not used), "
+         "inputs a multiple of 32",
+         "MONAI SwinUNETR checkpoints and bundles (width 48 for the published ones); the self-supervised Swin weights "
+         "of Tang et al. 2022; SuPreM's SwinUNETR"),
+        ("monai_segresnet", "SegResNet", "MONAI SegResNet (Myronenko 2018): residual encoder, additive skips, 3D; "
+         "init_filters = width, depth levels",
+         "MONAI SegResNet checkpoints and bundles (e.g. BraTS: width 16, depth 4); SuPreM's SegResNet"),
+        ("monai_basicunet", "BasicUNet", "MONAI BasicUNet: features (w, w, 2w, 4w, 8w, w), InstanceNorm, 3D; 5 levels "
+         "(depth not used)", "MONAI BasicUNet checkpoints and bundles"),
+        ("monai_dynunet", "DynUNet", "MONAI DynUNet (nnU-Net's network): filters min(width * 2^i, 320), kernel 3, "
+         "depth levels, InstanceNorm, 3D", "MONAI DynUNet checkpoints and bundles"),
+    ]
+    return [Preset(name, description, f"monai:{network}", False, 3, NETWORK_OPTIONS[network], weights=weights)
+            for name, network, description, weights in described]
+
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
@@ -128,6 +150,10 @@ PRESETS: dict[str, Preset] = {
                _DECODER_OPTIONS + _NORM_OPTIONS),
         Preset("attention_unet3d", "classic 3D U-Net encoder + attention-gated 3D decoder", "unet", True, 3,
                _DECODER_OPTIONS + _NORM_OPTIONS),
+        Preset("genesis_unet3d", "Models Genesis / SuPreM 3D U-Net encoder (2 conv-BN-ReLU per level, levels "
+               "2*width*2^i channels, at most 4 levels: strides 1-8) + U-Net decoder, 3D", "genesis", False, 3,
+               _DECODER_OPTIONS, weights="Models Genesis (Zhou et al.) and SuPreM U-Net state dicts (width 32)"),
+        *_monai_presets(),
         *_resnet_presets(),
         *_efficientnet_lite_presets(),
         *_inflated_presets(),
@@ -197,6 +223,11 @@ class Segmenter(nn.Module):
     def required_multiple(self) -> int:
         return self.encoder.total_stride
 
+    @property
+    def smallest_input(self) -> tuple[int, ...]:
+        """The smallest spatial size this model takes (``Encoder.smallest_input``)."""
+        return self.encoder.smallest_input
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.encoder.check_input(x)
         self.encoder.check_multiple_of_stride(x)
@@ -232,6 +263,13 @@ def _preset_and_options(config: ModelConfig, needed: tuple[str, ...]) -> tuple[P
     return preset, {**preset.default_options, **config.options}
 
 
+def _monai_kwargs(preset: Preset, config: ModelConfig, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    from medxfer.models.monai_networks import network_kwargs
+
+    network = preset.encoder.removeprefix("monai:")
+    return network, network_kwargs(network, config.width, config.depth, options)
+
+
 def _encoder_of(preset: Preset, config: ModelConfig, options: dict[str, Any]) -> Encoder:
     """The preset's encoder; ``options`` without the decoder's."""
     options = {k: v for k, v in options.items() if k not in _DECODER_OPTIONS}
@@ -258,6 +296,13 @@ def build_segmenter(spec: ModelConfig | Mapping[str, Any] | None = None, **overr
     """Build a preset (see ``PRESETS``) from a ``ModelConfig``, a mapping, and/or keyword overrides."""
     config = _resolve_spec(spec, overrides)
     preset, options = _preset_and_options(config, ("in_channels", "n_classes"))
+    spec = config.model_dump(mode="json")
+    if preset.encoder.startswith("monai:"):
+        from medxfer.models.monai_networks import build_parts
+
+        network, kwargs = _monai_kwargs(preset, config, options)
+        encoder, monai_decoder, monai_head = build_parts(network, config.in_channels, config.n_classes, kwargs)
+        return Segmenter(encoder, monai_decoder, monai_head, config.n_classes, preset=preset.name, spec=spec)
     encoder = _encoder_of(preset, config, options)
     decoder_channels = options.get("decoder_channels")
     if decoder_channels is None:
@@ -277,8 +322,7 @@ def build_segmenter(spec: ModelConfig | Mapping[str, Any] | None = None, **overr
     if not isinstance(deep_supervision, bool):
         raise ConfigError(f"model.options.deep_supervision must be true or false, got {deep_supervision!r}")
     aux_heads = _aux_heads(decoder, config, preset) if deep_supervision else None
-    return Segmenter(encoder, decoder, head, config.n_classes, preset=preset.name, spec=config.model_dump(mode="json"),
-                     aux_heads=aux_heads)
+    return Segmenter(encoder, decoder, head, config.n_classes, preset=preset.name, spec=spec, aux_heads=aux_heads)
 
 
 def _aux_heads(decoder: UNetDecoder, config: ModelConfig, preset: Preset) -> nn.ModuleList:

@@ -50,6 +50,8 @@ _RUNTIME_PREFIXES = ("module.", "_orig_mod.")
 _OWNER_PREFIXES = ("", "encoder.", "model.encoder.", "net.encoder.", "backbone.", "model.", "net.")
 # Classification heads (and Swin's final norm) of timm/torchvision models: not part of a feature encoder.
 _HEAD_PREFIXES = ("fc.", "head.", "classifier.", "norm.", "fc_norm.", "pre_logits.", "global_pool.", "last_linear.")
+# Buffers an architecture computes itself: a file may lack them (the model's own values are kept).
+_DERIVED_BUFFERS = ("num_batches_tracked", "relative_position_index")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,6 +269,10 @@ def import_state_dict(
     map_external = getattr(encoder, "map_external_key", None)
     state_dict = _in_timm_layout(state_dict, encoder, source)
     outside = encoder.outside_keys()
+    # whole-network files (MONAI, Models Genesis) hold a decoder and heads under these prefixes: not loaded
+    outside_prefixes = _HEAD_PREFIXES + tuple(getattr(encoder, "outside_prefixes", tuple)())
+    # the convolutions that read the input (a residual branch reads it too): adapted to the input channels
+    input_keys = tuple(getattr(encoder, "input_conv_keys", None) or (encoder.first_conv_key,))
 
     def resolve(key: str) -> str | None:
         for candidate in [key, *(map_external(key) if map_external else [])]:
@@ -294,10 +300,23 @@ def import_state_dict(
         if prefix and not key.startswith(prefix):
             continue  # the rest of a bigger model (decoder, head): not the encoder's business
         inner = key[len(prefix):]
-        (dropped if inner.startswith(_HEAD_PREFIXES) or inner in outside else unexpected).append(key)
+        (dropped if inner.startswith(outside_prefixes) or inner in outside else unexpected).append(key)
     provided = set(mapping.values())
-    # BatchNorm's step counter is absent from some older torchvision files and never matters here.
-    missing = [k for k in expected if k not in provided and not k.endswith("num_batches_tracked")]
+    # BatchNorm's step counter is absent from some older torchvision files and never matters here; nor does a
+    # Swin window's relative position index (a buffer computed from the window size, absent from older files).
+    missing = [k for k in expected if k not in provided and not k.endswith(_DERIVED_BUFFERS)]
+    # parts a file may leave out whole (e.g. SwinUNETR's conv blocks in the Swin-only self-supervised weights)
+    at_init = []
+    for part in getattr(encoder, "optional_prefixes", tuple)():
+        keys = [k for k in expected if k.startswith(part)]
+        if keys and not any(k in provided for k in keys):
+            at_init += keys
+    if at_init and len(at_init) < len(expected):
+        missing = [k for k in missing if k not in set(at_init)]
+        logger.warning("%s: holds no weights for %d tensor(s) of the %s encoder (%s); they keep their random "
+                       "initialisation", source, len(at_init), encoder.name, _few(at_init))
+    else:
+        at_init = []
     if missing or unexpected:
         parts = []
         if missing:
@@ -328,13 +347,13 @@ def import_state_dict(
                 and tensor.shape[0] == wanted[0]
                 and tensor.shape[2:] == wanted[2:]
             )
-            if adapt_input_channels and target_key == encoder.first_conv_key and same_but_inputs:
+            if adapt_input_channels and target_key in input_keys and same_but_inputs:
                 logger.info(
                     "%s: adapting %s from %d to %d input channels", source, target_key, tensor.shape[1], wanted[1]
                 )
                 tensor = _adapt_input_conv(tensor, int(wanted[1]))
             else:
-                mismatched.append(f"{target_key} {tuple(tensor.shape)} vs {tuple(wanted)}")
+                mismatched.append(f"{key} {tuple(tensor.shape)} vs {tuple(wanted)}")  # the file's name of it
                 continue
         loaded[target_key] = tensor
     if mismatched:
@@ -348,7 +367,8 @@ def import_state_dict(
     encoder.load_state_dict(loaded, strict=True)
     if inflated:
         logger.info("%s: inflated %d 2D kernel(s) to 3D", source, inflated)
-    return {"loaded": len(mapping), "dropped": len(dropped), "input_channels": input_channels, "inflated": inflated}
+    return {"loaded": len(mapping), "dropped": len(dropped), "input_channels": input_channels, "inflated": inflated,
+            "at_init": len(at_init)}
 
 
 def load_encoder_weights(
