@@ -16,8 +16,9 @@ Sides:
   and 90-degree rotations, intensity scaling.
 
 Per curve: the plateau (mean Dice over the last quarter of the steps), the first step (and the training seconds up
-to it) where Dice reaches 95% of that plateau. Targets: medxfer's seconds to its 95% within 1.1x of the bare
-loop's; medxfer's plateau no more than 0.02 below the best side's (means over seeds); the fixed set-up of a run
+to it) where Dice reaches 95% of that plateau. Targets: medxfer's time to a Dice level within 1.1x of the bare
+loop's, the level being 95% of the lower of the two plateaus on each seed (time to a side's own plateau would
+reward the side that plateaus low); medxfer's plateau no more than 0.02 below the best side's (means over seeds); the fixed set-up of a run
 in a sweep (``run_finetune`` until its first optimizer step, imports already done) under 3 s.
 
 ``--ablation`` instead measures the recipe's parts one at a time (``recipe.json``): batches drawn with
@@ -48,7 +49,7 @@ from common import NOTES_KEY, RESULTS, row, write_result
 PRESET, WIDTH = "efficientnet_lite0_unet", 8
 SIZES = (5, 20)
 SEEDS = (0, 1, 2)
-STEPS = 120
+STEPS = 200  # the demo's fine-tuning length
 EVAL_EVERY = 10
 BATCH = 4
 PLATEAU_SHARE = 0.25  # the plateau is the mean over this last share of the curve
@@ -407,7 +408,7 @@ def medxfer_config(size: int, seed: int, steps: int, width: int = WIDTH, **train
                                                 root=root),
                      model=ModelConfig(preset=PRESET, width=width),
                      train=TrainConfig(strategy="scratch", max_steps=steps, val_every_n_steps=max(1, steps // 10),
-                                       checkpoint_every_s=None, **train))
+                                       **train))
 
 
 def medxfer_curve(size: int, seed: int, steps: int, tensors: Tensors, out: Path, eval_every: int = EVAL_EVERY,
@@ -479,21 +480,52 @@ def summary(runs: list[dict]) -> dict[str, dict[str, dict[str, Optional[float]]]
     return out
 
 
+def seconds_to(curve: dict[str, list[float]], level: float) -> Optional[float]:
+    """Training seconds at the first evaluation whose Dice reaches ``level`` (None: never)."""
+    reached = [s for s, d in zip(curve["seconds"], curve["dice"]) if d >= level]
+    return float(reached[0]) if reached else None
+
+
+def time_to_common_dice(runs: list[dict], size: int) -> tuple[Optional[float], Optional[float], int]:
+    """Mean seconds for medxfer and for the bare loop to reach the same Dice: per seed, 95% of the lower of
+    their two plateaus (both reach it by definition); time to 95% of each side's own plateau rewards a side
+    that plateaus low, so the target compares time to one Dice level."""
+    by_seed: dict[int, dict[str, dict]] = {}
+    for r in runs:
+        if r["size"] == size and r["side"] in ("medxfer", "bare"):
+            by_seed.setdefault(r["seed"], {})[r["side"]] = r
+    pairs = []
+    for pair in by_seed.values():
+        if len(pair) < 2:
+            continue
+        level = REACH * min(pair["medxfer"]["plateau"], pair["bare"]["plateau"])
+        times = [seconds_to(pair[side]["curve"], level) for side in ("medxfer", "bare")]
+        if None not in times and level > 0:
+            pairs.append(times)
+    if not pairs:
+        return None, None, 0
+    return float(np.mean([p[0] for p in pairs])), float(np.mean([p[1] for p in pairs])), len(pairs)
+
+
 def rows_for(result: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for size, sides in result["summary"].items():
         if len(sides) < 3:  # a stopped benchmark: only sizes with every side
             continue
-        mx, bare = sides["medxfer"], sides["bare"]
-        ratio = mx["seconds_to_95"] / bare["seconds_to_95"] if bare["seconds_to_95"] else None
-        rows.append(row(f"seconds to 95% of the plateau, {size} slices", "bare loop", mx["seconds_to_95"],
-                        bare["seconds_to_95"], "s", ratio, f"<= {TIME_RATIO_TARGET}",
+        mx_s, bare_s, n = time_to_common_dice(result["runs"], int(size))
+        ratio = mx_s / bare_s if mx_s is not None and bare_s else None
+        rows.append(row(f"seconds to a common Dice (95% of the lower plateau of the pair), {size} slices",
+                        "bare loop", mx_s, bare_s, "s", ratio, f"<= {TIME_RATIO_TARGET}",
                         ratio is not None and ratio <= TIME_RATIO_TARGET))
         best_side = max(sides, key=lambda k: sides[k]["plateau"])
         gap = mx["plateau"] - sides[best_side]["plateau"]
         rows.append(row(f"plateau Dice, {size} slices (difference to the best side)", f"best: {best_side}",
                         mx["plateau"], sides[best_side]["plateau"], "Dice", gap, f">= -{PLATEAU_MARGIN}",
                         gap >= -PLATEAU_MARGIN))
+        rows.append(row(f"seconds to 95% of each side's own plateau, {size} slices", "bare loop",
+                        sides["medxfer"]["seconds_to_95"], sides["bare"]["seconds_to_95"], "s",
+                        sides["medxfer"]["seconds_to_95"] / sides["bare"]["seconds_to_95"]
+                        if sides["bare"]["seconds_to_95"] else None))
     setups = [r["setup_s"] for r in result["runs"] if r["side"] == "medxfer"][1:]  # the first pays the imports
     if setups:
         setup = float(np.median(setups))

@@ -82,7 +82,7 @@ def _model(quick: bool) -> dict[str, Any]:
 
 def _train(quick: bool) -> dict[str, Any]:
     s = settings(quick)
-    return {"max_steps": s["steps"], "batch_size": 4, "lr": 3e-3, "val_every_n_steps": s["val_every"]}
+    return {"max_steps": s["steps"], "val_every_n_steps": s["val_every"]}  # otherwise medxfer's default recipe
 
 
 def source_config(quick: bool = False) -> RunConfig:
