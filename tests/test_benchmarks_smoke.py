@@ -210,3 +210,30 @@ def test_convergence_benchmark_trains_every_side_from_the_same_weights_and_repor
     curve = {"step": [10, 20, 30, 40], "seconds": [1.0, 2.0, 3.0, 4.0], "dice": [0.2, 0.5, 0.6, 0.6]}
     summary = bench_convergence.summarise(curve)
     assert summary["plateau"] == 0.6 and summary["steps_to_95"] == 30 and summary["seconds_to_95"] == 3.0
+
+
+def _answer_table(rows: list[tuple[str, str, str, str, str]]) -> str:
+    """A demo answer table as rich prints it (box-drawing cells), with a wrapped continuation line."""
+    lines = ["      the study's answer (Colin27 T1)", "┃ question ┃ training slices ┃ seeds ┃ Dice scratch ┃ Dice ┃ difference ┃ verdict ┃"]
+    for question, slices, scratch, dice, difference in rows:
+        lines.append(f"│ {question} │ {slices} │ 5 │ {scratch} │ {dice} │ {difference} [-0.1, +0.2] │ within │")
+        lines.append("│ (wrapped) │ │ │ │ │ never fired) │ │")
+    return "\n".join(lines + ["runs: 31 done"])
+
+
+def test_demo_transcripts_compare_on_every_answer_number_within_the_stated_tolerance():
+    import bench_demo
+
+    reference = _answer_table([("ImageNet vs scratch", "5", "0.500", "0.600", "+0.100"),
+                               ("T1 -> T2-like", "5", "0.300", "0.310", "+0.010")])
+    assert bench_demo.answer_numbers(reference) == {("ImageNet vs scratch", "5"): [0.5, 0.6, 0.1],
+                                                    ("T1 -> T2-like", "5"): [0.3, 0.31, 0.01]}
+    close = reference.replace("0.600", "0.610").replace("+0.100", "+0.110")
+    check = bench_demo.compare_transcripts(reference, close)
+    assert check["rows"] == 2 and check["within"] and abs(check["max_deviation"] - 0.01) < 1e-9
+    far = reference.replace("0.300", "0.350")
+    assert not bench_demo.compare_transcripts(reference, far)["within"]
+    # a row in only one transcript is never "within", whatever the numbers
+    fewer = _answer_table([("ImageNet vs scratch", "5", "0.500", "0.600", "+0.100")])
+    check = bench_demo.compare_transcripts(reference, fewer)
+    assert not check["within"] and check["missing"] == [["T1 -> T2-like", "5"]]
