@@ -512,6 +512,7 @@ def rows_for(result: dict[str, Any]) -> list[dict[str, Any]]:
     for size, sides in result["summary"].items():
         if len(sides) < 3:  # a stopped benchmark: only sizes with every side
             continue
+        mx = sides["medxfer"]
         mx_s, bare_s, n = time_to_common_dice(result["runs"], int(size))
         ratio = mx_s / bare_s if mx_s is not None and bare_s else None
         rows.append(row(f"seconds to a common Dice (95% of the lower plateau of the pair), {size} slices",
