@@ -57,6 +57,10 @@ REACH = 0.95
 TIME_RATIO_TARGET = 1.1
 PLATEAU_MARGIN = 0.02
 SETUP_TARGET_S = 3.0
+# Training and set-up seconds are this process's CPU seconds: each side runs on one thread in this process, so
+# its CPU time is what it costs, whatever else the (shared) machine runs meanwhile; wall time would also
+# measure the other users, differently for each side.
+CLOCK = time.process_time
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -227,7 +231,7 @@ def train_curve(model: torch.nn.Module, recipe: Recipe, tensors: Tensors, steps:
     curve = {"step": [], "seconds": [], "dice": [], "loss": []}
     trained_s, losses = 0.0, []
     model.train()
-    started = time.perf_counter()
+    started = CLOCK()
     for step, index in enumerate(_batches(len(tensors.train_x), batch, steps, recipe.sampling, generator), 1):
         x, y = tensors.train_x[index.to(device)], tensors.train_y[index.to(device)]
         if recipe.augment:
@@ -240,12 +244,12 @@ def train_curve(model: torch.nn.Module, recipe: Recipe, tensors: Tensors, steps:
         optimizer.step()
         losses.append(loss.detach())
         if step % eval_every == 0 or step == steps:
-            trained_s += time.perf_counter() - started
+            trained_s += CLOCK() - started
             curve["step"].append(step)
             curve["seconds"].append(trained_s)
             curve["dice"].append(score(model, tensors))
             curve["loss"].append(float(torch.stack(losses[-eval_every:]).mean()))
-            started = time.perf_counter()
+            started = CLOCK()
     return curve
 
 
@@ -379,22 +383,22 @@ class CurveCallback:
 
             def on_train_batch_start(self, trainer, module, batch, batch_idx):
                 if self.setup_s is None:
-                    self.setup_s = time.perf_counter() - self.started
+                    self.setup_s = CLOCK() - self.started
                     state = module.model.state_dict()
                     self.same_init = all(torch.equal(state[k], v) for k, v in self.initial.items())
-                    self._clock = time.perf_counter()
+                    self._clock = CLOCK()
 
             def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
                 loss = outputs["loss"] if isinstance(outputs, dict) else outputs
                 self._losses.append(loss.detach())
                 step = trainer.global_step
                 if step % self.eval_every == 0 or step == trainer.max_steps:
-                    self._trained += time.perf_counter() - self._clock
+                    self._trained += CLOCK() - self._clock
                     self.curve["step"].append(step)
                     self.curve["seconds"].append(self._trained)
                     self.curve["dice"].append(score(module.model, self.tensors))
                     self.curve["loss"].append(float(torch.stack(self._losses[-self.eval_every:]).mean()))
-                    self._clock = time.perf_counter()
+                    self._clock = CLOCK()
 
         return _Curve(*args, **kwargs)
 
@@ -417,11 +421,11 @@ def medxfer_curve(size: int, seed: int, steps: int, tensors: Tensors, out: Path,
 
     initial = make_model(seed, tensors.n_classes, None, width=width).state_dict()
     config = medxfer_config(size, seed, steps, width)
-    started = time.perf_counter()
+    started, wall = CLOCK(), time.perf_counter()
     callback = CurveCallback(tensors, eval_every, started, initial)
     result = run_finetune(config, out, callbacks=[callback])
     return {"curve": callback.curve, "setup_s": callback.setup_s, "same_init": callback.same_init,
-            "run_s": time.perf_counter() - started, "loss": result.record["loss"]["name"],
+            "run_s": time.perf_counter() - wall, "loss": result.record["loss"]["name"],
             "recipe": {k: result.record["config"]["train"][k] for k in
                        ("optimizer", "lr", "scheduler", "batch_size", "sampling", "pretrained_encoder_lr_factor")}
             | {"upsample": result.record["config"]["model"]["upsample"]}}
@@ -570,17 +574,16 @@ def write_results(result: dict[str, Any], args, load, cpu: float, wall: float) -
     notes = [f"Colin27 T1, {PRESET} width {WIDTH}, scratch, {args.steps} steps, seeds {seeds}, slices "
              f"{sorted({r['size'] for r in result['runs']})}{'' if complete else ' (incomplete)'}; bare and nnunet "
              f"at batch {BATCH}, medxfer at its default; 1 torch thread; test Dice = pooled per-class Dice on the 6 "
-             f"test slices every {args.eval_every} steps; plateau = mean over the last quarter; times exclude the "
-             "scoring.",
+             f"test slices every {args.eval_every} steps; plateau = mean over the last quarter; times are CPU seconds of "
+             "this single-thread process (scoring excluded).",
              f"load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the last write on "
-             f"{os.cpu_count()} cores (shared by 8 engineers); this process: {time.process_time() - cpu:.0f} s CPU "
+             f"{os.cpu_count()} cores (shared with other work); this process: {time.process_time() - cpu:.0f} s CPU "
              f"in {time.perf_counter() - wall:.0f} s."]
     cpu_per_run = {f"{side} {size}": float(np.mean([r["cpu_s"] for r in result["runs"]
                                                     if r["side"] == side and r["size"] == size]))
                    for side in ("medxfer", "bare", "nnunet") for size in sorted({r["size"] for r in result["runs"]})
                    if any(r["side"] == side and r["size"] == size for r in result["runs"])}
-    notes.append("CPU seconds per run (mean over seeds; scoring included; the seconds to 95% below are wall times, several times "
-                 "these on the loaded machine): " + ", ".join(f"{k} slices {v:.0f}" for k, v in cpu_per_run.items()))
+    notes.append("CPU seconds per run (mean over seeds; scoring and set-up included): " + ", ".join(f"{k} slices {v:.0f}" for k, v in cpu_per_run.items()))
     for size, sides in result["summary"].items():
         notes.append(f"{size} slices: " + "; ".join(
             f"{side} plateau {v['plateau']:.3f}, 95% at {v['steps_to_95']:.0f} steps / {v['seconds_to_95']:.1f} s"
