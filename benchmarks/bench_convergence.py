@@ -25,7 +25,10 @@ in a sweep (``run_finetune`` until its first optimizer step, imports already don
 replacement vs epochs with a last short batch, the encoder learning rate of a pretrained encoder, the
 transposed-conv vs upsample+conv decoder, and the nnU-Net recipe, scratch and ImageNet, 5 and 20 slices.
 
-``python benchmarks/bench_convergence.py [--ablation] [--seeds N] [--steps N]``
+``--variants`` runs medxfer's default against itself with one setting changed back to the previous default
+(augmentation on, batch 8), paired by seed (``recipe_variants.json``).
+
+``python benchmarks/bench_convergence.py [--ablation FILE | --variants] [--seeds N] [--steps N] [--workers N]``
 """
 
 from __future__ import annotations
@@ -365,6 +368,64 @@ def write_ablation(lines: Path, steps: int) -> Path:
     return write_result("recipe", rows, {NOTES_KEY: notes, "recipes": summary, "runs": results})
 
 
+# -------------------------------------------------------------------------------------- variants
+# medxfer's default against itself with one setting changed back (what the default was before, measured)
+VARIANTS: dict[str, dict[str, dict]] = {
+    "default": {},
+    "augment: true (flips, quarter turns, intensity)": {"data": {"augment": True}},
+    "batch_size: 8": {"train": {"batch_size": 8}},
+}
+
+
+def variant_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One medxfer run of a variant (a worker process, one thread)."""
+    torch.set_num_threads(1)
+    tensors = load_tensors(job["size"], job["seed"])
+    with tempfile.TemporaryDirectory(prefix="medxfer-bench-variant-") as tmp:
+        run = medxfer_curve(job["size"], job["seed"], job["steps"], tensors, Path(tmp), job["eval_every"],
+                            **VARIANTS[job["variant"]])
+    return {**job, **run, **summarise(run["curve"])}
+
+
+def run_variants(seeds, steps: int, workers: int, eval_every: int) -> Path:
+    """Every variant at 5 and 20 slices over ``seeds``; ``results/recipe_variants.json`` with each variant's
+    plateau and its paired difference to the default (same seeds) with a 95% t-interval."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from medxfer.report.tables import t_interval
+
+    load = os.getloadavg()
+    jobs = [{"variant": v, "size": size, "seed": seed, "steps": steps, "eval_every": eval_every}
+            for size in SIZES for seed in seeds for v in VARIANTS]
+    with ProcessPoolExecutor(workers) as pool:
+        runs = list(pool.map(variant_job, jobs))
+    rows, summary = [], []
+    for size in SIZES:
+        base = {r["seed"]: r for r in runs if r["size"] == size and r["variant"] == "default"}
+        for variant in VARIANTS:
+            mine = sorted((r for r in runs if r["size"] == size and r["variant"] == variant), key=lambda r: r["seed"])
+            diffs = [r["plateau"] - base[r["seed"]]["plateau"] for r in mine]
+            low, high = t_interval(diffs) if variant != "default" and len(diffs) > 1 else (None, None)
+            entry = {"variant": variant, "slices": size, "seeds": [r["seed"] for r in mine],
+                     "plateau": float(np.mean([r["plateau"] for r in mine])),
+                     "plateau_per_seed": [round(r["plateau"], 4) for r in mine],
+                     "cpu_s_per_step": float(np.mean([r["seconds_per_step"] for r in mine])),
+                     "not_converged": sum(bool(r["rising"]) for r in mine)}
+            if variant != "default":
+                entry.update(vs_default=float(np.mean(diffs)), vs_default_low=low, vs_default_high=high)
+                rows.append(row(f"{variant}, {size} slices: plateau Dice minus the default's (same seeds)", "default",
+                                entry["plateau"], float(np.mean([b["plateau"] for b in base.values()])), "Dice",
+                                entry["vs_default"]))
+            summary.append(entry)
+    notes = [f"Colin27 T1, {PRESET} width {WIDTH}, scratch, {steps} steps, seeds {list(seeds)}; medxfer's default "
+             "recipe and the same with one setting changed; plateau = mean test Dice (pooled per class) over the "
+             "last quarter; intervals: 95% t over the seeds' paired differences.",
+             f"load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} "
+             f"cores (shared with other work); {workers} worker processes of one thread."]
+    return write_result("recipe_variants", rows, {NOTES_KEY: notes, "variants": summary,
+                                                  "runs": [{k: v for k, v in r.items()} for r in runs]})
+
+
 # -------------------------------------------------------------------------------------- comparison
 class CurveCallback:
     """Lightning callback: the test Dice every ``eval_every`` steps of a medxfer run, the training seconds up to
@@ -403,24 +464,26 @@ class CurveCallback:
         return _Curve(*args, **kwargs)
 
 
-def medxfer_config(size: int, seed: int, steps: int, width: int = WIDTH, **train: Any):
-    """medxfer's default recipe on the target: only the length, the validation interval and the strategy set."""
+def medxfer_config(size: int, seed: int, steps: int, width: int = WIDTH, data: Optional[dict] = None,
+                   **train: Any):
+    """medxfer's default recipe on the target: only the length, the validation interval and the strategy set
+    (``data`` / ``train``: overrides, for ``--variants``)."""
     from medxfer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
     root = os.environ.get("MEDXFER_COLIN27_ROOT")
     return RunConfig(seed=seed, data=DataConfig(name="colin27", options={"domain": "t1"}, train_images=size,
-                                                root=root),
+                                                root=root, **(data or {})),
                      model=ModelConfig(preset=PRESET, width=width),
                      train=TrainConfig(strategy="scratch", max_steps=steps, val_every_n_steps=max(1, steps // 10),
                                        **train))
 
 
 def medxfer_curve(size: int, seed: int, steps: int, tensors: Tensors, out: Path, eval_every: int = EVAL_EVERY,
-                  width: int = WIDTH) -> dict[str, Any]:
+                  width: int = WIDTH, data: Optional[dict] = None, train: Optional[dict] = None) -> dict[str, Any]:
     from medxfer.finetune import run_finetune
 
     initial = make_model(seed, tensors.n_classes, None, width=width).state_dict()
-    config = medxfer_config(size, seed, steps, width)
+    config = medxfer_config(size, seed, steps, width, data, **(train or {}))
     started, wall = CLOCK(), time.perf_counter()
     callback = CurveCallback(tensors, eval_every, started, initial)
     result = run_finetune(config, out, callbacks=[callback])
@@ -548,7 +611,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--eval-every", type=int, default=EVAL_EVERY)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--write-ablation", type=Path, default=None, help="only write recipe.json from these lines")
+    parser.add_argument("--variants", action="store_true",
+                        help="medxfer's default against itself with one setting changed (recipe_variants.json)")
     args = parser.parse_args(argv)
+    if args.variants:
+        print(f"wrote {run_variants(range(args.seeds), args.steps, args.workers, args.eval_every)}")
+        return 0
     if args.write_ablation is not None:
         print(f"wrote {write_ablation(args.write_ablation, args.steps)}")
         return 0
