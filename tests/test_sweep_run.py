@@ -23,12 +23,13 @@ from medxfer.sweep.grid import expand_grid, parse_sweep
 from medxfer.sweep.runner import run_sweep
 from medxfer.records import read_record, run_dir, write_record
 
-# 8 tiny runs on the embedded demo data (2 training steps each).
+# 8 tiny runs on the embedded demo data (2 training steps each). One thread, set in the config: the same run
+# ids (and float sums) sequentially, in 2 worker processes and as 1-CPU Ray tasks, on any machine.
 TINY_GRID = {
     "name": "tiny",
     "base": {"data": {"name": "demo", "options": {"domain": "B"}},
              "model": {"preset": "unet", "width": 4, "depth": 3},
-             "train": {"strategy": "scratch", "max_steps": 2, "batch_size": 4}},
+             "train": {"strategy": "scratch", "max_steps": 2, "batch_size": 4, "threads": 1}},
     "axes": {"train.lr": [0.001, 0.01], "train_images": [3, 5], "seed": [0, 1]},
 }
 

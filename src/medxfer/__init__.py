@@ -6,3 +6,8 @@ and report. See README.md and the docs/ site (docs/architecture.md for the layou
 """
 
 __version__ = "0.1.0"
+
+# Before anything imports torch: OpenMP reads its wait policy once, when torch loads it (medxfer.threads).
+from medxfer.threads import default_wait_policy as _default_wait_policy  # noqa: E402
+
+_default_wait_policy()

@@ -279,6 +279,11 @@ class TrainConfig(StrictModel):
     accelerator: str = Field("auto", description=(
         "auto | cpu | gpu | cuda | mps | tpu | hpu (a GPU one must be present at run time)."))
     log_every_n_steps: int = Field(10, ge=1, description="Logging interval in optimizer steps.")
+    threads: Optional[int] = Field(None, ge=1, description=(
+        "Intra-op CPU threads (torch.set_num_threads) of the run; None = OMP_NUM_THREADS when you set it, else "
+        "the CPUs of the process's affinity mask divided among a local sweep's workers (at least 1). The "
+        "resolved count is part of the run id: results differ slightly between thread counts (see the "
+        "reproducibility section of the fine-tuning page)."))
 
     _max_steps = field_validator("max_steps")(_check_max_steps)
     _precision = field_validator("precision", mode="before")(_check_precision)

@@ -31,6 +31,7 @@ from medxfer.records import (
     write_error,
     write_record,
 )
+from medxfer.threads import resolve_threads, threads_record, threads_source, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,20 @@ def run_id_for(config: RunConfig) -> str:
         # auto = 0 for in-memory data, and cache-backed patches are the same for any worker count: the same
         # run as num_workers 0, the same id
         data["train"]["num_workers"] = 0
+    # The thread count changes the float sums, so the numbers (docs/finetune.md, "Threads and reproducibility"):
+    # always part of the id, resolved as the run will resolve it (never from what medxfer wrote into the
+    # environment itself).
+    data["train"]["threads"] = resolve_threads(config.train.threads)
     return stable_hash(data)
+
+
+def with_resolved_threads(config: RunConfig, workers: int = 1) -> RunConfig:
+    """``config`` with ``train.threads`` set to the count the run uses (:func:`medxfer.threads.resolve_threads`
+    for one of ``workers`` runs at a time)."""
+    if config.train.threads is not None:
+        return config
+    threads = resolve_threads(None, workers)
+    return config.model_copy(update={"train": config.train.model_copy(update={"threads": threads})})
 
 
 ID_EXCLUDED = ("name",)  # RunConfig keys that name a run without changing it
@@ -235,7 +249,17 @@ def resume_checkpoint(directory: Path, every_s: Optional[float]):
 def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = False,
                  extra_record: Optional[dict[str, Any]] = None, callbacks: Optional[list] = None) -> RunResult:
     """Train and evaluate one run under ``out_dir/runs/<run_id>``; a finished run is returned as is,
-    an interrupted one resumes from its last Lightning checkpoint."""
+    an interrupted one resumes from its last Lightning checkpoint. Torch runs with the run's thread count
+    (``train.threads``, resolved) and is given its previous count back afterwards."""
+    source = threads_source(config.train.threads)
+    config = with_resolved_threads(config)
+    with torch_threads(config.train.threads):
+        return _run_finetune(config, out_dir, progress, extra_record, callbacks,
+                             threads_record(config.train.threads, source))
+
+
+def _run_finetune(config: RunConfig, out_dir: str | Path, progress: bool, extra_record: Optional[dict[str, Any]],
+                  callbacks: Optional[list], threads_info: dict[str, Any]) -> RunResult:
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping
 
@@ -378,6 +402,8 @@ def run_finetune(config: RunConfig, out_dir: str | Path, *, progress: bool = Fal
             "warnings": warnings,
             "timings": {"train_s": train_s, "eval_s": eval_s, "total_s": time.perf_counter() - started},
             "environment": environment_info(),
+            # intra-op threads (part of the run id), where the count came from, OpenMP's wait policy
+            "threads": threads_info,
             "finished": datetime.now(timezone.utc).isoformat(),
             **(extra_record or {}),
         }

@@ -39,6 +39,7 @@ OWN_COLUMNS = [
     "train time s", "eval time s", "total time s", "metric averaging", "nan count", "dataset layout", "n classes",
     "class names", "dataset id", "dataset root", "headline metric", "headline dice", "pooled dice index",
     "present-image dice index", "absent-image false-positive rate", "converged", "pretraining length unit",
+    "threads",
 ]
 # medxfer.evaluation.metrics' class means of POOLED_DICE, PRESENT_DICE, ABSENT_FP_RATE
 CLASS_AGGREGATED_COLUMNS = ("pooled dice index", "present-image dice index", "absent-image false-positive rate")
@@ -229,6 +230,8 @@ def record_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
         row["headline metric"], row["headline dice"] = headline_of(result)
         # True / False by medxfer.training.curves.convergence; NaN = undecided or an older record
         row["converged"] = _nan_if_none((record.get("convergence") or {}).get("converged"))
+        # intra-op threads the run trained with (part of its id); NaN = a record from before they were recorded
+        row["threads"] = _nan_if_none((record.get("threads") or {}).get("intra_op"))
         aggregated = result.get("class_aggregated") or {}
         row.update({key: _nan_if_none(aggregated.get(key)) for key in CLASS_AGGREGATED_COLUMNS})
         # Multi-class runs: every per-class ("dice index/LV", named as the dataset names its classes) and

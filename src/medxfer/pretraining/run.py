@@ -34,6 +34,7 @@ from medxfer.pretraining.segmentation import segmentation_setup
 from medxfer.records import load_record, remove_partial_files
 from medxfer.training.resume import AtomicCheckpointIO, fit, usable_resume_checkpoint
 from medxfer.training.strategies import prefers_channels_last, resolve_accelerator, resolve_precision
+from medxfer.threads import resolve_threads, threads_record, threads_source, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +174,15 @@ def start_extension(out: Path, config: PretrainConfig, identity: str, base_ident
 
 def run_pretraining(config: PretrainConfig, out_dir: str | Path, callbacks: Optional[Sequence[Any]] = None,
                     progress: bool = False, *, hooks: Optional[Sequence[CheckpointHook]] = None,
-                    data: Any = None) -> PretrainResult:
+                    data: Any = None, threads: Optional[int] = None) -> PretrainResult:
     """Pretrain as ``config`` says, saving the scheduled checkpoints under ``out_dir`` (see the module
     docstring for the layout); resume an interrupted run; return a finished one as it is.
 
     ``callbacks``: extra Lightning callbacks (those with an ``on_checkpoint`` method are also hooks);
     ``hooks``: extra checkpoint hooks; ``data``: an already loaded dataset to use instead of the
-    configured one (a ``SegmentationData`` for segmentation, a ``ClassificationData`` for classification).
+    configured one (a ``SegmentationData`` for segmentation, a ``ClassificationData`` for classification);
+    ``threads``: intra-op threads (a sweep worker's share), None = resolved as for a fine-tune
+    (:func:`medxfer.threads.resolve_threads`; not part of the folder's identity, recorded in ``pretrain.json``).
     """
     accelerator = resolve_accelerator(config.train.accelerator)  # before any folder or work
     out = Path(out_dir)
@@ -200,15 +203,19 @@ def run_pretraining(config: PretrainConfig, out_dir: str | Path, callbacks: Opti
         if record_path.exists():  # damaged from outside (named in the warning above): recorded again
             set_aside(record_path)
         remove_partial_files(out, recursive=True)  # temp files of a killed attempt; no one else writes here
+        source = threads_source(threads)
+        threads = resolve_threads(threads)
         try:
-            return _pretrain(config, out, identity, accelerator, callbacks, progress, hooks, data)
+            with torch_threads(threads):
+                return _pretrain(config, out, identity, accelerator, callbacks, progress, hooks, data,
+                                 threads_record(threads, source))
         except TrainingDiverged as exc:
             raise TrainingDiverged(f"pretraining {config.name} in {out}: {exc}") from None
 
 
 def _pretrain(config: PretrainConfig, out: Path, identity: str, accelerator: str,
               callbacks: Optional[Sequence[Any]], progress: bool, hooks: Optional[Sequence[CheckpointHook]],
-              data: Any) -> PretrainResult:
+              data: Any, threads_info: dict[str, Any]) -> PretrainResult:
     record_path = out / RECORD_FILE
     started = time.perf_counter()
     recipe = resolve_recipe(config)
@@ -313,6 +320,7 @@ def _pretrain(config: PretrainConfig, out: Path, identity: str, accelerator: str
         "extensions": (read_folder_config(out) or {}).get("extensions", []),
         "final_state": FINAL_STATE_NAME if (out / FINAL_STATE_NAME).is_file() else None,
         "environment": environment_info(),
+        "threads": threads_info,  # intra-op threads, where the count came from, OpenMP's wait policy
         "finished": datetime.now(timezone.utc).isoformat(),
         **setup.record,
     }

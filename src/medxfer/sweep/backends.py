@@ -34,6 +34,7 @@ from medxfer.config import RunConfig, config_to_dict
 from medxfer.errors import ConfigError, DiskFull, FolderInUse
 from medxfer.io import is_disk_full
 from medxfer.records import is_done, run_dir, write_error
+from medxfer.threads import apply_threads, resolve_threads
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +72,11 @@ def default_run_fn(config: RunConfig, out_dir: Path) -> Any:
 
 
 def set_threads(threads: Optional[int]) -> None:
-    """Cap the threads of one worker so that N workers do not oversubscribe the cores."""
+    """Cap the threads of one worker so that N workers do not oversubscribe the cores (a fine-tune then
+    runs with its own ``train.threads``, which the sweep resolved to this share unless the config set it)."""
     if threads is None:
         return
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    import torch
-
-    torch.set_num_threads(threads)
+    apply_threads(threads)
 
 
 def _error_line(exc: BaseException) -> str:
@@ -135,8 +133,18 @@ def run_sequential(jobs: Sequence[Any], on_outcome: OnOutcome) -> None:
         on_outcome(job.execute())  # this process keeps its own thread settings
 
 
-def threads_per_worker(workers: int, cpu_count: Optional[int] = None) -> int:
-    return max(1, (cpu_count or os.cpu_count() or 1) // max(1, workers))
+def threads_per_worker(workers: int) -> int:
+    """Each of ``workers`` local worker processes: the user's OMP_NUM_THREADS, else its share of the CPU
+    affinity mask (:func:`medxfer.threads.resolve_threads`)."""
+    return resolve_threads(None, workers)
+
+
+def default_run_threads(backend: str, workers: int = 1, cpus: float = 1.0) -> int:
+    """The thread count of a sweep's runs that leave ``train.threads`` unset: a local worker's share
+    (:func:`threads_per_worker`; one worker = the whole affinity mask), or a Ray task's ``cpus``."""
+    if backend == "ray":
+        return max(1, int(cpus))
+    return threads_per_worker(workers)
 
 
 _QUIETED_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning")

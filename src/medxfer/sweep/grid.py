@@ -329,11 +329,15 @@ def resolve_run_dict(sweep: SweepConfig, assignments: dict[str, Any], out_dir: s
     return run
 
 
-def expand_grid(sweep: SweepConfig, out_dir: str | Path) -> GridPlan:
+def expand_grid(sweep: SweepConfig, out_dir: str | Path, threads: Optional[int] = None) -> GridPlan:
     """Every run of the grid, in a deterministic order: the crossed axes (file order, minus ``exclude``),
     then each ``include`` entry crossed with the axes it does not name. Runs whose resolved configs are
-    equal are kept once; combinations that do not validate are returned in ``invalid``."""
-    from medxfer.finetune import run_id_for  # the one definition of a run id
+    equal are kept once; combinations that do not validate are returned in ``invalid``.
+
+    ``threads``: the intra-op thread count of runs that leave ``train.threads`` unset (the sweep's share
+    per worker, :func:`medxfer.sweep.runner.default_run_threads`); None = as one ``finetune`` resolves it.
+    Every planned config carries its count, which is part of its run id."""
+    from medxfer.finetune import run_id_for, with_resolved_threads  # the one definition of a run id
 
     _check_grid(sweep)  # also for a SweepConfig built in code rather than parsed
     folders = {e.name: pretraining_checkpoints(out_dir, e) for e in sweep.pretraining}
@@ -362,6 +366,9 @@ def expand_grid(sweep: SweepConfig, out_dir: str | Path) -> GridPlan:
         try:
             run = resolve_run_dict(sweep, combination, out_dir, folders)
             config = parse_config(run, RunConfig, source=f"{sweep.source} (run {label})")
+            if config.train.threads is None:
+                config = with_resolved_threads(config) if threads is None else config.model_copy(
+                    update={"train": config.train.model_copy(update={"threads": threads})})
         except ConfigError as exc:
             message = str(exc)
             if label not in message:

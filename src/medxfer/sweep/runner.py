@@ -30,6 +30,7 @@ from medxfer.sweep.backends import (
     backend_session,
     check_backend,
     check_ray_address,
+    default_run_threads,
     is_disk_full,
     record_failure,
     run_jobs,
@@ -177,7 +178,7 @@ class PretrainJob:
 
         # run_pretraining resumes an interrupted run and writes pretrain.json last
         return _run_stage("pretrain", self.run_id, Path(self.folder),
-                          lambda: run_pretraining(self.config, Path(self.folder)))
+                          lambda: run_pretraining(self.config, Path(self.folder), threads=self.threads))
 
 
 def pretraining_done(folder: Path) -> bool:
@@ -327,7 +328,9 @@ def run_sweep(grid: Union[str, Path, SweepConfig, dict], out_dir: str | Path, ba
     check_backend(backend, workers, address)
     sweep = _as_sweep(grid)
     out_dir = Path(out_dir).resolve()
-    plan = expand_grid(sweep, out_dir)
+    # The runs' default thread count comes from --workers (or Ray's cpus), never from how many runs are left:
+    # a resumed sweep plans the same ids and finds its finished runs.
+    plan = expand_grid(sweep, out_dir, threads=default_run_threads(backend, workers, sweep.resources.cpus))
     if dry_run:
         summary = _dry_run_summary(sweep, plan, out_dir, backend)
         summary.elapsed_s = time.perf_counter() - started
