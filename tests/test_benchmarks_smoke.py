@@ -237,3 +237,12 @@ def test_demo_transcripts_compare_on_every_answer_number_within_the_stated_toler
     fewer = _answer_table([("ImageNet vs scratch", "5", "0.500", "0.600", "+0.100")])
     check = bench_demo.compare_transcripts(reference, fewer)
     assert not check["within"] and check["missing"] == [["T1 -> T2-like", "5"]]
+
+
+def test_threads_benchmark_runs_one_side_in_a_fresh_process_and_reads_its_record():
+    import bench_threads
+
+    result = bench_threads.run_side("OMP_NUM_THREADS=1", 0, steps=1)
+    assert not result["timed_out"] and result["threads"]["intra_op"] == 1
+    assert result["threads"]["source"] == "OMP_NUM_THREADS" and result["threads"]["omp_wait_policy"] == "PASSIVE"
+    assert 0.0 <= result["dice"] <= 1.0 and 0 < result["train_s"] < result["wall_s"]
