@@ -96,9 +96,11 @@ def calls(out):
 
 
 def tiny_config(**train) -> RunConfig:
+    # one thread in the config: the same run id here and in a child process started with OMP_NUM_THREADS=1
     return RunConfig(data=DataConfig(name="demo", options={"domain": "A"}, train_images=4),
                      model=ModelConfig(preset="unet", width=4, depth=3),
-                     train=TrainConfig(**{"strategy": "scratch", "max_steps": 2, "batch_size": 4, **train}))
+                     train=TrainConfig(**{"strategy": "scratch", "max_steps": 2, "batch_size": 4, "threads": 1,
+                                          **train}))
 
 
 def alive(pid: int) -> bool:

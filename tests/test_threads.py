@@ -98,8 +98,14 @@ def test_a_sweep_plans_each_workers_share_and_a_resumed_sweep_finds_its_runs(eig
     planned = {r.run_id for r in expand_grid(grid, tmp_path, threads=2).runs}
     assert {r.run_id for r in first.runs} == planned  # 8 CPUs / 4 workers
     assert {read_record(p)["run_id"] for p in tmp_path.glob("runs/*/result.json")} == planned
-    th.apply_threads(th.resolve_threads())  # what a run may leave in os.environ
-    again = run_sweep(grid, tmp_path, workers=4, run_fn=fake_run)
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        th.apply_threads(2)  # what a sweep worker leaves in os.environ
+        again = run_sweep(grid, tmp_path, workers=4, run_fn=fake_run)
+    finally:
+        torch.set_num_threads(before)
     assert again.counts() == {"reused": 2}
     other = run_sweep(grid, tmp_path, workers=1, run_fn=fake_run, dry_run=True)  # 8 threads: other runs
     assert {r.status for r in other.runs} == {"pending"}
