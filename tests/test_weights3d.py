@@ -16,6 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from medxfer.cli import app
+from medxfer.data.patches import predict_logits
 from medxfer.errors import CheckpointError
 from medxfer.models import (
     InputShapeError,
@@ -24,6 +25,7 @@ from medxfer.models import (
     encoder_from_checkpoint,
     freeze_encoder,
     load_encoder_weights,
+    load_model_weights,
     read_manifest,
 )
 from medxfer.models.importing import import_weights
@@ -99,6 +101,30 @@ def test_monai_presets_compute_what_monai_computes(preset):
     freeze_encoder(model, "all")
     assert not any(p.requires_grad for p in model.encoder.parameters())
     assert all(p.requires_grad for p in [*model.decoder.parameters(), *model.head.parameters()])
+
+
+@pytest.mark.parametrize("preset", ["monai_segresnet", "monai_dynunet"])
+def test_a_whole_monai_network_starts_a_run_with_its_decoder(tmp_path, preset):
+    """pretrained.load full / encoder_decoder from a MONAI file: the same logits as MONAI's network (full), and
+    everything but the output layer for new classes (encoder_decoder); SuPreM's backbone. prefix too."""
+    network, width, depth, side = MONAI_CASES[preset]
+    net = monai_network(preset).eval()
+    state = net.state_dict()
+    torch.save({"net": {**{f"module.backbone.{k}": v for k, v in state.items()},
+                        "module.organ_embedding": torch.randn(3, 8)}}, tmp_path / "whole.pth")
+    model = build_segmenter(preset=preset, in_channels=1, n_classes=3, width=width, depth=depth).eval()
+    load_model_weights(model, tmp_path / "whole.pth")
+    x = torch.randn(1, 1, *side)
+    with torch.no_grad():
+        assert torch.allclose(model(x), net(x), atol=1e-5)
+    other = build_segmenter(preset=preset, in_channels=1, n_classes=5, width=width, depth=depth)
+    load_model_weights(other, tmp_path / "whole.pth", head=False)
+    assert_encoder_holds({k: v for k, v in other.state_dict().items() if not k.startswith("head.")}, state,
+                         lambda k: monai_key(k, network))
+    wrong = build_segmenter(preset=preset, in_channels=1, n_classes=5, width=width, depth=depth)
+    with pytest.raises(CheckpointError, match=r"whole\.pth: does not fit this model: .*other shapes") as info:
+        load_model_weights(wrong, tmp_path / "whole.pth")  # full: the output layer has 3 classes, not 5
+    assert "\n" not in str(info.value)
 
 
 def test_monai_bundle_folder_imports_with_its_name(tmp_path):
@@ -265,3 +291,5 @@ def test_an_input_too_small_for_an_instance_normalised_deepest_level_is_a_clear_
     with pytest.raises(InputShapeError, match="16x16x16 leaves one voxel at the deepest level .*at least 32") as info:
         model(torch.randn(1, 1, 16, 16, 16))
     assert "\n" not in str(info.value)
+    # whole-image inference pads such a volume as far as the model needs, and crops back
+    assert predict_logits(model.eval(), torch.randn(1, 1, 16, 16, 12), size_multiple=16).shape == (1, 2, 16, 16, 12)

@@ -16,10 +16,14 @@ import torch
 import torch.nn.functional as F
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, list[slice]]:
-    """Pad the spatial dims of ``(N, C, *S)`` at the end to a multiple; return the crop back."""
+def pad_to_multiple(x: torch.Tensor, multiple: int,
+                    smallest: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, list[slice]]:
+    """Pad the spatial dims of ``(N, C, *S)`` at the end to a multiple (and, when the result is within the model's
+    ``smallest`` input, e.g. ``Segmenter.smallest_input``, to that); return the crop back."""
     spatial = x.shape[2:]
     target = [int(math.ceil(s / multiple) * multiple) for s in spatial]
+    if smallest is not None and all(t <= m for t, m in zip(target, smallest)):
+        target = [int(m) for m in smallest]  # e.g. an instance-normalised deepest level needs 2 voxels
     pad: list[int] = []
     for s, t in reversed(list(zip(spatial, target))):
         pad += [0, t - s]
@@ -72,5 +76,5 @@ def predict_logits(
             overlap=overlap, mode="gaussian", padding_mode="replicate",
         )
         return logits.as_tensor() if hasattr(logits, "as_tensor") else logits  # MetaTensor -> Tensor
-    padded, crop = pad_to_multiple(image, size_multiple)
+    padded, crop = pad_to_multiple(image, size_multiple, getattr(model, "smallest_input", None))
     return model(padded)[tuple(crop)]

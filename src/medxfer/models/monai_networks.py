@@ -303,6 +303,32 @@ def monai_key(key: str, network: str) -> str | None:
     return None
 
 
+# where a whole MONAI network sits in other projects' files (SuPreM: "backbone."; wrappers: "model.", "net.")
+_NETWORK_PREFIXES = ("", "backbone.", "model.", "net.")
+
+
+def from_monai_layout(state: dict[str, torch.Tensor], model_keys: Sequence[str],
+                      network: str) -> tuple[dict[str, torch.Tensor], list[str]] | None:
+    """A whole MONAI network's state dict renamed to a medxfer segmenter's keys (``encoder.``, ``decoder.``,
+    ``head.``), for ``pretrained.load: full`` / ``encoder_decoder`` from a MONAI checkpoint or bundle. Returns
+    ``(renamed, unexpected keys)``, or None when the file is not in MONAI's layout (a medxfer checkpoint).
+    MONAI's second registration of the modules (DynUNet's ``skip_layers``) and DynUNet's deep-supervision heads are
+    left out."""
+    wanted = {name: key for key in model_keys if (name := monai_key(key, network)) is not None}
+    best: tuple[str, dict[str, torch.Tensor]] | None = None
+    for prefix in _NETWORK_PREFIXES:
+        renamed = {wanted[k[len(prefix):]]: v for k, v in state.items()
+                   if k.startswith(prefix) and k[len(prefix):] in wanted}
+        if renamed and (best is None or len(renamed) > len(best[1])):
+            best = (prefix, renamed)
+    if best is None or any(k.startswith(("encoder.", "decoder.")) for k in state):
+        return None
+    prefix, renamed = best
+    unexpected = [k for k in state if k.startswith(prefix) and k[len(prefix):] not in wanted
+                  and not k[len(prefix):].startswith(("skip_layers.", "deep_supervision_heads."))]
+    return renamed, unexpected
+
+
 def json_ready(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_ready(v) for v in value]

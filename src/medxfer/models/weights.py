@@ -527,11 +527,20 @@ def read_model_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_model_weights(model: nn.Module, path: str | os.PathLike, *, head: bool = True) -> dict[str, Any]:
     """Load a whole-model checkpoint into ``model``; with ``head=False`` everything but the 1x1 head
-    (encoder + decoder, for a downstream task with other classes). Returns the manifest ({} if none)."""
+    (encoder + decoder, for a downstream task with other classes). Returns the manifest ({} if none).
+    A MONAI preset also takes a checkpoint of the whole MONAI network (``monai_networks.from_monai_layout``)."""
     path = Path(path)
     manifest = read_model_manifest(path) if manifest_path(path).is_file() else {}
     state = read_state_dict(path)
     expected = model.state_dict()
+    from_other = []
+    network = getattr(get_encoder(model), "network", None)
+    if network is not None:  # a MONAI preset: a MONAI checkpoint or bundle of the whole network loads too
+        from medxfer.models.monai_networks import from_monai_layout
+
+        converted = from_monai_layout(state, list(expected), network)
+        if converted is not None:
+            state, from_other = converted
     if not head:
         state = {k: v for k, v in state.items() if not k.startswith(("head.", AUX_HEADS))}
         expected = {k: v for k, v in expected.items() if not k.startswith(("head.", AUX_HEADS))}
@@ -540,7 +549,7 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, *, head: bool 
         state = {k: v for k, v in state.items() if not k.startswith(AUX_HEADS)}
         expected = {k: v for k, v in expected.items() if not k.startswith(AUX_HEADS)}
     missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
+    unexpected = from_other + [k for k in state if k not in expected]
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
                   if k in state and state[k].shape != v.shape]
     if missing or unexpected or mismatched:
