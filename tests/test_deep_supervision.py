@@ -31,6 +31,9 @@ def test_weights_are_nnunets_with_the_coarsest_output_dropped():
     ("unet3d", 5, (2, 1, 16, 16, 16), [16, 8, 4]),  # decoder outputs at strides 8, 4, 2, 1: 8 dropped
     ("attention_unet", 4, (2, 1, 32, 32), [32, 16]),
     ("resnet18_unet", 3, (2, 1, 32, 32), [32, 16]),  # strides 4, 2 (skip), then 1 (extra stage): 4 dropped
+    ("genesis_unet3d", 4, (2, 1, 16, 16, 16), [16, 8]),
+    ("monai_dynunet", 4, (2, 1, 16, 16, 16), [16, 8]),  # MONAI's decoder blocks: the same heads
+    ("monai_basicunet", 5, (2, 1, 32, 32, 32), [32, 16, 8]),
 ])
 def test_heads_sit_on_the_intermediate_resolutions_and_inference_sees_only_the_full_one(preset, depth, shape, sizes):
     model = build_segmenter(preset=preset, in_channels=1, n_classes=3, width=2, depth=depth,

@@ -187,7 +187,7 @@ class ModelConfig(StrictModel):
         "Preset-specific options (`medxfer models`; an unknown one is an error naming the known ones), e.g. "
         "decoder_channels, final_channels; the classic U-Net presets (unet, unet3d, attention_*) also norm: "
         "batch (default) or instance (InstanceNorm with affine parameters in every encoder and decoder block, "
-        "nnU-Net's choice for 3D batches of 2); every preset with medxfer's U-Net decoder: deep_supervision: true "
+        "nnU-Net's choice for 3D batches of 2); every preset: deep_supervision: true "
         "(1x1 heads on the decoder's lower resolutions, trained with nnU-Net's weighted loss; inference uses the "
         "full-resolution output only)."))
     upsample: Literal["interpolate", "transposed"] = Field(

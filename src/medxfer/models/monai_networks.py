@@ -17,7 +17,9 @@ Sizes come from ``width`` (the channels of the first level) and, where the netwo
 - DynUNet: filters ``min(w * 2**i, 320)`` (nnU-Net's), ``depth`` levels of stride 2 after a first of stride 1,
   kernel 3.
 
-Options give MONAI's arguments directly where a published checkpoint needs another value (``NETWORK_OPTIONS``).
+Options give MONAI's arguments directly where a published checkpoint needs another value (``NETWORK_OPTIONS``);
+``deep_supervision`` puts medxfer's auxiliary heads on the decoder blocks' outputs (``MonaiDecoder.forward_stages``).
+``from_monai_layout`` renames a whole MONAI network's state dict to the segmenter's keys (``pretrained.load: full``).
 """
 
 from __future__ import annotations
@@ -247,38 +249,55 @@ class MonaiDecoder(nn.Module):
         if network == "SwinUNETR":
             for name in ("decoder5", "decoder4", "decoder3", "decoder2", "decoder1"):
                 self.add_module(name, getattr(net, name))
-            self.out_channels = int(kwargs["feature_size"])
+            fs = int(kwargs["feature_size"])
+            self._stage_channels = [8 * fs, 4 * fs, 2 * fs, fs, fs]
         elif network == "SegResNet":
             self.up_samples, self.up_layers = net.up_samples, net.up_layers
-            self.out_channels = int(kwargs["init_filters"])
+            n = len(kwargs["blocks_down"])
+            self._stage_channels = [int(kwargs["init_filters"]) * 2**i for i in reversed(range(n - 1))]
         elif network == "BasicUNet":
             for name in ("upcat_4", "upcat_3", "upcat_2", "upcat_1"):
                 self.add_module(name, getattr(net, name))
-            self.out_channels = int(kwargs["features"][5])
+            features = [int(c) for c in kwargs["features"]]
+            self._stage_channels = [features[3], features[2], features[1], features[5]]
         else:
             self.upsamples = net.upsamples
-            self.out_channels = int(kwargs["filters"][0])
+            self._stage_channels = [int(c) for c in kwargs["filters"][-2::-1]]
+        self.out_channels = self._stage_channels[-1]
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.forward_stages(features)[-1]
+
+    def forward_stages(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The output of every decoder block, coarsest first (the last is full resolution): what deep
+        supervision's heads read, as for medxfer's ``UNetDecoder``."""
+        outputs = []
         if self.network == "SwinUNETR":
             x = self.decoder5(features[5], features[4])
+            outputs.append(x)
             for block, skip in zip((self.decoder4, self.decoder3, self.decoder2, self.decoder1), features[3::-1]):
                 x = block(x, skip)
-            return x
-        if self.network == "SegResNet":
+                outputs.append(x)
+        elif self.network == "SegResNet":
             x = features[-1]
             for up, layer, skip in zip(self.up_samples, self.up_layers, features[-2::-1]):
                 x = layer(up(x) + skip)
-            return x
-        if self.network == "BasicUNet":
+                outputs.append(x)
+        elif self.network == "BasicUNet":
             x = features[4]
             for block, skip in zip((self.upcat_4, self.upcat_3, self.upcat_2, self.upcat_1), features[3::-1]):
                 x = block(x, skip)
-            return x
-        x = features[-1]
-        for block, skip in zip(self.upsamples, features[-2::-1]):
-            x = block(x, skip)
-        return x
+                outputs.append(x)
+        else:
+            x = features[-1]
+            for block, skip in zip(self.upsamples, features[-2::-1]):
+                x = block(x, skip)
+                outputs.append(x)
+        return outputs
+
+    def stage_channels(self) -> list[int]:
+        """Channels of ``forward_stages``' outputs, coarsest first."""
+        return list(self._stage_channels)
 
 
 _HEADS = {"SwinUNETR": "out", "SegResNet": "conv_final", "BasicUNet": "final_conv", "DynUNet": "output_block"}

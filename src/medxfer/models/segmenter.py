@@ -38,8 +38,8 @@ from medxfer.models.weights import load_model_weights, read_model_manifest
 
 logger = logging.getLogger(__name__)
 
-# deep_supervision: 1x1 heads on the decoder's intermediate resolutions, trained with the weighted loss of
-# ``training.losses.deep_supervision`` (nnU-Net's); inference uses the full-resolution head alone.
+# deep_supervision (every preset, MONAI's too): 1x1 heads on the decoder's intermediate resolutions, trained with the
+# weighted loss of ``training.losses.deep_supervision`` (nnU-Net's); inference uses the full-resolution head alone.
 _DECODER_OPTIONS = ("decoder_channels", "final_channels", "deep_supervision")
 _TIMM_OPTIONS = ("pretrained", "drop_path_rate")
 # classic U-Net presets: norm "batch" (default) or "instance" (encoder and decoder blocks)
@@ -135,7 +135,8 @@ def _monai_presets() -> list[Preset]:
         ("monai_dynunet", "DynUNet", "MONAI DynUNet (nnU-Net's network): filters min(width * 2^i, 320), kernel 3, "
          "depth levels, InstanceNorm, 3D", "MONAI DynUNet checkpoints and bundles"),
     ]
-    return [Preset(name, description, f"monai:{network}", False, 3, NETWORK_OPTIONS[network], weights=weights)
+    return [Preset(name, description, f"monai:{network}", False, 3, NETWORK_OPTIONS[network] + ("deep_supervision",),
+                   weights=weights)
             for name, network, description, weights in described]
 
 
@@ -267,6 +268,7 @@ def _monai_kwargs(preset: Preset, config: ModelConfig, options: dict[str, Any]) 
     from medxfer.models.monai_networks import network_kwargs
 
     network = preset.encoder.removeprefix("monai:")
+    options = {k: v for k, v in options.items() if k != "deep_supervision"}  # the Segmenter's, not MONAI's
     return network, network_kwargs(network, config.width, config.depth, options)
 
 
@@ -301,9 +303,19 @@ def build_segmenter(spec: ModelConfig | Mapping[str, Any] | None = None, **overr
         from medxfer.models.monai_networks import build_parts
 
         network, kwargs = _monai_kwargs(preset, config, options)
-        encoder, monai_decoder, monai_head = build_parts(network, config.in_channels, config.n_classes, kwargs)
-        return Segmenter(encoder, monai_decoder, monai_head, config.n_classes, preset=preset.name, spec=spec)
-    encoder = _encoder_of(preset, config, options)
+        encoder, decoder, head = build_parts(network, config.in_channels, config.n_classes, kwargs)
+    else:
+        encoder = _encoder_of(preset, config, options)
+        decoder, head = _unet_decoder_and_head(encoder, preset, config, options)
+    deep_supervision = options.get("deep_supervision", False)
+    if not isinstance(deep_supervision, bool):
+        raise ConfigError(f"model.options.deep_supervision must be true or false, got {deep_supervision!r}")
+    aux_heads = _aux_heads(decoder, config, preset) if deep_supervision else None
+    return Segmenter(encoder, decoder, head, config.n_classes, preset=preset.name, spec=spec, aux_heads=aux_heads)
+
+
+def _unet_decoder_and_head(encoder: Encoder, preset: Preset, config: ModelConfig,
+                           options: dict[str, Any]) -> tuple[UNetDecoder, nn.Module]:
     decoder_channels = options.get("decoder_channels")
     if decoder_channels is None:
         decoder_channels = [config.width * 2**i for i in range(encoder.n_levels - 1)]
@@ -318,14 +330,10 @@ def build_segmenter(spec: ModelConfig | Mapping[str, Any] | None = None, **overr
         upsample=config.upsample,
     )
     head = conv_nd(preset.spatial_dims)(decoder.out_channels, config.n_classes, kernel_size=1)
-    deep_supervision = options.get("deep_supervision", False)
-    if not isinstance(deep_supervision, bool):
-        raise ConfigError(f"model.options.deep_supervision must be true or false, got {deep_supervision!r}")
-    aux_heads = _aux_heads(decoder, config, preset) if deep_supervision else None
-    return Segmenter(encoder, decoder, head, config.n_classes, preset=preset.name, spec=spec, aux_heads=aux_heads)
+    return decoder, head
 
 
-def _aux_heads(decoder: UNetDecoder, config: ModelConfig, preset: Preset) -> nn.ModuleList:
+def _aux_heads(decoder: Any, config: ModelConfig, preset: Preset) -> nn.ModuleList:
     """Deep supervision's 1x1 heads: one per decoder output below full resolution but the coarsest, as nnU-Net
     (whose coarsest output has loss weight 0)."""
     channels = decoder.stage_channels()[:-1]  # coarsest first, full resolution left out
