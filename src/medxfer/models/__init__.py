@@ -4,6 +4,8 @@ Every segmentation model is ``Encoder + Decoder + 1x1 head``; the same encoder o
 classification pretraining, transferability scoring and fine-tuning. See ``PRESETS`` / ``preset_table``.
 """
 
+# genesis and monai_networks register their encoders with ``encoders`` (create_encoder, encoder_from_arch)
+from medxfer.models import genesis, monai_networks  # noqa: F401  (imported for the registration)
 from medxfer.models.classifier import Classifier, build_classifier
 from medxfer.models.decoders import AttentionGate, AttentionUNetDecoder, UNetDecoder
 from medxfer.models.encoders import (

@@ -21,7 +21,7 @@ import logging
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -489,6 +489,15 @@ class TimmEncoder(Encoder):
 # --------------------------------------------------------------------------------------------------
 # Factories
 
+# Encoders defined in modules of their own (``genesis``, ``monai_networks``; imported by the package), which import
+# this one: family -> (create(name, in_channels, spatial_dims, width, depth, options), rebuild(arch)). The family is
+# the encoder name before any ":" (``monai:SegResNet``) and the ``arch["name"]`` of its checkpoints.
+REGISTERED_ENCODERS: dict[str, tuple[Callable[..., Encoder], Callable[[dict[str, Any]], Encoder]]] = {}
+
+
+def register_encoder(family: str, create: Callable[..., Encoder], rebuild: Callable[[dict[str, Any]], Encoder]) -> None:
+    REGISTERED_ENCODERS[family] = (create, rebuild)
+
 
 def create_encoder(
     name: str,
@@ -505,21 +514,12 @@ def create_encoder(
     ``monai_networks``; options are MONAI's arguments there) or a timm model name (``depth`` caps the number of
     levels; ``options`` go to timm, e.g. Swin's img_size; 3D: the 2D network inflated, for ResNets and
     EfficientNet-Lite, see ``inflation``)."""
-    if name == "genesis" or name.startswith("monai:"):
+    family = name.split(":", 1)[0]
+    if family in REGISTERED_ENCODERS:
         if pretrained:
             raise ConfigError(f"the {name} encoder has no built-in weights; import them: medxfer weights import FILE "
                               "--preset PRESET --out DIR")
-        if name == "genesis":
-            from medxfer.models.genesis import GENESIS_LEVELS, GenesisEncoder
-
-            if options:
-                raise ConfigError(f"unknown option(s) for the genesis encoder: {', '.join(sorted(options))}")
-            return GenesisEncoder(in_channels, width=width, depth=depth or GENESIS_LEVELS, spatial_dims=spatial_dims)
-        from medxfer.models.monai_networks import MonaiEncoder, network_kwargs
-
-        network = name.removeprefix("monai:")
-        kwargs = network_kwargs(network, width, depth or 5, options)
-        return MonaiEncoder(network, in_channels, kwargs, spatial_dims=spatial_dims)
+        return REGISTERED_ENCODERS[family][0](name, in_channels, spatial_dims, width, depth, options)
     if name == "unet":
         norm = options.pop("norm", "batch")
         if options:
@@ -554,18 +554,12 @@ def encoder_from_arch(arch: dict[str, Any]) -> Encoder:
                 spatial_dims=int(arch.get("spatial_dims", 2)),
                 **dict(arch.get("model_kwargs") or {}),
             )
-        if kind == "genesis":
-            from medxfer.models.genesis import GenesisEncoder
-
-            return GenesisEncoder(int(arch["in_channels"]), width=int(arch["width"]), depth=int(arch["depth"]))
-        if kind == "monai":
-            from medxfer.models.monai_networks import MonaiEncoder
-
-            return MonaiEncoder(str(arch["network"]), int(arch["in_channels"]), dict(arch["kwargs"]),
-                                spatial_dims=int(arch.get("spatial_dims", 3)))
+        if kind in REGISTERED_ENCODERS:
+            return REGISTERED_ENCODERS[kind][1](arch)
     except KeyError as exc:
         raise ConfigError(f"encoder architecture {kind!r} lacks the field {exc}") from None
-    raise ConfigError(f"unknown encoder architecture {kind!r} (known: unet, timm, genesis, monai)")
+    known = ", ".join(["unet", "timm", *REGISTERED_ENCODERS])
+    raise ConfigError(f"unknown encoder architecture {kind!r} (known: {known})")
 
 
 def describe_levels(encoder: Encoder) -> list[dict[str, int]]:

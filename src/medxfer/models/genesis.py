@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from medxfer.errors import ConfigError
-from medxfer.models.encoders import Encoder
+from medxfer.models.encoders import Encoder, register_encoder
 
 GENESIS_LEVELS = 4  # the published network's encoder levels
 _EXTERNAL_LEVEL = re.compile(r"^down_tr(\d+)\.(.+)$")
@@ -92,3 +92,17 @@ class GenesisEncoder(Encoder):
         """The published decoder and output layer, and encoder levels beyond ``depth``."""
         beyond = tuple(f"down_tr{64 * 2**i}." for i in range(len(self.channels), GENESIS_LEVELS))
         return ("up_tr", "out_tr.", *beyond, *(f"levels.{i}." for i in range(len(self.channels), GENESIS_LEVELS)))
+
+
+def _create(name: str, in_channels: int, spatial_dims: int, width: int, depth: int | None,
+            options: dict) -> GenesisEncoder:
+    if options:
+        raise ConfigError(f"unknown option(s) for the genesis encoder: {', '.join(sorted(options))}")
+    return GenesisEncoder(in_channels, width=width, depth=depth or GENESIS_LEVELS, spatial_dims=spatial_dims)
+
+
+def _rebuild(arch: dict) -> GenesisEncoder:
+    return GenesisEncoder(int(arch["in_channels"]), width=int(arch["width"]), depth=int(arch["depth"]))
+
+
+register_encoder("genesis", _create, _rebuild)

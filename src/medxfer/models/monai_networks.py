@@ -32,7 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from medxfer.errors import ConfigError
-from medxfer.models.encoders import Encoder
+from medxfer.models.encoders import Encoder, register_encoder
 
 NETWORKS = ("SwinUNETR", "SegResNet", "BasicUNet", "DynUNet")
 NETWORK_OPTIONS: dict[str, tuple[str, ...]] = {
@@ -354,3 +354,18 @@ def json_ready(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): json_ready(v) for k, v in value.items()}
     return value
+
+
+def _create(name: str, in_channels: int, spatial_dims: int, width: int, depth: int | None,
+            options: dict[str, Any]) -> MonaiEncoder:
+    network = name.removeprefix("monai:")
+    return MonaiEncoder(network, in_channels, network_kwargs(network, width, depth or 5, options),
+                        spatial_dims=spatial_dims)
+
+
+def _rebuild(arch: dict[str, Any]) -> MonaiEncoder:
+    return MonaiEncoder(str(arch["network"]), int(arch["in_channels"]), dict(arch["kwargs"]),
+                        spatial_dims=int(arch.get("spatial_dims", 3)))
+
+
+register_encoder("monai", _create, _rebuild)
