@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import (NOTES_KEY, load_average, peak_rss_since_reset_mb, reset_peak_rss, row, synthetic_cache,
-                    write_result)
+from common import (load_average, load_note, peak_rss_since_reset_mb, reset_peak_rss, row, synthetic_cache,
+                    write_and_print)
 
 CASE_SHAPE = (128, 128, 128)
 SIDES = (200, 20)
@@ -131,12 +131,8 @@ def main() -> list[dict[str, Any]]:
              "Per side: " + "; ".join(f"{n} cases: training process {r['main_peak_mb']:.0f} MB peak (started at "
                                       f"{r['main_start_mb']:.0f}), worker {r['worker_peak_mb']:.0f} MB peak, wait "
                                       f"{r['wait_share']:.1%} of {r['step_s']:.2f} s steps" for n, r in results.items())
-             + f". Load average {load_before} before, {load_average()} after."]
-    write_result("data3d", rows, {"sides": {str(n): r for n, r in results.items()}, "load_average": load_before,
-                                  NOTES_KEY: notes})
-    for line in notes:
-        print("  ", line)
-    return rows
+             + f". {load_note(load_before)}"]
+    return write_and_print("data3d", rows, notes, {"sides": {str(n): r for n, r in results.items()}}, load_before)
 
 
 if __name__ == "__main__":

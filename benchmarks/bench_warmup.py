@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import NOTES_KEY, load_average, row, write_result
+from common import load_average, load_note, row, write_and_print
 
 SIDES = ("as before", "import first", "warmed up")
 VOLUME = (64, 112, 112)
@@ -90,13 +90,9 @@ def main() -> list[dict[str, Any]]:
         f"torchvision and torch._dynamo among them); the rest, {first['first_s'] - first['second_s']:.2f} s, is the "
         "first use of the window's kernels. warm_up() pays both in "
         f"{sides['warmed up']['warm_up_s']:.2f} s; medxfer predict runs it while the first input is read.",
-        f"Load average {load_before} before, {load_average()} after.",
+        load_note(load_before),
     ]
-    write_result(f"warmup_{device}", rows, {"sides": sides, "device": device, "load_average": load_before,
-                                            NOTES_KEY: notes})
-    for line in notes:
-        print("  ", line)
-    return rows
+    return write_and_print(f"warmup_{device}", rows, notes, {"sides": sides, "device": device}, load_before)
 
 
 if __name__ == "__main__":

@@ -110,11 +110,30 @@ def _clean(value: Optional[float]) -> Optional[float]:
 
 def write_result(name: str, rows: list[dict[str, Any]], extra: Optional[dict[str, Any]] = None) -> Path:
     """``RESULTS/<name>.json``: the rows (see :func:`row`), the machine, the date and ``extra``
-    (``extra["notes"]``: lines printed under the summary table)."""
+    (``extra["notes"]``: lines printed under the summary table). Every result records the load average (what
+    else ran on the shared machine): ``extra["load_average"]`` where the benchmark took it before its run,
+    else the 1, 5 and 15 minute averages as the result is written."""
+    extra = dict(extra or {})
+    extra.setdefault("load_average", load_average())
     path = RESULTS / f"{name}.json"
     atomic_write_json(path, {"benchmark": name, "date": datetime.now(timezone.utc).isoformat(),
-                             "machine": machine(), "rows": rows, **(extra or {})})
+                             "machine": machine(), "rows": rows, **extra})
     return path
+
+
+def load_note(before: list[float]) -> str:
+    """The notes' line on the machine's load: the averages ``before`` the run and now."""
+    return f"Load average {before} before, {load_average()} after."
+
+
+def write_and_print(name: str, rows: list[dict[str, Any]], notes: list[str], extra: dict[str, Any],
+                    load_before: list[float]) -> list[dict[str, Any]]:
+    """A benchmark's tail: :func:`write_result` with ``extra``, the load average before the run and the notes,
+    then the notes printed; returns ``rows`` (what ``main()`` returns to run_all)."""
+    write_result(name, rows, {**extra, "load_average": load_before, NOTES_KEY: notes})
+    for line in notes:
+        print("  ", line)
+    return rows
 
 
 def _fmt(value: Any) -> str:

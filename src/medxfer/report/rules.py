@@ -97,6 +97,12 @@ class GroupCurves:
         """Variants scored at every length and not constant over them."""
         return frozenset(v for v in self.scores if self.score(v) is not None and not is_constant(self.score(v)))
 
+    @cached_property
+    def reference_points(self) -> tuple[float, float, float]:
+        """(best mean Dice, its length, the longest length's Dice): what every decision is measured against."""
+        return (float(np.max(self.dice)), float(self.lengths[int(np.argmax(self.dice))]),
+                self.dice_at(self.longest))
+
     def dice_at(self, length: float) -> float:
         return float(self.dice[self._index(length)])
 
@@ -318,6 +324,24 @@ def score_rule(variant: str, stop: str = "argmin", patience: int = 1) -> DecideF
     return decide
 
 
+def chosen_indices(scores: np.ndarray, stop: str = "argmin", patience: int = 1) -> np.ndarray:
+    """The length index :func:`score_rule` chooses for each row of ``scores`` (variants x lengths, finite):
+    ``argmin`` the first lowest; ``patience`` the best so far once it has not improved for ``patience``
+    checkpoints (:func:`medxfer.transferability.stopping.recommend_checkpoint`), walking all rows at once."""
+    if stop == "argmin":
+        return np.argmin(scores, axis=1)  # the first of equal minima, as score_rule
+    best = np.zeros(len(scores), dtype=int)
+    best_value = scores[:, 0].copy()
+    waited = np.zeros(len(scores), dtype=int)
+    walking = np.ones(len(scores), dtype=bool)
+    for j in range(1, scores.shape[1]):
+        better = walking & (scores[:, j] < best_value)
+        best[better], best_value[better], waited[better] = j, scores[better, j], 0
+        waited[walking & ~better] += 1
+        walking &= waited < patience
+    return best
+
+
 def is_constant(values: Optional[np.ndarray]) -> bool:
     return values is not None and len(values) > 1 and bool(np.all(values == values[0]))
 
@@ -330,10 +354,13 @@ def selected_variant(variants: Sequence[str], stop: str = "argmin", patience: in
     def choose(eligible: tuple[str, ...], training: Sequence[GroupCurves]) -> Optional[str]:
         key = (eligible, tuple(id(g) for g in training))
         if key not in cache:
+            # every eligible variant's regret on every training group at once (what score_rule decides)
+            regrets = np.empty((len(eligible), len(training)))
+            for j, g in enumerate(training):
+                chosen = chosen_indices(np.vstack([g.scores[v] for v in eligible]), stop, patience)
+                regrets[:, j] = float(np.max(g.dice)) - g.dice[chosen]
             best, best_regret = None, math.inf
-            for variant in eligible:
-                rule = score_rule(variant, stop, patience)
-                regret = np.mean([_regret(g, rule(g, training)) for g in training])
+            for variant, regret in zip(eligible, regrets.mean(axis=1)):
                 if regret < best_regret - 1e-12:
                     best, best_regret = variant, regret
             cache[key] = best
@@ -349,10 +376,6 @@ def selected_variant(variants: Sequence[str], stop: str = "argmin", patience: in
         return Decision(decision.chosen_length, decision.stopped_length, variant)
 
     return decide
-
-
-def _regret(curves: GroupCurves, decision: RuleOutput) -> float:
-    return float(np.max(curves.dice)) - curves.dice_at(Decision(*decision).chosen_length)
 
 
 def oracle_saving(min_saved: float = 0.5, resolution: int = 1000) -> DecideFunction:
@@ -447,13 +470,14 @@ IN_SAMPLE = "in-sample"
 LODO = "leave-one-dataset-out"
 
 
-def evaluate_rules(groups: Sequence[GroupCurves], rules: Sequence[Rule], *, out_of_sample: bool = True
-                   ) -> pd.DataFrame:
+def evaluate_rules(groups: Sequence[GroupCurves], rules: Sequence[Rule], *, out_of_sample: bool = True,
+                   progress: Optional[Any] = None) -> pd.DataFrame:
     """One row per (rule, group). A fitted rule appears twice: ``NAME [in-sample]`` (trained on every group)
     and, with ``out_of_sample`` and two or more datasets, ``NAME [leave-one-dataset-out]`` (trained on the
     other datasets' groups). Columns: :data:`DECISION_COLUMNS` (``recommended`` False here), then
     ``family, evaluation, bound, detail, n_decisions, chosen_dice, best_dice, best_length, longest_length,
-    regret, saved, dice_vs_longest, seed_noise, vs_longest``."""
+    regret, saved, dice_vs_longest, seed_noise, vs_longest``. ``progress``: a
+    :class:`medxfer.progress.ProgressLog`, stepped once per rule."""
     groups = list(groups)
     datasets = sorted({g.dataset_key for g in groups})
     rows = []
@@ -470,6 +494,8 @@ def evaluate_rules(groups: Sequence[GroupCurves], rules: Sequence[Rule], *, out_
                     continue
                 rows.append({"rule": name, "family": rule.family, "evaluation": evaluation, "bound": rule.bound,
                              **_outcome(g, output)})
+        if progress is not None:
+            progress.step()
     columns = DECISION_COLUMNS + ["family", "evaluation", "bound", "detail", "n_decisions", "chosen_dice",
                                   "best_dice", "best_length", "longest_length", "regret", "saved",
                                   "dice_vs_longest", "seed_noise", "vs_longest", "encoder_key", "dataset_key",
@@ -478,26 +504,32 @@ def evaluate_rules(groups: Sequence[GroupCurves], rules: Sequence[Rule], *, out_
 
 
 def _outcome(g: GroupCurves, output: RuleOutput) -> dict[str, Any]:
-    decisions = [Decision(*output)] if _is_single(output) else [Decision(*d) for d in output]
-    chosen = np.array([d.chosen_length for d in decisions], dtype=float)
-    stopped = np.array([d.stopped_length for d in decisions], dtype=float)
-    chosen_dice = np.array([g.dice_at(c) for c in chosen])
-    best = float(np.max(g.dice))
-    longest_dice = g.dice_at(g.longest)
+    if _is_single(output):  # most rows (a rule per score variant): plain floats, the same values
+        decision = Decision(*output)
+        chosen_length, stopped_length = float(decision.chosen_length), float(decision.stopped_length)
+        chosen_dice, n_decisions, detail = g.dice_at(chosen_length), 1, decision.detail
+        saved = 1.0 - stopped_length / g.longest
+    else:
+        decisions = [Decision(*d) for d in output]
+        chosen = np.array([d.chosen_length for d in decisions], dtype=float)
+        stopped = np.array([d.stopped_length for d in decisions], dtype=float)
+        chosen_length, stopped_length = float(chosen.mean()), float(stopped.mean())
+        chosen_dice = float(np.array([g.dice_at(c) for c in chosen]).mean())
+        n_decisions, saved = len(decisions), float(np.mean(1.0 - stopped / g.longest))
+        detail = decisions[0].detail if len(decisions) == 1 else f"expectation over {len(decisions)} lengths"
+    best, best_length, longest_dice = g.reference_points
     noise = g.seed_noise
-    difference = float(chosen_dice.mean() - longest_dice)
+    difference = chosen_dice - longest_dice
     if math.isnan(noise):
         versus = "n/a (one seed)"
     else:
         versus = "tie" if abs(difference) <= noise else ("win" if difference > 0 else "loss")
     return {
         "recommended": False, "model": g.model, "dataset": g.dataset, "pretraining_scheme": g.pretraining_scheme,
-        "freeze_encoder": g.freeze_encoder, "chosen_length": float(chosen.mean()),
-        "stopped_length": float(stopped.mean()),
-        "detail": decisions[0].detail if len(decisions) == 1 else f"expectation over {len(decisions)} lengths",
-        "n_decisions": len(decisions), "chosen_dice": float(chosen_dice.mean()), "best_dice": best,
-        "best_length": float(g.lengths[int(np.argmax(g.dice))]), "longest_length": g.longest,
-        "regret": float(best - chosen_dice.mean()), "saved": float(np.mean(1.0 - stopped / g.longest)),
+        "freeze_encoder": g.freeze_encoder, "chosen_length": chosen_length, "stopped_length": stopped_length,
+        "detail": detail, "n_decisions": n_decisions, "chosen_dice": chosen_dice, "best_dice": best,
+        "best_length": best_length, "longest_length": g.longest,
+        "regret": best - chosen_dice, "saved": saved,
         "dice_vs_longest": difference, "seed_noise": noise, "vs_longest": versus,
         "encoder_key": g.encoder_key, "dataset_key": g.dataset_key, "scheme_key": g.scheme_key,
     }

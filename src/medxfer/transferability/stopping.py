@@ -193,10 +193,17 @@ class Curve:
         return float(self.planned_longest if self.planned_longest is not None else self.lengths[-1])
 
     def upto(self, index: int) -> "Curve":
-        """The curve as seen at checkpoint ``index`` (0-based): what an online rule knows then."""
+        """The curve as seen at checkpoint ``index`` (0-based): what an online rule knows then. Its scores are
+        views of this curve's (already checked and keyed), sliced when read: a rule walks every checkpoint,
+        and a curve may hold tens of thousands of variants."""
         end = index + 1
-        return Curve(self.lengths[:end], {k: v[:end] for k, v in self.scores.items()}, self.imagenet_accuracy[:end],
-                     {k: v[:end] for k, v in self.halfwidth.items()}, self.longest)
+        seen = object.__new__(Curve)
+        for name, value in (("lengths", self.lengths[:end]), ("scores", _Prefix(self.scores, end)),
+                            ("imagenet_accuracy", self.imagenet_accuracy[:end]),
+                            ("halfwidth", _Prefix(self.halfwidth, end)), ("planned_longest", self.longest),
+                            ("_level_index", self._levels())):
+            object.__setattr__(seen, name, value)
+        return seen
 
     def resolve(self, variant: Variant) -> Optional[Variant]:
         """The scored key of ``variant`` (a negative level counts from the deepest level scored with that
@@ -205,8 +212,20 @@ class Curve:
         if level >= 0:
             key = (metric, margin, level, pooled)
             return key if key in self.scores else None
-        levels = sorted(k[2] for k in self.scores if k[0] == metric and k[1] == margin and k[3] == pooled)
+        levels = self._levels().get((metric, margin, pooled), [])
         return (metric, margin, levels[level], pooled) if len(levels) >= -level else None
+
+    def _levels(self) -> dict[tuple, list[int]]:
+        """(metric, margin, pooled) -> the levels scored, ascending; built once per curve (and shared with
+        its :meth:`upto` views, which hold the same variants)."""
+        index = self.__dict__.get("_level_index")
+        if index is None:
+            index = {}
+            for metric, margin, level, pooled in self.scores:
+                index.setdefault((metric, margin, pooled), []).append(level)
+            index = {key: sorted(levels) for key, levels in index.items()}
+            object.__setattr__(self, "_level_index", index)
+        return index
 
     def score(self, variant: Variant) -> Optional[np.ndarray]:
         key = self.resolve(variant)
@@ -223,6 +242,26 @@ class Curve:
         if width is not None:
             tol = np.fmax(tol, width)
         return tol
+
+
+class _Prefix(Mapping):
+    """``{key: values[:end]}`` of a mapping of arrays, sliced when read (:meth:`Curve.upto`)."""
+
+    def __init__(self, full: Mapping[Variant, np.ndarray], end: int):
+        self._full = full._full if isinstance(full, _Prefix) else full
+        self._end = min(end, full._end) if isinstance(full, _Prefix) else end
+
+    def __getitem__(self, key: Variant) -> np.ndarray:
+        return self._full[key][:self._end]
+
+    def __iter__(self):
+        return iter(self._full)
+
+    def __len__(self) -> int:
+        return len(self._full)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._full
 
 
 def _variant_key(variant: Sequence[Any]) -> Variant:

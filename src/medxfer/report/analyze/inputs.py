@@ -4,6 +4,7 @@ each reported as a :class:`medxfer.report.quality.Finding`."""
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -16,6 +17,8 @@ from medxfer.errors import ConfigError, DataError
 from medxfer.report.analyze.names import dataset_key, encoder_key, scheme_key
 from medxfer.report.quality import FLAGGED, LEFT_OUT, Finding, copied_blocks, drop_duplicate_rows
 
+
+log = logging.getLogger(__name__)
 
 DOWNSTREAM_COLUMNS = ("model", "dataset", "pretraining length", "freeze encoder", "pretraining scheme")
 SCORE_COLUMNS = ("dataset", "metric", "margin", "encoder", "pretraining_scheme", "pooled", "level",
@@ -51,7 +54,8 @@ def _to_bool(values: pd.Series) -> pd.Series:
             return False
         return bool(v)
 
-    return values.map(one).astype(bool)
+    distinct = values.drop_duplicates()
+    return values.map(dict(zip(distinct, map(one, distinct)))).astype(bool)
 
 
 def prepare_downstream(table: pd.DataFrame, names: NameMapConfig, source: str = "<downstream>",
@@ -116,7 +120,12 @@ def _matches(frame: pd.DataFrame, columns: Sequence[str], values: Sequence[Any])
     return mask
 
 
-MAX_VARIANTS = 1000  # score variants per table (metric x margin x level x pooled; the reference study has 150)
+# Score variants per table (metric x margin x level x pooled; the reference study has 150). Each is a rule
+# over every group; the per-variant work is vectorised: 25,000 variants over 10^6 score rows took 62 s and
+# 1.7 GB (benchmarks/bench_analyze.py). Beyond MANY_VARIANTS a warning says it takes a while; beyond
+# MAX_VARIANTS analyze refuses rather than run for many minutes out of memory.
+MANY_VARIANTS = 5000
+MAX_VARIANTS = 50000
 
 
 def _readable_variants(table: pd.DataFrame, source: str) -> tuple[pd.DataFrame, list[Finding]]:
@@ -139,6 +148,20 @@ def _variant_name(metric: str, margin: float, level: int, pooled: bool) -> str:
     return f"{metric} margin={margin:g} level={level} {'pooled' if pooled else 'flat'}"
 
 
+def _each_unique(function, *columns: pd.Series) -> np.ndarray:
+    """``function`` of every row's values, computed once per distinct combination: a score table has a
+    million rows but few encoders, datasets and variants (name mapping costs microseconds a call)."""
+    codes, uniques = pd.MultiIndex.from_arrays(list(columns)).factorize()
+    return np.array([function(*values) for values in uniques], dtype=object)[codes]
+
+
+def _keys(frame: pd.DataFrame, names: NameMapConfig, encoder: str, scheme: str) -> dict[str, np.ndarray]:
+    """The canonical encoder, dataset and scheme keys of a score table's rows."""
+    return {"encoder_key": _each_unique(lambda n: encoder_key(n, names), frame[encoder].fillna("")),
+            "dataset_key": _each_unique(lambda n: dataset_key(n, names), frame["dataset"].fillna("")),
+            "scheme_key": _each_unique(lambda n: scheme_key(n, names), frame[scheme].fillna(""))}
+
+
 def prepare_scores(robustness: Optional[pd.DataFrame], baselines: Optional[pd.DataFrame], names: NameMapConfig,
                    sources: tuple[str, str] = ("<robustness>", "<baselines>"), keep_copies: bool = False
                    ) -> tuple[pd.DataFrame, list[Finding]]:
@@ -157,10 +180,8 @@ def prepare_scores(robustness: Optional[pd.DataFrame], baselines: Optional[pd.Da
         pooled = _to_bool(r["pooled"])
         parts.append(pd.DataFrame({
             "source": sources[0], "family": "robustness",
-            "variant": [_variant_name(m, g, lv, p) for m, g, lv, p in zip(r["metric"], margin, level, pooled)],
-            "encoder_key": r["encoder"].map(lambda n: encoder_key(n, names)),
-            "dataset_key": r["dataset"].map(lambda n: dataset_key(n, names)),
-            "scheme_key": r["pretraining_scheme"].map(lambda n: scheme_key(n, names)),
+            "variant": _each_unique(_variant_name, r["metric"].astype(str), margin, level, pooled),
+            **_keys(r, names, "encoder", "pretraining_scheme"),
             "length": pd.to_numeric(r["pretraining_length"], errors="coerce"),
             "score": pd.to_numeric(r["robustness"], errors="coerce"), "higher_is_better": False}))
     if baselines is not None:
@@ -172,10 +193,8 @@ def prepare_scores(robustness: Optional[pd.DataFrame], baselines: Optional[pd.Da
         level = pd.to_numeric(b["level"], errors="coerce").fillna(-1).astype(int)
         parts.append(pd.DataFrame({
             "source": sources[1], "family": "baseline estimator",
-            "variant": [f"{m} level={lv}" for m, lv in zip(b["metric"], level)],
-            "encoder_key": b["encoder"].map(lambda n: encoder_key(n, names)),
-            "dataset_key": b["dataset"].map(lambda n: dataset_key(n, names)),
-            "scheme_key": b["pretraining_scheme"].map(lambda n: scheme_key(n, names)),
+            "variant": _each_unique(lambda m, lv: f"{m} level={lv}", b["metric"].astype(str), level),
+            **_keys(b, names, "encoder", "pretraining_scheme"),
             "length": pd.to_numeric(b["pretraining_length"], errors="coerce"),
             "score": pd.to_numeric(b["score"], errors="coerce"), "higher_is_better": higher}))
     if not parts:
@@ -185,6 +204,9 @@ def prepare_scores(robustness: Optional[pd.DataFrame], baselines: Optional[pd.Da
         if count > MAX_VARIANTS:  # every variant is a rule over every group: the cost grows with their number
             raise DataError(f"{source}: {count} score variants, more than the {MAX_VARIANTS} analyze evaluates "
                             "(the reference study has 150); keep the variants you study")
+        if count > MANY_VARIANTS:
+            log.warning("%s: %d score variants (the reference study has 150): analyze takes about a minute "
+                        "per 25,000 over 10^6 rows; keep the variants you study to make it faster", source, count)
     empty = scores["length"].isna() | scores["score"].isna()
     for source, count in scores[empty].groupby("source").size().items():
         found.append(Finding("no score value", source, f"{int(count)} row(s)", LEFT_OUT,

@@ -9,6 +9,7 @@ import pandas as pd
 
 from medxfer.config import NameMapConfig
 from medxfer.errors import ConfigError, DataError
+from medxfer.progress import ProgressLog
 from medxfer.report.analyze.claims import paper_claims, recommend, recommended_rule_record
 from medxfer.report.analyze.curves import build_curves, seeds_text
 from medxfer.report.analyze.evidence import gather_evidence
@@ -39,11 +40,13 @@ def analyze(downstream: pd.DataFrame | str | Path, robustness: pd.DataFrame | st
     ``data_quality.csv``, ``lodo.csv`` and (``figures``) ``figures/*.png``.
     """
     names = load_names(names)
+    stages = ProgressLog("analyze")  # plain lines off a terminal: a large table takes a minute
     down_table, down_source = _read_table(downstream, "downstream")
     robust_table, robust_source = (None, "<robustness>") if robustness is None else _read_table(robustness, "robustness")
     base_table, base_source = (None, "<baselines>") if baselines is None else _read_table(baselines, "baselines")
     down, found = prepare_downstream(down_table, names, down_source, test_set, keep_copies)
     scores, score_found = prepare_scores(robust_table, base_table, names, (robust_source, base_source), keep_copies)
+    stages.note(f"read {len(down)} downstream and {len(scores)} score rows")
     groups, curve_found = build_curves(down, scores, down_source)
     quality = found + score_found + curve_found
     variants = sorted({v for g in groups for v in g.scores})
@@ -51,7 +54,9 @@ def analyze(downstream: pd.DataFrame | str | Path, robustness: pd.DataFrame | st
     rules = builtin_rules(robustness_variants or variants, patience) + [
         Rule(f"{v} | argmin", score_rule(v), "baseline estimator", variant=v)
         for v in variants if v not in robustness_variants] + stop_rule_families(min_saved) + list(extra_rules)
-    decisions = evaluate_rules(groups, rules)
+    stages.note(f"{len(groups)} groups, {len(variants)} score variants: evaluating {len(rules)} rules")
+    decisions = evaluate_rules(groups, rules, progress=ProgressLog("analyze: rules", len(rules)))
+    stages.note("correlations and bootstrap intervals")
     correlation_table = correlations(groups)
     summary = summarize(decisions, groups, rules, correlation_table, n_resamples)
     if recommended is None:
@@ -63,6 +68,7 @@ def analyze(downstream: pd.DataFrame | str | Path, robustness: pd.DataFrame | st
     selected = decisions[decisions["rule"] == f"best variant | argmin [{IN_SAMPLE}]"]
     best_variant = str(selected["detail"].iloc[0]) if len(selected) else None
     headline = summary.loc[~summary["family"].isin(SINGLE_VARIANT), "rule"].tolist()
+    stages.note("the study's claims")
     evidence = gather_evidence(groups, decisions, down, robustness_variants or variants, headline, n_resamples)
     claims = paper_claims(summary, decisions, correlation_table, len(groups), evidence, recommended,
                           seeds_text(groups))
