@@ -43,6 +43,12 @@ def test_result_rows_reach_the_summary_table(tmp_path, monkeypatch):
     path = common.write_result("demo", rows, {common.NOTES_KEY: ["a note"]})
     data = json.loads(path.read_text())
     assert data["rows"][1]["medxfer"] is None  # NaN is stored as null, not as invalid JSON
+    assert len(data["load_average"]) == 3  # every result says how loaded the shared machine was
+    kept = common.write_result("demo_load", [], {"load_average": [9.0, 8.0, 7.0]})
+    assert json.loads(kept.read_text())["load_average"] == [9.0, 8.0, 7.0]  # taken before the run: kept
+    rows = common.write_and_print("demo_tail", rows, ["note 1"], {"sides": {}}, [1.0, 2.0, 3.0])
+    tail = json.loads((tmp_path / "demo_tail.json").read_text())
+    assert tail["load_average"] == [1.0, 2.0, 3.0] and tail["notes"] == ["note 1"] and len(rows) == 2
     summary = common.write_summary().read_text()
     assert "| demo | suite on masks | medpy | 0.5 | 6 | s | 12 | >= 10 | yes |" in summary
     assert "| demo | reported only | bare | - | - | MB | - | - | - |" in summary
@@ -246,3 +252,18 @@ def test_threads_benchmark_runs_one_side_in_a_fresh_process_and_reads_its_record
     assert not result["timed_out"] and result["threads"]["intra_op"] == 1
     assert result["threads"]["source"] == "OMP_NUM_THREADS" and result["threads"]["omp_wait_policy"] == "PASSIVE"
     assert 0.0 <= result["dice"] <= 1.0 and 0 < result["train_s"] < result["wall_s"]
+
+
+def test_analyze_benchmark_measures_an_analysis_of_its_synthetic_tables(monkeypatch):
+    import bench_analyze
+
+    import medxfer.report.analyze.inputs as inputs
+
+    monkeypatch.setattr(inputs, "MAX_VARIANTS", inputs.MAX_VARIANTS)  # the child lifts it: restored after
+
+    down, rob = bench_analyze.tables(10)
+    assert len(rob) == 10 * len(bench_analyze.LENGTHS) * len(bench_analyze.DATASETS)
+    assert rob.groupby(["level", "pooled"]).ngroups == 10 and len(down) == 2 * 20 * 3
+    result = bench_analyze.child(str(bench_analyze.SRC), 10)
+    assert result["rows"] == len(rob) and result["variants"] == 10 and result["seconds"] > 0
+    assert result["rules"] > 20  # an argmin and a patience rule per variant, and the others

@@ -663,29 +663,21 @@ def test_kill_9_while_checkpointing_on_another_filesystem_leaves_a_resumable_run
 
 
 @pytest.mark.slow
-def test_a_full_disk_during_a_cli_sweep_is_one_line_and_resumable(tmp_path):
-    """Issue #18 item 5 on a real full filesystem: a 256 KiB tmpfs (needs root; skipped elsewhere)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here")
-    try:
-        grid = tmp_path / "grid.yaml"
-        grid.write_text(yaml.safe_dump({**GRID, "base": {**GRID["base"], "train": {
-            **GRID["base"]["train"], "max_steps": 3, "checkpoint_every_s": 0.01}}}))
-        process = python(f"""
-            import sys
-            from medxfer.cli import main
-            sys.exit(main(["sweep", {str(grid)!r}, "--out", {str(mount / 'out')!r}]))
-        """)
-        _, err = process.communicate(timeout=600)
-        assert process.returncode == 2, err
-        assert err.count("\n") == 1 and err.startswith("error: no space left") and "Traceback" not in err
-        assert len(list(mount.glob("out/runs/*/error.json"))) == 1  # the failing run is recorded
-        assert not list(mount.rglob("*.tmp"))
-    finally:
-        subprocess.run(["umount", str(mount)], capture_output=True)
+def test_a_full_disk_during_a_cli_sweep_is_one_line_and_resumable(tmp_path, small_disk):
+    """Issue #18 item 5 on a real full filesystem: a 256 KiB tmpfs (tests/conftest.py; needs root)."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({**GRID, "base": {**GRID["base"], "train": {
+        **GRID["base"]["train"], "max_steps": 3, "checkpoint_every_s": 0.01}}}))
+    process = python(f"""
+        import sys
+        from medxfer.cli import main
+        sys.exit(main(["sweep", {str(grid)!r}, "--out", {str(small_disk / 'out')!r}]))
+    """)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 2, err
+    assert err.count("\n") == 1 and err.startswith("error: no space left") and "Traceback" not in err
+    assert len(list(small_disk.glob("out/runs/*/error.json"))) == 1  # the failing run is recorded
+    assert not list(small_disk.rglob("*.tmp"))
 
 
 def disk_full_or_sleepy(config, out_dir):

@@ -42,20 +42,6 @@ def one_error_line(capsys) -> str:
     return err[0]
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 256 KiB tmpfs: a real full disk (mounting needs root; skipped elsewhere)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], capture_output=True)
-
-
 # --- items 11 and 16: a full disk while saving model.pt, a checkpoint or the record ---------------------
 
 

@@ -255,3 +255,26 @@ def test_paired_test_uses_wilcoxon_from_six_pairs():
     assert five["test"] == "paired t-test"
     assert five["p value"] == pytest.approx(stats.ttest_rel(a[:5], b[:5]).pvalue)
     assert np.isnan(paired_test(a[:1], b[:1])["p value"])
+
+
+@pytest.mark.parametrize("limits,expected", [((2, 4), 2), ((4, 4), 3), ((0, 4), 0)])
+def test_the_overlay_grid_shows_no_more_cases_than_evaluation_max_overlays(tmp_path, limits, expected):
+    """evaluation.max_overlays was accepted and ignored: the grid shows at most that many test cases (the
+    smallest among the runs shown, at most the report's 3); 0 = no grid."""
+    from medxfer.report.overlays import plot_overlay_grid
+    from medxfer.report.plots import SkipFigure
+
+    records = []
+    for (strategy, length), limit in zip((("scratch", 0), ("full", 5)), limits):
+        record = make_record(strategy, length, 5, 0)
+        record["config"]["evaluation"]["max_overlays"] = limit
+        write_record(tmp_path / "runs" / record["run_id"], record)
+        save_tiny_model(tmp_path / "runs" / record["run_id"], record)
+        records.append(record)
+    if expected == 0:
+        with pytest.raises(SkipFigure, match="evaluation.max_overlays is 0"):
+            plot_overlay_grid(tmp_path, records)
+        return
+    figure, description = plot_overlay_grid(tmp_path, records)
+    assert description.endswith(f"2 run(s) on {expected} test case(s)")
+    assert len(figure.axes) == expected * 4  # image, ground truth and 2 runs per case

@@ -299,8 +299,9 @@ class EvalConfig(StrictModel):
     sw_overlap: float = Field(0.25, ge=0.0, lt=1.0, description="Sliding-window overlap (patch-trained models).")
     sw_batch_size: int = Field(4, ge=1, description="Windows per forward pass in sliding-window inference.")
     max_overlays: int = Field(4, ge=0, description=(
-        "Not used by any code at present (overlays come from `medxfer report` and `medxfer predict`); "
-        "accepted so existing configs still load."))
+        "At most this many test cases in the overlay grid of `medxfer report` (image, ground truth and each "
+        "shown run's prediction; the smallest value among the runs shown, and at most the report's 3); 0 = no "
+        "overlay grid. `medxfer predict` writes an overlay per input regardless."))
     source_test: Optional[DataConfig] = Field(None, description=(
         "A data section: also evaluate here (forgetting of the source task)."))
     headline: Literal["pooled", "per_image"] = Field(

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from medxfer.config import DataConfig, parse_config
+from medxfer.config import DataConfig, EvalConfig, parse_config
 from medxfer.data import load_data
 from medxfer.data.preprocess import is_preprocessed
 from medxfer.data.base import IGNORE_INDEX
@@ -143,6 +143,12 @@ def select_overlay_runs(results_dir: str | Path, records: Sequence[dict[str, Any
     return chosen + runs
 
 
+def max_overlays(record: dict[str, Any]) -> int:
+    """The run config's ``evaluation.max_overlays`` (its default for a record that predates it)."""
+    value = ((record.get("config") or {}).get("evaluation") or {}).get("max_overlays")
+    return int(EvalConfig.model_fields["max_overlays"].default if value is None else value)
+
+
 def _data_key(record: dict[str, Any]) -> str:
     data = dict((record.get("config") or {}).get("data") or {})
     data.pop("train_images", None)  # the test split does not depend on the training subset
@@ -174,7 +180,8 @@ def cases_to_show(cases: Sequence[Any], n_cases: int) -> list:
 
 def plot_overlay_grid(results_dir: str | Path, records: Sequence[dict[str, Any]], n_cases: int = 3,
                       run_ids: Optional[Sequence[str]] = None, max_runs: int = 5) -> tuple[Figure, str]:
-    """Image | ground truth | prediction of each chosen run, for the first ``n_cases`` test cases.
+    """Image | ground truth | prediction of each chosen run, for up to ``n_cases`` test cases, and no more than
+    the runs' configs allow (``evaluation.max_overlays``, the smallest among the runs shown; 0 = no grid).
     Returns the figure and a one-line description of what it shows."""
 
     results_dir = Path(results_dir)
@@ -187,6 +194,9 @@ def plot_overlay_grid(results_dir: str | Path, records: Sequence[dict[str, Any]]
         raise SkipFigure("no run folder keeps a model.pt to re-run on test cases")
     key = _data_key(runs[0])
     runs = [r for r in runs if _data_key(r) == key]
+    n_cases = min(n_cases, *(max_overlays(r) for r in runs))
+    if n_cases <= 0:
+        raise SkipFigure("evaluation.max_overlays is 0 in the configs of the runs shown")
     try:
         data_config = parse_config((runs[0].get("config") or {}).get("data"), DataConfig, source="record data")
         data = load_data(data_config)

@@ -212,28 +212,16 @@ def plot_dice_vs_n_images(table: pd.DataFrame) -> Figure:
     data = _target_rows(table)
     if data["n train images"].nunique() < 2:
         raise SkipFigure("needs target-test runs with two or more numbers of training images")
-    keys = ["model", "strategy", "pretraining length", "pretraining scheme"]
-    show_model = _several(data["model"])
     panels = []
     for dataset in sorted(data["dataset"].unique()):
         panel = data[data["dataset"] == dataset]
-        arms = [(key, rows) for key, rows in panel.groupby(keys, dropna=False) if rows["n train images"].nunique() >= 2]
+        arms = _arms_over_image_counts(panel)
         scratch = [arm for arm in arms if arm[0][1] == "scratch"]
         others = [arm for arm in arms if arm[0][1] != "scratch"]
         for part in chunks(others, MAX_LEGEND_ENTRIES - len(scratch)):
             if part or scratch:
-                panels.append((dataset, scratch + part))
-    if not panels:
-        raise SkipFigure("no starting point was run with two or more numbers of training images")
-    figure, axes = _panel_grid(len(panels))
-    for ax, (dataset, arms) in zip(axes, panels):
-        for (model, strategy, length, scheme), rows in arms:
-            label = (f"{model}, " if show_model else "") + arm_label(strategy, length, scheme) + _seeds_text(rows)
-            style = {"color": "black", "linestyle": "--"} if strategy == "scratch" else {}
-            _draw_line(ax, _mean_sd(rows, "n train images"), "n train images", label, **style)
-        _image_count_axis(ax, data[data["dataset"] == dataset]["n train images"])
-        _finish(ax, "Dice (target test)", str(dataset))
-    return figure
+                panels.append((str(dataset), scratch + part, panel["n train images"]))
+    return _image_count_figure(panels, _several(data["model"]), "Dice (target test)")
 
 
 def plot_per_class_dice_vs_n_images(table: pd.DataFrame) -> tuple[Figure, str]:
@@ -248,26 +236,40 @@ def plot_per_class_dice_vs_n_images(table: pd.DataFrame) -> tuple[Figure, str]:
         raise SkipFigure("needs target-test runs with two or more numbers of training images")
     metric = "pooled Dice" if long["pooled Dice"].notna().any() else "per-image Dice"
     long = long.assign(**{VALUE: long[metric]}).dropna(subset=[VALUE])
-    keys = ["model", "strategy", "pretraining length", "pretraining scheme"]
-    show_model = _several(long["model"])
     panels = []
     for (dataset, name), panel in long.groupby(["dataset", "class"], sort=False):
-        arms = [(key, rows) for key, rows in panel.groupby(keys, dropna=False) if rows["n train images"].nunique() >= 2]
+        arms = _arms_over_image_counts(panel)
         arms.sort(key=lambda arm: arm[0][1] != "scratch")  # scratch first, in black
         for part in chunks(arms):
             if part:
-                panels.append((f"{dataset}: {name}", part))
+                panels.append((f"{dataset}: {name}", part, long["n train images"]))
+    return _image_count_figure(panels, _several(long["model"]), f"{metric} (target test)"), f"y: {metric} per class"
+
+
+IMAGE_COUNT_ARM = ["model", "strategy", "pretraining length", "pretraining scheme"]
+
+
+def _arms_over_image_counts(panel: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame]]:
+    """The starting points (model, strategy, length, scheme) of ``panel`` run with two or more numbers of
+    training images, each with its rows."""
+    return [(key, rows) for key, rows in panel.groupby(IMAGE_COUNT_ARM, dropna=False)
+            if rows["n train images"].nunique() >= 2]
+
+
+def _image_count_figure(panels: list[tuple[str, list, pd.Series]], show_model: bool, ylabel: str) -> Figure:
+    """A panel per ``(title, arms, image counts for the x ticks)``: a line per arm, mean ± sd over seeds
+    against the number of training images (scratch dashed, in black)."""
     if not panels:
         raise SkipFigure("no starting point was run with two or more numbers of training images")
     figure, axes = _panel_grid(len(panels))
-    for ax, (title, arms) in zip(axes, panels):
+    for ax, (title, arms, counts) in zip(axes, panels):
         for (model, strategy, length, scheme), rows in arms:
             label = (f"{model}, " if show_model else "") + arm_label(strategy, length, scheme) + _seeds_text(rows)
             style = {"color": "black", "linestyle": "--"} if strategy == "scratch" else {}
             _draw_line(ax, _mean_sd(rows, "n train images"), "n train images", label, **style)
-        _image_count_axis(ax, long["n train images"])
-        _finish(ax, f"{metric} (target test)", title)
-    return figure, f"y: {metric} per class"
+        _image_count_axis(ax, counts)
+        _finish(ax, ylabel, title)
+    return figure
 
 
 def _image_count_axis(ax, counts: pd.Series) -> None:
