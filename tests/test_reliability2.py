@@ -514,7 +514,7 @@ def test_analyze_of_many_variants_finishes_printing_progress(tmp_path, capsys):
     started = time.perf_counter()
     assert main(["analyze", "--downstream", str(tmp_path / "results.csv"), "--robustness",
                  str(tmp_path / "robustness.csv"), "--out", str(tmp_path / "analysis")]) == 0
-    assert time.perf_counter() - started < 60  # ~6 s here; before: 48 s for 500 variants (and refused these)
+    assert time.perf_counter() - started < 120  # ~8 s on 2 idle cores; before, refused (and 500 took 48 s)
     out = capsys.readouterr().out
     assert "analyze: read 48 downstream and 16032 score rows" in out
     assert "analyze: 2 groups, 1002 score variants: evaluating" in out and "analyze: rules: " in out
