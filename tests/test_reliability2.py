@@ -506,17 +506,17 @@ def test_analyze_leaves_out_infinite_dice_and_scores_and_reports_them(tmp_path, 
 
 def test_analyze_of_many_variants_finishes_printing_progress(tmp_path, capsys):
     """Item 10: 25,000 variants had not finished after 240 s, printing nothing; 1,002 were refused. The
-    per-variant work is vectorised now: 1,002 variants x 8 lengths x 2 datasets finish in seconds, and the
-    stages print as plain lines off a terminal."""
-    down, rob = _analyze_tables(levels=range(1, 502), lengths=(0, 10, 20, 40, 80, 120, 160, 200))
+    per-variant work is vectorised now: 1,002 variants x 4 lengths x 2 datasets finish in seconds of CPU
+    time, and the stages print as plain lines off a terminal."""
+    down, rob = _analyze_tables(levels=range(1, 502))
     down.to_csv(tmp_path / "results.csv", index=False)
     rob.to_csv(tmp_path / "robustness.csv", index=False)
-    started = time.perf_counter()
+    started = time.process_time()  # CPU time: the wall clock of a shared machine says more about the others
     assert main(["analyze", "--downstream", str(tmp_path / "results.csv"), "--robustness",
                  str(tmp_path / "robustness.csv"), "--out", str(tmp_path / "analysis")]) == 0
-    assert time.perf_counter() - started < 120  # ~8 s on 2 idle cores; before, refused (and 500 took 48 s)
+    assert time.process_time() - started < 40  # ~6 s; before, refused (and 500 variants took 48 s)
     out = capsys.readouterr().out
-    assert "analyze: read 48 downstream and 16032 score rows" in out
+    assert "analyze: read 24 downstream and 8016 score rows" in out
     assert "analyze: 2 groups, 1002 score variants: evaluating" in out and "analyze: rules: " in out
     decisions = pd.read_csv(tmp_path / "analysis" / "decisions.csv")
     assert decisions["rule"].str.endswith("level=501 flat | argmin").sum() == 2  # every variant, every group
@@ -535,7 +535,7 @@ def test_analyze_warns_about_many_variants_and_refuses_too_many(tmp_path, monkey
     monkeypatch.setattr(inputs, "MANY_VARIANTS", 8)
     with caplog.at_level(logging.WARNING, logger="medxfer.report.analyze.inputs"):
         assert main(command) == 0
-    assert "10 score variants (the reference study has 150): analyze takes about a minute" in caplog.text
+    assert "10 score variants (the reference study has 150): analyze takes minutes" in caplog.text
     capsys.readouterr()
     monkeypatch.setattr(inputs, "MAX_VARIANTS", 9)
     assert main([*command[:-1], str(tmp_path / "refused")]) == 2

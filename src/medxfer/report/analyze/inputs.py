@@ -121,9 +121,9 @@ def _matches(frame: pd.DataFrame, columns: Sequence[str], values: Sequence[Any])
 
 
 # Score variants per table (metric x margin x level x pooled; the reference study has 150). Each is a rule
-# over every group; the per-variant work is vectorised: 25,000 variants over 10^6 score rows took 62 s and
-# 1.7 GB (benchmarks/bench_analyze.py). Beyond MANY_VARIANTS a warning says it takes a while; beyond
-# MAX_VARIANTS analyze refuses rather than run for many minutes out of memory.
+# over every group; the per-variant work is vectorised: 25,000 variants over 10^6 score rows took 62-166 s
+# (idle to loaded 2 cores) and 1.5 GB (benchmarks/results/analyze.json). Beyond MANY_VARIANTS a warning says
+# it takes a while; beyond MAX_VARIANTS analyze refuses rather than run for many minutes out of memory.
 MANY_VARIANTS = 5000
 MAX_VARIANTS = 50000
 
@@ -205,8 +205,9 @@ def prepare_scores(robustness: Optional[pd.DataFrame], baselines: Optional[pd.Da
             raise DataError(f"{source}: {count} score variants, more than the {MAX_VARIANTS} analyze evaluates "
                             "(the reference study has 150); keep the variants you study")
         if count > MANY_VARIANTS:
-            log.warning("%s: %d score variants (the reference study has 150): analyze takes about a minute "
-                        "per 25,000 over 10^6 rows; keep the variants you study to make it faster", source, count)
+            log.warning("%s: %d score variants (the reference study has 150): analyze takes minutes (25,000 "
+                        "variants over 10^6 rows: 1-3 min); keep the variants you study to make it faster",
+                        source, count)
     empty = scores["length"].isna() | scores["score"].isna()
     for source, count in scores[empty].groupby("source").size().items():
         found.append(Finding("no score value", source, f"{int(count)} row(s)", LEFT_OUT,
