@@ -647,14 +647,13 @@ def test_a_run_resumed_mid_epoch_ends_with_the_uninterrupted_weights(tmp_path, s
     from medxfer.config import RunConfig, parse_config
     from medxfer.finetune import run_finetune
 
-    torch.set_num_threads(1)
     # 6 training images at batch 4: 2 steps an epoch; a checkpoint after every step; killed at step 3
     # (mid-way through the second epoch) and resumed
     # no validation: the last weights are evaluated (the best-by-validation ones could predate the kill)
     data = {**TINY_RUN["data"], "train_images": 6, "augment": augment, "val_fraction": 0.0}
     config = parse_config({**TINY_RUN, "data": data,
                            "train": {**TINY_RUN["train"], "max_steps": 6, "sampling": sampling, "lr": 1e-2,
-                                     "checkpoint_every_s": 1e-9}}, RunConfig)
+                                     "checkpoint_every_s": 1e-9, "threads": 1}}, RunConfig)
     plain = run_finetune(config, tmp_path / "plain")
     with pytest.raises(RuntimeError, match="killed at step 3"):
         run_finetune(config, tmp_path / "resumed", callbacks=[_KilledAtStep(3)])
