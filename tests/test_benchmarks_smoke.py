@@ -120,18 +120,105 @@ def test_3d_benchmark_measures_every_side_and_profiles_unet3d(tmp_path, monkeypa
 def test_loss_selection_benchmark_runs_auto_and_every_fixed_loss_on_one_tiny_task():
     import bench_losses
 
-    results = bench_losses.run_tasks([("rare_class_few_cases", 2)], seeds=[0], workers=1,
-                                     shape={2: (24, 24)}, steps={2: 2}, width=2)
+    results = bench_losses.run_tasks([("rare_class_few_cases", 2)], seeds=[0, 1], workers=1,
+                                     shape={2: (24, 24)}, steps={2: 4}, width=2)
     (result,) = results
     assert set(result["summary"]) == {"auto"} | set(bench_losses.fixed_losses(bench_losses.make_task(
         "rare_class_few_cases", 2, shape=(24, 24))))
     assert result["auto"]["loss"] and result["auto"]["reason"]
     for summary in result["summary"].values():
         assert 0.0 <= summary["dice"] <= 1.0 and summary["fg_ratio"] >= 0.0
+        assert summary["seeds"] == [0, 1] and summary["dice"] == pytest.approx(np.mean(summary["per_seed"]))
     assert result["best_fixed"] != "auto"
-    assert result["gap"] == result["summary"]["auto"]["dice"] - result["summary"][result["best_fixed"]]["dice"]
+    best = result["summary"][result["best_fixed"]]
+    # paired per seed: auto's seed-s Dice minus the best fixed loss's seed-s Dice, and the interval around the mean
+    assert result["gap_per_seed"] == [a - b for a, b in zip(result["summary"]["auto"]["per_seed"], best["per_seed"])]
+    assert result["gap"] == pytest.approx(result["summary"]["auto"]["dice"] - best["dice"])
+    assert result["gap_low"] <= result["gap"] <= result["gap_high"]
+    assert result["verdict"] in ("met", "missed", "undecided") and result["n_runs"] == 14
+    run = result["runs"]["auto"][0]
+    assert [step for step, _ in run["curve"]] == [1, 2, 3, 4] and run["converged"] in (True, False, None)
     table = bench_losses.markdown_table(results)
-    assert "| rare_class_few_cases 2D |" in table and table.count("\n") == 3
+    assert "| rare_class_few_cases 2D |" in table and table.count("\n") == 3 and result["verdict"] in table
+    assert bench_losses.seed_table(results).count("\n") == 3
+
+
+def test_loss_benchmark_trains_with_medxfers_default_recipe(monkeypatch):
+    """The optimizer, lr and schedule come from TrainConfig() at run time, through medxfer's own builders."""
+    import bench_losses
+
+    from medxfer.config import TrainConfig
+    from medxfer.training import strategies
+
+    seen = {}
+    build_optimizer, build_scheduler = strategies.build_optimizer, strategies.build_scheduler
+
+    def spy_optimizer(groups, train):
+        seen["train"], seen["optimizer"] = train, build_optimizer(groups, train)
+        seen["lrs"] = [group["lr"] for group in seen["optimizer"].param_groups]
+        return seen["optimizer"]
+
+    def spy_scheduler(optimizer, train, total_steps):
+        seen["total_steps"] = total_steps
+        return build_scheduler(optimizer, train, total_steps)
+
+    monkeypatch.setattr(strategies, "build_optimizer", spy_optimizer)
+    monkeypatch.setattr(strategies, "build_scheduler", spy_scheduler)
+    task = bench_losses.make_task("balanced", 2, shape=(16, 16), n_train=3, n_test=2)
+    bench_losses.train_and_score(task, "ce", {}, seed=0, steps=3, batch_size=2, width=2)
+    default = TrainConfig()
+    assert seen["train"] == TrainConfig(strategy="scratch") and seen["total_steps"] == 3
+    assert type(seen["optimizer"]).__name__.lower() == default.optimizer
+    assert seen["lrs"] == [default.lr] * len(seen["lrs"])
+    recipe = bench_losses.default_recipe()
+    assert (recipe["lr"], recipe["scheduler"], recipe["sampling"]) == (default.lr, default.scheduler, default.sampling)
+
+
+def test_loss_benchmark_batches_interval_and_verdict_by_hand():
+    import bench_losses
+
+    rng = np.random.default_rng(0)
+    drawn = list(bench_losses.batch_indices(5, 4, 7, "with_replacement", rng))
+    assert len(drawn) == 7 and all(len(b) == 4 and b.max() < 5 for b in drawn)  # never a short batch
+    epochs = list(bench_losses.batch_indices(5, 4, 4, "epochs", rng))
+    assert [len(b) for b in epochs] == [4, 1, 4, 1] and sorted(np.concatenate(epochs[:2])) == [0, 1, 2, 3, 4]
+    mean, low, high = bench_losses.paired_interval([0.01, -0.01, 0.0, 0.02, -0.02])
+    # t(0.975, 4) = 2.776; sd = sqrt(0.001 / 4) = 0.0158; half width 2.776 * 0.0158 / sqrt(5) = 0.0196
+    assert mean == pytest.approx(0.0) and high == pytest.approx(0.0196, abs=1e-4) and low == pytest.approx(-high)
+    assert bench_losses.paired_interval([0.03]) == (0.03, 0.03, 0.03)
+    assert bench_losses.verdict(-0.019, 0.01, False) == "met"
+    assert bench_losses.verdict(-0.05, 0.01, False) == "undecided"  # the interval reaches past -0.02
+    assert bench_losses.verdict(-0.05, -0.021, False) == "missed"
+    assert bench_losses.verdict(0.0, 0.01, True) == "missed"  # auto collapsed on some seed
+    # false positives on the cases without a class: 1 of the 2 cases lacking class 1 gets a stray pixel
+    truth = np.zeros((3, 4, 4), dtype=np.int64)
+    truth[0, :2] = 1
+    predicted = truth.copy()
+    predicted[2, 0, 0] = 1
+    assert bench_losses.absent_false_positives(predicted, truth, 3) == [0.5, 0.0]
+    assert bench_losses.task_specs(["balanced", "amygdala"], [2, 3]) == [("balanced", 2), ("amygdala", 2),
+                                                                         ("balanced", 3)]
+    with pytest.raises(ValueError, match="unknown task 'lungs'"):
+        bench_losses.task_specs(["lungs"], [2])
+
+
+def test_loss_benchmark_amygdala_task_is_real_and_mostly_absent():
+    import bench_losses
+
+    from medxfer.data import colin27
+
+    if not (colin27.TEMPLATES / colin27.IMAGE_FILE).is_file():
+        pytest.skip("needs the Debian package mricron-data")
+    task = bench_losses.make_task("amygdala", 2)
+    assert (len(task.train_labels), len(task.test_labels), task.n_classes) == (16, 16, 2)
+    present = lambda labels: sum(bool((label == 1).any()) for label in labels)  # noqa: E731
+    assert present(task.train_labels) == 3 and present(task.test_labels) == 3  # absent from most slices
+    assert set(task.extra["train_z"]).isdisjoint(task.extra["test_z"])
+    assert all(abs(float(image.mean())) < 1e-4 for image in task.train_images)  # z-scored per image
+    name, options, _, _ = bench_losses.auto_choice(task)
+    assert name == "dice_ce" and options["class_weights"][1] > 1  # the rare-class rule
+    with pytest.raises(ValueError, match="2D only"):
+        bench_losses.make_task("amygdala", 3)
 
 
 def test_loss_benchmark_tasks_hold_their_regimes_and_score_by_hand():

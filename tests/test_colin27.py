@@ -79,3 +79,25 @@ def test_real_slices_hold_the_three_structures_in_both_domains():
     # the T2-like domain reverses the contrast between the structures (grey matter) and the background
     inside = lambda case: case.image[0][case.label > 0].mean() / case.image[0][case.label == 0].mean()  # noqa: E731
     assert inside(t1.test[3]) < 1.0 < inside(t2.test[3]) or inside(t1.test[3]) > 1.0 > inside(t2.test[3])
+
+
+def test_axial_slices_refuse_a_slice_outside_the_volume_and_name_the_file(tmp_path):
+    with pytest.raises(DataError, match=r"ch2.nii.gz: .*mricron-data"):
+        colin27.axial_slices({"amygdala": ("Amygdala_L", "Amygdala_R")}, [50], root=tmp_path)
+
+
+@installed
+def test_axial_slices_label_other_structures_with_the_demo_crop():
+    """The loss benchmark's amygdala: one class from two AAL regions, present on a few slices only."""
+    cases = colin27.axial_slices({"amygdala": ("Amygdala_L", "Amygdala_R")}, [30, 50, 56, 90])
+    assert [c.meta["z"] for c in cases] == [30, 50, 56, 90]
+    assert all(c.image.shape == (1, colin27.SIZE, colin27.SIZE) and c.label.dtype == np.int64 for c in cases)
+    assert [bool((c.label == 1).any()) for c in cases] == [False, True, True, False]
+    assert set(np.unique(np.stack([c.label for c in cases]))) == {0, 1}
+    assert 0.005 < np.mean(cases[2].label == 1) < 0.05  # a small structure, both sides
+    left, right = np.nonzero(cases[2].label[:, : colin27.SIZE // 2])[1], np.nonzero(cases[2].label[:, colin27.SIZE // 2:])[1]
+    assert len(left) and len(right)
+    with pytest.raises(DataError, match="outside 0..180"):
+        colin27.axial_slices({"amygdala": ("Amygdala_L",)}, [181])
+    with pytest.raises(DataError, match=r"aal.nii.txt: region 'Amygdala_X' not listed"):
+        colin27.axial_slices({"amygdala": ("Amygdala_X",)}, [50])

@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -171,6 +171,25 @@ def _cases(folder: Path, domain: str) -> tuple[tuple[str, Case], ...]:
                                 case_id=f"colin27-{domain}-z{z:03d}", spacing=spacing,
                                 meta={"domain": domain, "z": z})))
     return tuple(out)
+
+
+def axial_slices(structures: dict[str, tuple[str, ...]], z_values: Sequence[int],
+                 root: Optional[os.PathLike] = None) -> list[Case]:
+    """T1 axial slices ``z_values`` (the demo's crop and 64 x 64 resampling) labelled k = 1, 2, ... with the AAL
+    regions of the k-th entry of ``structures`` (name -> AAL region names, e.g. ``{"amygdala": ("Amygdala_L",
+    "Amygdala_R")}``); for tasks on other structures than the demo's (the loss benchmark's amygdala)."""
+    folder = _root(root).resolve()
+    t1 = _read_volume(folder / IMAGE_FILE).astype(np.float32)
+    atlas = _read_volume(folder / ATLAS_FILE)
+    if t1.shape != atlas.shape:
+        raise DataError(f"{folder / ATLAS_FILE}: shape {atlas.shape} differs from {IMAGE_FILE} {t1.shape}")
+    outside = [int(z) for z in z_values if not 0 <= int(z) < t1.shape[2]]
+    if outside:
+        raise DataError(f"{folder / IMAGE_FILE}: axial slice z={outside[0]} outside 0..{t1.shape[2] - 1}")
+    labels = structure_labels(folder, atlas, structures, np.int64)
+    return [Case(image=_slice_2d(t1, int(z), 1)[None], label=_slice_2d(labels, int(z), 0),
+                 case_id=f"colin27-t1-z{int(z):03d}", spacing=(96.0 / SIZE, 96.0 / SIZE),
+                 meta={"domain": "t1", "z": int(z), "structures": list(structures)}) for z in z_values]
 
 
 def load_colin27(options: dict[str, Any] | None = None, root: Optional[os.PathLike] = None) -> SegmentationData:
