@@ -143,6 +143,25 @@ def test_loss_selection_benchmark_runs_auto_and_every_fixed_loss_on_one_tiny_tas
     assert bench_losses.seed_table(results).count("\n") == 3
 
 
+def test_loss_benchmark_main_writes_tables_and_per_seed_results(tmp_path, monkeypatch):
+    import bench_losses
+
+    monkeypatch.setattr(bench_losses, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench_losses, "SHAPES", {2: (16, 16), 3: (8, 8, 8)})
+    bench_losses.main(["--tasks", "balanced", "--seeds", "0", "1", "--steps-2d", "2", "--workers", "1",
+                       "--out", "tiny"])
+    data = json.loads((tmp_path / "tiny.json").read_text())
+    assert data["complete"] and data["seeds"] == [0, 1] and data["n_runs"] == 14 and data["steps"] == {"2": 2}
+    assert data["recipe"] == bench_losses.default_recipe()
+    (task,) = data["tasks"]
+    assert task["task"] == "balanced" and len(task["gap_per_seed"]) == 2 and task["verdict"] in data["table"]
+    assert len(data["runs"]["balanced 2D"]["auto"]) == 2 and "curve" in data["runs"]["balanced 2D"]["auto"][0]
+    assert data["rows"][0]["met"] == {"met": True, "missed": False}.get(task["verdict"])
+    markdown = (tmp_path / "tiny.md").read_text()
+    assert data["table"] in markdown and data["seed_table"] in markdown and "Whole benchmark" in markdown
+
+
 def test_loss_benchmark_trains_with_medxfers_default_recipe(monkeypatch):
     """The optimizer, lr and schedule come from TrainConfig() at run time, through medxfer's own builders."""
     import bench_losses
