@@ -50,7 +50,7 @@ TASKS = SYNTHETIC_TASKS + REAL_TASKS
 SHAPES = {2: (48, 48), 3: (16, 16, 16)}
 SEEDS = (0, 1, 2, 3, 4)
 STEPS = {2: 300, 3: 1000}
-# The default run: 2D only, the real task first (see docs/losses.md: at the default lr the 3D tasks need ~1000
+# The default run: 2D only, the real task first (see docs/losses.md: at the default lr the 3D tasks need several times the 2D
 # steps, which this 2-core machine cannot give 5 seeds x 7 losses x 5 tasks in the benchmark's budget).
 DEFAULT_DIMS = (2,)
 TASKS_IN_ORDER = ("amygdala", "rare_class_few_cases", "many_classes", "small_objects", "sparse_labels", "balanced")
