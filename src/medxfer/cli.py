@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from medxfer.errors import DataError, MedxferError
+from medxfer.errors import ConfigError, DataError, MedxferError
 from medxfer.io import check_folder_free, check_output_dir
 from medxfer.progress import interactive, plain_progress_off, plain_progress_to
 
@@ -103,14 +103,23 @@ def _print_table(title: str, columns: list[str], rows: list[list]) -> None:
 def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder."),
          quick: bool = typer.Option(False, "--quick", help="A few steps per stage (what the tests run)."),
          workers: Optional[int] = typer.Option(None, "--workers", help="Parallel runs (default: min(2, cores))."),
+         study: str = typer.Option("2d", "--study", help="2d: Colin27 slices, ImageNet, Fashion-MNIST ladder; "
+                                   "3d: sparse-label 3D transfer on simulated Colin27 subjects (docs/study3d.md)."),
          ) -> None:
-    """A small real study on installed data (Colin27 brain MRI, Fashion-MNIST, ImageNet EfficientNet-Lite0
-    weights; no download): scratch vs ImageNet, a pretraining-length ladder with its stop rule, a second
-    intensity domain. Resumable: a second run reuses finished work."""
-    from medxfer.demo import run_demo
-
+    """A small real study on installed data (no download), resumable: a second run reuses finished work.
+    --study 2d (default): Colin27 brain MRI slices, Fashion-MNIST, ImageNet EfficientNet-Lite0 weights;
+    scratch vs ImageNet, a pretraining-length ladder with its stop rule, a second intensity domain.
+    --study 3d: simulated subjects from Colin27 + AAL; sparse-label pretraining, new structures with 2/4/8
+    volumes (scratch, full, frozen, gradual unfreeze), a second domain with its forgetting."""
+    if study not in ("2d", "3d"):
+        raise ConfigError(f"--study: expected 2d or 3d, got {study!r}")
     _check_out(out)
     _quiet_training_libraries()
+    if study == "3d":
+        _demo_3d(out, quick, workers)
+        return
+    from medxfer.demo import run_demo
+
     summary = run_demo(out, quick=quick, progress=interactive(), workers=workers)
     for name, frame in [("the study's answer (Colin27 T1: caudate, putamen, thalamus)", summary["answer_table"]),
                         ("pretraining-length ladder (Fashion-MNIST steps; length 0 = scratch)", summary["ladder"]),
@@ -122,6 +131,21 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder
     console.print(f"runs: {counts}")
     console.print(f"results: {summary['results_csv']}\nrobustness: {summary['robustness_csv']}\n"
                   f"analysis: {summary['analysis_dir']}\nreport: {summary['report']}")
+    for sentence in summary["headline"]:
+        console.print(f"finding: {sentence}", highlight=False)
+
+
+def _demo_3d(out: Path, quick: bool, workers: Optional[int]) -> None:
+    from medxfer.study3d import run_study3d
+
+    summary = run_study3d(out, quick=quick, progress=interactive(), workers=workers)
+    if not summary["answer_table"].empty:
+        _print_frame("the study's answer (target: hippocampus + amygdala; second domain: T2-like)",
+                     summary["answer_table"])
+    counts = ", ".join(f"{n} {status}" for status, n in summary["counts"].items())
+    console.print(f"runs: {counts}")
+    console.print(f"data: {out / 'data'}\ngrid: {summary['grid']}\nresults: {summary['results_csv']}\n"
+                  f"report: {summary['report']}")
     for sentence in summary["headline"]:
         console.print(f"finding: {sentence}", highlight=False)
 
