@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from medxfer.config import DataConfig
 from medxfer.data import load_data
@@ -52,52 +51,5 @@ def test_target_subjects_label_both_new_structures_and_differ_between_subjects(t
     assert (a != b).any()  # simulated variability: the anatomy moves between subjects
 
 
-@pytest.mark.slow
-def test_the_study_grid_expands(tmp_path):
-    from medxfer.sweep.grid import expand_grid, load_sweep
-
-    grid = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "study3d" / "sweep.yaml").read_text())
-    path = tmp_path / "configs" / "study3d" / "sweep.yaml"
-    path.parent.mkdir(parents=True)
-    path.write_text(yaml.safe_dump(grid))
-    plan = expand_grid(load_sweep(path), tmp_path / "out")
-    assert not plan.invalid
-    runs = plan.runs
-    strategies = sorted({(r.config.train.strategy, r.config.data.train_images) for r in runs if r.config.data.root.name == "target"})
-    assert strategies == sorted((s, n) for s in ("scratch", "full", "frozen_encoder", "gradual") for n in (2, 4, 8))
-    second = [r for r in runs if r.config.data.root.name == "source_t2like"]
-    assert len(second) == 1 and second[0].config.evaluation.source_test is not None
-
-
-@pytest.mark.slow
-def test_the_study_runs_end_to_end_scaled_down(tmp_path):
-    """configs/study3d/sweep.yaml with every size cut down: pretraining, the four arms, the second domain with
-    its forgetting baseline, the report."""
-    from medxfer.records import iter_records
-    from medxfer.report import write_report
-    from medxfer.sweep.runner import run_sweep
-
-    data = tmp_path / "study3d_data"
-    write_subjects(data / "source", "source", 6)
-    write_subjects(data / "target", "target", 8)
-    write_subjects(data / "source_t2like", "source_t2like", 4)
-    grid = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "study3d" / "sweep.yaml").read_text())
-    grid["pretraining"][0]["schedule"]["lengths"] = [0, 6]
-    grid["pretraining"][0]["model"]["width"] = grid["base"]["model"]["width"] = 4
-    grid["base"]["pretrained"]["length"] = 6
-    grid["base"]["train"].update({"max_steps": 4, "val_every_n_steps": 2})
-    grid["axes"]["train_images"] = [2, 4]
-    grid["include"][1]["train.unfreeze_after_steps"] = 2
-    grid["include"][2]["train_images"] = 2
-    path = tmp_path / "configs" / "study3d" / "sweep.yaml"
-    path.parent.mkdir(parents=True)
-    path.write_text(yaml.safe_dump(grid))
-    summary = run_sweep(path, tmp_path / "out")
-    assert not summary.failed
-    records = list(iter_records(tmp_path / "out"))
-    assert sorted({r["strategy"] for r in records}) == ["frozen_encoder", "full", "gradual", "scratch"]
-    second = [r for r in records if "source" in r["metrics"]]
-    assert len(second) == 1 and second[0]["pretraining"]["load"] == "full"
-    source = second[0]["metrics"]["source"]
-    assert source["annotation"]["partially_annotated_images"] == source["n_images"]  # sparse source test split
-    assert (write_report(tmp_path / "out")).is_file()
+# The study grid (configs/study3d/sweep.yaml, written from medxfer.study3d.study_grid) and its end-to-end run:
+# tests/test_study3d.py.
