@@ -66,7 +66,7 @@ def test_cli_runs_the_3d_study_and_prints_its_answer(tmp_path, capsys, monkeypat
 
     def fake(out, quick=False, progress=False, workers=None):
         calls.append((Path(out), quick, workers))
-        answer = pd.DataFrame([{"question": "full fine-tuning vs scratch", "target volumes": 2, "seeds": 3,
+        answer = pd.DataFrame([{"question": "full fine-tuning vs scratch", "training volumes": 2, "seeds": 3,
                                 "Dice scratch": 0.1, "Dice": 0.3, "difference [95% CI]": "+0.200 [+0.100, +0.300]",
                                 "verdict": "better than scratch"}])
         return {"answer_table": answer, "headline": ["Forgetting: the base model's own Dice ..."],
@@ -109,7 +109,7 @@ def test_the_quick_study_runs_every_stage_and_a_rerun_reuses_it(tmp_path, capsys
     answer = pd.read_csv(out / "report" / "study_answer.csv")
     arms = {"full fine-tuning vs scratch", "frozen encoder vs scratch", "gradual unfreeze vs scratch"}
     assert set(answer["question"]) >= arms
-    assert set(answer[answer["question"].isin(arms)]["target volumes"]) == set(s["sizes"])
+    assert set(answer[answer["question"].isin(arms)]["training volumes"]) == set(s["sizes"])
     assert answer["question"].str.startswith("forgetting").any()
     html = (out / "report" / "report.html").read_text()
     assert "The study's answer" in html and "Forgetting: the base model" in html

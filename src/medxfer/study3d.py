@@ -248,7 +248,7 @@ def study_answer(out: str | os.PathLike) -> dict[str, Any]:
             if match.empty:
                 continue
             row = match.iloc[0]
-            rows.append({"question": f"{ARM_NAMES[arm]} vs scratch", "target volumes": int(size),
+            rows.append({"question": f"{ARM_NAMES[arm]} vs scratch", "training volumes": int(size),
                          "seeds": int(row["n seeds"]), "Dice scratch": row["dice scratch"], "Dice": row["dice"],
                          "difference [95% CI]": format_difference(row), "verdict": row["verdict"]})
             if arm == "full":
@@ -265,7 +265,7 @@ def study_answer(out: str | os.PathLike) -> dict[str, Any]:
             f"fine-tuning on {int(row['n train images'])} T2-like volumes it is {after} ({_seeds(int(row['n seeds']))}), "
             f"a change of {row['change']:+.3f}, while it reaches Dice {on_second.mean():.3f} on the T2-like test set.")
         rows.append({"question": "forgetting: base model's source Dice, after vs before the T2-like fine-tune",
-                     "target volumes": int(row["n train images"]), "seeds": int(row["n seeds"]),
+                     "training volumes": int(row["n train images"]), "seeds": int(row["n seeds"]),
                      "Dice scratch": math.nan, "Dice": before + row["change"],
                      "difference [95% CI]": f"{row['change']:+.3f} (before: {before:.3f})",
                      "verdict": "forgot" if row["change"] < 0 else "kept"})
