@@ -91,8 +91,9 @@ def write_study_data(root: str | os.PathLike, quick: bool = False, seed: int = 0
 
 def _dataset(root: str, task: str, patch: int, test_fraction: float,
              val_fraction: Optional[float] = None) -> dict[str, Any]:
+    # augment: flips, quarter turns, intensity (on in the measured run; medxfer's default is now off, for 2D)
     data: dict[str, Any] = {"name": "msd", "root": f"{root}/{task}", "spatial_dims": 3,
-                            "patch_size": [patch] * 3}
+                            "patch_size": [patch] * 3, "augment": True}
     if val_fraction is not None:
         data["val_fraction"] = val_fraction
     data["options"] = {"test_fraction": test_fraction}
