@@ -64,7 +64,8 @@ GPU_SETTINGS = {"subjects": {"source": 40, "target": 16, "source_t2like": 12}, "
 def settings(quick: bool) -> dict[str, Any]:
     """The study's sizes. ``quick``: every stage with tiny settings (what the tests run).
 
-    Full (sized for 15 min on 2 CPU cores; measured 930 s under load, benchmarks/results/study3d.json): 24 sparse source subjects, 16 target, 10 T2-like; ``unet3d`` width 8,
+    Full (sized for 15 min on 2 CPU cores; measured 930 s on a loaded machine, benchmarks/results/study3d.json):
+    24 sparse source subjects, 16 target, 10 T2-like; ``unet3d`` width 8,
     depth 4, 32^3 patches, batch 2; 300 pretraining steps; 100 fine-tuning steps per run at lr 0.01 (at 0.003
     scratch stayed near Dice 0 in a 150-step trial); scratch and full fine-tuning over 3 seeds (a 95% interval
     for transfer vs scratch at every size), frozen encoder and gradual unfreeze (encoder frozen for the first
