@@ -40,15 +40,24 @@ def answer_numbers(printed: str) -> dict[tuple[str, str], list[float]]:
     """The answer table of a demo transcript: per (question, training slices), the Dice of scratch, the Dice
     of the arm and the difference (its interval left out: it scales with the seed spread, not the CPU)."""
     numbers: dict[tuple[str, str], list[float]] = {}
+    key = None  # the last row read, which a wrapped line continues
     for line in printed.splitlines():
         if "the study's answer" in line:
             numbers = {}  # the table starts here
         cells = [c.strip() for c in line.split("│")[1:-1]]
-        if len(cells) < 6 or not cells[1].isdigit():
-            continue  # a border, the header, or a wrapped continuation line
+        if len(cells) < 6:
+            continue  # a border or the header
+        if not cells[1]:  # a wrapped line: its question text belongs to the row above
+            if key is not None and cells[0]:
+                question, slices = key
+                key = (f"{question} {cells[0]}", slices)
+                numbers[key] = numbers.pop((question, slices))
+            continue
+        key = None
         values = [cells[3], cells[4], cells[5].split(" ")[0]]
-        if all(_NUMBER.match(v) for v in values):
-            numbers[(cells[0], cells[1])] = [float(v) for v in values]
+        if cells[1].isdigit() and all(_NUMBER.match(v) for v in values):
+            key = (cells[0], cells[1])
+            numbers[key] = [float(v) for v in values]
     return numbers
 
 
@@ -100,6 +109,15 @@ def measure(root: Path, kinds: list[str]) -> tuple[list[dict], list[str], dict[s
     return rows, notes, outputs
 
 
+def demo_grid_settings() -> dict:
+    """What makes two full demo runs comparable: the study's settings and the default training recipe."""
+    from medxfer.config import DataConfig, TrainConfig
+    from medxfer.demo import settings
+
+    return json.loads(json.dumps({"settings": settings(False), "train": TrainConfig().model_dump(mode="json"),
+                                  "augment": DataConfig().augment}))
+
+
 def transcript_rows(printed: str, notes: list[str]) -> list[dict]:
     """This run's answer table against the previous ``results/demo.json`` transcript (what the docs quote)."""
     previous = RESULTS / "demo.json"
@@ -108,6 +126,9 @@ def transcript_rows(printed: str, notes: list[str]) -> list[dict]:
     data = json.loads(previous.read_text(encoding="utf-8"))
     reference = (data.get("printed") or {}).get("full")
     if not reference:
+        return []
+    if data.get("grid") != demo_grid_settings():
+        notes.append("answer table not compared with the previous transcript: it ran another grid or recipe")
         return []
     check = compare_transcripts(reference, printed)
     where = (data.get("machine") or {}).get("cpu", "unknown CPU")
@@ -131,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         root = args.out or Path(tmp)
         rows, notes, outputs = measure(root, kinds)
     notes.append("Wall time on a shared machine also measures its other users; the CPU time does not.")
-    path = write_result("demo", rows, {NOTES_KEY: notes, "printed": outputs})
+    path = write_result("demo", rows, {NOTES_KEY: notes, "printed": outputs, "grid": demo_grid_settings()})
     for line in notes:
         print(line)
     print(f"wrote {path}")

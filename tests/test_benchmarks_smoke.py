@@ -337,8 +337,9 @@ def _answer_table(rows: list[tuple[str, str, str, str, str]]) -> str:
     """A demo answer table as rich prints it (box-drawing cells), with a wrapped continuation line."""
     lines = ["      the study's answer (Colin27 T1)", "┃ question ┃ training slices ┃ seeds ┃ Dice scratch ┃ Dice ┃ difference ┃ verdict ┃"]
     for question, slices, scratch, dice, difference in rows:
-        lines.append(f"│ {question} │ {slices} │ 5 │ {scratch} │ {dice} │ {difference} [-0.1, +0.2] │ within │")
-        lines.append("│ (wrapped) │ │ │ │ │ never fired) │ │")
+        first, _, rest = question.partition("/")  # "/" marks where rich wraps the question
+        lines.append(f"│ {first} │ {slices} │ 5 │ {scratch} │ {dice} │ {difference} [-0.1, +0.2] │ within │")
+        lines.append(f"│ {rest} │ │ │ │ │ never fired) │ │")
     return "\n".join(lines + ["runs: 31 done"])
 
 
@@ -355,6 +356,10 @@ def test_demo_transcripts_compare_on_every_answer_number_within_the_stated_toler
     far = reference.replace("0.300", "0.350")
     assert not bench_demo.compare_transcripts(reference, far)["within"]
     # a row in only one transcript is never "within", whatever the numbers
+    # the same row wrapped at another column width is the same row
+    wrapped = _answer_table([("ImageNet vs/scratch", "5", "0.500", "0.600", "+0.100"),
+                             ("T1 -> T2-like", "5", "0.300", "0.310", "+0.010")])
+    assert bench_demo.compare_transcripts(reference, wrapped)["within"]
     fewer = _answer_table([("ImageNet vs scratch", "5", "0.500", "0.600", "+0.100")])
     check = bench_demo.compare_transcripts(reference, fewer)
     assert not check["within"] and check["missing"] == [["T1 -> T2-like", "5"]]
