@@ -30,9 +30,10 @@ from pathlib import Path
 from common import NOTES_KEY, RESULTS, row, write_result
 
 BUDGETS_S = {"quick": 120.0, "full": 600.0}
-# Dice (a mean over seeds, or a paired difference) may move this much between machines or thread counts;
-# the docs' demo page states it beside the transcript (and how it was measured).
-TRANSCRIPT_TOLERANCE = 0.02
+# Dice (a mean over seeds, or a paired difference) may move this much between machines or thread counts: the
+# reading tolerance of the docs' threads section (0.025 seen on a demo run between thread counts); the demo
+# page states it beside the transcript.
+TRANSCRIPT_TOLERANCE = 0.03
 _NUMBER = re.compile(r"^[+-]?\d+\.\d+$")
 
 
