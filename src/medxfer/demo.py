@@ -108,8 +108,10 @@ def import_imagenet_encoder(out: Path) -> Path:
 
 
 def demo_grid(quick: bool = False, source_model: Optional[Path] = None,
-              imagenet_encoder: Optional[Path] = None) -> dict[str, Any]:
-    """The study as a sweep grid (written to ``DIR/demo_grid.yaml``; ``medxfer sweep`` runs it too)."""
+              imagenet_encoder: Optional[Path] = None, threads: Optional[int] = None) -> dict[str, Any]:
+    """The study as a sweep grid (written to ``DIR/demo_grid.yaml``; ``medxfer sweep`` runs it too).
+    ``threads``: each run's thread count, written into the grid so that ``medxfer sweep`` with any number of
+    workers finds the demo's runs (the thread count is part of a run's id)."""
     s = settings(quick)
     model = _model(quick)
     fewest = min(s["sizes"])
@@ -141,7 +143,7 @@ def demo_grid(quick: bool = False, source_model: Optional[Path] = None,
         classification["train_images"] = s["fashion_train"]
     return {
         "name": "demo-quick" if quick else "demo",
-        "base": {"model": model, "train": _train(quick)},
+        "base": {"model": model, "train": {**_train(quick), **({"threads": threads} if threads else {})}},
         "datasets": {TARGET_NAME: TARGET, SECOND_NAME: SECOND},
         "pretraining": [{
             "name": LADDER_NAME, "task": "classification", "scheme": "simple", "model": model,
@@ -182,7 +184,10 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = False,
     imagenet = import_imagenet_encoder(out)
     source = run_finetune(source_config(quick), out / SOURCE_DIR, progress=progress)
     stages.step("stages done: source model ready; the sweep follows")
-    grid = demo_grid(quick, (source.run_dir / "model.pt").resolve(), imagenet)  # absolute: the grid is reusable
+    from medxfer.threads import resolve_threads
+
+    # absolute paths and the workers' thread count: the grid file reruns as the study that ran
+    grid = demo_grid(quick, (source.run_dir / "model.pt").resolve(), imagenet, resolve_threads(None, workers))
     atomic_write_text(out / GRID_FILE, yaml.dump(grid, Dumper=_PlainDumper, sort_keys=False))
     sweep = run_sweep(grid, out, workers=workers, progress=progress)
     stages.step("stages done: sweep finished; analysis follows")
