@@ -119,6 +119,16 @@ class Encoder(nn.Module):
         # statistics included) whatever ``train()`` is called with.
         self.frozen_levels = 0
 
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The levels applied in turn, each one's output kept (encoders whose levels are not a plain chain of
+        modules override this)."""
+        self.check_input(x)
+        features = []
+        for level in self.levels:
+            x = level(x)
+            features.append(x)
+        return features
+
     # -- description -------------------------------------------------------------------------------
     @property
     def n_levels(self) -> int:
@@ -269,14 +279,6 @@ class UNetEncoder(Encoder):
         if norm != "batch":  # BatchNorm encoders keep the arch of checkpoints written before norm existed
             self.arch["norm"] = norm
         self._deepest_instance_norm = norm == "instance"
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        self.check_input(x)
-        features = []
-        for level in self.levels:
-            x = level(x)
-            features.append(x)
-        return features
 
 
 # --------------------------------------------------------------------------------------------------

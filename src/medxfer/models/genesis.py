@@ -72,14 +72,6 @@ class GenesisEncoder(Encoder):
     def name(self) -> str:
         return "Models Genesis U-Net"
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        self.check_input(x)
-        features = []
-        for level in self.levels:
-            x = level(x)
-            features.append(x)
-        return features
-
     def map_external_key(self, key: str) -> list[str]:
         """This encoder's name of a published network's key (``down_tr128.ops.1.bn1.weight`` ->
         ``levels.1.ops.1.bn1.weight``); [] for keys of other parts."""
