@@ -34,13 +34,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pandas as pd
-import yaml
 
 from medxfer.config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
 from medxfer.finetune import run_finetune
 from medxfer.io import atomic_write_text
 from medxfer.progress import ProgressLog
 from medxfer.records import SOURCE_BEFORE
+from medxfer.sweep.grid import grid_yaml
 
 log = logging.getLogger(__name__)
 
@@ -161,13 +161,6 @@ def demo_grid(quick: bool = False, source_model: Optional[Path] = None,
     }
 
 
-class _PlainDumper(yaml.SafeDumper):
-    """Writes repeated sections out in full (no YAML anchors), so the grid file reads as plain settings."""
-
-    def ignore_aliases(self, data: Any) -> bool:
-        return True
-
-
 def run_demo(out: str | Path, quick: bool = False, progress: bool = False,
              workers: Optional[int] = None) -> dict[str, Any]:
     """Run (or resume) the demo study into ``out``; return what the CLI prints."""
@@ -188,7 +181,7 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = False,
 
     # absolute paths and the workers' thread count: the grid file reruns as the study that ran
     grid = demo_grid(quick, (source.run_dir / "model.pt").resolve(), imagenet, resolve_threads(None, workers))
-    atomic_write_text(out / GRID_FILE, yaml.dump(grid, Dumper=_PlainDumper, sort_keys=False))
+    atomic_write_text(out / GRID_FILE, grid_yaml(grid))
     sweep = run_sweep(grid, out, workers=workers, progress=progress)
     stages.step("stages done: sweep finished; analysis follows")
     if sweep.failed:

@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pandas as pd
-import yaml
 
 from medxfer.io import atomic_write_text
 from medxfer.progress import ProgressLog
+from medxfer.sweep.grid import grid_yaml
 
 log = logging.getLogger(__name__)
 
@@ -145,21 +145,6 @@ def study_grid(quick: bool = False, data_root: str = CONFIG_DATA_ROOT) -> dict[s
     }
 
 
-class _PlainDumper(yaml.SafeDumper):
-    """Writes repeated sections out in full (no YAML anchors), so the grid file reads as plain settings."""
-
-    def ignore_aliases(self, data: Any) -> bool:
-        return True
-
-
-def _represent_list(dumper: yaml.SafeDumper, data: list) -> Any:
-    flat = all(not isinstance(item, (dict, list)) for item in data)  # [32, 32, 32] on one line
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
-
-
-_PlainDumper.add_representer(list, _represent_list)
-
-
 def _config_header() -> str:
     n = settings(False)["subjects"]
     return f"""\
@@ -174,7 +159,7 @@ def _config_header() -> str:
 
 
 def grid_text(grid: dict[str, Any], header: str = "") -> str:
-    return header + yaml.dump(grid, Dumper=_PlainDumper, sort_keys=False, width=120)
+    return header + grid_yaml(grid, flat_lists_inline=True, width=120)
 
 
 def config_file_text() -> str:

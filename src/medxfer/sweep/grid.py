@@ -383,3 +383,22 @@ def expand_grid(sweep: SweepConfig, out_dir: str | Path, threads: Optional[int] 
         seen.add(run_id)
         plan.runs.append(PlannedRun(run_id, config, combination))
     return plan
+
+
+def grid_yaml(grid: dict[str, Any], flat_lists_inline: bool = False, **dump_options: Any) -> str:
+    """A grid as plain YAML for a person to read and ``medxfer sweep`` to run: repeated sections written out in
+    full (no anchors), keys in their order; ``flat_lists_inline`` puts lists of scalars on one line
+    (``[32, 32, 32]``)."""
+    import yaml
+
+    class PlainDumper(yaml.SafeDumper):
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    if flat_lists_inline:
+        def represent_list(dumper: yaml.SafeDumper, data: list) -> Any:
+            flat = all(not isinstance(item, (dict, list)) for item in data)
+            return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
+
+        PlainDumper.add_representer(list, represent_list)
+    return yaml.dump(grid, Dumper=PlainDumper, sort_keys=False, **dump_options)
