@@ -9,7 +9,7 @@ import logging
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -127,12 +127,8 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder
         if not frame.empty:
             frame = frame.drop(columns=[c for c in ("dice mean",) if c in frame.columns])
             _print_table(name, list(frame.columns), frame.values.tolist())
-    counts = ", ".join(f"{n} {status}" for status, n in summary["counts"].items())
-    console.print(f"runs: {counts}")
-    console.print(f"results: {summary['results_csv']}\nrobustness: {summary['robustness_csv']}\n"
-                  f"analysis: {summary['analysis_dir']}\nreport: {summary['report']}")
-    for sentence in summary["headline"]:
-        console.print(f"finding: {sentence}", highlight=False)
+    _print_study_end(summary, {"results": summary["results_csv"], "robustness": summary["robustness_csv"],
+                                "analysis": summary["analysis_dir"], "report": summary["report"]})
 
 
 def _demo_3d(out: Path, quick: bool, workers: Optional[int]) -> None:
@@ -142,10 +138,15 @@ def _demo_3d(out: Path, quick: bool, workers: Optional[int]) -> None:
     if not summary["answer_table"].empty:
         _print_frame("the study's answer (target: hippocampus + amygdala; second domain: T2-like)",
                      summary["answer_table"])
+    _print_study_end(summary, {"data": out / "data", "grid": summary["grid"], "results": summary["results_csv"],
+                                "report": summary["report"]})
+
+
+def _print_study_end(summary: dict, paths: dict[str, Any]) -> None:
+    """A demo study's last lines: the runs by status, where its outputs are, and its findings."""
     counts = ", ".join(f"{n} {status}" for status, n in summary["counts"].items())
     console.print(f"runs: {counts}")
-    console.print(f"data: {out / 'data'}\ngrid: {summary['grid']}\nresults: {summary['results_csv']}\n"
-                  f"report: {summary['report']}")
+    console.print("\n".join(f"{name}: {path}" for name, path in paths.items()))
     for sentence in summary["headline"]:
         console.print(f"finding: {sentence}", highlight=False)
 
