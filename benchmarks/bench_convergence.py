@@ -423,7 +423,7 @@ def run_variants(seeds, steps: int, workers: int, eval_every: int) -> Path:
              f"load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} "
              f"cores (shared with other work); {workers} worker processes of one thread."]
     return write_result("recipe_variants", rows, {NOTES_KEY: notes, "variants": summary,
-                                                  "runs": [{k: v for k, v in r.items()} for r in runs]})
+                                                  "runs": runs})
 
 
 # -------------------------------------------------------------------------------------- comparison
