@@ -19,7 +19,7 @@ dtype the model computes in (fp32; bf16/fp16 under AMP), measured in the same ru
 
 Both sides use medxfer's own device choices (``resolve_precision("auto")``, ``prefers_channels_last``):
 fp32 on the CPU; on a GPU mixed precision (bf16, else fp16 with a GradScaler on the bare side) and
-channels-last weights for 2D models, as finetune does.
+channels-last weights for 2D models (on the CPU for those with depthwise convolutions), as finetune does.
 """
 
 from __future__ import annotations
@@ -108,10 +108,11 @@ def _sync(device: torch.device) -> None:
 
 
 def prepare_model(model: torch.nn.Module, spatial_dims: int) -> torch.nn.Module:
-    """Channels-last weights where medxfer's finetune uses them (2D on a GPU)."""
+    """Channels-last weights where medxfer's finetune uses them (2D on a GPU; on the CPU 2D models with depthwise
+    convolutions)."""
     from medxfer.training.strategies import prefers_channels_last
 
-    if prefers_channels_last(spatial_dims):
+    if prefers_channels_last(model, spatial_dims):
         model = model.to(memory_format=torch.channels_last)
     return model
 

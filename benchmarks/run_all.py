@@ -18,7 +18,7 @@ from common import summary_markdown, write_summary  # noqa: E402
 
 BENCHMARKS = ["bench_training", "bench_3d", "bench_data3d", "bench_warmup", "bench_3d_gpu", "bench_metrics", "bench_robustness", "bench_estimators", "bench_sweep",
               "bench_memory", "bench_demo", "bench_losses",
-              "bench_convergence", "bench_threads", "bench_analyze"]
+              "bench_convergence", "bench_threads", "bench_layout", "bench_analyze"]
 
 
 def main(names: list[str]) -> int:

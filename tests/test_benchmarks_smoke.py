@@ -387,3 +387,12 @@ def test_analyze_benchmark_measures_an_analysis_of_its_synthetic_tables(monkeypa
     result = bench_analyze.child(str(bench_analyze.SRC), 10)
     assert result["rows"] == len(rob) and result["variants"] == 10 and result["seconds"] > 0
     assert result["rules"] > 20  # an argmin and a patience rule per variant, and the others
+
+
+def test_layout_benchmark_times_both_layouts_on_one_model_and_checks_the_loss():
+    import bench_layout
+
+    result = bench_layout.measure("efficientnet_lite0_unet", threads=1, width=2, batch=2, size=32, steps=1, rounds=2)
+    assert result["nchw_ms"] > 0 and result["nhwc_ms"] > 0
+    assert result["ratio"] == pytest.approx(result["nhwc_ms"] / result["nchw_ms"])
+    assert result["same_loss"] and set(result["losses"]) == {"NCHW", "NHWC"}

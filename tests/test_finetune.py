@@ -176,12 +176,18 @@ def test_encoder_checkpoint_folder_with_length(tmp_path):
 def test_precision_auto_is_fp32_on_cpu_and_explicit_values_pass_through(monkeypatch):
     from medxfer.training.strategies import prefers_channels_last, resolve_precision
 
+    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.Conv2d(8, 8, 1))
+    depthwise = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.Conv2d(8, 8, 3, groups=8))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_precision("auto") == "32-true" and not prefers_channels_last(2)
+    assert resolve_precision("auto") == "32-true"
+    # CPU: channels-last only for 2D models with depthwise convolutions (benchmarks/bench_layout.py)
+    assert not prefers_channels_last(plain, 2) and prefers_channels_last(depthwise, 2)
+    assert not prefers_channels_last(depthwise, 3)
     assert resolve_precision("16-mixed") == "16-mixed"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert resolve_precision("auto") == "bf16-mixed" and prefers_channels_last(2) and not prefers_channels_last(3)
+    assert resolve_precision("auto") == "bf16-mixed" and prefers_channels_last(plain, 2)
+    assert not prefers_channels_last(plain, 3)
 
 
 def test_best_weights_keeps_the_best_epoch_and_survives_a_resume():

@@ -300,7 +300,7 @@ def _run_finetune(config: RunConfig, out_dir: str | Path, progress: bool, extra_
                             size_multiple=size_multiple, sw_overlap=config.evaluation.sw_overlap,
                             total_steps=total_steps, headline=config.evaluation.headline,
                             pretrained_encoder=pretraining["load"] is not None)
-    if prefers_channels_last(config.data.spatial_dims):
+    if prefers_channels_last(model, config.data.spatial_dims):
         model = model.to(memory_format=torch.channels_last)
     # Only now the folder: bad data or config leave none behind. The run lock keeps a second process
     # (another sweep, a finetune of the same config) from training the same run or resuming from our files.

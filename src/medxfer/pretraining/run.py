@@ -220,8 +220,8 @@ def _pretrain(config: PretrainConfig, out: Path, identity: str, accelerator: str
     started = time.perf_counter()
     recipe = resolve_recipe(config)
     setup = prepare_pretraining(config, data)
-    if prefers_channels_last(setup.module.model.encoder.spatial_dims):
-        setup.module.model.to(memory_format=torch.channels_last)  # cuDNN's fastest 2D kernels
+    if prefers_channels_last(setup.module.model, setup.module.model.encoder.spatial_dims):
+        setup.module.model.to(memory_format=torch.channels_last)
     callbacks = list(callbacks or [])
     if setup.optimizer_state is not None:
         callbacks.append(LoadOptimizerState(setup.optimizer_state, setup.record["started_from"]["optimizer_state"]))

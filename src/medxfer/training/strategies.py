@@ -134,6 +134,18 @@ def resolve_precision(precision: str) -> str:
     return "32-true"
 
 
-def prefers_channels_last(spatial_dims: int) -> bool:
-    """cuDNN's fastest 2D convolution kernels are NHWC; on the CPU the default layout is as fast."""
-    return spatial_dims == 2 and torch.cuda.is_available()
+def prefers_channels_last(model: torch.nn.Module, spatial_dims: int) -> bool:
+    """Whether a 2D ``model`` trains with channels-last (NHWC) weights.
+
+    On a GPU: always (cuDNN's fastest 2D kernels are NHWC). On the CPU: only for models with depthwise
+    convolutions (EfficientNet-Lite): in NCHW at one thread PyTorch sends the 1x1 convolutions of their
+    depthwise-separable blocks to its im2col path, in NHWC to oneDNN. ``benchmarks/bench_layout.py``
+    (``results/layout.json``, batch 4 of 64^2, one thread): efficientnet_lite0_unet 0.77x the NCHW step time;
+    the classic U-Nets 0.90-0.93x; the ResNet encoders 1.42-1.44x (their weight gradients are copied between
+    layouts), so those stay NCHW."""
+    if spatial_dims != 2:
+        return False
+    if torch.cuda.is_available():
+        return True
+    return any(isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+               for m in model.modules())
