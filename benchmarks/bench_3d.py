@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from common import NOTES_KEY, row, write_result
+from common import row, write_and_print
 
 SHAPE = (64, 64, 64)
 WIDTH = 32  # unet3d's default; DynUNet's filters follow it (width x 1, 2, 4, 8, 16)
@@ -136,11 +136,8 @@ def main() -> list[dict[str, Any]]:
         "unet3d (NCDHW) per-op share of one training step's self CPU time: "
         + ", ".join(f"{op} {share:.0%}" for op, share in profile) + ".",
     ]
-    write_result("3d", rows, {"flops": flops, "times": times, "peak_gflops": peak, "profile": profile,
-                              NOTES_KEY: notes})
-    for line in notes:
-        print("  ", line)
-    return rows
+    return write_and_print("3d", rows, notes, {"flops": flops, "times": times, "peak_gflops": peak,
+                                               "profile": profile})
 
 
 if __name__ == "__main__":

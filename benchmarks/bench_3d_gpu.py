@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from common import NOTES_KEY, load_average, row, synthetic_cache, write_result
+from common import load_average, row, synthetic_cache, write_and_print
 
 PATCH = (128, 128, 128)
 BATCH = 2
@@ -158,11 +158,8 @@ def main() -> list[dict[str, Any]]:
              f"(default_num_workers(True)); load average {load_before} before, {load_average()} after."]
     notes.append("Per side: " + "; ".join(f"{k}: {v['steps_per_s']:.2f} steps/s, wait {v['wait_share']:.1%}, "
                                          f"peak {v['peak_gpu_gib']:.1f} GiB" for k, v in results.items()) + ".")
-    write_result("3d_gpu", rows, {"results": results, "workers": workers, "load_average": load_before,
-                                  "load_average_after": load_average(), NOTES_KEY: notes})
-    for line in notes:
-        print("  ", line)
-    return rows
+    return write_and_print("3d_gpu", rows, notes, {"results": results, "workers": workers,
+                                                   "load_average_after": load_average()}, load_before)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import NOTES_KEY, RESULTS, row, write_result
+from common import RESULTS, row, write_and_exit
 
 BUDGETS_S = {"quick": 120.0, "full": 600.0}
 # Dice (a mean over seeds, or a paired difference) may move this much between machines or thread counts: the
@@ -153,11 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         root = args.out or Path(tmp)
         rows, notes, outputs = measure(root, kinds)
     notes.append("Wall time on a shared machine also measures its other users; the CPU time does not.")
-    path = write_result("demo", rows, {NOTES_KEY: notes, "printed": outputs, "grid": demo_grid_settings()})
-    for line in notes:
-        print(line)
-    print(f"wrote {path}")
-    return 0
+    return write_and_exit("demo", rows, notes, {"printed": outputs, "grid": demo_grid_settings()})
 
 
 if __name__ == "__main__":

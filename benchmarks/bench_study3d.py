@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import NOTES_KEY, load_average, row, write_result
+from common import load_average, row, write_and_exit
 
 BUDGET_S = {"quick": 300.0, "full": 900.0}
 
@@ -89,14 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     notes = [f"{name}: wall {measured['wall_s']:.0f} s, CPU {measured['cpu_s']:.0f} s (process tree), load average "
              f"(1/5/15 min) {measured['load_before']} before, {measured['load_after']} after, on {os.cpu_count()} "
              "cores. Wall time on a shared machine also measures its other users; the CPU time does not."]
-    path = write_result("study3d" if kind == "full" else "study3d_quick", rows, {
-        NOTES_KEY: notes, "wall_s": round(measured["wall_s"], 1), "cpu_s": round(measured["cpu_s"], 1),
+    return write_and_exit("study3d" if kind == "full" else "study3d_quick", rows, notes, {
+        "wall_s": round(measured["wall_s"], 1), "cpu_s": round(measured["cpu_s"], 1),
         "load_before": measured["load_before"], "load_after": measured["load_after"],
         "settings": settings(args.quick), "gpu_settings": GPU_SETTINGS, **found, "printed": measured["output"]})
-    for line in notes:
-        print(line)
-    print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

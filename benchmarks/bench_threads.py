@@ -38,7 +38,7 @@ from typing import Any, Optional
 if "--torch-first" in sys.argv:  # the spinning side: torch (and OpenMP) loaded before medxfer, which common imports
     import torch  # noqa: F401
 
-from common import NOTES_KEY, row, write_result  # noqa: E402
+from common import row, write_and_exit  # noqa: E402
 
 PRESET, WIDTH, SLICES = "efficientnet_lite0_unet", 8, 5
 STEPS = 30
@@ -179,15 +179,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             f"{d['dice']:.4f} / {o['dice']:.4f}" for d, o in zip(default, single))
         + f"; largest difference {max(dice_diffs):.4f}.",
     ]
-    path = write_result("threads", rows, {NOTES_KEY: notes, "load_average": list(load),
-                                          "load_average_end": list(load_end), "runs": runs,
-                                          "ratios": ratios, "dice_differences": dice_diffs,
-                                          "same_threads_same_dice": same_threads_same_dice,
-                                          "steps": args.steps, "seeds": seeds})
-    for line in notes:
-        print(line)
-    print(f"wrote {path}")
-    return 0
+    return write_and_exit("threads", rows, notes, {"load_average": list(load), "load_average_end": list(load_end),
+                                                   "runs": runs, "ratios": ratios, "dice_differences": dice_diffs,
+                                                   "same_threads_same_dice": same_threads_same_dice,
+                                                   "steps": args.steps, "seeds": seeds})
 
 
 if __name__ == "__main__":

@@ -127,13 +127,27 @@ def load_note(before: list[float]) -> str:
 
 
 def write_and_print(name: str, rows: list[dict[str, Any]], notes: list[str], extra: dict[str, Any],
-                    load_before: list[float]) -> list[dict[str, Any]]:
-    """A benchmark's tail: :func:`write_result` with ``extra``, the load average before the run and the notes,
-    then the notes printed; returns ``rows`` (what ``main()`` returns to run_all)."""
-    write_result(name, rows, {**extra, "load_average": load_before, NOTES_KEY: notes})
+                    load_before: Optional[list[float]] = None) -> list[dict[str, Any]]:
+    """The tail of a benchmark that run_all calls: :func:`write_result` with ``extra``, the notes and the load
+    average before the run (None: as the result is written), then the notes printed indented under run_all's
+    heading; returns ``rows`` (what ``main()`` returns to run_all)."""
+    extra = {**extra, NOTES_KEY: notes}
+    if load_before is not None:
+        extra["load_average"] = load_before
+    write_result(name, rows, extra)
     for line in notes:
         print("  ", line)
     return rows
+
+
+def write_and_exit(name: str, rows: list[dict[str, Any]], notes: list[str], extra: dict[str, Any]) -> int:
+    """The tail of a benchmark run as its own command: :func:`write_result` with ``extra`` and the notes, the
+    notes and the file written printed; returns the exit status 0."""
+    path = write_result(name, rows, {**extra, NOTES_KEY: notes})
+    for line in notes:
+        print(line)
+    print(f"wrote {path}")
+    return 0
 
 
 def _fmt(value: Any) -> str:
