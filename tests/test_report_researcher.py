@@ -348,3 +348,38 @@ def test_figures_read_at_a_glance(tmp_path):
     assert "lower = more robust" in score.get_xlabel()
     line = score.get_lines()[0]
     assert list(line.get_xdata()) == [0.3, 0.1, 0.2]  # in length order 0, 1, 5, not sorted by score
+
+
+def _class_records_of_arms(arms):
+    """Hippocampus/amygdala runs (5 and 15 images, 3 seeds) of each ``(strategy, scheme)`` starting point."""
+    records = []
+    for i, (strategy, scheme) in enumerate(arms):
+        for n_images in (5, 15):
+            for seed in (0, 1, 2):
+                record = copy.deepcopy(class_record(n_images, seed, 0.5 + 0.01 * (seed + i), 0.3 - 0.01 * seed))
+                record.update(run_id=f"{strategy}-{scheme}-{n_images}-{seed}", strategy=strategy,
+                              freeze_encoder=strategy == "frozen_encoder",
+                              pretraining={"length": None, "scheme": scheme})
+                records.append(record)
+    return records
+
+
+def test_image_count_figures_split_many_arms_into_panels_of_six_lines():
+    """Seven starting points and scratch: the Dice figure repeats scratch in each of its two panels (its
+    reference), the per-class figure draws it once per class, in the first of the class's two panels."""
+    from medxfer.report import plots
+
+    arms = [("scratch", None), ("frozen_encoder", "imagenet")] + [("full", s) for s in "abcdef"]
+    table = downstream_table(_class_records_of_arms(arms))
+
+    def legends(figure):
+        return [(ax.get_title(), [t.get_text().split(" (3 seeds)")[0] for t in ax.get_legend().get_texts()])
+                for ax in figure.axes if ax.get_visible()]
+
+    assert legends(plots.plot_dice_vs_n_images(table)) == [
+        ("hippo", ["scratch", "frozen_encoder (imagenet)", "full (a)", "full (b)", "full (c)", "full (d)"]),
+        ("hippo", ["scratch", "full (e)", "full (f)"])]
+    per_class, _ = plots.plot_per_class_dice_vs_n_images(table)
+    first = ["scratch", "frozen_encoder (imagenet)", "full (a)", "full (b)", "full (c)", "full (d)"]
+    assert legends(per_class) == [("hippo: hippocampus", first), ("hippo: hippocampus", ["full (e)", "full (f)"]),
+                                  ("hippo: amygdala", first), ("hippo: amygdala", ["full (e)", "full (f)"])]

@@ -212,15 +212,11 @@ def plot_dice_vs_n_images(table: pd.DataFrame) -> Figure:
     data = _target_rows(table)
     if data["n train images"].nunique() < 2:
         raise SkipFigure("needs target-test runs with two or more numbers of training images")
-    panels = []
+    groups = []
     for dataset in sorted(data["dataset"].unique()):
         panel = data[data["dataset"] == dataset]
-        arms = _arms_over_image_counts(panel)
-        scratch = [arm for arm in arms if arm[0][1] == "scratch"]
-        others = [arm for arm in arms if arm[0][1] != "scratch"]
-        for part in chunks(others, MAX_LEGEND_ENTRIES - len(scratch)):
-            if part or scratch:
-                panels.append((str(dataset), scratch + part, panel["n train images"]))
+        groups.append((str(dataset), panel, panel["n train images"]))
+    panels = _image_count_panels(groups, scratch_in_every_panel=True)
     return _image_count_figure(panels, _several(data["model"]), "Dice (target test)")
 
 
@@ -236,13 +232,9 @@ def plot_per_class_dice_vs_n_images(table: pd.DataFrame) -> tuple[Figure, str]:
         raise SkipFigure("needs target-test runs with two or more numbers of training images")
     metric = "pooled Dice" if long["pooled Dice"].notna().any() else "per-image Dice"
     long = long.assign(**{VALUE: long[metric]}).dropna(subset=[VALUE])
-    panels = []
-    for (dataset, name), panel in long.groupby(["dataset", "class"], sort=False):
-        arms = _arms_over_image_counts(panel)
-        arms.sort(key=lambda arm: arm[0][1] != "scratch")  # scratch first, in black
-        for part in chunks(arms):
-            if part:
-                panels.append((f"{dataset}: {name}", part, long["n train images"]))
+    groups = [(f"{dataset}: {name}", panel, long["n train images"])
+              for (dataset, name), panel in long.groupby(["dataset", "class"], sort=False)]
+    panels = _image_count_panels(groups, scratch_in_every_panel=False)
     return _image_count_figure(panels, _several(long["model"]), f"{metric} (target test)"), f"y: {metric} per class"
 
 
@@ -254,6 +246,25 @@ def _arms_over_image_counts(panel: pd.DataFrame) -> list[tuple[tuple, pd.DataFra
     training images, each with its rows."""
     return [(key, rows) for key, rows in panel.groupby(IMAGE_COUNT_ARM, dropna=False)
             if rows["n train images"].nunique() >= 2]
+
+
+def _image_count_panels(groups: list[tuple[str, pd.DataFrame, pd.Series]],
+                        scratch_in_every_panel: bool) -> list[tuple[str, list, pd.Series]]:
+    """The panels of an image-count figure from ``(title, rows, image counts for the x ticks)`` groups: the arms
+    of each group (:func:`_arms_over_image_counts`), scratch first, at most ``MAX_LEGEND_ENTRIES`` lines per
+    panel. ``scratch_in_every_panel``: every panel of a group repeats its scratch lines (the reference of the
+    Dice figure), else they are drawn once (the per-class figure has a panel per class already)."""
+    panels = []
+    for title, rows, counts in groups:
+        arms = _arms_over_image_counts(rows)
+        scratch = [arm for arm in arms if arm[0][1] == "scratch"]
+        others = [arm for arm in arms if arm[0][1] != "scratch"]
+        if scratch_in_every_panel:
+            parts = [scratch + part for part in chunks(others, MAX_LEGEND_ENTRIES - len(scratch))]
+        else:
+            parts = chunks(scratch + others)
+        panels += [(title, part, counts) for part in parts if part]
+    return panels
 
 
 def _image_count_figure(panels: list[tuple[str, list, pd.Series]], show_model: bool, ylabel: str) -> Figure:
