@@ -383,3 +383,23 @@ def test_image_count_figures_split_many_arms_into_panels_of_six_lines():
     first = ["scratch", "frozen_encoder (imagenet)", "full (a)", "full (b)", "full (c)", "full (d)"]
     assert legends(per_class) == [("hippo: hippocampus", first), ("hippo: hippocampus", ["full (e)", "full (f)"]),
                                   ("hippo: amygdala", first), ("hippo: amygdala", ["full (e)", "full (f)"])]
+
+
+def test_a_line_whose_points_rest_on_different_seed_counts_gives_their_range():
+    """The ladder's scratch point (length 0) ran 10 seeds, its pretrained points 3: the legend says 3-10
+    seeds, not 10 (and the image-count figure does the same for a line)."""
+    from medxfer.report import plots
+    from test_report import make_record
+
+    records = [make_record("scratch", 0, 5, seed) for seed in range(10)]
+    records += [make_record("full", length, 5, seed) for length in (1, 5) for seed in range(3)]
+    records += [make_record("full", 1, 10, seed) for seed in range(6)]
+    table = downstream_table(records)
+    ladder = plots.plot_dice_vs_pretraining_length(table)
+    labels = [t.get_text() for ax in ladder.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert labels == ["full, 5 images, 3-10 seeds"]
+    scarcity = plots.plot_dice_vs_n_images(table)
+    labels = [t.get_text() for t in scarcity.axes[0].get_legend().get_texts()]
+    assert labels == ["full, length 1 (simple) (3-6 seeds)"]  # 3 seeds with 5 images, 6 with 10
+    assert plots.seeds_text(table[table["strategy"] == "full"], per="n train images") == "3-6 seeds"
+    assert plots.seeds_text(table.iloc[:0]) == "" and plots.seeds_text(table.drop(columns="seed")) == ""

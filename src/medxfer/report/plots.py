@@ -81,16 +81,30 @@ def length_unit(rows: pd.DataFrame) -> str:
     return units.pop() if len(units) == 1 else ""
 
 
-def _seeds_text(rows: pd.DataFrame) -> str:
-    seeds = int(rows["seed"].nunique()) if "seed" in rows.columns else 0
-    return f" ({seeds} seed{'s' if seeds != 1 else ''})" if seeds else ""
+def seeds_text(rows: pd.DataFrame, per: Optional[str] = None) -> str:
+    """``3 seeds``: the seeds behind a mean; for a line whose points (``rows`` grouped by the column ``per``)
+    rest on different numbers of seeds, their range (``3-10 seeds``), never the largest alone. "" when
+    ``rows`` name no seeds."""
+    if "seed" not in rows.columns or rows.empty:
+        return ""
+    counts = rows.groupby(per)["seed"].nunique() if per is not None else pd.Series([rows["seed"].nunique()])
+    fewest, most = int(counts.min()), int(counts.max())
+    if most == 0:
+        return ""
+    return (f"{fewest}-{most}" if fewest != most else f"{most}") + f" seed{'s' if most != 1 else ''}"
 
 
-def images_label(n_images: Any, rows: pd.DataFrame) -> str:
-    """``5 images, 3 seeds``: training images and the seeds behind a mean (never a bare "n=5")."""
+def _seeds_text(rows: pd.DataFrame, per: Optional[str] = None) -> str:
+    text = seeds_text(rows, per)
+    return f" ({text})" if text else ""
+
+
+def images_label(n_images: Any, rows: pd.DataFrame, per: Optional[str] = None) -> str:
+    """``5 images, 3 seeds``: training images and the seeds behind a mean (never a bare "n=5"); ``per``: the
+    x column of a line, whose points may rest on different numbers of seeds (:func:`seeds_text`)."""
     n = int(float(n_images))
-    seeds = int(rows["seed"].nunique()) if "seed" in rows.columns else 0
-    return f"{n} image{'s' if n != 1 else ''}" + (f", {seeds} seed{'s' if seeds != 1 else ''}" if seeds else "")
+    seeds = seeds_text(rows, per)
+    return f"{n} image{'s' if n != 1 else ''}" + (f", {seeds}" if seeds else "")
 
 
 def _finish(ax, ylabel: str, title: str, min_span: Optional[float] = MIN_DICE_SPAN,
@@ -188,7 +202,8 @@ def plot_dice_vs_pretraining_length(table: pd.DataFrame) -> Figure:
         for model, strategy, n_images in part:
             rows = panel[(panel["model"] == model) & (panel["strategy"] == strategy)
                          & (panel["n train images"] == n_images)]
-            label = (f"{model}, " if show_model else "") + f"{strategy}, {images_label(n_images, rows)}"
+            line_of = images_label(n_images, rows, "pretraining length")  # seeds may differ point to point
+            label = (f"{model}, " if show_model else "") + f"{strategy}, {line_of}"
             _draw_line(ax, _mean_sd(rows, "pretraining length"), "pretraining length", label)
             same = lambda frame: frame[(frame["dataset"] == dataset) & (frame["model"] == model)  # noqa: E731
                                        & (frame["n train images"] == n_images)]
@@ -275,7 +290,7 @@ def _image_count_figure(panels: list[tuple[str, list, pd.Series]], show_model: b
     figure, axes = _panel_grid(len(panels))
     for ax, (title, arms, counts) in zip(axes, panels):
         for (model, strategy, length, scheme), rows in arms:
-            label = (f"{model}, " if show_model else "") + arm_label(strategy, length, scheme) + _seeds_text(rows)
+            label = (f"{model}, " if show_model else "") + arm_label(strategy, length, scheme) + _seeds_text(rows, "n train images")
             style = {"color": "black", "linestyle": "--"} if strategy == "scratch" else {}
             _draw_line(ax, _mean_sd(rows, "n train images"), "n train images", label, **style)
         _image_count_axis(ax, counts)
