@@ -516,6 +516,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     parser.add_argument("--out", default="losses", help="results name: results/NAME.json and NAME.md")
     parser.add_argument("--render", action="store_true",
                         help="train nothing: rebuild the tables, verdicts and notes of results/NAME.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the tasks results/NAME.json finished and run only the others (refused when its "
+                             "seeds, steps or recipe differ from this run's)")
     args = parser.parse_args(argv)
     if args.render:
         return render(args.out)
@@ -523,8 +526,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     specs = task_specs(args.tasks, args.dims)
     started = time.perf_counter()
     cpu_started = _cpu_seconds()
-    results: list[dict[str, Any]] = []
-    for spec in specs:  # one task at a time, the files rewritten after each: a stopped run keeps what it finished
+    results: list[dict[str, Any]] = finished_tasks(args.out, args.seeds, steps) if args.resume else []
+    done = {(r["task"], r["spatial_dims"]) for r in results}
+    if done:
+        print(f"resuming: {len(done)} task(s) kept from results/{args.out}.json", flush=True)
+    for spec in [s for s in specs if s not in done]:  # one task at a time, the files rewritten after each
         (result,) = run_tasks([spec], args.seeds, args.workers, steps=steps)
         results.append(result)
         r = result
@@ -533,10 +539,32 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
               f"{r['gap']:+.3f} [{r['gap_low']:+.3f}, {r['gap_high']:+.3f}]: {r['verdict']} "
               f"({time.perf_counter() - started:.0f} s so far)", flush=True)
         write_files(results, args, steps, time.perf_counter() - started, _cpu_seconds() - cpu_started,
-                    done=len(results) == len(specs), n_specs=len(specs))
+                    done=len(results) == len(specs), n_specs=len(specs), kept=len(done))
     print(markdown_table(results))
     print(seed_table(results))
     return results
+
+
+def finished_tasks(name: str, seeds: Sequence[int], steps: dict[int, int]) -> list[dict[str, Any]]:
+    """The tasks ``results/NAME.json`` holds, with their runs, for ``--resume``; refused (ValueError, one line)
+    when that file was made with other seeds, steps or another default recipe: its tasks would not compare."""
+    import json
+
+    path = RESULTS / f"{name}.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    theirs = {"seeds": list(data["seeds"]), "recipe": data["recipe"]}
+    ours = {"seeds": list(seeds), "recipe": default_recipe()}
+    for key in theirs:
+        if theirs[key] != ours[key]:
+            raise ValueError(f"{path}: cannot resume, its {key} {theirs[key]} differ from this run's {ours[key]}")
+    for task in data["tasks"]:
+        if int(data["steps"][str(task["spatial_dims"])]) != steps[task["spatial_dims"]]:
+            raise ValueError(f"{path}: cannot resume, it trained {task['spatial_dims']}D tasks for "
+                             f"{data['steps'][str(task['spatial_dims'])]} steps, this run for {steps[task['spatial_dims']]}")
+    return [dict(task, runs=data["runs"][f"{task['task']} {task['spatial_dims']}D"]) for task in data["tasks"]]
 
 
 def render(name: str) -> list[dict[str, Any]]:
@@ -559,8 +587,9 @@ def render(name: str) -> list[dict[str, Any]]:
 
 
 def write_files(results: list[dict[str, Any]], args: argparse.Namespace, steps: dict[int, int], seconds: float,
-                cpu_seconds: float, done: bool, n_specs: int, timing_note: Optional[str] = None) -> None:
-    """``results/NAME.md`` and ``NAME.json`` (atomically) for the tasks finished so far."""
+                cpu_seconds: float, done: bool, n_specs: int, timing_note: Optional[str] = None, kept: int = 0) -> None:
+    """``results/NAME.md`` and ``NAME.json`` (atomically) for the tasks finished so far (``kept`` of them from an
+    earlier run, ``--resume``: the times are this run's)."""
     recipe = default_recipe()
     table, per_seed = markdown_table(results), seed_table(results)
     rows = [row(f"{r['task']} {r['spatial_dims']}D: Dice of auto ({r['auto']['loss']})", f"best fixed ({r['best_fixed']})",
@@ -591,7 +620,8 @@ def write_files(results: list[dict[str, Any]], args: argparse.Namespace, steps: 
              timing_note or
              ((f"Whole benchmark {seconds:.0f} s wall, {cpu_seconds:.0f} s CPU" if done else
                f"PARTIAL: {len(results)} of {n_specs} tasks done after {seconds:.0f} s wall, {cpu_seconds:.0f} s CPU")
-              + f" ({args.workers} worker processes of one thread, load average {os.getloadavg()[0]:.1f} at the end).")]
+              + f" ({args.workers} worker processes of one thread, load average {os.getloadavg()[0]:.1f} at the end)"
+              + (f"; {kept} task(s) kept from an earlier run (--resume), not in these times." if kept else "."))]
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS / f"{args.out}.md",
                       table + "\n" + per_seed + "\n" + "\n".join(f"- {n}" for n in notes) + "\n")

@@ -166,6 +166,17 @@ def test_loss_benchmark_main_writes_tables_and_per_seed_results(tmp_path, monkey
     bench_losses.main(["--render", "--out", "tiny"])
     assert (tmp_path / "tiny.md").read_text() == markdown
     assert json.loads((tmp_path / "tiny.json").read_text())["runs"] == data["runs"]
+    # --resume keeps the finished task (its runs unchanged) and trains only the one missing
+    bench_losses.main(["--tasks", "balanced", "many_classes", "--seeds", "0", "1", "--steps-2d", "2", "--workers",
+                       "1", "--out", "tiny", "--resume"])
+    resumed = json.loads((tmp_path / "tiny.json").read_text())
+    assert [t["task"] for t in resumed["tasks"]] == ["balanced", "many_classes"] and resumed["complete"]
+    assert resumed["runs"]["balanced 2D"] == data["runs"]["balanced 2D"]
+    assert "1 task(s) kept from an earlier run" in (tmp_path / "tiny.md").read_text()
+    # another seed list would not compare: refused, naming the file
+    with pytest.raises(ValueError, match="tiny.json: cannot resume, its seeds"):
+        bench_losses.main(["--tasks", "balanced", "--seeds", "0", "--steps-2d", "2", "--workers", "1",
+                           "--out", "tiny", "--resume"])
 
 
 def test_loss_benchmark_trains_with_medxfers_default_recipe(monkeypatch):
