@@ -10,7 +10,7 @@ from medxfer.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from medxfer.finetune import run_finetune
 from medxfer.records import record_rows
 from medxfer.report.plots import SkipFigure, plot_learning_curves
-from medxfer.report.tables import convergence_note
+from medxfer.report.tables import convergence_count, convergence_note
 from medxfer.training.convergence import CONVERGENCE_TOLERANCE, convergence
 from medxfer.training.curves import TrainingCurves
 
@@ -78,11 +78,40 @@ def test_the_report_draws_the_curves_and_names_runs_that_did_not_converge():
     figure, detail = plot_learning_curves(records)
     assert detail == ""
     (panel,) = [ax for ax in figure.axes if ax.get_title()]
-    assert panel.get_title() == "colin, scratch, 5 images; 1 not converged"
+    assert panel.get_title() == "colin, scratch, 5 images; 1 of 2 runs not converged"
     assert len(panel.get_lines()) == 3  # two validation curves and the cross that ends the unconverged one
     table = pd.DataFrame([row for r in records for row in record_rows(r)])
     note = convergence_note(table)
-    assert note.startswith("Not converged: 1 of 2 run(s)") and note.endswith(": aaa.")
+    assert note.startswith("Not converged: 1 of 2 run(s) (dataset colin) still") and note.endswith(": aaa.")
     assert convergence_note(table[table["run id"] == "bbb"]) is None
     with pytest.raises(SkipFigure, match="learning curves"):
         plot_learning_curves([{"run_id": "old", "metrics": {}}])
+
+
+RISING, FLAT = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], [0.5] * 8
+
+
+def test_the_report_states_one_not_converged_count_and_its_scope(tmp_path):
+    """The demo's headline counts the runs of its target dataset, the report every run of the folder: the
+    report shows one count, saying which runs it counts among; a run counts once, whatever its test sets."""
+    import html
+
+    from medxfer.records import write_record
+    from medxfer.report import write_report
+
+    second = fake_record("ccc", 0, RISING, False)
+    second["dataset"] = "colin-t2"
+    second["metrics"]["source"] = second["metrics"]["target"]  # two test sets, still one run
+    records = [fake_record("aaa", 0, RISING, False), fake_record("bbb", 1, FLAT, True), second,
+               fake_record("ddd", 2, FLAT, None)]  # undecided: counted, not flagged
+    table = pd.DataFrame([row for r in records for row in record_rows(r)])
+    assert convergence_count(table) == (["aaa", "ccc"], 4, "all datasets: colin, colin-t2")
+    target_only = convergence_note(table[table["dataset"] == "colin"])  # what the demo's headline says
+    assert target_only.startswith("Not converged: 1 of 3 run(s) (dataset colin) still improved")
+    for record in records:
+        write_record(tmp_path / "runs" / record["run_id"], record)
+    page = html.unescape(write_report(tmp_path, headline=["The study's answer.", target_only])
+                         .read_text(encoding="utf-8"))
+    assert page.count("Not converged:") == 1
+    assert "Not converged: 2 of 4 run(s) (all datasets: colin, colin-t2) still improved" in page
+    assert "The study's answer." in page

@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from medxfer.records import SOURCE_BEFORE
-from medxfer.report.tables import VALUE, arm_label, deepest_level, default_variant
+from medxfer.report.tables import VALUE, arm_label, deepest_level, default_variant, not_converged
 
 log = logging.getLogger(__name__)
 
@@ -517,7 +517,7 @@ def plot_learning_curves(records: list[dict]) -> tuple[Figure, str]:
     figure, axes = _panel_grid(len(shown))
     for ax, key in zip(axes, shown):
         loss_ax = ax.twinx()
-        not_converged = 0
+        unconverged = 0
         for record in sorted(groups[key], key=lambda r: r.get("seed", 0)):
             curves = record["curves"]
             val = np.asarray(curves.get("val") or [], dtype=float).reshape(-1, 2)
@@ -527,15 +527,15 @@ def plot_learning_curves(records: list[dict]) -> tuple[Figure, str]:
             color = line.get_color() if line is not None else None
             if len(loss):
                 loss_ax.plot(loss[:, 0], loss[:, 1], linewidth=0.7, alpha=0.45, color=color)
-            if (record.get("convergence") or {}).get("converged") is False:
-                not_converged += 1
+            if not_converged((record.get("convergence") or {}).get("converged")):
+                unconverged += 1
                 if len(val):
                     ax.plot(val[-1, 0], val[-1, 1], marker="x", color="red", markersize=9, mew=2)
         loss_ax.set_ylabel("training loss (thin)", fontsize=7)
         loss_ax.tick_params(labelsize=7)
         ax.set_xlabel("step")
         dataset, arm, n_images = key
-        flag = f"; {not_converged} not converged" if not_converged else ""
+        flag = f"; {unconverged} of {len(groups[key])} runs not converged" if unconverged else ""
         metric = next((r["curves"].get("val_metric") for r in groups[key] if r["curves"].get("val_metric")),
                       "validation Dice")
         _finish(ax, metric, f"{dataset}, {arm}, {n_images} images{flag}")

@@ -443,15 +443,36 @@ def format_difference(row: Any) -> str:
     return text
 
 
+NOT_CONVERGED_NOTE = "Not converged: "  # how the sentence of convergence_note begins
+
+
+def not_converged(flag: Any) -> bool:
+    """Whether a run's ``converged`` flag (a record's or the table's column) says it had not converged:
+    False; True is converged, None / NaN undecided (the rule of ``medxfer.training.convergence``)."""
+    return flag is False or (flag is not None and flag == False)  # noqa: E712 (numpy's False; NaN != False)
+
+
+def convergence_count(table: pd.DataFrame) -> tuple[list[str], int, str]:
+    """``(run ids not converged, runs counted, their scope)``: every run of ``table`` counted once, whatever
+    its test sets; the scope names the dataset(s) the runs trained on (``dataset colin27-t1`` or ``all
+    datasets: a, b``), so that counts over different parts of a study never read as one."""
+    if table.empty or "run id" not in table.columns:
+        return [], 0, "no runs"
+    runs = table.drop_duplicates("run id")
+    flags = runs["converged"] if "converged" in runs.columns else pd.Series(None, index=runs.index, dtype=object)
+    flagged = sorted(str(v) for v in runs.loc[flags.map(not_converged), "run id"])
+    datasets = sorted({str(v) for v in runs["dataset"].dropna()}) if "dataset" in runs.columns else []
+    scope = f"dataset {datasets[0]}" if len(datasets) == 1 else "all datasets" + (
+        f": {', '.join(datasets)}" if datasets else "")
+    return flagged, int(runs["run id"].nunique()), scope
+
+
 def convergence_note(table: pd.DataFrame) -> Optional[str]:
-    """One sentence naming the runs whose validation headline was still rising over the last quarter of
-    training (``converged`` False; the rule of ``medxfer.training.curves``), or None when there are none."""
-    if "converged" not in table.columns:
+    """One sentence counting and naming the runs whose validation headline was still rising over the last
+    quarter of training, with the runs they are counted among (:func:`convergence_count`: ``15 of 41 run(s)
+    (all datasets: a, b)``), or None when there are none."""
+    flagged, n_runs, scope = convergence_count(table)
+    if not flagged:
         return None
-    runs = table[table["test set"] == "target"] if "test set" in table.columns else table
-    flagged = runs[runs["converged"].map(lambda v: v is False or v == False)]  # noqa: E712 (NaN = undecided)
-    if flagged.empty:
-        return None
-    ids = ", ".join(sorted(str(v) for v in flagged["run id"].unique()))
-    return (f"Not converged: {flagged['run id'].nunique()} of {runs['run id'].nunique()} run(s) still improved on "
-            f"validation over the last quarter of training (their Dice understates what they would reach): {ids}.")
+    return (f"{NOT_CONVERGED_NOTE}{len(flagged)} of {n_runs} run(s) ({scope}) still improved on validation over "
+            f"the last quarter of training (their Dice understates what they would reach): {', '.join(flagged)}.")
