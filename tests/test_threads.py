@@ -150,3 +150,36 @@ def test_one_and_two_threads_agree_within_the_documented_tolerance(tmp_path):
     assert one.run_id != two.run_id
     dice = [r.record["headline"]["value"] for r in (one, two)]
     assert abs(dice[0] - dice[1]) <= th.THREAD_COUNT_DICE_TOLERANCE, dice
+
+
+def test_a_score_records_its_torch_threads_and_who_set_them(tmp_path, eight_cpus, monkeypatch):
+    """`medxfer score` and the sweep's scoring stage (in a worker) write the thread record of fine-tunes
+    (threads.threads_record) beside their config in score_config.json: torch's count as scoring found it."""
+    import json
+
+    import torch
+
+    from medxfer.sweep.backends import execute_job
+    from medxfer.sweep.runner import ScoreJob
+    from medxfer.transferability.scoring import load_score_config, run_score
+    from test_reliability2 import SCORE_YAML, _score_setup
+
+    _score_setup(tmp_path, lengths=(0, 1))
+    (tmp_path / "score.yaml").write_text(SCORE_YAML)
+    config = load_score_config(tmp_path / "score.yaml")
+
+    def threads_of(folder):
+        return json.loads((folder / "score_config.json").read_text())["threads"]
+
+    with th.torch_threads(torch.get_num_threads()):  # the worker below sets this process's count: restored
+        with th.torch_threads(2):
+            run_score(config, tmp_path / "default")
+        assert threads_of(tmp_path / "default") == th.threads_record(2, "torch default")
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        with th.torch_threads(3):
+            run_score(config, tmp_path / "user")
+        assert threads_of(tmp_path / "user") == th.threads_record(3, "OMP_NUM_THREADS")
+        # a sweep worker's share (medxfer writes OMP_NUM_THREADS; eight_cpus restores the variables after)
+        outcome = execute_job(ScoreJob("checkpoints x demo", config, str(tmp_path / "worker"), threads=1))
+        assert outcome.status == "done", outcome
+        assert threads_of(tmp_path / "worker") == th.threads_record(1, "sweep worker")

@@ -222,6 +222,25 @@ def _guard_score_folder(out: Path, identity: str) -> None:
             shutil.rmtree(partial, ignore_errors=True)
 
 
+def scoring_threads() -> dict[str, Any]:
+    """What a score's metadata (``score_config.json``) says about its threading, as a fine-tune record does
+    (:func:`medxfer.threads.threads_record`). Scoring runs with torch's threads as it finds them in this
+    process, so the count is torch's and the source says who set it: ``sweep worker`` (a sweep worker's
+    share: medxfer wrote OMP_NUM_THREADS and kept the user's value aside), ``OMP_NUM_THREADS`` (the user's),
+    else ``torch default``."""
+    import os
+
+    from medxfer.threads import USER_VALUE_VAR, threads_record
+
+    if USER_VALUE_VAR in os.environ:
+        source = "sweep worker"
+    elif os.environ.get("OMP_NUM_THREADS", "").strip():
+        source = "OMP_NUM_THREADS"
+    else:
+        source = "torch default"
+    return threads_record(torch.get_num_threads(), source)
+
+
 def _checkpoint_key(length: float, path: Path) -> str:
     from medxfer.io import stable_hash
 
@@ -235,6 +254,7 @@ def _run_score(config: ScoreConfig, out: Path, identity: str, progress: bool) ->
     from medxfer.io import atomic_write_json, atomic_write_text, seed_everything
 
     seed_everything(config.seed)
+    threads = scoring_threads()  # as scoring starts: the count every checkpoint is scored with
     checkpoints = checkpoint_list(config.checkpoints)
     if config.baselines:
         images, dataset, labels, n_classes = target_images(config, with_labels=True)
@@ -303,7 +323,8 @@ def _run_score(config: ScoreConfig, out: Path, identity: str, progress: bool) ->
     # One set: the marker says "being written" first, so a kill in between leaves a folder of this config
     # that the next score of it rewrites; outputs this score does not produce are removed, never left stale.
     marker = out / SCORE_CONFIG_FILE
-    atomic_write_json(marker, {"identity": identity, "complete": False, "config": config_to_dict(config)})
+    metadata = {"identity": identity, "config": config_to_dict(config), "threads": threads}
+    atomic_write_json(marker, {**metadata, "complete": False})
     for name in SCORE_OUTPUTS:
         if not any(path.name == name for path in result.paths.values()):
             (out / name).unlink(missing_ok=True)
@@ -312,7 +333,7 @@ def _run_score(config: ScoreConfig, out: Path, identity: str, progress: bool) ->
         atomic_write_text(result.paths["baselines"], result.baselines.to_csv(index=False))
     if result.recommendation is not None:
         atomic_write_json(result.paths["recommendation"], result.recommendation.as_dict())
-    atomic_write_json(marker, {"identity": identity, "complete": True, "config": config_to_dict(config)})
+    atomic_write_json(marker, {**metadata, "complete": True})
     shutil.rmtree(partial, ignore_errors=True)
     return result
 
