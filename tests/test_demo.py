@@ -114,3 +114,35 @@ def test_the_written_grid_is_the_study_that_ran(demo_out):
 
     summary = run_sweep(demo_out / "demo_grid.yaml", demo_out, dry_run=True)
     assert len(summary.runs) == N_RUNS and {run.status for run in summary.runs} == {"done"}
+
+
+def test_a_full_demo_run_stopped_on_its_plateau_is_one_the_convergence_rule_calls_converged():
+    """The demo's plateau stop (patience plateau_steps, min_delta the convergence tolerance, cap max_steps) and
+    the report's convergence rule agree: on any validation curve, a run the plateau stopped is not flagged."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from medxfer.demo import _train
+    from medxfer.training.convergence import convergence
+    from medxfer.training.curves import TrainingCurves
+
+    train = _train(quick=False)
+    cap, every = train["max_steps"], train["val_every_n_steps"]
+    rng = np.random.default_rng(0)
+    stopped = 0
+    for _ in range(200):
+        rate, noise = rng.uniform(0.002, 0.05), rng.uniform(0.0, 0.03)
+        curves = TrainingCurves("val_dice", train["plateau_steps"], train["plateau_min_delta"])
+        trainer = SimpleNamespace(sanity_checking=False, should_stop=False, global_step=0, callback_metrics={})
+        for step in range(every, cap + 1, every):
+            value = 0.8 * (1 - np.exp(-rate * step)) + rng.normal(0, noise)
+            trainer.global_step, trainer.callback_metrics = step, {"val_dice": torch.tensor(value)}
+            curves.on_validation_end(trainer, None)
+            if trainer.should_stop:
+                break
+        if curves.stopped_on_plateau is not None:
+            stopped += 1
+            assert convergence(curves.val)["converged"] is True, curves.val
+    assert stopped > 50  # the property was checked on many stopped runs

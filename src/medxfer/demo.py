@@ -41,6 +41,7 @@ from medxfer.io import atomic_write_text
 from medxfer.progress import ProgressLog
 from medxfer.records import SOURCE_BEFORE
 from medxfer.sweep.grid import grid_yaml
+from medxfer.training.convergence import CONVERGENCE_TOLERANCE
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +63,19 @@ IMAGENET_DIR = "imagenet_encoder"
 def settings(quick: bool) -> dict[str, Any]:
     """The study's grid. ``quick``: every stage and figure with a few steps each (what the tests run).
 
-    Full: 31 fine-tuning runs of 200 steps with medxfer's default few-image recipe (batches drawn with
-    replacement, the encoder of a pretrained model at a tenth of the lr, the interpolating decoder): scratch and
-    ImageNet fine-tuned with 5 slices over 10 seeds (the headline question: with 5, its 95% interval was
-    0.15 wide) and with 20 slices over 3, ImageNet
-    frozen with 5, the ladder's 2 pretrained checkpoints with 5, the second domain with 5 (3 seeds each), chosen
-    so that the whole demo stays within 10 minutes on 2 CPU cores (``benchmarks/bench_demo.py``)."""
+    Full: 41 fine-tuning runs with medxfer's default few-image recipe (batches drawn with replacement, the
+    encoder of a pretrained model at a tenth of the lr, the interpolating decoder), each until its validation
+    plateau (at most 400 steps; see :func:`_train`): scratch and ImageNet fine-tuned with 5 slices over 10 seeds
+    (the headline question) and with 20 slices over 3, ImageNet frozen with 5, the ladder's 2 pretrained
+    checkpoints with 5, the second domain with 5 (3 seeds each), chosen so that the whole demo stays within
+    10 minutes on 2 CPU cores (``benchmarks/bench_demo.py``)."""
     if quick:
         return {"sizes": [5, 20], "frozen_sizes": [5, 20], "seeds": [0], "extra_seeds": [], "steps": 3,
-                "val_every": 2, "source_steps": 4, "lengths": [0, 2, 4], "ladder_sizes": [5], "second_sizes": [5],
-                "fashion_train": 256, "fashion_val": 128, "score_images": 8, "bootstrap": 20}
-    return {"sizes": [5, 20], "frozen_sizes": [5], "seeds": [0, 1, 2], "extra_seeds": [3, 4, 5, 6, 7, 8, 9], "steps": 200,
-            "val_every": 20, "source_steps": 300, "lengths": [0, 50, 200], "ladder_sizes": [5], "second_sizes": [5],
-            "fashion_train": None, "fashion_val": 2000, "score_images": 20, "bootstrap": 200}
+                "plateau_steps": None, "val_every": 2, "source_steps": 4, "lengths": [0, 2, 4], "ladder_sizes": [5],
+                "second_sizes": [5], "fashion_train": 256, "fashion_val": 128, "score_images": 8, "bootstrap": 20}
+    return {"sizes": [5, 20], "frozen_sizes": [5], "seeds": [0, 1, 2], "extra_seeds": [3, 4, 5, 6, 7, 8, 9], "steps": 400,
+            "plateau_steps": 100, "val_every": 20, "source_steps": 300, "lengths": [0, 50, 200], "ladder_sizes": [5],
+            "second_sizes": [5], "fashion_train": None, "fashion_val": 2000, "score_images": 20, "bootstrap": 200}
 
 
 def _model(quick: bool) -> dict[str, Any]:
@@ -82,17 +83,25 @@ def _model(quick: bool) -> dict[str, Any]:
 
 
 def _train(quick: bool) -> dict[str, Any]:
+    """Each run trains until its validation Dice has not risen by more than the convergence tolerance for
+    ``plateau_steps``, at most ``steps``; otherwise medxfer's default recipe. With ``plateau_steps`` at least a
+    quarter of ``steps``, a run stopped on its plateau is one the convergence rule calls converged (its best came
+    before its last quarter); only a run that reaches the cap can be flagged."""
     s = settings(quick)
-    return {"max_steps": s["steps"], "val_every_n_steps": s["val_every"]}  # otherwise medxfer's default recipe
+    train = {"max_steps": s["steps"], "val_every_n_steps": s["val_every"]}
+    if s["plateau_steps"]:
+        train.update(plateau_steps=s["plateau_steps"], plateau_min_delta=CONVERGENCE_TOLERANCE)
+    return train
 
 
-def source_config(quick: bool = False) -> RunConfig:
+def source_config(quick: bool = False, threads: Optional[int] = None) -> RunConfig:
     """The source model of the source -> second-domain transfer: trained from scratch on all T1 training
-    slices, also tested on the second domain."""
+    slices, also tested on the second domain. ``threads``: its thread count (None: resolved when it runs)."""
     s = settings(quick)
     return RunConfig(
         name="demo-source", seed=0, data=DataConfig(**TARGET), model=ModelConfig(**_model(quick)),
-        train=TrainConfig(**{**_train(quick), "strategy": "scratch", "max_steps": s["source_steps"]}),
+        train=TrainConfig(**{**_train(quick), "strategy": "scratch", "max_steps": s["source_steps"],
+                             "threads": threads}),
         evaluation=EvalConfig(source_test=DataConfig(**SECOND)),
     )
 
@@ -168,19 +177,20 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = False,
     from medxfer.report.analyze import analyze
     from medxfer.sweep.runner import run_sweep
     from medxfer.records import iter_records
+    from medxfer.threads import resolve_threads
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or min(2, os.cpu_count() or 1)
+    threads = resolve_threads(None, workers)  # each run's, written into the grid and the source model's config
     stages = ProgressLog("demo", 5)
-    stages.note("importing the ImageNet encoder, training the source model (stage 1 of 5)")
+    stages.note("importing the ImageNet encoder; training the source model beside the ladder's pretraining "
+                "(stage 1 of 5)")
     imagenet = import_imagenet_encoder(out)
-    source = run_finetune(source_config(quick), out / SOURCE_DIR, progress=progress)
-    stages.step("stages done: source model ready; the sweep follows")
-    from medxfer.threads import resolve_threads
-
+    source = _source_beside_pretraining(out, quick, workers, threads, progress)
+    stages.step("stages done: source model and pretraining ready; the sweep follows")
     # absolute paths and the workers' thread count: the grid file reruns as the study that ran
-    grid = demo_grid(quick, (source.run_dir / "model.pt").resolve(), imagenet, resolve_threads(None, workers))
+    grid = demo_grid(quick, (source / "model.pt").resolve(), imagenet, threads)
     atomic_write_text(out / GRID_FILE, grid_yaml(grid))
     sweep = run_sweep(grid, out, workers=workers, progress=progress)
     stages.step("stages done: sweep finished; analysis follows")
@@ -198,6 +208,30 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = False,
             "n_records": len(list(iter_records(out, kind="finetune"))),
             "results_csv": out / "results.csv", "robustness_csv": out / "robustness.csv",
             "analysis_dir": out / "analysis"}
+
+
+def _train_source(out: str, quick: bool, threads: int) -> str:
+    """The source model's run folder (trained, or found finished); module level: it runs in a worker process."""
+    return str(run_finetune(source_config(quick, threads), Path(out) / SOURCE_DIR).run_dir)
+
+
+def _source_beside_pretraining(out: Path, quick: bool, workers: int, threads: int, progress: bool) -> Path:
+    """Train the source model and run the grid's pretraining and scoring stages, side by side when there are
+    two or more workers: each would otherwise hold one core while the other waits. The pretraining goes
+    through the sweep runner with the grid's own settings (a grid without runs), so the study's sweep then
+    finds it finished."""
+    from medxfer.sweep.backends import worker_pool
+    from medxfer.sweep.runner import run_sweep
+
+    stages_only = {**demo_grid(quick, threads=threads), "include": []}
+    if workers < 2:
+        source = _train_source(str(out), quick, threads)
+        run_sweep(stages_only, out, workers=1, progress=progress)
+        return Path(source)
+    with worker_pool(1, threads) as pool:
+        source = pool.submit(_train_source, str(out), quick, threads)
+        run_sweep(stages_only, out, workers=workers, progress=progress)
+        return Path(source.result())
 
 
 # ---------------------------------------------------------------------------------------- the answers

@@ -261,16 +261,24 @@ def run_process_pool(jobs: Sequence[Any], on_outcome: OnOutcome, workers: int) -
             on_outcome(_lost_run(job, reason or f"its worker pool broke {MAX_POOL_ATTEMPTS} times"))
 
 
+def worker_pool(workers: int, threads: int, context: Any = None, started: Any = None,
+                gpus: Any = None) -> futures.ProcessPoolExecutor:
+    """``workers`` spawned processes set up as a sweep's (:func:`_init_worker`): ``threads`` torch threads each,
+    the parent's Lightning log levels and warning filters, Ctrl-C left to the parent, and ending when the parent
+    ends. ``started`` / ``gpus``: the queues of :func:`run_process_pool` (a worker's first job, its GPU)."""
+    context = context or multiprocessing.get_context("spawn")
+    return futures.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+                                       initargs=(threads, *_parent_log_settings(), os.getpid(), started, gpus))
+
+
 def _pool_round(jobs: Sequence[Any], on_outcome: OnOutcome, workers: int, threads: int
                 ) -> list[tuple[Any, Optional[str]]]:
     """Run ``jobs`` in one pool until all are done or the pool breaks; return the jobs the broken pool lost,
     each with the reason when it was the run of a worker that died, else None."""
     context = multiprocessing.get_context("spawn")
     started = context.SimpleQueue()
-    pool = futures.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context,
-                                       initializer=_init_worker,
-                                       initargs=(threads, *_parent_log_settings(), os.getpid(), started,
-                                                 gpu_queue(context, min(workers, len(jobs)), visible_gpus())))
+    pool = worker_pool(min(workers, len(jobs)), threads, context, started,
+                       gpu_queue(context, min(workers, len(jobs)), visible_gpus()))
     lost: list = []
     finished: set[str] = set()
     try:
