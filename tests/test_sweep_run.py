@@ -329,3 +329,32 @@ def test_each_local_worker_sees_only_its_own_gpu(tmp_path, monkeypatch):
     assert sorted(o.run_id for o in outcomes) == ["r0", "r1", "r2", "r3"]
     seen = dict(tuple(p.read_text().split()) for p in tmp_path.glob("r*.txt"))  # worker pid -> its GPU
     assert set(seen.values()) <= {"3", "5"} and len(set(seen.values())) == len(seen)
+
+
+@dataclass
+class ThreadsJob:
+    """Writes the process and the torch thread count it ran with."""
+
+    run_id: str
+    out_dir: str
+    threads: Optional[int] = None
+
+    def execute(self):
+        import torch
+
+        from medxfer.sweep.backends import RunOutcome
+
+        Path(self.out_dir, f"{self.run_id}.txt").write_text(f"{os.getpid()} {torch.get_num_threads()}")
+        return RunOutcome(self.run_id, "done", 0.0)
+
+
+def test_a_lone_job_of_a_sweep_with_workers_runs_in_a_worker_with_that_workers_thread_share(tmp_path, monkeypatch):
+    """A job's thread count (and so its numbers) depends on --workers only, never on how many jobs happen to
+    be queued: a sweep's only pretraining job runs like one of two."""
+    from medxfer.sweep import backends
+
+    monkeypatch.setattr(backends, "threads_per_worker", lambda workers: 3 if workers == 2 else 99)
+    outcomes = []
+    backends.run_jobs([ThreadsJob("only", str(tmp_path))], outcomes.append, workers=2)
+    pid, threads = (tmp_path / "only.txt").read_text().split()
+    assert [o.status for o in outcomes] == ["done"] and int(pid) != os.getpid() and int(threads) == 3

@@ -184,10 +184,10 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = False,
     workers = workers or min(2, os.cpu_count() or 1)
     threads = resolve_threads(None, workers)  # each run's, written into the grid and the source model's config
     stages = ProgressLog("demo", 5)
-    stages.note("importing the ImageNet encoder; training the source model beside the ladder's pretraining "
-                "(stage 1 of 5)")
+    stages.note("importing the ImageNet encoder; training the source model (and runs that need nothing else) "
+                "beside the ladder's pretraining (stage 1 of 5)")
     imagenet = import_imagenet_encoder(out)
-    source = _source_beside_pretraining(out, quick, workers, threads, progress)
+    source = _stage_one(out, quick, workers, threads, imagenet, progress)
     stages.step("stages done: source model and pretraining ready; the sweep follows")
     # absolute paths and the workers' thread count: the grid file reruns as the study that ran
     grid = demo_grid(quick, (source / "model.pt").resolve(), imagenet, threads)
@@ -211,16 +211,34 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = False,
 
 
 def _train_source(out: str, quick: bool, threads: int) -> str:
-    """The source model's run folder (trained, or found finished); module level: it runs in a worker process."""
+    """The source model's run folder (trained, or found finished)."""
     return str(run_finetune(source_config(quick, threads), Path(out) / SOURCE_DIR).run_dir)
 
 
-def _source_beside_pretraining(out: Path, quick: bool, workers: int, threads: int, progress: bool) -> Path:
-    """Train the source model and run the grid's pretraining and scoring stages, side by side when there are
-    two or more workers: each would otherwise hold one core while the other waits. The pretraining goes
-    through the sweep runner with the grid's own settings (a grid without runs), so the study's sweep then
-    finds it finished."""
+def _source_then_runs_ahead(out: str, quick: bool, threads: int, runs: list[RunConfig], stop_file: str) -> str:
+    """In a worker process: train the source model, then the study's ``runs`` that need neither it nor the
+    pretraining, one by one until ``stop_file`` exists (the pretraining stage is done: the sweep takes the rest
+    and finds these finished). A run that fails here is left to the sweep, which runs and records it again."""
+    source = _train_source(out, quick, threads)
+    for config in runs:
+        if Path(stop_file).exists():
+            break
+        try:
+            run_finetune(config, out)
+        except Exception as exc:  # the sweep reruns it and records the failure
+            log.info("demo: run ahead of the sweep failed (%s); the sweep runs it again", exc)
+    return source
+
+
+def _stage_one(out: Path, quick: bool, workers: int, threads: int, imagenet: Path, progress: bool) -> Path:
+    """The source model, the ladder's pretraining and its scores; with two or more workers side by side, each
+    process on ``threads`` threads: the sweep's pretraining stage in its worker, and in another the source model
+    followed by runs of the study that need neither (rather than a core waiting). The pretraining goes through
+    the sweep runner with the grid's settings (the grid without runs), so the study's sweep finds it finished."""
+    import tempfile
+
     from medxfer.sweep.backends import worker_pool
+    from medxfer.sweep.grid import expand_grid, parse_sweep
     from medxfer.sweep.runner import run_sweep
 
     stages_only = {**demo_grid(quick, threads=threads), "include": []}
@@ -228,9 +246,13 @@ def _source_beside_pretraining(out: Path, quick: bool, workers: int, threads: in
         source = _train_source(str(out), quick, threads)
         run_sweep(stages_only, out, workers=1, progress=progress)
         return Path(source)
-    with worker_pool(1, threads) as pool:
-        source = pool.submit(_train_source, str(out), quick, threads)
+    plan = expand_grid(parse_sweep(demo_grid(quick, imagenet_encoder=imagenet, threads=threads)), out, threads)
+    ahead = [run.config for run in plan.runs if "pretraining" not in run.axes]
+    with tempfile.TemporaryDirectory() as signals, worker_pool(1, threads) as pool:
+        stop_file = Path(signals) / "pretraining-done"
+        source = pool.submit(_source_then_runs_ahead, str(out), quick, threads, ahead, str(stop_file))
         run_sweep(stages_only, out, workers=workers, progress=progress)
+        stop_file.touch()
         return Path(source.result())
 
 

@@ -462,10 +462,10 @@ def run_jobs(jobs: Sequence[Any], on_outcome: OnOutcome, backend: str = "local",
                            "redoes the failed run)")
 
     if backend == "local":
-        if workers == 1 or len(jobs) <= 1:
+        if workers == 1:
             run_sequential(jobs, handle)
-        else:
-            run_process_pool(jobs, handle, min(workers, len(jobs)))
+        else:  # a job's threads are its worker's share however many jobs there are: its numbers depend on --workers only
+            run_process_pool(jobs, handle, workers)
     else:
         run_ray(jobs, handle, address=address, cpus=cpus, gpus=gpus)
 
