@@ -57,6 +57,8 @@ TASKS_IN_ORDER = ("amygdala", "rare_class_few_cases", "many_classes", "small_obj
 BATCH = {2: 4, 3: 2}
 N_TRAIN, N_TEST = 8, 4
 DICE_MARGIN = 0.02  # auto may trail the best fixed loss by this much
+EARLIER_PREFIX = "Earlier run (the kept tasks): "
+TIMING_PREFIXES = ("Whole benchmark", "PARTIAL", EARLIER_PREFIX)  # the notes that time a run, for --resume and --render
 COLLAPSE_FACTOR = 2.0  # predicted foreground fraction beyond [truth / 2, 2 * truth]: collapse
 NOISE = 0.35
 CURVE_POINTS = 10  # test-Dice evaluations per run, for its convergence flag
@@ -528,6 +530,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     cpu_started = _cpu_seconds()
     results: list[dict[str, Any]] = finished_tasks(args.out, args.seeds, steps) if args.resume else []
     done = {(r["task"], r["spatial_dims"]) for r in results}
+    earlier = earlier_timing(args.out) if done else None
     if done:
         print(f"resuming: {len(done)} task(s) kept from results/{args.out}.json", flush=True)
     for spec in [s for s in specs if s not in done]:  # one task at a time, the files rewritten after each
@@ -539,7 +542,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
               f"{r['gap']:+.3f} [{r['gap_low']:+.3f}, {r['gap_high']:+.3f}]: {r['verdict']} "
               f"({time.perf_counter() - started:.0f} s so far)", flush=True)
         write_files(results, args, steps, time.perf_counter() - started, _cpu_seconds() - cpu_started,
-                    done=len(results) == len(specs), n_specs=len(specs), kept=len(done))
+                    done=len(results) == len(specs), n_specs=len(specs), kept=len(done), earlier_timing=earlier)
     print(markdown_table(results))
     print(seed_table(results))
     return results
@@ -567,6 +570,16 @@ def finished_tasks(name: str, seeds: Sequence[int], steps: dict[int, int]) -> li
     return [dict(task, runs=data["runs"][f"{task['task']} {task['spatial_dims']}D"]) for task in data["tasks"]]
 
 
+def earlier_timing(name: str) -> Optional[str]:
+    """The timing notes of ``results/NAME.json`` (its own run's, and any it kept), for a ``--resume`` to carry:
+    the kept tasks' times are not repeated, so they would otherwise be lost."""
+    import json
+
+    notes = json.loads((RESULTS / f"{name}.json").read_text(encoding="utf-8"))[NOTES_KEY]
+    timing = [n for n in notes if n.startswith(TIMING_PREFIXES)]
+    return " ".join(n.removeprefix(EARLIER_PREFIX) for n in timing) or None
+
+
 def render(name: str) -> list[dict[str, Any]]:
     """Rewrite results/NAME.md and NAME.json from the runs NAME.json holds (after a change to the report or the
     verdict rule; the training is not repeated). Timing and machine notes are kept as measured."""
@@ -579,17 +592,18 @@ def render(name: str) -> list[dict[str, Any]]:
         result["verdict"] = verdict(result["gap_low"], result["gap_high"], result["summary"]["auto"]["any_collapse"])
         result["met"] = target_met(result)
         results.append(result)
-    timing = data[NOTES_KEY][-1]
+    timing = [n for n in data[NOTES_KEY] if n.startswith(TIMING_PREFIXES)]
     args = argparse.Namespace(seeds=data["seeds"], out=name, workers=None)
     write_files(results, args, {int(d): n for d, n in data["steps"].items()}, 0.0, 0.0, data["complete"],
-                len(results), timing_note=timing)
+                len(results), timing_notes=timing)
     return results
 
 
 def write_files(results: list[dict[str, Any]], args: argparse.Namespace, steps: dict[int, int], seconds: float,
-                cpu_seconds: float, done: bool, n_specs: int, timing_note: Optional[str] = None, kept: int = 0) -> None:
+                cpu_seconds: float, done: bool, n_specs: int, timing_notes: Optional[list[str]] = None, kept: int = 0,
+                earlier_timing: Optional[str] = None) -> None:
     """``results/NAME.md`` and ``NAME.json`` (atomically) for the tasks finished so far (``kept`` of them from an
-    earlier run, ``--resume``: the times are this run's)."""
+    earlier run, ``--resume``: the times are this run's, and ``earlier_timing``, that run's notes, follows them)."""
     recipe = default_recipe()
     table, per_seed = markdown_table(results), seed_table(results)
     rows = [row(f"{r['task']} {r['spatial_dims']}D: Dice of auto ({r['auto']['loss']})", f"best fixed ({r['best_fixed']})",
@@ -602,6 +616,13 @@ def write_files(results: list[dict[str, Any]], args: argparse.Namespace, steps: 
     dims = sorted({r["spatial_dims"] for r in results})
     dims_steps = "; ".join(f"{steps[d]} steps of {BATCH[d]} in {d}D (synthetic tasks "
                            f"{'x'.join(map(str, SHAPES[d]))}{', amygdala 64x64' if d == 2 else ''})" for d in dims)
+    this_run_timing = ([(f"Whole benchmark {seconds:.0f} s wall, {cpu_seconds:.0f} s CPU" if done else
+                         f"PARTIAL: {len(results)} of {n_specs} tasks done after {seconds:.0f} s wall, "
+                         f"{cpu_seconds:.0f} s CPU")
+                        + f" ({args.workers} worker processes of one thread, load average {os.getloadavg()[0]:.1f} "
+                          f"at the end)"
+                        + (f"; {kept} task(s) kept from an earlier run (--resume), not in these times." if kept else ".")]
+                       + ([EARLIER_PREFIX + earlier_timing] if earlier_timing else []))
     notes = [f"Dice = pooled Dice per foreground class on the held-out cases (sums over cases, then the mean over "
              f"classes; predicting nothing scores 0), mean over seeds {seeds} (range in brackets for auto); the "
              f"same seeds (initialisation, batch order) for every loss. Tiny U-Net (width 8, depth 3) trained "
@@ -617,11 +638,7 @@ def write_files(results: list[dict[str, Any]], args: argparse.Namespace, steps: 
              "by more than 0.01 (medxfer's convergence rule). fg ratio = predicted / true foreground fraction "
              "(mean over seeds); max class = the largest predicted / true fraction of one class on any seed.",
              f"Not converged: {not_converged} of {n_runs} runs.",
-             timing_note or
-             ((f"Whole benchmark {seconds:.0f} s wall, {cpu_seconds:.0f} s CPU" if done else
-               f"PARTIAL: {len(results)} of {n_specs} tasks done after {seconds:.0f} s wall, {cpu_seconds:.0f} s CPU")
-              + f" ({args.workers} worker processes of one thread, load average {os.getloadavg()[0]:.1f} at the end)"
-              + (f"; {kept} task(s) kept from an earlier run (--resume), not in these times." if kept else "."))]
+             *(timing_notes or this_run_timing)]
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS / f"{args.out}.md",
                       table + "\n" + per_seed + "\n" + "\n".join(f"- {n}" for n in notes) + "\n")

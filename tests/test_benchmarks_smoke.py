@@ -173,6 +173,13 @@ def test_loss_benchmark_main_writes_tables_and_per_seed_results(tmp_path, monkey
     assert [t["task"] for t in resumed["tasks"]] == ["balanced", "many_classes"] and resumed["complete"]
     assert resumed["runs"]["balanced 2D"] == data["runs"]["balanced 2D"]
     assert "1 task(s) kept from an earlier run" in (tmp_path / "tiny.md").read_text()
+    # the kept task's time is not repeated: the earlier run's timing note travels with it
+    (earlier,) = [n for n in data["notes"] if n.startswith("Whole benchmark")]
+    assert resumed["notes"][-1] == "Earlier run (the kept tasks): " + earlier
+    assert resumed["notes"][-2].startswith("Whole benchmark")
+    # --render keeps both
+    bench_losses.main(["--out", "tiny", "--render"])
+    assert json.loads((tmp_path / "tiny.json").read_text())["notes"][-2:] == resumed["notes"][-2:]
     # another seed list would not compare: refused, naming the file
     with pytest.raises(ValueError, match="tiny.json: cannot resume, its seeds"):
         bench_losses.main(["--tasks", "balanced", "--seeds", "0", "--steps-2d", "2", "--workers", "1",
