@@ -66,6 +66,21 @@ def test_many_starting_points_are_split_into_panels_of_at_most_six_lines_with_sc
             assert ax.get_legend().get_window_extent().y1 <= ax.get_window_extent().y0 + 1
 
 
+def test_a_dataset_with_more_scratch_lines_than_fit_one_panel_pairs_each_model_with_its_own_scratch():
+    table = pd.DataFrame(sum(([dict(r, model=f"m{i}") for r in rows("scratch", 0.0, "", n, [0.4])]
+                              + [dict(r, model=f"m{i}") for r in rows("full", math.nan, "imagenet", n, [0.5])]
+                              for i in range(7) for n in (5, 10)), [])
+                         + [dict(r, model="lonely") for n in (5, 10) for r in rows("scratch", 0.0, "", n, [0.3])])
+    figure = plots.plot_dice_vs_n_images(table)
+    legends = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in figure.axes if ax.get_legend() is not None]
+    assert max(map(len, legends)) <= plots.MAX_LEGEND_ENTRIES and sum(map(len, legends)) == 7 * 2 + 1
+    for labels in legends:
+        models = {label.split(",")[0] for label in labels}
+        # every panel shows a model's fine-tuned line together with that model's scratch line, and no other scratch
+        assert all(sum(label.startswith(f"{model}, scratch") for label in labels) == 1 for model in models)
+    assert any(labels == [label for label in labels if label.startswith("lonely")] for labels in legends)
+
+
 def test_length_plot_draws_imported_weights_as_reference_lines_and_drops_single_point_lines():
     table = pd.DataFrame(rows("scratch", 0.0, "", 5, [0.4, 0.42]) + rows("scratch", 0.0, "", 20, [0.6])
                          + rows("full", 50.0, "simple", 5, [0.45, 0.47]) + rows("full", 100.0, "simple", 5, [0.5, 0.5])

@@ -274,12 +274,30 @@ def _image_count_panels(groups: list[tuple[str, pd.DataFrame, pd.Series]],
         arms = _arms_over_image_counts(rows)
         scratch = [arm for arm in arms if arm[0][1] == "scratch"]
         others = [arm for arm in arms if arm[0][1] != "scratch"]
-        if scratch_in_every_panel:
-            parts = [scratch + part for part in chunks(others, MAX_LEGEND_ENTRIES - len(scratch))]
-        else:
-            parts = chunks(scratch + others)
+        parts = _with_own_scratch(scratch, others) if scratch_in_every_panel else chunks(scratch + others)
         panels += [(title, part, counts) for part in parts if part]
     return panels
+
+
+def _with_own_scratch(scratch: list, others: list) -> list[list]:
+    """``others`` in panels of at most ``MAX_LEGEND_ENTRIES`` lines, each panel led by the scratch lines of the
+    models it shows (a model's reference is its own scratch run); scratch lines of models with no other arm get
+    panels of their own."""
+    scratch_of = {arm[0][0]: [s for s in scratch if s[0][0] == arm[0][0]] for arm in scratch + others}
+    parts, part = [], []
+
+    def references(arms):
+        return [s for model in dict.fromkeys(a[0][0] for a in arms) for s in scratch_of[model]]
+
+    for arm in others:
+        if part and len(part) + 1 + len(references(part + [arm])) > MAX_LEGEND_ENTRIES:
+            parts.append(references(part) + part)
+            part = []
+        part.append(arm)
+    if part:
+        parts.append(references(part) + part)
+    shown = {arm[0][0] for arm in others}
+    return parts + chunks([s for s in scratch if s[0][0] not in shown])
 
 
 def _image_count_figure(panels: list[tuple[str, list, pd.Series]], show_model: bool, ylabel: str) -> Figure:
