@@ -154,6 +154,22 @@ def threads_record(threads: int, source: str) -> dict[str, Any]:
             "omp_wait_policy": wait_policy()}
 
 
+def inherited_threads_record() -> dict[str, Any]:
+    """:func:`threads_record` for work that runs with torch's threads as it finds them in this process (scoring:
+    its ``score_config.json``), so the count is torch's and the source says who set it: ``sweep worker`` (a
+    sweep worker's share: :func:`apply_threads` wrote OMP_NUM_THREADS and kept the user's value aside),
+    ``OMP_NUM_THREADS`` (the user's), else ``torch default``."""
+    import torch
+
+    if USER_VALUE_VAR in os.environ:
+        source = "sweep worker"
+    elif os.environ.get("OMP_NUM_THREADS", "").strip():
+        source = "OMP_NUM_THREADS"
+    else:
+        source = "torch default"
+    return threads_record(torch.get_num_threads(), source)
+
+
 # How far a run's headline Dice may move between 1 and 2 intra-op threads on one machine (float sums in another
 # order change the training trajectory): measured in benchmarks/results/threads.json, documented on the
 # fine-tuning page; tests/test_threads.py checks a small run against it.

@@ -24,6 +24,7 @@ import torch
 
 from medxfer.config import ModelConfig, ScoreConfig, config_to_dict
 from medxfer.errors import CheckpointError, ConfigError, DataError
+from medxfer.threads import inherited_threads_record
 from medxfer.transferability.robustness import (
     _device,
     augmentation_id,
@@ -222,25 +223,6 @@ def _guard_score_folder(out: Path, identity: str) -> None:
             shutil.rmtree(partial, ignore_errors=True)
 
 
-def scoring_threads() -> dict[str, Any]:
-    """What a score's metadata (``score_config.json``) says about its threading, as a fine-tune record does
-    (:func:`medxfer.threads.threads_record`). Scoring runs with torch's threads as it finds them in this
-    process, so the count is torch's and the source says who set it: ``sweep worker`` (a sweep worker's
-    share: medxfer wrote OMP_NUM_THREADS and kept the user's value aside), ``OMP_NUM_THREADS`` (the user's),
-    else ``torch default``."""
-    import os
-
-    from medxfer.threads import USER_VALUE_VAR, threads_record
-
-    if USER_VALUE_VAR in os.environ:
-        source = "sweep worker"
-    elif os.environ.get("OMP_NUM_THREADS", "").strip():
-        source = "OMP_NUM_THREADS"
-    else:
-        source = "torch default"
-    return threads_record(torch.get_num_threads(), source)
-
-
 def _checkpoint_key(length: float, path: Path) -> str:
     from medxfer.io import stable_hash
 
@@ -254,7 +236,7 @@ def _run_score(config: ScoreConfig, out: Path, identity: str, progress: bool) ->
     from medxfer.io import atomic_write_json, atomic_write_text, seed_everything
 
     seed_everything(config.seed)
-    threads = scoring_threads()  # as scoring starts: the count every checkpoint is scored with
+    threads = inherited_threads_record()  # as scoring starts: the count every checkpoint is scored with
     checkpoints = checkpoint_list(config.checkpoints)
     if config.baselines:
         images, dataset, labels, n_classes = target_images(config, with_labels=True)
