@@ -86,7 +86,13 @@ def test_demo_writes_every_output(demo_out):
     assert answer["question"].tolist()[:2] == ["ImageNet, fine-tuned vs scratch", "ImageNet, frozen encoder vs scratch"]
 
 
-def test_second_demo_reuses_finished_work_and_prints_the_answers(demo_out, capsys):
+def test_second_demo_reuses_finished_work_and_prints_the_answers(demo_out, capsys, monkeypatch):
+    from medxfer.sweep import backends
+
+    def no_worker(*args, **kwargs):
+        raise AssertionError("a rerun of a finished demo started a worker process")
+
+    monkeypatch.setattr(backends, "worker_pool", no_worker)  # nothing is left to run: no process to start
     before = {p: p.read_text() for p in (demo_out / "runs").glob("*/result.json")}
     assert main(["demo", "--quick", "--out", str(demo_out)]) == 0
     out = capsys.readouterr().out
