@@ -528,9 +528,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     specs = task_specs(args.tasks, args.dims)
     started = time.perf_counter()
     cpu_started = _cpu_seconds()
-    results: list[dict[str, Any]] = finished_tasks(args.out, args.seeds, steps) if args.resume else []
+    results, earlier = finished_tasks(args.out, args.seeds, steps) if args.resume else ([], None)
     done = {(r["task"], r["spatial_dims"]) for r in results}
-    earlier = earlier_timing(args.out) if done else None
     if done:
         print(f"resuming: {len(done)} task(s) kept from results/{args.out}.json", flush=True)
     for spec in [s for s in specs if s not in done]:  # one task at a time, the files rewritten after each
@@ -548,16 +547,18 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     return results
 
 
-def finished_tasks(name: str, seeds: Sequence[int], steps: dict[int, int]) -> list[dict[str, Any]]:
-    """The tasks ``results/NAME.json`` holds, with their runs, for ``--resume``; refused (ValueError, one line)
-    when that file was made with other seeds, steps or another default recipe: its tasks would not compare."""
+def finished_tasks(name: str, seeds: Sequence[int], steps: dict[int, int]) -> tuple[list[dict[str, Any]], Optional[str]]:
+    """The tasks ``results/NAME.json`` holds, with their runs, for ``--resume``, and its timing notes (its own
+    run's and any it kept) as one text: the kept tasks' times are not repeated, so a resumed run carries them.
+    Refused (ValueError, one line) when that file was made with other seeds, steps or another default recipe:
+    its tasks would not compare."""
     import json
 
     path = RESULTS / f"{name}.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return []
+        return [], None
     theirs = {"seeds": list(data["seeds"]), "recipe": data["recipe"]}
     ours = {"seeds": list(seeds), "recipe": default_recipe()}
     for key in theirs:
@@ -567,17 +568,9 @@ def finished_tasks(name: str, seeds: Sequence[int], steps: dict[int, int]) -> li
         if int(data["steps"][str(task["spatial_dims"])]) != steps[task["spatial_dims"]]:
             raise ValueError(f"{path}: cannot resume, it trained {task['spatial_dims']}D tasks for "
                              f"{data['steps'][str(task['spatial_dims'])]} steps, this run for {steps[task['spatial_dims']]}")
-    return [dict(task, runs=data["runs"][f"{task['task']} {task['spatial_dims']}D"]) for task in data["tasks"]]
-
-
-def earlier_timing(name: str) -> Optional[str]:
-    """The timing notes of ``results/NAME.json`` (its own run's, and any it kept), for a ``--resume`` to carry:
-    the kept tasks' times are not repeated, so they would otherwise be lost."""
-    import json
-
-    notes = json.loads((RESULTS / f"{name}.json").read_text(encoding="utf-8"))[NOTES_KEY]
-    timing = [n for n in notes if n.startswith(TIMING_PREFIXES)]
-    return " ".join(n.removeprefix(EARLIER_PREFIX) for n in timing) or None
+    timing = [n.removeprefix(EARLIER_PREFIX) for n in data[NOTES_KEY] if n.startswith(TIMING_PREFIXES)]
+    tasks = [dict(task, runs=data["runs"][f"{task['task']} {task['spatial_dims']}D"]) for task in data["tasks"]]
+    return tasks, (" ".join(timing) if tasks and timing else None)
 
 
 def render(name: str) -> list[dict[str, Any]]:

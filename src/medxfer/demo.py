@@ -36,10 +36,10 @@ from typing import Any, Optional
 import pandas as pd
 
 from medxfer.config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
-from medxfer.finetune import is_finished, run_finetune
+from medxfer.finetune import run_finetune, run_id_for
 from medxfer.io import atomic_write_text
 from medxfer.progress import ProgressLog
-from medxfer.records import SOURCE_BEFORE
+from medxfer.records import SOURCE_BEFORE, run_status
 from medxfer.sweep.grid import grid_yaml
 from medxfer.training.convergence import CONVERGENCE_TOLERANCE
 
@@ -242,18 +242,21 @@ def _stage_one(out: Path, quick: bool, workers: int, threads: int, imagenet: Pat
     from medxfer.sweep.runner import run_sweep
 
     stages_only = {**demo_grid(quick, threads=threads), "include": []}
-    plan = expand_grid(parse_sweep(demo_grid(quick, imagenet_encoder=imagenet, threads=threads)), out, threads)
-    ahead = [run.config for run in plan.runs if "pretraining" not in run.axes]
-    # a rerun of a finished demo starts no worker (a fresh process importing torch costs seconds)
-    nothing_ahead = (is_finished(source_config(quick, threads), out / SOURCE_DIR)
-                     and all(is_finished(config, out) for config in ahead))
-    if workers < 2 or nothing_ahead:
+    nothing_ahead = workers < 2  # one worker: no second process to take runs ahead
+    if not nothing_ahead:
+        plan = expand_grid(parse_sweep(demo_grid(quick, imagenet_encoder=imagenet, threads=threads)), out, threads)
+        ahead = [run for run in plan.runs if "pretraining" not in run.axes]
+        # a rerun of a finished demo starts no worker (a fresh process importing torch costs seconds)
+        nothing_ahead = (run_status(out / SOURCE_DIR, run_id_for(source_config(quick, threads))) == "done"
+                         and all(run_status(out, run.run_id) == "done" for run in ahead))
+    if nothing_ahead:
         source = _train_source(str(out), quick, threads)
         run_sweep(stages_only, out, workers=workers, progress=progress)
         return Path(source)
     with tempfile.TemporaryDirectory() as signals, worker_pool(1, threads) as pool:
         stop_file = Path(signals) / "pretraining-done"
-        source = pool.submit(_source_then_runs_ahead, str(out), quick, threads, ahead, str(stop_file))
+        source = pool.submit(_source_then_runs_ahead, str(out), quick, threads, [run.config for run in ahead],
+                             str(stop_file))
         run_sweep(stages_only, out, workers=workers, progress=progress)
         stop_file.touch()
         return Path(source.result())

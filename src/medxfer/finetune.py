@@ -462,12 +462,6 @@ def split_warnings(data: SegmentationData, train_cases) -> list[str]:
     return found
 
 
-def is_finished(config: RunConfig, out_dir: str | Path) -> bool:
-    """Whether ``run_finetune(config, out_dir)`` would only reuse a finished record (no work to do)."""
-    directory = store_run_dir(out_dir, run_id_for(with_resolved_threads(config)))
-    return load_record(directory / RESULT_FILE, warn=False) is not None
-
-
 def _finished(run_id: str, directory: Path) -> RunResult:
     log.info("run %s already done; reusing its record", run_id)
     tidy_finished_run(directory)
